@@ -1,0 +1,186 @@
+//! Smoke scenarios (issue 6): the cluster is real enough for the project's
+//! claims — a ServiceAccount reaches the API server through the `kubernetes`
+//! Service, and ingest pods behind a Service relay a real publisher to a real
+//! origin, then survive a real `kubectl drain`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use ingest_e2e::cluster::{HOST_IP, eventually};
+use ingest_e2e::rtmp::{self, Origin};
+use ingest_e2e::{Cluster, Image, Scenario};
+
+const PROBE_IMAGE: &str = "localhost/e2e-probe:dev";
+const INGEST_IMAGE: &str = "localhost/ingest-pod:dev";
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario::new("smoke_service_account_reaches_api_server", service_account_reaches_api_server),
+        Scenario::new("smoke_ingest_publish_and_drain", ingest_publish_and_drain).timeout(Duration::from_secs(600)),
+    ]
+}
+
+async fn service_account_reaches_api_server(c: Arc<Cluster>) -> Result<()> {
+    c.load_image(&Image::new(PROBE_IMAGE, env!("CARGO_BIN_EXE_probe"))).await?;
+    let ns = c.namespace("smoke-sa").await?;
+    c.apply(&probe_manifests(&ns)).await?;
+    let phase = eventually("probe pod to finish", Duration::from_secs(120), || async {
+        let phase = c.kubectl(&["-n", &ns, "get", "pod", "probe", "-o", "jsonpath={.status.phase}"]).await?;
+        if phase == "Succeeded" || phase == "Failed" { Ok(phase) } else { bail!("phase {phase:?}") }
+    })
+    .await?;
+    let logs = c.kubectl(&["-n", &ns, "logs", "probe"]).await?;
+    ensure!(phase == "Succeeded", "probe pod {phase}: {logs}");
+    // The Service VIP (first Service IP), not the API server's own address.
+    ensure!(logs.contains("url=https://10.96.0.1"), "probe did not use the Service VIP: {logs}");
+    ensure!(logs.contains(&format!("user=system:serviceaccount:{ns}:probe ")), "probe was not its ServiceAccount: {logs}");
+    Ok(())
+}
+
+async fn ingest_publish_and_drain(c: Arc<Cluster>) -> Result<()> {
+    let origin = Origin::start(SocketAddrV4::new(HOST_IP, 1935))?;
+    c.load_image(&Image::new(INGEST_IMAGE, ingest_pod_binary()?)).await?;
+    let ns = c.namespace("smoke-ingest").await?;
+    c.apply(&ingest_manifests(&ns, &origin.upstream_template())).await?;
+    c.kubectl(&["-n", &ns, "rollout", "status", "deployment/ingest", "--timeout=180s"]).await?;
+    let nodes = ready_nodes(&c, &ns, 3).await?;
+    ensure!(nodes.len() == 2, "3 replicas should span both nodes, ran on {nodes:?}");
+
+    let vip = c.kubectl(&["-n", &ns, "get", "service", "ingest", "-o", "jsonpath={.spec.clusterIP}"]).await?;
+    rtmp::publish(&format!("rtmp://{vip}:1935/live/smoke"), 6).await?;
+    recorded(&origin, 1, 4.0).await?;
+
+    let drained = &c.nodes()[0];
+    c.kubectl(&["drain", drained, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=180s"]).await?;
+    let survivor = c.nodes()[1].clone();
+    eventually(&format!("3 ready ingest pods, all on {survivor}"), Duration::from_secs(120), || async {
+        let nodes = ready_nodes(&c, &ns, 3).await?;
+        if nodes == BTreeSet::from([survivor.clone()]) { Ok(()) } else { bail!("on {nodes:?}") }
+    })
+    .await?;
+
+    // The Service still takes publishers, now only on the surviving node.
+    rtmp::publish(&format!("rtmp://{vip}:1935/live/smoke"), 4).await?;
+    recorded(&origin, 2, 2.5).await
+        .with_context(|| format!("origin log: {}", origin.error_log().display()))
+}
+
+/// Nodes of the ingest pods, once exactly `want` of them are Ready.
+async fn ready_nodes(c: &Cluster, ns: &str, want: usize) -> Result<BTreeSet<String>> {
+    let pods = c.pods(ns, "app=ingest").await?;
+    let ready: Vec<_> = pods.iter().filter(|(_, _, ready)| *ready).collect();
+    ensure!(ready.len() == want && pods.len() == want, "{} of {} ingest pods ready, want {want}", ready.len(), pods.len());
+    Ok(ready.iter().map(|(_, node, _)| node.clone()).collect())
+}
+
+/// Waits until the origin holds `count` recordings of `smoke`, the newest
+/// with at least `seconds` of H.264 video.
+async fn recorded(origin: &Origin, count: usize, seconds: f64) -> Result<()> {
+    eventually("the stream to reach the origin", Duration::from_secs(30), || async {
+        let files = origin.recordings("smoke");
+        let newest = files.last().context("no recording yet")?;
+        ensure!(files.len() == count, "{} recordings, want {count}", files.len());
+        let got = rtmp::video_duration(newest).await?;
+        ensure!(got >= seconds, "{} holds {got:.1}s of video, want {seconds}s", newest.display());
+        Ok(())
+    })
+    .await
+}
+
+/// `INGEST_POD_BIN`, else the workspace's release build.
+fn ingest_pod_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("INGEST_POD_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        target.join("release/ingest-pod")
+    });
+    ensure!(path.is_file(), "{} is missing: run `cargo build --release -p ingest-pod` first", path.display());
+    Ok(path)
+}
+
+fn probe_manifests(ns: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: probe, namespace: {ns}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: list-pods, namespace: {ns}}}
+rules: [{{apiGroups: [""], resources: [pods], verbs: [list]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: probe-list-pods, namespace: {ns}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: list-pods}}
+subjects: [{{kind: ServiceAccount, name: probe, namespace: {ns}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: probe, namespace: {ns}}}
+spec:
+  serviceAccountName: probe
+  restartPolicy: Never
+  containers:
+  - name: probe
+    image: {PROBE_IMAGE}
+    imagePullPolicy: Never
+    securityContext: {{runAsNonRoot: true, allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
+"#
+    )
+}
+
+fn ingest_manifests(ns: &str, upstream: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: ingest, namespace: {ns}}}
+spec:
+  replicas: 3
+  selector: {{matchLabels: {{app: ingest}}}}
+  template:
+    metadata: {{labels: {{app: ingest}}}}
+    spec:
+      terminationGracePeriodSeconds: 10
+      # Spread over the nodes; a cordoned node stops counting (Honor), so a
+      # drain moves every replica to the node that is left.
+      topologySpreadConstraints:
+      - maxSkew: 1
+        topologyKey: kubernetes.io/hostname
+        whenUnsatisfiable: DoNotSchedule
+        nodeTaintsPolicy: Honor
+        labelSelector: {{matchLabels: {{app: ingest}}}}
+      containers:
+      - name: ingest
+        image: {INGEST_IMAGE}
+        imagePullPolicy: Never
+        args: [--rtmp-listen, "0.0.0.0:1935", --http-listen, "0.0.0.0:8080", --upstream, "{upstream}"]
+        ports: [{{name: rtmp, containerPort: 1935}}, {{name: http, containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /readyz, port: http}}, periodSeconds: 1}}
+        securityContext:
+          runAsNonRoot: true
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          capabilities: {{drop: [ALL]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ingest, namespace: {ns}}}
+spec:
+  selector: {{app: ingest}}
+  ports: [{{name: rtmp, port: 1935, targetPort: rtmp}}, {{name: http, port: 8080, targetPort: http}}]
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {{name: ingest, namespace: {ns}}}
+spec:
+  maxUnavailable: 1
+  selector: {{matchLabels: {{app: ingest}}}}
+"#
+    )
+}

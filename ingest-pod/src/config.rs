@@ -1,0 +1,189 @@
+//! Command-line and environment configuration of the ingest pod.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+use crate::drain::{DrainSpec, IncapablePolicy};
+use crate::registry::SignalsEnabled;
+use crate::relay::RelayConfig;
+use crate::rtmp::chunk::Limits;
+use crate::session::SessionConfig;
+
+/// Parses `500ms`, `25s`, `2m` or plain seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 25s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a positive duration"))
+}
+
+/// RTMP ingest that moves its publishers to other pods without losing media.
+///
+/// Publishers that announce Facebook's Go Away (`supportsGoAway`) or
+/// Enhanced RTMP's Reconnect Request (`capsEx` & 1) are asked to reconnect
+/// when the pod drains; the pod drains on SIGTERM (and, with the control
+/// API, on request).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ingest-pod", version)]
+pub struct Args {
+    /// Address for RTMP publishers.
+    #[arg(long, env = "INGEST_RTMP_LISTEN", default_value = "0.0.0.0:1935")]
+    pub rtmp_listen: SocketAddr,
+
+    /// Address for /healthz, /readyz, /metrics and /status.
+    #[arg(long, env = "INGEST_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    pub http_listen: SocketAddr,
+
+    /// Upstream origin URL template; `{app}` and `{stream}` are replaced
+    /// (example: rtmp://origin:1935/{app}/{stream}). Without it nothing is relayed.
+    #[arg(long, env = "INGEST_UPSTREAM")]
+    pub upstream: Option<String>,
+
+    /// Directory to record each publish session into, one FLV file each.
+    #[arg(long, env = "INGEST_RECORD_DIR")]
+    pub record_dir: Option<PathBuf>,
+
+    /// Name reported in status (the pod name, from the downward API).
+    #[arg(long, env = "INGEST_POD_NAME", default_value = "ingest-pod")]
+    pub pod_name: String,
+
+    /// Most RTMP connections at once; more are closed right after accept.
+    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 2000)]
+    pub max_connections: usize,
+
+    /// Time allowed for the RTMP handshake.
+    #[arg(long, env = "INGEST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// A connection that sends nothing for this long is closed.
+    #[arg(long, env = "INGEST_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Send Facebook RTMP Go Away to publishers that announce it.
+    #[arg(long, env = "INGEST_SIGNAL_GO_AWAY", default_value_t = true, action = ArgAction::Set)]
+    pub signal_go_away: bool,
+
+    /// Send Enhanced RTMP Reconnect Request to publishers that announce it
+    /// (preferred when a publisher supports both).
+    #[arg(long, env = "INGEST_SIGNAL_RECONNECT_REQUEST", default_value_t = true, action = ArgAction::Set)]
+    pub signal_reconnect_request: bool,
+
+    /// Time from SIGTERM until the process exits whatever remains; match
+    /// the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "INGEST_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+
+    /// Deadline of the SIGTERM drain: then the incapable policy applies.
+    /// Keep it a few seconds below the grace period so relays can flush.
+    #[arg(long, env = "INGEST_DRAIN_DEADLINE", default_value = "25s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+
+    /// Signals per second in the SIGTERM drain (0: all at once).
+    #[arg(long, env = "INGEST_DRAIN_RATE", default_value_t = 50.0)]
+    pub drain_rate: f64,
+
+    /// Signalled publishers still connected at once in the SIGTERM drain (0: no limit).
+    #[arg(long, env = "INGEST_DRAIN_MAX_IN_FLIGHT", default_value_t = 0)]
+    pub drain_max_in_flight: u32,
+
+    /// What the SIGTERM drain does at its deadline with publishers that support neither signal.
+    #[arg(long, env = "INGEST_INCAPABLE_POLICY", value_enum, default_value = "disconnect")]
+    pub incapable_policy: IncapablePolicy,
+
+    /// Wait after turning unready before the first signal, so the Service
+    /// stops sending publishers here.
+    #[arg(long, env = "INGEST_PROPAGATION_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub propagation_delay: Duration,
+
+    /// tcUrl sent with Reconnect Request in the SIGTERM drain (repeat for
+    /// round-robin). Without it publishers reconnect to their own tcUrl.
+    #[arg(long = "redirect", env = "INGEST_REDIRECT", value_delimiter = ',')]
+    pub redirects: Vec<String>,
+
+    /// Most media bytes a relay buffers while the origin is unavailable.
+    #[arg(long, env = "INGEST_RELAY_BUFFER_BYTES", default_value_t = 64 << 20)]
+    pub relay_buffer_bytes: usize,
+
+    /// How long a relay keeps delivering after its publisher left.
+    #[arg(long, env = "INGEST_RELAY_FLUSH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub relay_flush_timeout: Duration,
+
+    /// Wait between upstream attempts while the origin still has the stream
+    /// from another pod (a handover).
+    #[arg(long, env = "INGEST_RELAY_BUSY_RETRY", default_value = "50ms", value_parser = parse_duration)]
+    pub relay_busy_retry: Duration,
+}
+
+impl Args {
+    pub fn signals(&self) -> SignalsEnabled {
+        SignalsEnabled { go_away: self.signal_go_away, reconnect_request: self.signal_reconnect_request }
+    }
+
+    pub fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            limits: Limits::default(),
+            signals: self.signals(),
+            upstream: self.upstream.clone(),
+            relay: RelayConfig {
+                buffer_bytes: self.relay_buffer_bytes,
+                busy_retry: self.relay_busy_retry,
+                flush_timeout: self.relay_flush_timeout,
+                ..RelayConfig::default()
+            },
+            record_dir: self.record_dir.clone(),
+        }
+    }
+
+    /// The drain SIGTERM starts.
+    pub fn sigterm_drain(&self) -> DrainSpec {
+        DrainSpec {
+            id: "sigterm".to_owned(),
+            deadline: self.drain_deadline,
+            rate: self.drain_rate,
+            max_in_flight: self.drain_max_in_flight,
+            incapable: self.incapable_policy,
+            redirects: self.redirects.clone(),
+            propagation_delay: self.propagation_delay,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn flags_and_env_defaults() {
+        let a = Args::try_parse_from(["ingest-pod", "--signal-go-away", "false", "--redirect", "rtmp://a/live,rtmp://b/live"]).unwrap();
+        assert!(!a.signals().go_away);
+        assert!(a.signals().reconnect_request);
+        assert_eq!(a.sigterm_drain().redirects.len(), 2);
+        assert!(Args::try_parse_from(["ingest-pod", "--idle-timeout", "forever"]).is_err());
+    }
+}

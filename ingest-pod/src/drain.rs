@@ -1,0 +1,493 @@
+//! The drain engine: leave the Service, signal capable publishers in
+//! rate-limited waves, apply the incapable policy at the deadline, and say
+//! "drained" when the last publisher and relay are gone.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::metrics::PhaseLabel;
+use crate::registry::{Registry, SessionCommand, SignalsEnabled};
+
+/// What to do at the deadline with publishers that could not be signalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IncapablePolicy {
+    /// Keep them until they leave on their own (or the process is stopped).
+    Wait,
+    /// Close their connections at the deadline.
+    Disconnect,
+}
+
+/// Parameters of one drain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainSpec {
+    /// Idempotency key: starting the same id again changes nothing.
+    pub id: String,
+    /// Time from the start until the incapable policy applies.
+    pub deadline: Duration,
+    /// Signals per second (0: no limit).
+    pub rate: f64,
+    /// Signalled publishers still connected at once (0: no limit).
+    pub max_in_flight: u32,
+    pub incapable: IncapablePolicy,
+    /// `tcUrl`s for Reconnect Request, used round-robin; empty: no `tcUrl`.
+    pub redirects: Vec<String>,
+    /// Wait after leaving the Service before the first signal, so load
+    /// balancers stop sending new publishers here.
+    pub propagation_delay: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not ready any more, waiting for endpoint propagation.
+    Propagating,
+    /// Signalling publishers and waiting for them to leave.
+    Signalling,
+    /// No publisher and no relay left.
+    Drained,
+    /// The deadline passed; the incapable policy was applied.
+    TimedOut,
+    /// Cancelled: the pod serves again.
+    Cancelled,
+}
+
+impl Phase {
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Propagating => "propagating",
+            Phase::Signalling => "signalling",
+            Phase::Drained => "drained",
+            Phase::TimedOut => "timed_out",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+
+    const ALL: [Phase; 5] = [Phase::Propagating, Phase::Signalling, Phase::Drained, Phase::TimedOut, Phase::Cancelled];
+}
+
+/// The state of the current (or last) drain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrainStatus {
+    pub spec: DrainSpec,
+    pub phase: Phase,
+    pub started_at: SystemTime,
+    pub deadline_at: SystemTime,
+    /// Publishers signalled by this drain.
+    pub signalled: u64,
+    /// Signalled publishers that left.
+    pub migrated: u64,
+    /// Connections still on the pod.
+    pub remaining: u64,
+    /// Relays still flushing to the origin.
+    pub relays_active: u64,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("deadline must be positive")]
+    ZeroDeadline,
+    #[error("rate must be a finite number >= 0, got {0}")]
+    BadRate(String),
+    #[error("drain id must not be empty")]
+    EmptyId,
+}
+
+struct Current {
+    status: DrainStatus,
+    cancel: CancellationToken,
+    /// Monotonic start, for the deadline.
+    started: Instant,
+    /// Totals when the drain started; the drain reports the difference.
+    base_signalled: u64,
+    base_migrated: u64,
+}
+
+/// Starts, replaces and cancels drains of one pod.
+pub struct Drainer {
+    registry: Arc<Registry>,
+    signals: SignalsEnabled,
+    tracker: TaskTracker,
+    current: Mutex<Option<Current>>,
+}
+
+impl Drainer {
+    pub fn new(registry: Arc<Registry>, signals: SignalsEnabled, tracker: TaskTracker) -> Arc<Self> {
+        Arc::new(Self { registry, signals, tracker, current: Mutex::new(None) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Current>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn signals(&self) -> SignalsEnabled {
+        self.signals
+    }
+
+    /// Starts a drain, or returns the running one if `spec.id` is the same.
+    ///
+    /// A different id while a drain runs replaces its parameters (deadline
+    /// counted from the original start, rate, policy, redirects); publishers
+    /// already signalled are never signalled again, because that state
+    /// lives with each connection.
+    pub fn start(self: &Arc<Self>, spec: DrainSpec) -> Result<DrainStatus, Error> {
+        if spec.id.is_empty() {
+            return Err(Error::EmptyId);
+        }
+        if spec.deadline.is_zero() {
+            return Err(Error::ZeroDeadline);
+        }
+        if !spec.rate.is_finite() || spec.rate < 0.0 {
+            return Err(Error::BadRate(spec.rate.to_string()));
+        }
+        let mut current = self.lock();
+        if let Some(c) = current.as_mut()
+            && c.status.phase != Phase::Cancelled
+        {
+            if c.status.spec.id != spec.id {
+                info!(old = %c.status.spec.id, new = %spec.id, "drain replaced");
+                c.status.deadline_at = c.status.started_at + spec.deadline;
+                c.status.spec = spec;
+                drop(current);
+                self.registry.notify();
+                return Ok(self.status().expect("a drain is running"));
+            }
+            drop(current);
+            return Ok(self.status().expect("a drain is running"));
+        }
+        let now = SystemTime::now();
+        let totals = self.registry.totals();
+        let status = DrainStatus {
+            phase: Phase::Propagating,
+            started_at: now,
+            deadline_at: now + spec.deadline,
+            signalled: 0,
+            migrated: 0,
+            remaining: self.registry.connection_count() as u64,
+            relays_active: self.registry.relays_active(),
+            spec,
+        };
+        let cancel = CancellationToken::new();
+        info!(id = %status.spec.id, deadline = ?status.spec.deadline, rate = status.spec.rate,
+            policy = ?status.spec.incapable, redirects = status.spec.redirects.len(), "drain started");
+        let span = info_span!("drain", id = %status.spec.id);
+        *current = Some(Current { status, cancel: cancel.clone(), started: Instant::now(), base_signalled: totals.signalled, base_migrated: totals.migrated });
+        drop(current);
+        self.registry.set_serving(false);
+        self.registry.metrics().draining.set(1);
+        self.set_phase(Phase::Propagating);
+        let this = self.clone();
+        self.tracker.spawn(async move { this.run(cancel).await }.instrument(span));
+        Ok(self.status().expect("a drain was just started"))
+    }
+
+    /// Cancels the drain: the pod serves again. Publishers already
+    /// signalled may still leave. Returns the cancelled drain, if any.
+    pub fn cancel(&self) -> Option<DrainStatus> {
+        let cancelled = {
+            let mut current = self.lock();
+            let c = current.as_mut()?;
+            if c.status.phase != Phase::Cancelled {
+                c.cancel.cancel();
+                c.status.phase = Phase::Cancelled;
+                info!(id = %c.status.spec.id, "drain cancelled, serving again");
+            }
+            c.status.clone()
+        };
+        self.registry.set_serving(true);
+        self.registry.metrics().draining.set(0);
+        self.export_phase(Phase::Cancelled);
+        self.registry.notify();
+        Some(cancelled)
+    }
+
+    /// Stops the drain task at process exit, leaving the state as it is.
+    pub fn stop(&self) {
+        if let Some(c) = self.lock().as_ref() {
+            c.cancel.cancel();
+        }
+    }
+
+    /// The current or last drain, with live counts.
+    pub fn status(&self) -> Option<DrainStatus> {
+        let totals = self.registry.totals();
+        let remaining = self.registry.connection_count() as u64;
+        let relays = self.registry.relays_active();
+        let current = self.lock();
+        let c = current.as_ref()?;
+        let mut s = c.status.clone();
+        if s.phase != Phase::Cancelled {
+            s.signalled = totals.signalled - c.base_signalled;
+            s.migrated = totals.migrated - c.base_migrated;
+            s.remaining = remaining;
+            s.relays_active = relays;
+        }
+        Some(s)
+    }
+
+    /// True while a drain runs (not cancelled).
+    pub fn active(&self) -> bool {
+        self.lock().as_ref().is_some_and(|c| c.status.phase != Phase::Cancelled)
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        let changed = {
+            let mut current = self.lock();
+            match current.as_mut() {
+                Some(c) if c.status.phase != phase && c.status.phase != Phase::Cancelled => {
+                    info!(id = %c.status.spec.id, from = c.status.phase.label(), to = phase.label(), "drain phase");
+                    c.status.phase = phase;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            self.export_phase(phase);
+            self.registry.notify();
+        }
+    }
+
+    fn export_phase(&self, phase: Phase) {
+        for p in Phase::ALL {
+            self.registry.metrics().drain_phase.get_or_create(&PhaseLabel { phase: p.label() }).set(i64::from(p == phase));
+        }
+    }
+
+    fn spec(&self) -> Option<(DrainSpec, Instant)> {
+        self.lock().as_ref().map(|c| (c.status.spec.clone(), c.started + c.status.spec.deadline))
+    }
+
+    async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let Some((spec, _)) = self.spec() else { return };
+        tokio::select! {
+            () = tokio::time::sleep(spec.propagation_delay) => {}
+            () = cancel.cancelled() => return,
+        }
+        self.set_phase(Phase::Signalling);
+        let mut changes = self.registry.subscribe();
+        // A wave is one second of signals at the configured rate.
+        let mut tokens = spec.rate.max(1.0);
+        let mut last_refill = Instant::now();
+        let mut next_redirect = 0usize;
+        let mut deadline_applied = false;
+        loop {
+            let Some((spec, deadline_at)) = self.spec() else { return };
+            // Refill the token bucket: a burst of up to one second of signals.
+            let now = Instant::now();
+            if spec.rate > 0.0 {
+                tokens = (tokens + now.duration_since(last_refill).as_secs_f64() * spec.rate).min(spec.rate.max(1.0));
+            }
+            last_refill = now;
+            let conns = self.registry.connections();
+            let in_flight = conns.iter().filter(|c| c.signalled.is_some()).count() as u32;
+            let mut sent = 0u32;
+            for c in conns.iter().filter(|c| c.signalled.is_none() && c.publishing_since.is_some()) {
+                let Some(kind) = self.signals.choose(c.caps) else { continue };
+                if spec.max_in_flight > 0 && in_flight + sent >= spec.max_in_flight {
+                    break;
+                }
+                if spec.rate > 0.0 && tokens < 1.0 {
+                    break;
+                }
+                let tc_url = match kind {
+                    crate::registry::SignalKind::ReconnectRequest if !spec.redirects.is_empty() => {
+                        next_redirect += 1;
+                        Some(spec.redirects[(next_redirect - 1) % spec.redirects.len()].clone())
+                    }
+                    _ => None,
+                };
+                if self.registry.signal(c.id, kind, tc_url.clone()) {
+                    info!(conn = c.id, stream = c.stream.as_deref().unwrap_or(""), kind = kind.label(), tc_url = tc_url.as_deref().unwrap_or(""), "publisher signalled");
+                    sent += 1;
+                    if spec.rate > 0.0 {
+                        tokens -= 1.0;
+                    }
+                }
+            }
+            let past_deadline = Instant::now() >= deadline_at;
+            if past_deadline && !deadline_applied {
+                deadline_applied = true;
+                let left = self.registry.connections();
+                warn!(remaining = left.len(), policy = ?spec.incapable, "drain deadline reached");
+                if spec.incapable == IncapablePolicy::Disconnect {
+                    for c in &left {
+                        self.registry.command(c.id, SessionCommand::Disconnect { reason: "drain deadline" });
+                    }
+                }
+            }
+            let empty = self.registry.connection_count() == 0 && self.registry.relays_active() == 0;
+            self.set_phase(match (empty, past_deadline) {
+                (_, true) => Phase::TimedOut,
+                (true, false) => Phase::Drained,
+                (false, false) => Phase::Signalling,
+            });
+            // Sleep until something changes, the next token, or the deadline.
+            let until_deadline = deadline_at.saturating_duration_since(Instant::now());
+            let mut wait = Duration::from_millis(500);
+            if !past_deadline {
+                wait = wait.min(until_deadline.max(Duration::from_millis(1)));
+            }
+            if spec.rate > 0.0 && tokens < 1.0 {
+                wait = wait.min(Duration::from_secs_f64((1.0 - tokens) / spec.rate).max(Duration::from_millis(1)));
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::registry::{Caps, SignalKind};
+
+    fn spec(id: &str) -> DrainSpec {
+        DrainSpec {
+            id: id.into(),
+            deadline: Duration::from_secs(30),
+            rate: 0.0,
+            max_in_flight: 0,
+            incapable: IncapablePolicy::Disconnect,
+            redirects: vec![],
+            propagation_delay: Duration::from_secs(1),
+        }
+    }
+
+    fn setup() -> (Arc<Registry>, Arc<Drainer>) {
+        let reg = Registry::new(Metrics::default());
+        let all = SignalsEnabled { go_away: true, reconnect_request: true };
+        let drainer = Drainer::new(reg.clone(), all, TaskTracker::new());
+        (reg, drainer)
+    }
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:1".parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn signals_after_propagation_and_reports_drained() {
+        let (reg, drainer) = setup();
+        let (a, mut rx) = reg.register(addr());
+        a.connected("live", Caps { go_away: true, reconnect: false });
+        assert!(a.publish("live", "a"));
+        let st = drainer.start(spec("d1")).unwrap();
+        assert_eq!(st.phase, Phase::Propagating);
+        assert!(!reg.serving());
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(rx.try_recv().is_err(), "nothing is signalled during propagation");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rx.try_recv().unwrap(), SessionCommand::Signal { kind: SignalKind::GoAway, tc_url: None });
+        assert_eq!(drainer.status().unwrap().signalled, 1);
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let st = drainer.status().unwrap();
+        assert_eq!((st.phase, st.migrated, st.remaining), (Phase::Drained, 1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn same_id_is_a_no_op_and_another_id_replaces() {
+        let (_reg, drainer) = setup();
+        let first = drainer.start(spec("d1")).unwrap();
+        let again = drainer.start(spec("d1")).unwrap();
+        assert_eq!(first.started_at, again.started_at);
+        let mut other = spec("d2");
+        other.deadline = Duration::from_secs(5);
+        let replaced = drainer.start(other).unwrap();
+        assert_eq!(replaced.spec.id, "d2");
+        assert_eq!(replaced.started_at, first.started_at);
+        assert_eq!(replaced.deadline_at, first.started_at + Duration::from_secs(5));
+        assert_eq!(drainer.start(DrainSpec { deadline: Duration::ZERO, ..spec("x") }), Err(Error::ZeroDeadline));
+        assert!(matches!(drainer.start(DrainSpec { rate: f64::NAN, ..spec("x") }), Err(Error::BadRate(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limits_waves_and_prefers_reconnect_request_with_redirects() {
+        let (reg, drainer) = setup();
+        let mut rxs = Vec::new();
+        let mut guards = Vec::new();
+        for i in 0..4 {
+            let (g, rx) = reg.register(addr());
+            g.connected("live", Caps { go_away: true, reconnect: true });
+            assert!(g.publish("live", &format!("k{i}")));
+            guards.push(g);
+            rxs.push(rx);
+        }
+        let s = DrainSpec { rate: 2.0, redirects: vec!["rtmp://b/live".into()], propagation_delay: Duration::ZERO, ..spec("r") };
+        drainer.start(s).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(drainer.status().unwrap().signalled, 2, "a burst of one second of signals");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(drainer.status().unwrap().signalled, 3);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(drainer.status().unwrap().signalled, 4);
+        assert_eq!(
+            rxs[0].try_recv().unwrap(),
+            SessionCommand::Signal { kind: SignalKind::ReconnectRequest, tc_url: Some("rtmp://b/live".into()) }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_disconnects_incapable_and_cancel_restores_serving() {
+        let (reg, drainer) = setup();
+        let (g, mut rx) = reg.register(addr());
+        g.connected("live", Caps::default());
+        assert!(g.publish("live", "ffmpeg"));
+        drainer.start(DrainSpec { deadline: Duration::from_secs(3), propagation_delay: Duration::ZERO, ..spec("d") }).unwrap();
+        tokio::time::sleep(Duration::from_millis(2900)).await;
+        assert!(rx.try_recv().is_err(), "an incapable publisher gets no signal");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rx.try_recv().unwrap(), SessionCommand::Disconnect { reason: "drain deadline" });
+        assert_eq!(drainer.status().unwrap().phase, Phase::TimedOut);
+        drainer.cancel();
+        assert!(reg.serving());
+        assert_eq!(drainer.status().unwrap().phase, Phase::Cancelled);
+        assert!(!drainer.active());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_policy_keeps_incapable_publishers() {
+        let (reg, drainer) = setup();
+        let (g, mut rx) = reg.register(addr());
+        g.connected("live", Caps::default());
+        assert!(g.publish("live", "ffmpeg"));
+        let s = DrainSpec { deadline: Duration::from_secs(1), incapable: IncapablePolicy::Wait, propagation_delay: Duration::ZERO, ..spec("w") };
+        drainer.start(s).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(rx.try_recv().is_err());
+        assert_eq!(drainer.status().unwrap().phase, Phase::TimedOut);
+        assert_eq!(drainer.status().unwrap().remaining, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_in_flight_holds_the_next_wave() {
+        let (reg, drainer) = setup();
+        let mut guards = Vec::new();
+        for i in 0..3 {
+            let (g, rx) = reg.register(addr());
+            g.connected("live", Caps { go_away: true, reconnect: false });
+            assert!(g.publish("live", &format!("k{i}")));
+            guards.push((g, rx));
+        }
+        drainer.start(DrainSpec { max_in_flight: 1, propagation_delay: Duration::ZERO, ..spec("m") }).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(drainer.status().unwrap().signalled, 1);
+        // The signalled one leaves; the next is signalled.
+        let idx = guards.iter_mut().position(|(_, rx)| rx.try_recv().is_ok()).unwrap();
+        guards.remove(idx);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(drainer.status().unwrap().signalled, 2);
+        assert_eq!(drainer.status().unwrap().migrated, 1);
+    }
+}

@@ -1,0 +1,467 @@
+//! The relay: pushes one published stream to the upstream origin by RTMP,
+//! from the very first frame, through origin refusals and reconnects.
+//!
+//! During a handover the previous pod may still hold the stream at the
+//! origin ("already publishing"). The relay keeps everything in a bounded
+//! queue and retries until the origin accepts, then flushes in order.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::media::{self, Kind};
+use crate::metrics::Metrics;
+use crate::registry::RelayGuard;
+use crate::rtmp::amf0::Value;
+use crate::rtmp::chunk::RawMessage;
+use crate::rtmp::conn::{self, OUTGOING_CHUNK_SIZE, Reader, Writer};
+use crate::rtmp::message::{self, CSID_AUDIO, CSID_DATA, CSID_VIDEO, Message, UserControl};
+use crate::rtmp::url::RtmpUrl;
+
+/// Settings shared by every relay of a pod.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Most media bytes one relay holds while the origin is unavailable.
+    pub buffer_bytes: usize,
+    /// Wait between attempts while the origin says the stream is busy.
+    pub busy_retry: Duration,
+    /// Longest wait between attempts after failures.
+    pub max_backoff: Duration,
+    /// How long a relay whose publisher left keeps trying to deliver.
+    pub flush_timeout: Duration,
+    /// Timeout of each step of connecting and publishing.
+    pub step_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            buffer_bytes: 64 << 20,
+            busy_retry: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            flush_timeout: Duration::from_secs(30),
+            step_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A message waiting for the origin.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub type_id: u8,
+    pub timestamp: u32,
+    pub payload: Bytes,
+}
+
+impl Item {
+    fn kind(&self) -> Option<Kind> {
+        match self.type_id {
+            message::AUDIO => Some(Kind::Audio),
+            message::VIDEO => Some(Kind::Video),
+            _ => None,
+        }
+    }
+
+    fn is_config(&self) -> bool {
+        match self.kind() {
+            Some(k) => media::is_sequence_header(k, &self.payload),
+            None => true,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct QueueInner {
+    items: VecDeque<Item>,
+    bytes: usize,
+    closed: bool,
+    overflowing: bool,
+}
+
+/// The bounded queue between a session and its relay.
+#[derive(Debug)]
+pub struct Queue {
+    inner: Mutex<QueueInner>,
+    notify: Notify,
+    limit: usize,
+    metrics: Metrics,
+}
+
+impl Queue {
+    pub fn new(limit: usize, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self { inner: Mutex::new(QueueInner::default()), notify: Notify::new(), limit, metrics })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a message. Never blocks: over the limit, whole GOPs are dropped
+    /// from the front (logged once per episode, counted in a metric).
+    pub fn push(&self, item: Item) {
+        let mut q = self.lock();
+        if q.closed {
+            return;
+        }
+        let len = item.payload.len();
+        q.bytes += len;
+        q.items.push_back(item);
+        self.metrics.relay_buffer_bytes.inc_by(len as i64);
+        if q.bytes > self.limit {
+            if !q.overflowing {
+                warn!(limit = self.limit, "relay buffer full: dropping the oldest media until the next keyframe");
+                q.overflowing = true;
+            }
+            let mut dropped = 0usize;
+            while q.bytes > self.limit || q.items.front().is_some_and(|i| !(i.kind() == Some(Kind::Video) && media::is_video_keyframe(&i.payload)) && !i.is_config()) {
+                let Some(front) = q.items.pop_front() else { break };
+                q.bytes -= front.payload.len();
+                dropped += front.payload.len();
+                if q.items.is_empty() {
+                    break;
+                }
+            }
+            self.metrics.relay_dropped_bytes.inc_by(dropped as u64);
+            self.metrics.relay_buffer_bytes.dec_by(dropped as i64);
+        } else if q.overflowing && q.bytes < self.limit / 2 {
+            q.overflowing = false;
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// No more messages will come (the publisher left).
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_one();
+    }
+
+    /// Takes up to `max_bytes` of messages, waiting while the queue is empty.
+    /// An empty result means the queue is closed and drained.
+    async fn take(&self, max_bytes: usize) -> Vec<Item> {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut q = self.lock();
+                if !q.items.is_empty() {
+                    let mut out = Vec::new();
+                    let mut taken = 0;
+                    while let Some(front) = q.items.front() {
+                        if taken > 0 && taken + front.payload.len() > max_bytes {
+                            break;
+                        }
+                        taken += front.payload.len();
+                        out.extend(q.items.pop_front());
+                    }
+                    q.bytes -= taken;
+                    self.metrics.relay_buffer_bytes.dec_by(taken as i64);
+                    return out;
+                }
+                if q.closed {
+                    return Vec::new();
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Puts messages back at the front (after a failed write).
+    fn unget(&self, items: Vec<Item>) {
+        let mut q = self.lock();
+        for item in items.into_iter().rev() {
+            q.bytes += item.payload.len();
+            self.metrics.relay_buffer_bytes.inc_by(item.payload.len() as i64);
+            q.items.push_front(item);
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let q = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.metrics.relay_buffer_bytes.dec_by(q.bytes as i64);
+    }
+}
+
+#[derive(Debug, Error)]
+enum Error {
+    #[error(transparent)]
+    Conn(#[from] conn::Error),
+    #[error("origin refused the publish: {0}")]
+    Refused(String),
+    #[error("origin is busy with this stream: {0}")]
+    Busy(String),
+    #[error("origin closed the connection")]
+    Closed,
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+}
+
+/// Configuration (metadata, sequence headers) last delivered, re-sent at the
+/// start of every later upstream session.
+#[derive(Debug, Default)]
+struct Config {
+    metadata: Option<Item>,
+    video: Option<Item>,
+    audio: Option<Item>,
+}
+
+impl Config {
+    fn remember(&mut self, item: &Item) {
+        match item.kind() {
+            None if item.type_id == message::DATA_AMF0 => self.metadata = Some(item.clone()),
+            Some(Kind::Video) if item.is_config() => self.video = Some(item.clone()),
+            Some(Kind::Audio) if item.is_config() => self.audio = Some(item.clone()),
+            _ => {}
+        }
+    }
+
+    fn items(&self) -> impl Iterator<Item = &Item> {
+        [&self.metadata, &self.video, &self.audio].into_iter().flatten()
+    }
+}
+
+/// Runs one relay until its queue is closed and delivered (or given up).
+pub async fn run(url: RtmpUrl, queue: Arc<Queue>, cfg: RelayConfig, metrics: Metrics, stop: CancellationToken, _guard: RelayGuard) {
+    let mut config = Config::default();
+    let mut delivered_any = false;
+    let mut backoff = cfg.busy_retry;
+    let mut closed_since: Option<Instant> = None;
+    let mut attempt = 0u64;
+    loop {
+        if queue.is_closed() {
+            let since = *closed_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > cfg.flush_timeout {
+                warn!(%url.stream, pending_bytes = queue.bytes(), "giving up delivering to the origin after the publisher left");
+                return;
+            }
+        }
+        attempt += 1;
+        match session(&url, &queue, &cfg, &metrics, &mut config, &mut delivered_any, &stop).await {
+            Ok(()) => {
+                info!(stream = %url.stream, "relay finished: everything delivered");
+                return;
+            }
+            Err(Error::Busy(why)) => {
+                metrics.relay_retries.inc();
+                debug!(stream = %url.stream, attempt, %why, "origin busy with this stream, retrying");
+                backoff = cfg.busy_retry;
+            }
+            Err(err) => {
+                metrics.relay_retries.inc();
+                warn!(stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
+                backoff = (backoff * 2).min(cfg.max_backoff);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = stop.cancelled() => {
+                warn!(stream = %url.stream, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
+                return;
+            }
+        }
+    }
+}
+
+async fn timed<T>(limit: Duration, what: &'static str, fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    tokio::time::timeout(limit, fut).await.map_err(|_| Error::Timeout(what))?
+}
+
+/// Waits for the reply to a command, answering pings on the way.
+async fn reply(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result<message::Command, Error> {
+    loop {
+        match reader.next().await? {
+            None => return Err(Error::Closed),
+            Some(Message::Command { command, .. }) if command.name == "_result" && command.transaction == txn => return Ok(command),
+            Some(Message::Command { command, .. }) if command.name == "_error" && command.transaction == txn => {
+                return Err(Error::Refused(describe(&command)));
+            }
+            Some(Message::UserControl(UserControl::PingRequest(t))) => writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?,
+            Some(_) => {}
+        }
+    }
+}
+
+fn describe(command: &message::Command) -> String {
+    let info = command.args.iter().find(|v| v.get("code").is_some());
+    let code = info.and_then(|i| i.get("code")).and_then(Value::as_str).unwrap_or("");
+    let desc = info.and_then(|i| i.get("description")).and_then(Value::as_str).unwrap_or("");
+    format!("{code} {desc}").trim().to_owned()
+}
+
+/// Connects, publishes, and pumps the queue until it is closed and empty.
+async fn session(
+    url: &RtmpUrl,
+    queue: &Queue,
+    cfg: &RelayConfig,
+    metrics: &Metrics,
+    config: &mut Config,
+    delivered_any: &mut bool,
+    stop: &CancellationToken,
+) -> Result<(), Error> {
+    let step = cfg.step_timeout;
+    let stream = timed(step, "connecting to the origin", async { Ok(TcpStream::connect(url.addr()).await.map_err(conn::Error::Io)?) }).await?;
+    stream.set_nodelay(true).map_err(conn::Error::Io)?;
+    let (mut reader, mut writer) = conn::connect(stream, step).await?;
+    writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
+    let tc_url = url.tc_url();
+    writer.queue(&Message::command(
+        0,
+        "connect",
+        1.0,
+        vec![Value::object([
+            ("app", Value::string(url.app.clone())),
+            ("type", Value::string("nonprivate")),
+            ("flashVer", Value::string("FMLE/3.0 (compatible; lossless-ingest)")),
+            ("tcUrl", Value::string(tc_url)),
+        ])],
+    ));
+    writer.flush().await?;
+    timed(step, "waiting for connect _result", reply(&mut reader, &mut writer, 1.0)).await?;
+    writer.queue(&Message::command(0, "releaseStream", 2.0, vec![Value::Null, Value::string(url.stream.clone())]));
+    writer.queue(&Message::command(0, "FCPublish", 3.0, vec![Value::Null, Value::string(url.stream.clone())]));
+    writer.queue(&Message::command(0, "createStream", 4.0, vec![Value::Null]));
+    writer.flush().await?;
+    let created = timed(step, "waiting for createStream _result", reply(&mut reader, &mut writer, 4.0)).await?;
+    let sid = created.args.iter().find_map(Value::as_number).unwrap_or(1.0) as u32;
+    writer.send(&Message::command(sid, "publish", 0.0, vec![Value::Null, Value::string(url.stream.clone()), Value::string("live")])).await?;
+    timed(step, "waiting for the publish status", async {
+        loop {
+            match reader.next().await? {
+                None => return Err(Error::Closed),
+                Some(Message::Command { command, .. }) if command.name == "onStatus" => {
+                    let text = describe(&command);
+                    if text.starts_with("NetStream.Publish.Start") {
+                        return Ok(());
+                    }
+                    // nginx-rtmp answers NetStream.Publish.BadName "Already publishing".
+                    if text.contains("BadName") || text.to_lowercase().contains("already") {
+                        return Err(Error::Busy(text));
+                    }
+                    return Err(Error::Refused(text));
+                }
+                Some(Message::UserControl(UserControl::PingRequest(t))) => {
+                    writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?;
+                }
+                Some(_) => {}
+            }
+        }
+    })
+    .await?;
+    info!(stream = %url.stream, origin = %url.addr(), "publishing to the origin");
+
+    if *delivered_any {
+        // A later session: the origin needs the configuration again before media.
+        for item in config.items() {
+            writer.queue_raw(&raw(item, sid));
+        }
+    }
+    loop {
+        tokio::select! {
+            biased;
+            incoming = reader.next() => match incoming? {
+                None => return Err(Error::Closed),
+                Some(Message::UserControl(UserControl::PingRequest(t))) => writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?,
+                Some(Message::Command { command, .. }) if command.name == "onStatus" => {
+                    let text = describe(&command);
+                    if text.contains("Error") || text.contains("Failed") || text.contains("BadName") {
+                        return Err(Error::Refused(text));
+                    }
+                }
+                Some(_) => {}
+            },
+            items = queue.take(256 * 1024) => {
+                if items.is_empty() {
+                    writer.queue(&Message::command(0, "FCUnpublish", 5.0, vec![Value::Null, Value::string(url.stream.clone())]));
+                    writer.queue(&Message::command(0, "deleteStream", 6.0, vec![Value::Null, Value::Number(f64::from(sid))]));
+                    writer.shutdown().await?;
+                    return Ok(());
+                }
+                let mut bytes = 0u64;
+                for item in &items {
+                    writer.queue_raw(&raw(item, sid));
+                    bytes += item.payload.len() as u64;
+                }
+                if let Err(err) = writer.flush().await {
+                    // Nothing of this batch is known to have arrived: keep it for the next session.
+                    queue.unget(items);
+                    metrics.relay_reconnects.inc();
+                    return Err(err.into());
+                }
+                for item in &items {
+                    config.remember(item);
+                }
+                *delivered_any = true;
+                metrics.bytes_relayed.inc_by(bytes);
+            }
+            () = stop.cancelled() => return Err(Error::Closed),
+        }
+    }
+}
+
+fn raw(item: &Item, stream_id: u32) -> RawMessage {
+    let csid = match item.type_id {
+        message::AUDIO => CSID_AUDIO,
+        message::VIDEO => CSID_VIDEO,
+        _ => CSID_DATA,
+    };
+    RawMessage { csid, timestamp: item.timestamp, type_id: item.type_id, stream_id, payload: item.payload.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn video(key: bool, len: usize) -> Item {
+        let mut p = vec![if key { 0x17 } else { 0x27 }, 1];
+        p.resize(len, 0);
+        Item { type_id: message::VIDEO, timestamp: 0, payload: Bytes::from(p) }
+    }
+
+    #[tokio::test]
+    async fn overflow_drops_whole_gops_from_the_front() {
+        let metrics = Metrics::default();
+        let q = Queue::new(1000, metrics.clone());
+        q.push(video(true, 300));
+        q.push(video(false, 300));
+        q.push(video(false, 300));
+        q.push(video(true, 300)); // 1200 > 1000: the first GOP goes
+        assert_eq!(q.bytes(), 300);
+        assert_eq!(metrics.relay_dropped_bytes.get(), 900);
+        let items = q.take(usize::MAX).await;
+        assert_eq!(items.len(), 1);
+        assert!(media::is_video_keyframe(&items[0].payload));
+        q.close();
+        assert!(q.take(usize::MAX).await.is_empty());
+        assert_eq!(metrics.relay_buffer_bytes.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn unget_restores_order() {
+        let q = Queue::new(10_000, Metrics::default());
+        for i in 0..3u8 {
+            q.push(Item { type_id: message::AUDIO, timestamp: u32::from(i), payload: Bytes::from(vec![0xaf, 1, i]) });
+        }
+        let first = q.take(3).await;
+        assert_eq!(first.len(), 1);
+        q.unget(first);
+        let all = q.take(usize::MAX).await;
+        assert_eq!(all.iter().map(|i| i.timestamp).collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+}

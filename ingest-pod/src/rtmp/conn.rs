@@ -1,0 +1,195 @@
+//! The async RTMP transport: handshake, then a message reader and writer on
+//! the two halves of one TCP connection.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::chunk::{self, ChunkReader, ChunkWriter, Limits, RawMessage};
+use super::handshake;
+use super::message::{self, Message};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake: {0}")]
+    Handshake(#[from] handshake::Error),
+    #[error("chunk stream: {0}")]
+    Chunk(#[from] chunk::Error),
+    #[error("message: {0}")]
+    Message(#[from] message::Error),
+    #[error("timed out after {0:?} {1}")]
+    Timeout(Duration, &'static str),
+    #[error("peer closed the connection in the middle of a message")]
+    TruncatedStream,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Chunk size this side switches to right after the handshake (what OBS
+/// and ffmpeg use); fewer headers per media message than the default 128.
+pub const OUTGOING_CHUNK_SIZE: u32 = 4096;
+
+fn now_ms() -> u32 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u32).unwrap_or(0)
+}
+
+fn seed() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+}
+
+async fn timed<T>(limit: Duration, what: &'static str, fut: impl Future<Output = std::io::Result<T>>) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Error::Timeout(limit, what)),
+    }
+}
+
+/// Server side of the handshake, then the split transport.
+pub async fn accept(mut stream: TcpStream, limit: Duration, limits: Limits) -> Result<(Reader, Writer)> {
+    let mut c0c1 = vec![0u8; handshake::C0C1_SIZE];
+    timed(limit, "waiting for C0/C1", stream.read_exact(&mut c0c1)).await?;
+    let response = handshake::server_response(&c0c1, now_ms(), seed())?;
+    timed(limit, "sending S0/S1/S2", stream.write_all(&response)).await?;
+    let mut c2 = vec![0u8; handshake::HANDSHAKE_SIZE];
+    timed(limit, "waiting for C2", stream.read_exact(&mut c2)).await?;
+    handshake::check_c2(&c2)?;
+    Ok(split(stream, limits))
+}
+
+/// Client side of the handshake, then the split transport.
+pub async fn connect(mut stream: TcpStream, limit: Duration) -> Result<(Reader, Writer)> {
+    let hello = handshake::client_hello(now_ms(), seed());
+    timed(limit, "sending C0/C1", stream.write_all(&hello)).await?;
+    let mut s = vec![0u8; handshake::S0S1S2_SIZE];
+    timed(limit, "waiting for S0/S1/S2", stream.read_exact(&mut s)).await?;
+    let c2 = handshake::client_ack(&s)?;
+    timed(limit, "sending C2", stream.write_all(&c2)).await?;
+    Ok(split(stream, Limits::default()))
+}
+
+fn split(stream: TcpStream, limits: Limits) -> (Reader, Writer) {
+    let (r, w) = stream.into_split();
+    (
+        Reader { io: r, buf: BytesMut::with_capacity(8192), chunks: ChunkReader::new(limits), bytes_in: 0, window: 0, acked: 0 },
+        Writer { io: w, chunks: ChunkWriter::default(), buf: BytesMut::with_capacity(8192), bytes_out: 0 },
+    )
+}
+
+/// Reading half: messages in, with the chunk-level control messages
+/// (Set Chunk Size, Abort, Window Acknowledgement Size) applied.
+#[derive(Debug)]
+pub struct Reader {
+    io: OwnedReadHalf,
+    buf: BytesMut,
+    chunks: ChunkReader,
+    bytes_in: u64,
+    /// The peer's acknowledgement window (0: none asked for).
+    window: u32,
+    acked: u64,
+}
+
+impl Reader {
+    /// Next message, or `None` when the peer closed the connection cleanly.
+    ///
+    /// Cancel safe: bytes already read stay buffered.
+    pub async fn next(&mut self) -> Result<Option<Message>> {
+        loop {
+            if let Some(raw) = self.chunks.read(&mut self.buf)? {
+                let msg = Message::decode(raw)?;
+                match &msg {
+                    Message::SetChunkSize(n) => self.chunks.set_chunk_size(*n)?,
+                    Message::Abort(csid) => self.chunks.abort(*csid),
+                    Message::WindowAckSize(n) => self.window = *n,
+                    _ => {}
+                }
+                return Ok(Some(msg));
+            }
+            let n = self.io.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(Error::TruncatedStream) };
+            }
+            self.bytes_in += n as u64;
+        }
+    }
+
+    /// [`next`](Self::next) with an idle timeout.
+    pub async fn next_within(&mut self, limit: Duration) -> Result<Option<Message>> {
+        match tokio::time::timeout(limit, self.next()).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout(limit, "waiting for the peer")),
+        }
+    }
+
+    /// An Acknowledgement to send now, if the peer's window has filled.
+    pub fn ack_due(&mut self) -> Option<Message> {
+        if self.window > 0 && self.bytes_in - self.acked >= u64::from(self.window) {
+            self.acked = self.bytes_in;
+            return Some(Message::Acknowledgement(self.bytes_in as u32));
+        }
+        None
+    }
+
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in
+    }
+}
+
+/// Writing half: queue messages, then flush.
+#[derive(Debug)]
+pub struct Writer {
+    io: OwnedWriteHalf,
+    chunks: ChunkWriter,
+    buf: BytesMut,
+    bytes_out: u64,
+}
+
+impl Writer {
+    /// Encodes `msg` into the output buffer. A Set Chunk Size takes effect
+    /// for the messages queued after it.
+    pub fn queue(&mut self, msg: &Message) {
+        self.chunks.write(&msg.encode(), &mut self.buf);
+        if let Message::SetChunkSize(n) = msg {
+            self.chunks.set_chunk_size(*n);
+        }
+    }
+
+    pub fn queue_raw(&mut self, raw: &RawMessage) {
+        self.chunks.write(raw, &mut self.buf);
+    }
+
+    /// Bytes queued and not yet flushed.
+    pub fn queued(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            self.io.write_all(&self.buf).await?;
+            self.bytes_out += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn send(&mut self, msg: &Message) -> Result<()> {
+        self.queue(msg);
+        self.flush().await
+    }
+
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out
+    }
+
+    /// Closes the sending direction (the peer reads EOF).
+    pub async fn shutdown(&mut self) -> Result<()> {
+        self.flush().await?;
+        self.io.shutdown().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! The pod: RTMP accept loop with a connection cap, the HTTP endpoints,
+//! and the shutdown sequence (SIGTERM drain, then stop).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config::Args;
+use crate::drain::Drainer;
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, SessionCommand};
+use crate::session::{self, Context};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A bound, not yet running ingest pod.
+pub struct Server {
+    args: Args,
+    rtmp: TcpListener,
+    http: TcpListener,
+    registry: Arc<Registry>,
+    drainer: Arc<Drainer>,
+    prometheus: Arc<prometheus_client::registry::Registry>,
+    tasks: TaskTracker,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+}
+
+impl Server {
+    /// Binds both listeners (port 0 picks a free port; see the `*_addr` methods).
+    pub async fn bind(args: Args) -> Result<Self, Error> {
+        if let Some(t) = &args.upstream {
+            let probe = crate::rtmp::url::render(t, "app", "stream");
+            crate::rtmp::url::RtmpUrl::parse(&probe).map_err(|e| Error::Config(format!("--upstream {t:?}: {e}")))?;
+        }
+        if args.drain_deadline > args.grace_period {
+            warn!(deadline = ?args.drain_deadline, grace = ?args.grace_period, "drain deadline is longer than the grace period");
+        }
+        let rtmp = bind(args.rtmp_listen).await?;
+        let http = bind(args.http_listen).await?;
+        let metrics = Metrics::default();
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        metrics.register(&mut prometheus);
+        let registry = Registry::new(metrics);
+        let tasks = TaskTracker::new();
+        let drainer = Drainer::new(registry.clone(), args.signals(), tasks.clone());
+        Ok(Self { args, rtmp, http, registry, drainer, prometheus: Arc::new(prometheus), tasks })
+    }
+
+    pub fn rtmp_addr(&self) -> SocketAddr {
+        self.rtmp.local_addr().unwrap_or(self.args.rtmp_listen)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().unwrap_or(self.args.http_listen)
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    pub fn drainer(&self) -> Arc<Drainer> {
+        self.drainer.clone()
+    }
+
+    /// Serves until `shutdown` resolves (SIGTERM), then drains: exits when
+    /// no publisher and no relay is left, or when the grace period ends.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let Server { args, rtmp, http, registry, drainer, prometheus, tasks } = self;
+        let stop = CancellationToken::new();
+        let relays = TaskTracker::new();
+        let ctx = Context { registry: registry.clone(), config: Arc::new(args.session_config()), relays: relays.clone(), stop: stop.clone() };
+        info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
+            upstream = args.upstream.as_deref().unwrap_or("none"), go_away = args.signal_go_away,
+            reconnect_request = args.signal_reconnect_request, "ingest pod serving");
+
+        let accept_stop = stop.clone();
+        tasks.spawn(accept_loop(rtmp, ctx, args.max_connections, tasks.clone(), accept_stop).instrument(info_span!("rtmp")));
+        let state = HttpState { registry: registry.clone(), drainer: drainer.clone(), metrics: prometheus, pod_name: args.pod_name.clone() };
+        let http_stop = stop.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(http, http::router(state)).with_graceful_shutdown(http_stop.cancelled_owned());
+            if let Err(err) = serve.await {
+                error!(%err, "http server failed");
+            }
+        });
+
+        shutdown.await;
+        let grace_end = tokio::time::Instant::now() + args.grace_period;
+        info!(grace = ?args.grace_period, "SIGTERM: draining");
+        if !drainer.active() {
+            if let Err(err) = drainer.start(args.sigterm_drain()) {
+                error!(%err, "cannot start the SIGTERM drain");
+            }
+        }
+        let mut changes = registry.subscribe();
+        loop {
+            let empty = registry.connection_count() == 0 && registry.relays_active() == 0;
+            // An empty pod has nobody to protect: no need to wait for propagation.
+            if empty {
+                info!("drained: no publisher and no relay left");
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(grace_end) => {
+                    let left = registry.connections();
+                    warn!(publishers = left.len(), relays = registry.relays_active(), "grace period over: closing what remains");
+                    for c in left {
+                        registry.command(c.id, SessionCommand::Disconnect { reason: "grace period over" });
+                    }
+                    break;
+                }
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+        stop.cancel();
+        drainer.stop();
+        relays.close();
+        tasks.close();
+        if tokio::time::timeout(Duration::from_secs(2), async {
+            relays.wait().await;
+            tasks.wait().await;
+        })
+        .await
+        .is_err()
+        {
+            warn!("some tasks did not stop within 2s");
+        }
+        info!("stopped");
+        Ok(())
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Context, max: usize, tasks: TaskTracker, stop: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(max));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(%peer, max, "connection limit reached: closing");
+            drop(stream);
+            continue;
+        };
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            session::serve(stream, peer, ctx).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(err) => {
+                error!(%err, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Sets up logging from `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}

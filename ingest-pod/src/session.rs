@@ -1,0 +1,318 @@
+//! One publisher's connection: the server side of the RTMP publish flow,
+//! capability detection, signals, and hand-off of media to the relay.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::flv::FlvWriter;
+use crate::metrics::ReasonLabel;
+use crate::registry::{Caps, ConnGuard, Registry, SessionCommand, SignalKind, SignalsEnabled};
+use crate::relay::{self, Item, Queue, RelayConfig};
+use crate::rtmp::amf0::Value;
+use crate::rtmp::chunk::Limits;
+use crate::rtmp::conn::{self, OUTGOING_CHUNK_SIZE, Writer};
+use crate::rtmp::message::{self, Command, Message, UserControl};
+use crate::rtmp::url::{self, RtmpUrl};
+
+/// Window we ask publishers to acknowledge by (they never wait for us).
+pub const WINDOW_ACK_SIZE: u32 = 2_500_000;
+/// Body of the Go Away message: OBS 27.2–29.x ignores an empty one.
+pub const GO_AWAY_BODY: [u8; 4] = [0; 4];
+
+/// Settings shared by every session of a pod.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub limits: Limits,
+    pub signals: SignalsEnabled,
+    /// Upstream URL template with `{app}` and `{stream}`; `None`: no relay.
+    pub upstream: Option<String>,
+    pub relay: RelayConfig,
+    /// Directory for one FLV file per publish session.
+    pub record_dir: Option<PathBuf>,
+}
+
+/// What a session needs from its pod.
+#[derive(Clone)]
+pub struct Context {
+    pub registry: Arc<Registry>,
+    pub config: Arc<SessionConfig>,
+    /// Relays outlive their sessions (they flush after the publisher left).
+    pub relays: TaskTracker,
+    /// Cancelled when the pod must stop at once (grace period over).
+    pub stop: CancellationToken,
+}
+
+/// Serves one connection until it closes. Errors are logged here.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Context) {
+    let _ = stream.set_nodelay(true);
+    let (guard, commands) = ctx.registry.register(peer);
+    let span = info_span!("conn", id = guard.id(), %peer);
+    async move {
+        let mut session = Session::new(guard, ctx.clone());
+        let result = session.run(stream, commands).await;
+        session.end_publish(false);
+        match result {
+            Ok(reason) => info!(reason, migrated = session.guard.was_signalled(), "connection closed"),
+            Err(err) => {
+                let reason = match &err {
+                    conn::Error::Io(_) | conn::Error::TruncatedStream => "io",
+                    conn::Error::Timeout(..) => "timeout",
+                    conn::Error::Handshake(_) => "handshake",
+                    conn::Error::Chunk(_) | conn::Error::Message(_) => "protocol",
+                };
+                ctx.registry.metrics().connection_errors.get_or_create(&ReasonLabel { reason }).inc();
+                if session.guard.was_signalled() {
+                    info!(%err, "signalled publisher left");
+                } else {
+                    warn!(%err, "connection closed");
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Publishing {
+    stream: String,
+    stream_id: u32,
+    queue: Option<Arc<Queue>>,
+    recorder: Option<FlvWriter<BufWriter<File>>>,
+}
+
+struct Session {
+    guard: ConnGuard,
+    ctx: Context,
+    app: Option<String>,
+    tc_url: Option<String>,
+    caps: Caps,
+    next_stream_id: u32,
+    publishing: Option<Publishing>,
+}
+
+impl Session {
+    fn new(guard: ConnGuard, ctx: Context) -> Self {
+        Self { guard, ctx, app: None, tc_url: None, caps: Caps::default(), next_stream_id: 1, publishing: None }
+    }
+
+    async fn run(
+        &mut self,
+        stream: TcpStream,
+        mut commands: tokio::sync::mpsc::UnboundedReceiver<SessionCommand>,
+    ) -> conn::Result<&'static str> {
+        let cfg = self.ctx.config.clone();
+        let (mut reader, mut writer) = conn::accept(stream, cfg.handshake_timeout, cfg.limits).await?;
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(SessionCommand::Signal { kind, tc_url }) => self.signal(&mut writer, kind, tc_url).await?,
+                    Some(SessionCommand::Disconnect { reason }) => return Ok(reason),
+                    None => return Ok("registry gone"),
+                },
+                msg = reader.next_within(cfg.idle_timeout) => {
+                    let Some(msg) = msg? else { return Ok("peer closed") };
+                    let before = self.guard.stats().bytes_in.swap(reader.bytes_in(), Ordering::Relaxed);
+                    self.ctx.registry.metrics().bytes_in.inc_by(reader.bytes_in() - before);
+                    if let Some(done) = self.handle(&mut writer, msg).await? {
+                        return Ok(done);
+                    }
+                    if let Some(ack) = reader.ack_due() {
+                        writer.queue(&ack);
+                    }
+                    writer.flush().await?;
+                }
+            }
+        }
+    }
+
+    async fn signal(&mut self, writer: &mut Writer, kind: SignalKind, tc_url: Option<String>) -> conn::Result<()> {
+        match kind {
+            SignalKind::GoAway => writer.queue(&Message::GoAway(Bytes::from_static(&GO_AWAY_BODY))),
+            SignalKind::ReconnectRequest => {
+                let mut info = vec![
+                    ("level".to_owned(), Value::string("status")),
+                    ("code".to_owned(), Value::string("NetConnection.Connect.ReconnectRequest")),
+                    ("description".to_owned(), Value::string("This ingest is draining; reconnect to continue.")),
+                ];
+                if let Some(url) = &tc_url {
+                    info.push(("tcUrl".to_owned(), Value::string(url.clone())));
+                }
+                writer.queue(&Message::command(0, "onStatus", 0.0, vec![Value::Null, Value::Object(info)]));
+            }
+        }
+        info!(kind = kind.label(), tc_url = tc_url.as_deref().unwrap_or(""), "signal sent");
+        writer.flush().await
+    }
+
+    /// Handles one message; `Some(reason)` closes the connection.
+    async fn handle(&mut self, writer: &mut Writer, msg: Message) -> conn::Result<Option<&'static str>> {
+        match msg {
+            Message::UserControl(UserControl::PingRequest(t)) => writer.queue(&Message::UserControl(UserControl::PingResponse(t))),
+            Message::Command { stream_id, command } => return self.command(writer, stream_id, command),
+            Message::Data { timestamp, payload, .. } => self.media(message::DATA_AMF0, timestamp, payload),
+            Message::Audio { timestamp, payload, .. } => self.media(message::AUDIO, timestamp, payload),
+            Message::Video { timestamp, payload, .. } => self.media(message::VIDEO, timestamp, payload),
+            // Chunk-level control is applied by the reader; the rest needs no answer.
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    fn command(&mut self, writer: &mut Writer, stream_id: u32, cmd: Command) -> conn::Result<Option<&'static str>> {
+        let txn = cmd.transaction;
+        debug!(name = %cmd.name, txn, "command");
+        match cmd.name.as_str() {
+            "connect" => {
+                let obj = cmd.object().cloned().unwrap_or(Value::Null);
+                let app = obj.get("app").and_then(Value::as_str).unwrap_or("").trim_matches('/').to_owned();
+                let go_away = match obj.get("supportsGoAway") {
+                    Some(Value::Boolean(b)) => *b,
+                    Some(Value::Number(n)) => *n == 1.0,
+                    _ => false,
+                };
+                let caps_ex = obj.get("capsEx").and_then(Value::as_number).unwrap_or(0.0);
+                let caps = Caps { go_away, reconnect: caps_ex >= 0.0 && (caps_ex as u64) & 0x01 != 0 };
+                self.tc_url = obj.get("tcUrl").and_then(Value::as_str).map(str::to_owned);
+                info!(%app, tc_url = self.tc_url.as_deref().unwrap_or(""), go_away = caps.go_away, reconnect = caps.reconnect, "connect");
+                self.ctx.registry.metrics();
+                self.guard.connected(&app, caps);
+                self.caps = caps;
+                self.app = Some(app);
+                writer.queue(&Message::WindowAckSize(WINDOW_ACK_SIZE));
+                writer.queue(&Message::SetPeerBandwidth(WINDOW_ACK_SIZE, 2));
+                writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
+                let mut props = vec![
+                    ("fmsVer".to_owned(), Value::string("FMS/3,0,1,123")),
+                    ("capabilities".to_owned(), Value::Number(31.0)),
+                ];
+                if self.ctx.config.signals.reconnect_request {
+                    // Enhanced RTMP v2: the server's capsEx, Reconnect bit.
+                    props.push(("capsEx".to_owned(), Value::Number(1.0)));
+                }
+                let encoding = obj.get("objectEncoding").and_then(Value::as_number).unwrap_or(0.0);
+                let info = Value::object([
+                    ("level", Value::string("status")),
+                    ("code", Value::string("NetConnection.Connect.Success")),
+                    ("description", Value::string("Connection succeeded.")),
+                    ("objectEncoding", Value::Number(encoding)),
+                ]);
+                writer.queue(&Message::command(0, "_result", txn, vec![Value::Object(props), info]));
+            }
+            "releaseStream" | "FCPublish" | "_checkbw" => {
+                if txn != 0.0 {
+                    writer.queue(&Message::command(0, "_result", txn, vec![Value::Null, Value::Undefined]));
+                }
+            }
+            "createStream" => {
+                let id = self.next_stream_id;
+                self.next_stream_id += 1;
+                writer.queue(&Message::command(0, "_result", txn, vec![Value::Null, Value::Number(f64::from(id))]));
+            }
+            "publish" => {
+                let Some(app) = self.app.clone() else { return Ok(Some("publish before connect")) };
+                let name = cmd.arg(0).and_then(Value::as_str).unwrap_or("").to_owned();
+                let status = |level: &str, code: &str, desc: String| {
+                    Message::command(
+                        stream_id,
+                        "onStatus",
+                        0.0,
+                        vec![Value::Null, Value::object([("level", Value::string(level)), ("code", Value::string(code)), ("description", Value::string(desc))])],
+                    )
+                };
+                if name.is_empty() || self.publishing.is_some() || !self.guard.publish(&app, &name) {
+                    warn!(stream = %name, "publish refused: empty name, already publishing on this connection, or the stream is live on this pod");
+                    writer.queue(&status("error", "NetStream.Publish.BadName", format!("{name} is already publishing")));
+                    return Ok(Some("publish refused"));
+                }
+                writer.queue(&Message::UserControl(UserControl::StreamBegin(stream_id)));
+                writer.queue(&status("status", "NetStream.Publish.Start", format!("{name} is now published.")));
+                self.start_publish(&app, name, stream_id);
+            }
+            "FCUnpublish" | "deleteStream" | "closeStream" => {
+                if self.publishing.is_some() {
+                    info!("publisher tore the stream down");
+                }
+                self.end_publish(true);
+            }
+            other => debug!(command = other, "ignored command"),
+        }
+        Ok(None)
+    }
+
+    fn start_publish(&mut self, app: &str, stream: String, stream_id: u32) {
+        info!(%stream, "publishing");
+        let queue = self.ctx.config.upstream.as_ref().and_then(|template| {
+            let target = url::render(template, app, &stream);
+            match RtmpUrl::parse(&target) {
+                Ok(u) => {
+                    let q = Queue::new(self.ctx.config.relay.buffer_bytes, self.ctx.registry.metrics().clone());
+                    let relay_guard = self.ctx.registry.relay_started();
+                    let span = info_span!("relay", stream = %stream, conn = self.guard.id());
+                    self.ctx.relays.spawn(
+                        relay::run(u, q.clone(), self.ctx.config.relay.clone(), self.ctx.registry.metrics().clone(), self.ctx.stop.clone(), relay_guard)
+                            .instrument(span),
+                    );
+                    Some(q)
+                }
+                Err(err) => {
+                    warn!(%target, %err, "upstream URL is invalid; not relaying");
+                    None
+                }
+            }
+        });
+        let recorder = self.ctx.config.record_dir.as_ref().and_then(|dir| {
+            let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            let safe: String = stream.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+            let path = dir.join(format!("{safe}-{ms}-{}.flv", self.guard.id()));
+            match File::create(&path).and_then(|f| FlvWriter::new(BufWriter::new(f), true, true)) {
+                Ok(w) => Some(w),
+                Err(err) => {
+                    warn!(path = %path.display(), %err, "cannot record");
+                    None
+                }
+            }
+        });
+        self.publishing = Some(Publishing { stream, stream_id, queue, recorder });
+    }
+
+    fn media(&mut self, type_id: u8, timestamp: u32, payload: Bytes) {
+        let Some(p) = self.publishing.as_mut() else { return };
+        if let Some(rec) = p.recorder.as_mut()
+            && let Err(err) = rec.write_tag(type_id, timestamp, &payload)
+        {
+            warn!(%err, "recording failed; stopping it");
+            p.recorder = None;
+        }
+        if let Some(q) = &p.queue {
+            q.push(Item { type_id, timestamp, payload });
+        }
+    }
+
+    /// Ends the publish session (teardown or disconnect); the relay flushes on its own.
+    fn end_publish(&mut self, teardown: bool) {
+        let Some(mut p) = self.publishing.take() else { return };
+        if let Some(q) = p.queue.take() {
+            q.close();
+        }
+        if let Some(mut rec) = p.recorder.take() {
+            let _ = rec.flush();
+        }
+        if teardown {
+            self.guard.unpublish();
+        }
+        debug!(stream = %p.stream, stream_id = p.stream_id, teardown, "publish ended");
+    }
+}

@@ -1,0 +1,87 @@
+//! ffmpeg (an incapable publisher) through a real ingest pod to a real
+//! nginx-rtmp origin: every audio/video message arrives exactly once.
+
+use std::path::Path;
+use std::time::Duration;
+
+use clap::Parser;
+use ingest_pod::config::Args;
+use ingest_pod::flv;
+use ingest_pod::media::{self, Kind};
+use ingest_pod::origin::Origin;
+use ingest_pod::server::Server;
+
+/// Audio/video payload hashes of an FLV file, without sequence headers.
+fn media_hashes(path: &Path) -> Vec<String> {
+    let tags = flv::read_tags(std::fs::File::open(path).expect("open flv")).expect("read flv");
+    tags.iter()
+        .filter_map(|t| {
+            let kind = match t.tag_type {
+                flv::TAG_AUDIO => Kind::Audio,
+                flv::TAG_VIDEO => Kind::Video,
+                _ => return None,
+            };
+            (!media::is_sequence_header(kind, &t.data)).then(|| media::payload_hash(&t.data))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_stream_reaches_the_origin_whole() {
+    ingest_pod::server::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(&dir.path().join("origin"), "127.0.0.1").expect("start nginx-rtmp");
+    let template = origin.template();
+    let args = Args::try_parse_from([
+        "ingest-pod",
+        "--rtmp-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &template,
+        "--grace-period",
+        "5s",
+    ])
+    .expect("args");
+    let server = Server::bind(args).await.expect("bind");
+    let rtmp = server.rtmp_addr();
+    let registry = server.registry();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        let _ = stop_rx.await;
+    }));
+
+    let local = dir.path().join("sent.flv");
+    let status = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", "3", "-map", "0:v", "-map", "1:a"])
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "25", "-pix_fmt", "yuv420p"])
+        .args(["-c:a", "aac", "-b:a", "64k", "-flags", "+global_header", "-f", "tee"])
+        .arg(format!("[f=flv]rtmp://{rtmp}/live/ffmpeg1|[f=flv]{}", local.display()))
+        .status()
+        .await
+        .expect("run ffmpeg");
+    assert!(status.success(), "ffmpeg failed: {status}");
+
+    // Wait for the relay to flush and unpublish.
+    for _ in 0..100 {
+        if registry.connection_count() == 0 && registry.relays_active() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(registry.relays_active(), 0, "relay finished");
+    assert_eq!(registry.totals().ended, 1, "ffmpeg counted as an unsignalled publisher");
+    drop(origin); // nginx finishes its recording files
+    let recordings: Vec<_> = std::fs::read_dir(dir.path().join("origin/rec")).expect("rec dir").flatten().map(|e| e.path()).collect();
+    assert_eq!(recordings.len(), 1, "one upstream publish session: {recordings:?}");
+    let sent = media_hashes(&local);
+    let received = media_hashes(&recordings[0]);
+    assert!(sent.len() > 100, "ffmpeg sent {} messages", sent.len());
+    assert_eq!(received, sent, "the origin got exactly what ffmpeg sent, in order");
+
+    let _ = stop_tx.send(());
+    running.await.expect("join").expect("server");
+}

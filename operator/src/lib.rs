@@ -1,0 +1,1 @@
+//! The `IngestDrain` operator. Filled in by the operator issue.

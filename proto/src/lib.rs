@@ -1,0 +1,1 @@
+//! The control API. Filled in by the control API issue.
