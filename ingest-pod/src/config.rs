@@ -47,6 +47,23 @@ pub struct Args {
     #[arg(long, env = "INGEST_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,
 
+    /// Address of the gRPC control API (ingest.control.v1, health, reflection).
+    #[arg(long, env = "INGEST_CONTROL_LISTEN", default_value = "0.0.0.0:9090")]
+    pub control_listen: SocketAddr,
+
+    /// File holding the bearer token the control API requires (mounted
+    /// from a Secret). Without a token the control API is not served.
+    #[arg(long, env = "INGEST_CONTROL_TOKEN_FILE")]
+    pub control_token_file: Option<PathBuf>,
+
+    /// The bearer token itself, for environments without a file.
+    #[arg(long, env = "INGEST_CONTROL_TOKEN", hide_env_values = true, conflicts_with = "control_token_file")]
+    pub control_token: Option<String>,
+
+    /// Let control API callers ask for stream keys in clear (hashed otherwise).
+    #[arg(long, env = "INGEST_CONTROL_REVEAL_STREAM_KEYS")]
+    pub control_reveal_stream_keys: bool,
+
     /// Upstream origin URL template; `{app}` and `{stream}` are replaced
     /// (example: rtmp://origin:1935/{app}/{stream}). Without it nothing is relayed.
     #[arg(long, env = "INGEST_UPSTREAM")]

@@ -19,3 +19,7 @@ pub mod config;
 pub mod http;
 pub mod server;
 pub mod origin;
+pub mod audit;
+pub mod publisher;
+pub mod control;
+pub mod lab;

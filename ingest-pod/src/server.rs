@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Args;
+use crate::control::{self, BearerAuth, ControlService};
 use crate::drain::Drainer;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
@@ -32,6 +33,8 @@ pub struct Server {
     args: Args,
     rtmp: TcpListener,
     http: TcpListener,
+    /// The control listener and its token; `None` when no token is configured.
+    control: Option<(TcpListener, String)>,
     registry: Arc<Registry>,
     drainer: Arc<Drainer>,
     prometheus: Arc<prometheus_client::registry::Registry>,
@@ -52,15 +55,33 @@ impl Server {
         if args.drain_deadline > args.grace_period {
             warn!(deadline = ?args.drain_deadline, grace = ?args.grace_period, "drain deadline is longer than the grace period");
         }
+        let token = match (&args.control_token, &args.control_token_file) {
+            (Some(t), _) => Some(t.trim().to_owned()),
+            (None, Some(path)) => Some(
+                crate::control::read_token(path)
+                    .map_err(|e| Error::Config(format!("--control-token-file {}: {e}", path.display())))?,
+            ),
+            (None, None) => None,
+        };
+        if token.as_deref().is_some_and(str::is_empty) {
+            return Err(Error::Config("the control token is empty".into()));
+        }
         let rtmp = bind(args.rtmp_listen).await?;
         let http = bind(args.http_listen).await?;
+        let control = match token {
+            Some(t) => Some((bind(args.control_listen).await?, t)),
+            None => {
+                warn!("no control token configured: the control API is not served");
+                None
+            }
+        };
         let metrics = Metrics::default();
         let mut prometheus = prometheus_client::registry::Registry::default();
         metrics.register(&mut prometheus);
         let registry = Registry::new(metrics);
         let tasks = TaskTracker::new();
         let drainer = Drainer::new(registry.clone(), args.signals(), tasks.clone());
-        Ok(Self { args, rtmp, http, registry, drainer, prometheus: Arc::new(prometheus), tasks })
+        Ok(Self { args, rtmp, http, control, registry, drainer, prometheus: Arc::new(prometheus), tasks })
     }
 
     pub fn rtmp_addr(&self) -> SocketAddr {
@@ -69,6 +90,11 @@ impl Server {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http.local_addr().unwrap_or(self.args.http_listen)
+    }
+
+    /// Address of the control API, if it is served.
+    pub fn control_addr(&self) -> Option<SocketAddr> {
+        self.control.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -82,7 +108,7 @@ impl Server {
     /// Serves until `shutdown` resolves (SIGTERM), then drains: exits when
     /// no publisher and no relay is left, or when the grace period ends.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let Server { args, rtmp, http, registry, drainer, prometheus, tasks } = self;
+        let Server { args, rtmp, http, control, registry, drainer, prometheus, tasks } = self;
         let stop = CancellationToken::new();
         let relays = TaskTracker::new();
         let ctx = Context { registry: registry.clone(), config: Arc::new(args.session_config()), relays: relays.clone(), stop: stop.clone() };
@@ -100,6 +126,25 @@ impl Server {
                 error!(%err, "http server failed");
             }
         });
+
+        if let Some((listener, token)) = control {
+            let service = ControlService {
+                registry: registry.clone(),
+                drainer: drainer.clone(),
+                pod_name: args.pod_name.clone(),
+                default_propagation: args.propagation_delay,
+                reveal_allowed: args.control_reveal_stream_keys,
+            };
+            let control_stop = stop.clone();
+            tasks.spawn(
+                async move {
+                    if let Err(err) = control::serve(listener, service, BearerAuth::new(&token), control_stop).await {
+                        error!(%err, "control server failed");
+                    }
+                }
+                .instrument(info_span!("control")),
+            );
+        }
 
         shutdown.await;
         let grace_end = tokio::time::Instant::now() + args.grace_period;

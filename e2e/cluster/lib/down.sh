@@ -17,13 +17,19 @@ stop_pid() {
 	rm -f "$PID_DIR/$name.pid"
 }
 
+# stop_matching GLOB...: stop every recorded process whose name matches, all
+# signalled at once so their shutdowns overlap.
 stop_matching() {
-	local f name
-	for f in "$PID_DIR"/$1.pid; do
-		[[ -f $f ]] || continue
-		name=$(basename "$f" .pid)
-		stop_pid "$name"
+	local glob f
+	local -a names=()
+	[[ -d $PID_DIR ]] || return 0
+	for glob in "$@"; do
+		for f in "$PID_DIR"/$glob.pid; do
+			[[ -f $f ]] && names+=("$(basename "$f" .pid)")
+		done
 	done
+	for f in "${names[@]}"; do stop_pid "$f" & done
+	wait
 }
 
 # kill_tree PID: children first (pgrep -P lists direct children), then PID.
@@ -73,7 +79,7 @@ unmount_state() {
 
 remove_cgroups() {
 	local c
-	for c in $(cgroup_controllers); do
+	for c in $(cgroup_hierarchies); do
 		[[ -d $c/lossless-ingest ]] || continue
 		# rmdir only: a cgroup directory cannot be removed with files in it, and
 		# must be removed children first.
@@ -94,9 +100,38 @@ remove_network() {
 	# kube-proxy (nftables mode) owns these two tables.
 	nft delete table ip kube-proxy 2>/dev/null || true
 	nft delete table ip6 kube-proxy 2>/dev/null || true
+	remove_kube_iptables
 	if [[ -f $STATE_DIR/ip_forward.orig ]]; then
 		sysctl -qw net.ipv4.ip_forward="$(cat "$STATE_DIR/ip_forward.orig")" || true
 	fi
+}
+
+# kubelet (its canary and KUBE-FIREWALL) and kube-proxy (clearing iptables
+# mode at start) leave KUBE-* chains in the iptables-nft tables. Tables that
+# did not exist before `up` go whole; in older ones only KUBE-* chains and the
+# rules that jump to them.
+remove_kube_iptables() {
+	local family table tool chain rule
+	while read -r _ family table; do
+		[[ $family == ip || $family == ip6 ]] || continue
+		if [[ -f $STATE_DIR/nft-tables.before ]] && ! grep -qxF "table $family $table" "$STATE_DIR/nft-tables.before"; then
+			[[ $table == "$NFT_GUARD_TABLE" ]] || nft delete table "$family" "$table" 2>/dev/null || true
+			continue
+		fi
+		tool=iptables
+		[[ $family == ip6 ]] && tool=ip6tables
+		command -v "$tool" >/dev/null || continue
+		for chain in $("$tool" -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^KUBE-/ { print $2 }'); do
+			while read -r rule; do
+				# shellcheck disable=SC2086 # a rule is a word list, as iptables -S prints it
+				"$tool" -t "$table" -D ${rule#-A } 2>/dev/null || true
+			done < <("$tool" -t "$table" -S 2>/dev/null | grep -E "^-A .* -j $chain( |$)" || true)
+		done
+		for chain in $("$tool" -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^KUBE-/ { print $2 }'); do
+			"$tool" -t "$table" -F "$chain" 2>/dev/null || true
+			"$tool" -t "$table" -X "$chain" 2>/dev/null || true
+		done
+	done < <(nft list tables 2>/dev/null)
 }
 
 remove_host_paths() {
@@ -122,24 +157,13 @@ cmd_down() {
 	need_root
 	local start
 	start=$(now)
-	if [[ -d $PID_DIR ]]; then
-		# A live kubelet restarts what is killed under it: kubelets and kube-proxy first.
-		stop_matching 'kubelet-*'
-		stop_matching kube-proxy
-	fi
+	# A live kubelet restarts what is killed under it: kubelets and kube-proxy first.
+	step "stop kubelets, kube-proxy" stop_matching 'kubelet-*' kube-proxy
+	step "kill containers and shims" kill_shims
+	step "stop containerd, control plane" stop_matching 'containerd-*' kube-scheduler kube-controller-manager kube-apiserver etcd
 	kill_shims
-	if [[ -d $PID_DIR ]]; then
-		stop_matching 'containerd-*'
-		stop_matching kube-scheduler
-		stop_matching kube-controller-manager
-		stop_matching kube-apiserver
-		stop_matching etcd
-	fi
-	kill_shims
-	delete_netns
-	unmount_state
-	remove_cgroups
-	remove_network
+	step "network namespaces, mounts, cgroups" eval 'delete_netns; unmount_state; remove_cgroups'
+	step "bridges, routes, nft" remove_network
 	remove_host_paths
 	remove_state_dir
 	log "cluster down in $(elapsed "$start")"

@@ -37,11 +37,12 @@ size_of() { stat -c %s "$1"; }
 build_image() {
 	local ref=$1 binary=$2 out=$3
 	shift 3
-	local user=$NONROOT_UID entrypoint="" cmd=() env=("PATH=/usr/local/bin:/usr/bin:/bin") files=() f
+	local user=$NONROOT_UID entrypoint="" dest="" cmd=() env=("PATH=/usr/local/bin:/usr/bin:/bin") files=() f
 	while (($#)); do
 		case $1 in
 		--user) user=$2; shift 2 ;;
 		--entrypoint) entrypoint=$2; shift 2 ;;
+		--dest) dest=$2; shift 2 ;;
 		--cmd) cmd+=("$2"); shift 2 ;;
 		--env) env+=("$2"); shift 2 ;;
 		--file) files+=("$2"); shift 2 ;;
@@ -51,8 +52,7 @@ build_image() {
 	[[ $ref == *:* ]] || die "image: name must be NAME:TAG, got $ref"
 	[[ -x $binary ]] || die "image: $binary is not an executable file"
 	local name=${ref%:*} tag=${ref##*:}
-	local dest
-	dest=/usr/local/bin/$(basename "$binary")
+	[[ -n $dest ]] || dest=/usr/local/bin/$(basename "$binary")
 	[[ -n $entrypoint ]] || entrypoint=$dest
 
 	local work rootfs
@@ -141,9 +141,9 @@ cmd_image() {
 PAUSE_IMAGE=localhost/pause:local
 pause_image_tar() { printf '%s/images/localhost_pause_local.tar' "$K8S_CACHE"; }
 
+# Rebuilt at every `up` (well under a second), so it never lags the builder.
 ensure_pause_image() {
-	[[ -f $(pause_image_tar) ]] && return 0
-	build_image "$PAUSE_IMAGE" "$(pause_bin)" "$K8S_CACHE/images" --user 65535 --entrypoint /pause >/dev/null
+	build_image "$PAUSE_IMAGE" "$(pause_bin)" "$K8S_CACHE/images" --user 65535 --dest /pause >/dev/null
 }
 
 node_names() {

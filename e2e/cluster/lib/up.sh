@@ -4,7 +4,7 @@
 
 # Host paths that kubelet or containerd create with hard-coded names. The ones
 # missing before `up` are recorded and removed again by `down`.
-HOST_PATHS=(/var/lib/kubelet /var/log/pods /var/log/containers /run/netns /etc/cni)
+HOST_PATHS=(/var/lib/kubelet /var/log/pods /var/log/containers /run/netns /etc/cni /run/containerd)
 
 node_name() { printf 'node-%s' "$(printf '%b' "\\x$(printf '%x' $((97 + $1)))")"; }
 node_ip() { printf '10.200.0.%d' $(($1 + 1)); }
@@ -12,7 +12,10 @@ node_pod_cidr() { printf '10.244.%d.0/24' "$1"; }
 node_bridge() { printf '%s%d' "$POD_BRIDGE_PREFIX" "$1"; }
 node_dir() { printf '%s/nodes/%s' "$STATE_DIR" "$1"; }
 
+# v1 controllers (where `up` makes each node's cgroup root); kubelet also
+# writes to the v2 hierarchy of a hybrid host, so `down` sweeps both.
 cgroup_controllers() { awk '$3 == "cgroup" { print $2 }' /proc/mounts; }
+cgroup_hierarchies() { awk '$3 == "cgroup" || $3 == "cgroup2" { print $2 }' /proc/mounts; }
 
 # pid_alive NAME: the process recorded for NAME still runs (and is still ours:
 # its command line names the binary recorded beside the pid, guarding pid reuse).
@@ -382,11 +385,13 @@ record_host_paths() {
 	local p
 	: >"$STATE_DIR/host-paths"
 	for p in "${HOST_PATHS[@]}"; do [[ -e $p ]] || printf '%s\n' "$p" >>"$STATE_DIR/host-paths"; done
+	# nft tables of others (iptables-nft included) that `down` must leave alone.
+	nft list tables >"$STATE_DIR/nft-tables.before" 2>/dev/null || true
 	# Network namespaces of others (if any) that `down` must leave alone.
 	find /run/netns -maxdepth 1 -name 'cni-*' -printf '%f\n' 2>/dev/null >"$STATE_DIR/netns.before" || true
 }
 
-cluster_running() { pid_alive kube-apiserver && apiserver_ready; }
+cluster_running() { pid_alive kube-apiserver && apiserver_ready >/dev/null 2>&1; }
 
 cmd_up() {
 	NODES=2
@@ -444,7 +449,8 @@ cmd_up() {
 		kc patch node "$(node_name "$i")" --type merge \
 			-p "{\"spec\":{\"podCIDR\":\"$(node_pod_cidr "$i")\",\"podCIDRs\":[\"$(node_pod_cidr "$i")\"]}}" >/dev/null
 	done
-	step "nodes Ready" kc wait --for=condition=Ready node --all --timeout=120s
+	# stdout carries only the export line: kubectl's chatter goes to stderr.
+	step "nodes Ready" kc wait --for=condition=Ready node --all --timeout=120s >&2
 	step "probe pod on each node" run_probe_pods
 	log "cluster up: $NODES nodes in $(elapsed "$start")"
 	printf 'export KUBECONFIG=%s\n' "$KUBECONFIG_PATH"

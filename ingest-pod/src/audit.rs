@@ -1,0 +1,481 @@
+//! The loss audit: what a publisher sent against what the origin recorded.
+//!
+//! Audio/video messages are matched by payload hash over the origin's
+//! recordings of the stream, concatenated in order. Sequence headers and
+//! metadata are re-sent on every reconnect (and nginx-rtmp may rewrite
+//! them), so they are only counted. Timestamps are judged within each
+//! upstream publish session; across a handover only the publisher's own
+//! timeline counts, since it restarts RTMP time at 0 on each connection.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use thiserror::Error;
+
+use crate::flv::{self, TAG_AUDIO, TAG_VIDEO};
+use crate::media::{self, Kind};
+use crate::publisher::{LogLine, SentFrame};
+
+/// The shortest numeric suffix taken for a recording's time (a Unix time in
+/// seconds has 10 digits), so `<stream>-1-<time>.flv` of a stream named
+/// `<stream>-1` is not taken for `<stream>`.
+const MIN_TIME_DIGITS: usize = 9;
+/// Lost sequence numbers kept in a report, for diagnosis.
+const LOST_SAMPLES: usize = 10;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Flv { path: PathBuf, source: flv::Error },
+    #[error("{path}:{line}: {source}")]
+    Log { path: PathBuf, line: usize, source: serde_json::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_owned(), source }
+}
+
+/// One recording file's tags.
+#[derive(Debug, Clone)]
+pub struct Recording {
+    pub path: PathBuf,
+    pub tags: Vec<flv::Tag>,
+}
+
+/// The outcome for one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    pub stream: String,
+    /// Audio/video messages the publisher sent (sequence headers excluded).
+    pub sent: usize,
+    /// Audio/video messages in the recordings (sequence headers excluded).
+    pub received: usize,
+    /// Sent, never received.
+    pub lost: usize,
+    /// Extra copies of messages received more than once.
+    pub duplicated: usize,
+    /// Received after a message sent later than it.
+    pub out_of_order: usize,
+    /// Received, never sent.
+    pub unknown: usize,
+    /// Metadata and sequence headers in the recordings.
+    pub config_messages: usize,
+    /// Recording files (one per upstream publish with `record_unique on`).
+    pub recordings: usize,
+    /// Upstream publish sessions: files, or parts of a file after re-sent
+    /// configuration when recordings are appended.
+    pub sessions: usize,
+    /// Times a timestamp went back within one session.
+    pub timestamp_violations: usize,
+    /// Times the publisher's timeline went back across the concatenation.
+    pub timeline_violations: usize,
+    /// The first lost sequence numbers.
+    pub lost_seqs: Vec<u64>,
+}
+
+impl AuditReport {
+    /// Every message arrived exactly once, in order, never back in time.
+    pub fn lossless(&self) -> bool {
+        self.sent > 0
+            && self.lost == 0
+            && self.duplicated == 0
+            && self.out_of_order == 0
+            && self.timestamp_violations == 0
+            && self.timeline_violations == 0
+    }
+}
+
+impl fmt::Display for AuditReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} sent {} received {} lost {} duplicated {} out-of-order {} unknown {} config {} recordings {} \
+             sessions {} ts-violations {} timeline-violations {}",
+            self.stream,
+            if self.lossless() { "LOSSLESS" } else { "LOSS" },
+            self.sent,
+            self.received,
+            self.lost,
+            self.duplicated,
+            self.out_of_order,
+            self.unknown,
+            self.config_messages,
+            self.recordings,
+            self.sessions,
+            self.timestamp_violations,
+            self.timeline_violations,
+        )?;
+        if !self.lost_seqs.is_empty() {
+            write!(f, " first-lost {:?}", self.lost_seqs)?;
+        }
+        Ok(())
+    }
+}
+
+/// Numeric suffixes of `<stream>-<time>.flv` (nginx-rtmp `record_unique`)
+/// or `<stream>-<time>-<n>.flv` (the ingest pod's own recordings).
+fn recording_key(file_name: &str, stream: &str) -> Option<(u64, u64)> {
+    let rest = file_name.strip_prefix(stream)?.strip_prefix('-')?.strip_suffix(".flv")?;
+    let (time, n) = rest.split_once('-').unwrap_or((rest, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if time.len() < MIN_TIME_DIGITS || !digits(time) || !digits(n) {
+        return None;
+    }
+    Some((time.parse().ok()?, n.parse().ok()?))
+}
+
+/// The recordings of `stream` in `dir`, in publish order: by the numeric
+/// suffix, then by modification time.
+pub fn find_recordings(dir: &Path, stream: &str) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(key) = recording_key(&name, stream) {
+            let mtime = entry.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            found.push((key, mtime, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, _, p)| p).collect())
+}
+
+pub fn read_recordings(paths: &[PathBuf]) -> Result<Vec<Recording>> {
+    paths
+        .iter()
+        .map(|path| {
+            let file = File::open(path).map_err(io_err(path))?;
+            let tags = flv::read_tags(BufReader::new(file)).map_err(|source| Error::Flv { path: path.clone(), source })?;
+            Ok(Recording { path: path.clone(), tags })
+        })
+        .collect()
+}
+
+/// Compares the frames a publisher sent with the recordings, in order.
+pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> AuditReport {
+    let mut report = AuditReport { stream: stream.to_owned(), recordings: recordings.len(), ..Default::default() };
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(sent.len());
+    for (i, f) in sent.iter().enumerate() {
+        index.entry(f.hash.as_str()).or_insert(i);
+    }
+    report.sent = sent.len();
+    let mut seen = vec![0u32; sent.len()];
+    let mut highest: Option<usize> = None;
+    let mut last_pts: Option<u64> = None;
+    for rec in recordings {
+        report.sessions += 1;
+        let mut session_media = 0usize;
+        let mut last_ts: Option<u32> = None;
+        for tag in &rec.tags {
+            let kind = match tag.tag_type {
+                TAG_AUDIO => Kind::Audio,
+                TAG_VIDEO => Kind::Video,
+                _ => {
+                    report.config_messages += 1;
+                    continue;
+                }
+            };
+            if media::is_sequence_header(kind, &tag.data) {
+                report.config_messages += 1;
+                // Configuration after media in one file: an appended next session.
+                if session_media > 0 {
+                    report.sessions += 1;
+                    session_media = 0;
+                    last_ts = None;
+                }
+                continue;
+            }
+            report.received += 1;
+            session_media += 1;
+            if last_ts.is_some_and(|t| tag.timestamp < t) {
+                report.timestamp_violations += 1;
+            }
+            last_ts = Some(tag.timestamp);
+            let Some(&i) = index.get(media::payload_hash(&tag.data).as_str()) else {
+                report.unknown += 1;
+                continue;
+            };
+            seen[i] += 1;
+            if seen[i] > 1 {
+                report.duplicated += 1;
+                continue;
+            }
+            if highest.is_some_and(|h| i < h) {
+                report.out_of_order += 1;
+            } else {
+                highest = Some(i);
+            }
+            if last_pts.is_some_and(|p| sent[i].pts < p) {
+                report.timeline_violations += 1;
+            }
+            last_pts = Some(sent[i].pts);
+        }
+    }
+    for (i, n) in seen.iter().enumerate() {
+        if *n == 0 {
+            report.lost += 1;
+            if report.lost_seqs.len() < LOST_SAMPLES {
+                report.lost_seqs.push(sent[i].seq);
+            }
+        }
+    }
+    report
+}
+
+/// [`audit`] over the recordings of `stream` found in `dir`.
+pub fn audit_dir(stream: &str, sent: &[SentFrame], dir: &Path) -> Result<AuditReport> {
+    let recordings = read_recordings(&find_recordings(dir, stream)?)?;
+    Ok(audit(stream, sent, &recordings))
+}
+
+/// The frames in a publisher's JSON lines log, by stream. A cut last line
+/// (the publisher was killed mid-write) is skipped.
+pub fn read_publisher_log(path: &Path) -> Result<BTreeMap<String, Vec<SentFrame>>> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let lines: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>().map_err(io_err(path))?;
+    let mut out: BTreeMap<String, Vec<SentFrame>> = BTreeMap::new();
+    for (n, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<LogLine>(line) {
+            Ok(LogLine::Frame { stream, frame }) => out.entry(stream).or_default().push(frame),
+            Ok(LogLine::Event { stream, .. }) => {
+                out.entry(stream).or_default();
+            }
+            Err(_) if n + 1 == lines.len() => {}
+            Err(source) => return Err(Error::Log { path: path.to_owned(), line: n + 1, source }),
+        }
+    }
+    Ok(out)
+}
+
+/// Every `*.jsonl` publisher log in `dir`, merged by stream.
+pub fn read_log_dir(dir: &Path) -> Result<BTreeMap<String, Vec<SentFrame>>> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    paths.sort();
+    let mut out: BTreeMap<String, Vec<SentFrame>> = BTreeMap::new();
+    for path in paths {
+        for (stream, frames) in read_publisher_log(&path)? {
+            out.entry(stream).or_default().extend(frames);
+        }
+    }
+    for frames in out.values_mut() {
+        frames.sort_by_key(|f| f.seq);
+    }
+    Ok(out)
+}
+
+/// Audits every stream of the publisher logs in `log_dir` against the
+/// recordings in `record_dir`.
+pub fn audit_all(log_dir: &Path, record_dir: &Path) -> Result<Vec<AuditReport>> {
+    read_log_dir(log_dir)?.iter().map(|(stream, sent)| audit_dir(stream, sent, record_dir)).collect()
+}
+
+/// A table of reports, one line per stream and a total.
+pub fn table(reports: &[AuditReport]) -> String {
+    let row = |name: &str, r: &AuditReport, verdict: &str| {
+        format!(
+            "{:<24} {:>8} {:>8} {:>6} {:>5} {:>5} {:>7} {:>6} {:>5} {:>5} {:>5}  {}\n",
+            name,
+            r.sent,
+            r.received,
+            r.lost,
+            r.duplicated,
+            r.out_of_order,
+            r.unknown,
+            r.config_messages,
+            r.sessions,
+            r.timestamp_violations,
+            r.timeline_violations,
+            verdict
+        )
+    };
+    let mut s = format!(
+        "{:<24} {:>8} {:>8} {:>6} {:>5} {:>5} {:>7} {:>6} {:>5} {:>5} {:>5}  {}\n",
+        "stream", "sent", "received", "lost", "dup", "ooo", "unknown", "config", "sess", "ts", "tl", "verdict"
+    );
+    let mut total = AuditReport::default();
+    for r in reports {
+        s.push_str(&row(&r.stream, r, if r.lossless() { "lossless" } else { "LOSS" }));
+        total.sent += r.sent;
+        total.received += r.received;
+        total.lost += r.lost;
+        total.duplicated += r.duplicated;
+        total.out_of_order += r.out_of_order;
+        total.unknown += r.unknown;
+        total.config_messages += r.config_messages;
+        total.sessions += r.sessions;
+        total.timestamp_violations += r.timestamp_violations;
+        total.timeline_violations += r.timeline_violations;
+    }
+    let lossless = reports.iter().filter(|r| r.lossless()).count();
+    s.push_str(&row("total", &total, &format!("{lossless}/{} lossless", reports.len())));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::flv::{FlvWriter, TAG_SCRIPT};
+    use crate::publisher::{MediaGenerator, PublisherConfig, Sample};
+
+    fn samples(stream: &str, frames: u64) -> (MediaGenerator, Vec<Sample>) {
+        let mut cfg = PublisherConfig::new(format!("rtmp://h/live/{stream}"));
+        (cfg.fps, cfg.gop, cfg.video_bitrate_bps, cfg.frames) = (30, 10, 100_000, Some(frames));
+        let gen_ = MediaGenerator::new(stream, &cfg);
+        let all = gen_.clone().collect();
+        (gen_, all)
+    }
+
+    fn sent(samples: &[Sample]) -> Vec<SentFrame> {
+        samples
+            .iter()
+            .map(|s| SentFrame {
+                seq: s.seq,
+                kind: s.kind,
+                keyframe: s.keyframe,
+                pts: s.pts,
+                conn: 0,
+                conn_ts: s.pts as u32,
+                size: s.payload.len(),
+                hash: media::payload_hash(&s.payload),
+                sent_at_ms: 0,
+            })
+            .collect()
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ingest-audit-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Writes a recording as nginx-rtmp does: configuration, then media
+    /// with timestamps from 0.
+    fn record(path: &Path, g: &MediaGenerator, media: &[&Sample]) {
+        let mut w = FlvWriter::new(File::create(path).unwrap(), true, true).unwrap();
+        w.write_tag(TAG_SCRIPT, 0, &g.metadata()).unwrap();
+        w.write_tag(TAG_VIDEO, 0, &g.video_sequence_header()).unwrap();
+        w.write_tag(TAG_AUDIO, 0, &g.audio_sequence_header().unwrap()).unwrap();
+        let base = media.first().map_or(0, |s| s.pts);
+        for s in media {
+            let tag = if s.kind == Kind::Video { TAG_VIDEO } else { TAG_AUDIO };
+            w.write_tag(tag, (s.pts - base) as u32, &s.payload).unwrap();
+        }
+        w.flush().unwrap();
+    }
+
+    #[test]
+    fn lossless_across_two_recordings() {
+        let (g, all) = samples("a", 40);
+        let d = dir("lossless");
+        let split = all.iter().position(|s| s.keyframe && s.pts >= 500).unwrap();
+        record(&d.join("a-1700000001.flv"), &g, &all[..split].iter().collect::<Vec<_>>());
+        record(&d.join("a-1700000002.flv"), &g, &all[split..].iter().collect::<Vec<_>>());
+        // Another stream whose name extends this one is not taken.
+        record(&d.join("a-1-1700000001.flv"), &g, &[&all[0]]);
+        let r = audit_dir("a", &sent(&all), &d).unwrap();
+        assert!(r.lossless(), "{r}");
+        assert_eq!((r.sent, r.received, r.recordings, r.sessions, r.config_messages), (all.len(), all.len(), 2, 2, 6));
+        assert!(r.to_string().contains("LOSSLESS"));
+    }
+
+    #[test]
+    fn finds_lost_duplicated_and_reordered_frames() {
+        let (g, all) = samples("b", 30);
+        let s = sent(&all);
+        let d = dir("loss");
+        // Lost: frame 5 missing.
+        let lost: Vec<&Sample> = all.iter().filter(|x| x.seq != 5).collect();
+        record(&d.join("b-1700000001.flv"), &g, &lost);
+        let r = audit_dir("b", &s, &d).unwrap();
+        assert_eq!((r.lost, r.duplicated, r.out_of_order, r.lost_seqs.clone()), (1, 0, 0, vec![5]));
+        assert!(!r.lossless());
+        // Duplicated: the old pod and the new one both delivered frames 10..13.
+        fs::remove_file(d.join("b-1700000001.flv")).unwrap();
+        record(&d.join("b-1700000001.flv"), &g, &all[..13].iter().collect::<Vec<_>>());
+        record(&d.join("b-1700000002.flv"), &g, &all[10..].iter().collect::<Vec<_>>());
+        let r = audit_dir("b", &s, &d).unwrap();
+        assert_eq!((r.lost, r.duplicated, r.out_of_order, r.sessions), (0, 3, 0, 2));
+        assert!(!r.lossless());
+        // Out of order: 7 after 8, which also goes back in time.
+        let mut swapped: Vec<&Sample> = all.iter().collect();
+        swapped.swap(7, 8);
+        let recs = [Recording { path: "x".into(), tags: tags(&g, &swapped) }];
+        let r = audit("b", &s, &recs);
+        assert_eq!((r.lost, r.duplicated, r.out_of_order), (0, 0, 1));
+        assert!(r.timeline_violations <= 1 && !r.lossless());
+        // Unknown frames are counted, not fatal.
+        let r = audit("b", &s[1..], &[Recording { path: "x".into(), tags: tags(&g, &all.iter().collect::<Vec<_>>()) }]);
+        assert_eq!((r.unknown, r.lost), (1, 0));
+    }
+
+    fn tags(g: &MediaGenerator, media: &[&Sample]) -> Vec<flv::Tag> {
+        let mut buf = Vec::new();
+        {
+            let mut w = FlvWriter::new(&mut buf, true, true).unwrap();
+            w.write_tag(TAG_VIDEO, 0, &g.video_sequence_header()).unwrap();
+            for s in media {
+                let tag = if s.kind == Kind::Video { TAG_VIDEO } else { TAG_AUDIO };
+                w.write_tag(tag, s.pts as u32, &s.payload).unwrap();
+            }
+        }
+        flv::read_tags(&buf[..]).unwrap()
+    }
+
+    #[test]
+    fn timestamps_are_judged_per_session() {
+        let (g, all) = samples("c", 20);
+        // One appended file holding two sessions, each restarting at 0: fine.
+        let mut t = tags(&g, &all[..10].iter().collect::<Vec<_>>());
+        let mut second = tags(&g, &all[10..].iter().collect::<Vec<_>>());
+        for tag in &mut second {
+            tag.timestamp = tag.timestamp.saturating_sub(all[10].pts as u32);
+        }
+        t.extend(second);
+        let r = audit("c", &sent(&all), &[Recording { path: "x".into(), tags: t.clone() }]);
+        assert_eq!((r.sessions, r.timestamp_violations), (2, 0));
+        assert!(r.lossless(), "{r}");
+        // Without configuration between them the jump back is a violation.
+        let second_config = t.iter().rposition(|tag| media::is_video_sequence_header(&tag.data)).unwrap();
+        t.remove(second_config);
+        let r = audit("c", &sent(&all), &[Recording { path: "x".into(), tags: t }]);
+        assert_eq!((r.sessions, r.timestamp_violations), (1, 1));
+    }
+
+    #[test]
+    fn orders_recordings_and_reads_logs() {
+        assert_eq!(recording_key("k-1700000000.flv", "k"), Some((1_700_000_000, 0)));
+        assert_eq!(recording_key("k-1700000000123-7.flv", "k"), Some((1_700_000_000_123, 7)));
+        assert_eq!(recording_key("k-1-1700000000.flv", "k"), None);
+        assert_eq!(recording_key("k-1700000000.mp4", "k"), None);
+        let d = dir("logs");
+        let (_, all) = samples("s", 5);
+        let mut f = File::create(d.join("s.jsonl")).unwrap();
+        for frame in sent(&all) {
+            serde_json::to_writer(&mut f, &LogLine::Frame { stream: "s".into(), frame }).unwrap();
+            f.write_all(b"\n").unwrap();
+        }
+        f.write_all(b"{\"type\":\"fra").unwrap();
+        let logs = read_log_dir(&d).unwrap();
+        assert_eq!(logs["s"], sent(&all));
+        let table = table(&[audit("s", &logs["s"], &[])]);
+        assert!(table.contains("LOSS") && table.contains("0/1 lossless"), "{table}");
+    }
+}

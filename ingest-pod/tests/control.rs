@@ -1,0 +1,190 @@
+//! The control API with a real tonic client against a real ingest pod and
+//! real publishers (ffmpeg as an incapable one, the capable test publisher).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use ingest_pod::lab::LocalPod;
+use ingest_pod::origin::Origin;
+use ingest_proto::v1::ingest_control_client::IngestControlClient;
+use ingest_proto::v1::{
+    CancelDrainRequest, DrainPhase, GetStatusRequest, IncapablePolicy, PodStatus, StartDrainRequest, WatchStatusRequest,
+};
+use tokio::process::{Child, Command};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const TOKEN: &str = "s3cret-token";
+
+type Client = IngestControlClient<InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>>;
+
+async fn client(pod: &LocalPod, token: Option<&str>) -> Client {
+    let addr = pod.control.expect("control API served");
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let header = token.map(|t| format!("Bearer {t}").parse::<tonic::metadata::MetadataValue<_>>().expect("header"));
+    let interceptor: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
+        Box::new(move |mut req: tonic::Request<()>| {
+            if let Some(h) = &header {
+                req.metadata_mut().insert("authorization", h.clone());
+            }
+            Ok(req)
+        });
+    IngestControlClient::with_interceptor(channel, interceptor)
+}
+
+async fn pod(name: &str, origin: &Origin, extra: &[&str]) -> LocalPod {
+    let template = origin.template();
+    let mut args = vec!["--upstream", &template, "--control-token", TOKEN, "--propagation-delay", "200ms"];
+    args.extend_from_slice(extra);
+    LocalPod::start(name, &args).await.expect("start pod")
+}
+
+fn ffmpeg(url: &str, seconds: u32) -> Child {
+    Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=160x120:rate=15", "-f", "lavfi", "-i", "sine=sample_rate=44100"])
+        .args(["-t", &seconds.to_string(), "-c:v", "libx264", "-preset", "ultrafast", "-g", "15", "-pix_fmt", "yuv420p"])
+        .args(["-c:a", "aac", "-f", "flv", url])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ffmpeg")
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn drain_req(id: &str, deadline: Duration, policy: IncapablePolicy) -> StartDrainRequest {
+    StartDrainRequest {
+        drain_id: id.into(),
+        deadline: Some(deadline.try_into().expect("duration")),
+        rate: 10.0,
+        incapable_policy: policy.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_rejects_missing_or_wrong_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
+    let pod = pod("auth", &origin, &[]).await;
+    let err = client(&pod, None).await.get_status(GetStatusRequest::default()).await.expect_err("no token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = client(&pod, Some("wrong")).await.start_drain(drain_req("x", Duration::from_secs(5), IncapablePolicy::Wait)).await;
+    assert_eq!(err.expect_err("wrong token").code(), tonic::Code::Unauthenticated);
+    assert!(pod.registry.serving(), "a refused call changed nothing");
+    let status = client(&pod, Some(TOKEN)).await.get_status(GetStatusRequest::default()).await.expect("token").into_inner();
+    assert_eq!((status.pod.as_str(), status.serving), ("auth", true));
+    // Bad input gets a clear error.
+    let mut c = client(&pod, Some(TOKEN)).await;
+    let bad = c.start_drain(StartDrainRequest { drain_id: "d".into(), ..Default::default() }).await.expect_err("no deadline");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("deadline"), "{}", bad.message());
+    let mut r = drain_req("d", Duration::from_secs(5), IncapablePolicy::Wait);
+    r.redirect_tc_urls = vec!["http://nope".into()];
+    assert_eq!(c.start_drain(r).await.expect_err("bad url").code(), tonic::Code::InvalidArgument);
+    let hidden = c.get_status(GetStatusRequest { reveal_stream_keys: true }).await.expect_err("keys hidden");
+    assert_eq!(hidden.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incapable_policy_at_the_deadline_and_cancel_restores_readiness() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
+    let pod = pod("policy", &origin, &[]).await;
+    let mut c = client(&pod, Some(TOKEN)).await;
+    let control = pod.control.expect("control");
+    let mut health = HealthClient::new(Channel::from_shared(format!("http://{control}")).expect("uri").connect().await.expect("connect"));
+    let serving = |s: ServingStatus| s as i32;
+    let check = HealthCheckRequest { service: "ingest.control.v1.IngestControl".into() };
+    assert_eq!(health.check(check.clone()).await.expect("health").into_inner().status, serving(ServingStatus::Serving));
+
+    // Two ffmpeg publishers: one is waited for, then both handled at the deadline.
+    let url = format!("rtmp://{}/live", pod.rtmp);
+    let mut f1 = ffmpeg(&format!("{url}/ff1"), 60);
+    let mut f2 = ffmpeg(&format!("{url}/ff2"), 60);
+    let reg = pod.registry.clone();
+    wait_for("two publishers", || reg.connections().iter().filter(|c| c.publishing_since.is_some()).count() == 2).await;
+
+    // Policy wait: at the deadline nobody is cut, the phase says TimedOut.
+    let started = c.start_drain(drain_req("wait-1", Duration::from_millis(800), IncapablePolicy::Wait)).await.expect("start").into_inner();
+    assert!(started.started);
+    assert_eq!(health.check(check.clone()).await.expect("health").into_inner().status, serving(ServingStatus::NotServing));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let st = c.get_status(GetStatusRequest::default()).await.expect("status").into_inner();
+    let drain = st.drain.expect("drain");
+    assert_eq!((drain.phase(), drain.remaining, drain.signalled), (DrainPhase::TimedOut, 2, 0));
+    assert_eq!(st.counts.expect("counts").incapable, 2);
+    assert!(st.publishers.iter().all(|p| p.stream.starts_with("sha256:")), "stream keys are hashed");
+
+    // Cancel: serving again, publishers kept.
+    let cancelled = c.cancel_drain(CancelDrainRequest { drain_id: "wait-1".into() }).await.expect("cancel").into_inner();
+    assert!(cancelled.cancelled);
+    assert!(pod.registry.serving());
+    assert_eq!(health.check(check.clone()).await.expect("health").into_inner().status, serving(ServingStatus::Serving));
+    assert_eq!(pod.registry.connection_count(), 2);
+
+    // Policy disconnect: both are closed at the deadline, the drain completes.
+    c.start_drain(drain_req("disc-1", Duration::from_millis(500), IncapablePolicy::Disconnect)).await.expect("start");
+    wait_for("incapable publishers disconnected", || reg.connection_count() == 0).await;
+    let reg2 = pod.registry.clone();
+    wait_for("relays flushed", || reg2.relays_active() == 0).await;
+    let st = c.get_status(GetStatusRequest::default()).await.expect("status").into_inner();
+    assert_eq!(st.drain.expect("drain").phase(), DrainPhase::TimedOut);
+    assert_eq!(st.total_ended, 2);
+    let _ = f1.kill().await;
+    let _ = f2.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_drain_is_idempotent_and_watch_streams_phases_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
+    let pod = pod("watch", &origin, &[]).await;
+    let mut c = client(&pod, Some(TOKEN)).await;
+    let mut watch = c
+        .watch_status(WatchStatusRequest { min_interval: Some(Duration::from_millis(50).try_into().expect("d")), ..Default::default() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first: PodStatus = watch.message().await.expect("stream").expect("first status");
+    assert!(first.serving && first.drain.is_none());
+
+    let mut ff = ffmpeg(&format!("rtmp://{}/live/ff", pod.rtmp), 60);
+    let reg = pod.registry.clone();
+    wait_for("ffmpeg publishing", || reg.connections().iter().any(|c| c.publishing_since.is_some())).await;
+    let req = drain_req("idem", Duration::from_secs(2), IncapablePolicy::Disconnect);
+    let a = c.start_drain(req.clone()).await.expect("start").into_inner();
+    let b = c.start_drain(req).await.expect("again").into_inner();
+    assert!(a.started && !b.started && !b.replaced);
+    assert_eq!(a.drain.as_ref().map(|d| d.started_at), b.drain.as_ref().map(|d| d.started_at));
+    let other = c.start_drain(drain_req("idem-2", Duration::from_secs(2), IncapablePolicy::Disconnect)).await.expect("replace").into_inner();
+    assert!(other.replaced && !other.started);
+
+    let mut phases = Vec::new();
+    while let Ok(Some(st)) = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("watch in time") {
+        let Some(d) = st.drain else { continue };
+        if phases.last() != Some(&d.phase()) {
+            phases.push(d.phase());
+        }
+        if d.phase() == DrainPhase::TimedOut && d.remaining == 0 && d.relays_active == 0 {
+            break;
+        }
+    }
+    assert_eq!(phases.first(), Some(&DrainPhase::Propagating));
+    assert_eq!(phases.last(), Some(&DrainPhase::TimedOut));
+    let order = |p: &DrainPhase| *p as i32;
+    assert!(phases.windows(2).all(|w| order(&w[0]) < order(&w[1])), "phases in order: {phases:?}");
+    let _ = ff.kill().await;
+}
