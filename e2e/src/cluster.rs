@@ -56,7 +56,12 @@ pub struct Image {
 
 impl Image {
     pub fn new(reference: impl Into<String>, binary: impl Into<PathBuf>) -> Self {
-        Self { reference: reference.into(), binary: binary.into(), files: Vec::new(), user: None }
+        Self {
+            reference: reference.into(),
+            binary: binary.into(),
+            files: Vec::new(),
+            user: None,
+        }
     }
 
     pub fn file(mut self, host: impl Into<PathBuf>, in_image: impl Into<String>) -> Self {
@@ -145,9 +150,12 @@ impl Cluster {
 
     /// `kubectl apply --server-side -f -` of a YAML or JSON document stream.
     pub async fn apply(&self, manifests: &str) -> Result<()> {
-        self.kubectl_with_stdin(&["apply", "--server-side", "--force-conflicts", "-f", "-"], Some(manifests))
-            .await
-            .map(drop)
+        self.kubectl_with_stdin(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(manifests),
+        )
+        .await
+        .map(drop)
     }
 
     async fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
@@ -164,7 +172,12 @@ impl Cluster {
         }
         let out = child.wait_with_output().await?;
         if !out.status.success() {
-            bail!("kubectl {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "kubectl {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -176,9 +189,11 @@ impl Cluster {
         ))
         .await?;
         // Pods are refused until the controller-manager made the default ServiceAccount.
-        eventually(&format!("default ServiceAccount in {name}"), Duration::from_secs(60), || async {
-            self.kubectl(&["-n", name, "get", "serviceaccount", "default"]).await
-        })
+        eventually(
+            &format!("default ServiceAccount in {name}"),
+            Duration::from_secs(60),
+            || async { self.kubectl(&["-n", name, "get", "serviceaccount", "default"]).await },
+        )
         .await?;
         Ok(name.to_owned())
     }
@@ -186,7 +201,12 @@ impl Cluster {
     /// Builds `image` into a docker-save tar and imports it into every node
     /// (once per reference for the life of the cluster).
     pub async fn load_image(&self, image: &Image) -> Result<()> {
-        if self.loaded.lock().map(|l| l.contains(&image.reference)).unwrap_or(false) {
+        if self
+            .loaded
+            .lock()
+            .map(|l| l.contains(&image.reference))
+            .unwrap_or(false)
+        {
             return Ok(());
         }
         let binary = image.binary.to_str().context("binary path is not UTF-8")?;
@@ -199,7 +219,12 @@ impl Cluster {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = capture(&self.script, &args).await?;
-        let tar = out.lines().last().context("`cluster image` printed no tar path")?.trim().to_owned();
+        let tar = out
+            .lines()
+            .last()
+            .context("`cluster image` printed no tar path")?
+            .trim()
+            .to_owned();
         capture(&self.script, &["import", &tar]).await?;
         if let Ok(mut loaded) = self.loaded.lock() {
             loaded.insert(image.reference.clone());
@@ -209,7 +234,9 @@ impl Cluster {
 
     /// Pods matching `selector` in `ns`, as (name, node, ready).
     pub async fn pods(&self, ns: &str, selector: &str) -> Result<Vec<(String, String, bool)>> {
-        let pods = Api::<Pod>::namespaced(self.client(), ns).list(&ListParams::default().labels(selector)).await?;
+        let pods = Api::<Pod>::namespaced(self.client(), ns)
+            .list(&ListParams::default().labels(selector))
+            .await?;
         Ok(pods
             .items
             .into_iter()
@@ -238,7 +265,15 @@ impl Cluster {
             "--ignore-not-found",
         ])
         .await?;
-        self.kubectl(&["delete", "namespaces", "-l", &selector, "--ignore-not-found", "--timeout=180s"]).await?;
+        self.kubectl(&[
+            "delete",
+            "namespaces",
+            "-l",
+            &selector,
+            "--ignore-not-found",
+            "--timeout=180s",
+        ])
+        .await?;
         let mut args = vec!["uncordon"];
         args.extend(self.nodes.iter().map(String::as_str));
         self.kubectl(&args).await.map(drop)
@@ -251,7 +286,10 @@ impl Cluster {
         }
         let status = std::process::Command::new(&self.script).arg("down").status()?;
         if !status.success() {
-            bail!("`cluster down` failed ({status}); logs were in {}", self.log_dir().display());
+            bail!(
+                "`cluster down` failed ({status}); logs were in {}",
+                self.log_dir().display()
+            );
         }
         Ok(())
     }
@@ -308,7 +346,11 @@ impl Cluster {
                 }
             }
         }
-        left.extend(cni_netns().difference(&self.netns_before).map(|ns| format!("netns {ns}")));
+        left.extend(
+            cni_netns()
+                .difference(&self.netns_before)
+                .map(|ns| format!("netns {ns}")),
+        );
         left
     }
 }
@@ -373,7 +415,9 @@ fn sh_out(program: &str, args: &[&str]) -> String {
 }
 
 fn processes() -> Vec<(u32, String)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())

@@ -24,7 +24,11 @@ impl Origin {
     /// pods reach it and nothing outside the machine does).
     pub fn start(listen: SocketAddrV4) -> Result<Self> {
         ensure_tools()?;
-        let dir = std::env::temp_dir().join(format!("lossless-ingest-origin-{}-{}", std::process::id(), listen.port()));
+        let dir = std::env::temp_dir().join(format!(
+            "lossless-ingest-origin-{}-{}",
+            std::process::id(),
+            listen.port()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("rec"))?;
         let conf = format!(
@@ -68,7 +72,10 @@ rtmp {{
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&SocketAddr::V4(listen), Duration::from_millis(200)).is_err() {
             if Instant::now() > deadline {
-                bail!("nginx-rtmp did not listen on {listen}; see {}", origin.dir.join("error.log").display());
+                bail!(
+                    "nginx-rtmp did not listen on {listen}; see {}",
+                    origin.dir.join("error.log").display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -86,7 +93,9 @@ rtmp {{
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         files.retain(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{stream}-")) && n.ends_with(".flv"))
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{stream}-")) && n.ends_with(".flv"))
         });
         files.sort();
         files
@@ -107,7 +116,9 @@ impl Drop for Origin {
 
 /// Installs nginx, its RTMP module and ffmpeg when absent (`cluster deps smoke`).
 pub fn ensure_tools() -> Result<()> {
-    let status = std::process::Command::new(crate::Cluster::script()).args(["deps", "smoke"]).status()?;
+    let status = std::process::Command::new(crate::Cluster::script())
+        .args(["deps", "smoke"])
+        .status()?;
     if !status.success() {
         bail!("`cluster deps smoke` failed ({status})");
     }
@@ -122,7 +133,18 @@ pub async fn publish(url: &str, seconds: u32) -> Result<()> {
         .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
         .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args(["-t", &t, "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-g", "30"])
+        .args([
+            "-t",
+            &t,
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            "-g",
+            "30",
+        ])
         .args(["-c:a", "aac", "-f", "flv", url])
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -130,7 +152,11 @@ pub async fn publish(url: &str, seconds: u32) -> Result<()> {
         .await
         .context("running ffmpeg")?;
     if !out.status.success() {
-        bail!("ffmpeg publish to {url} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ffmpeg publish to {url} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -138,7 +164,14 @@ pub async fn publish(url: &str, seconds: u32) -> Result<()> {
 /// Duration in seconds of the video stream ffprobe finds in `path`.
 pub async fn video_duration(path: &Path) -> Result<f64> {
     let out = Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "stream=codec_name:format=duration"])
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=codec_name:format=duration",
+        ])
         .args(["-of", "default=noprint_wrappers=1"])
         .arg(path)
         .output()

@@ -33,7 +33,11 @@ impl Scenario {
         F: Fn(Arc<Cluster>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<()>> + Send + 'static,
     {
-        Self { name, timeout: Duration::from_secs(300), run: Box::new(move |c| Box::pin(f(c))) }
+        Self {
+            name,
+            timeout: Duration::from_secs(300),
+            run: Box::new(move |c| Box::pin(f(c))),
+        }
     }
 
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -90,7 +94,11 @@ pub fn main(nodes: usize, scenarios: Vec<Scenario>) -> ExitCode {
     }
     println!("\nrunning {} tests", scenarios.len() + 1);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => return fail_all(&format!("tokio runtime: {err}"), filtered_out, started),
     };
@@ -99,14 +107,22 @@ pub fn main(nodes: usize, scenarios: Vec<Scenario>) -> ExitCode {
 
 async fn run(nodes: usize, scenarios: Vec<Scenario>, filtered_out: usize, started: Instant) -> ExitCode {
     if !is_root() {
-        return fail_all("the e2e cluster needs root (bridges, routes, cgroups); set E2E_SKIP=1 to skip", filtered_out, started);
+        return fail_all(
+            "the e2e cluster needs root (bridges, routes, cgroups); set E2E_SKIP=1 to skip",
+            filtered_out,
+            started,
+        );
     }
     let up = Instant::now();
     let cluster = match Cluster::up(nodes).await {
         Ok(c) => Arc::new(c),
         Err(err) => return fail_all(&format!("cluster up: {err:#}"), filtered_out, started),
     };
-    println!("cluster up ({nodes} nodes) in {:.1?}; KUBECONFIG={}", up.elapsed(), cluster.kubeconfig().display());
+    println!(
+        "cluster up ({nodes} nodes) in {:.1?}; KUBECONFIG={}",
+        up.elapsed(),
+        cluster.kubeconfig().display()
+    );
 
     let mut passed = 0;
     let mut failures: Vec<(String, String)> = Vec::new();
@@ -120,7 +136,10 @@ async fn run(nodes: usize, scenarios: Vec<Scenario>, filtered_out: usize, starte
         // Restore the starting state even after a failure: the next scenario
         // must not see this one's namespaces or a cordoned node.
         let result = match (result, interrupted) {
-            (Ok(()), false) => cluster.reset().await.map_err(|e| e.context("restoring the starting state")),
+            (Ok(()), false) => cluster
+                .reset()
+                .await
+                .map_err(|e| e.context("restoring the starting state")),
             (r, _) => {
                 if !interrupted {
                     let _ = cluster.reset().await;
@@ -135,7 +154,10 @@ async fn run(nodes: usize, scenarios: Vec<Scenario>, filtered_out: usize, starte
             }
             Err(err) => {
                 println!("test {} ... FAILED ({:.1?})", scenario.name, t.elapsed());
-                failures.push((scenario.name.to_owned(), format!("{err:?}\n(component logs: {})", cluster.log_dir().display())));
+                failures.push((
+                    scenario.name.to_owned(),
+                    format!("{err:?}\n(component logs: {})", cluster.log_dir().display()),
+                ));
             }
         }
         if interrupted {
@@ -161,7 +183,11 @@ async fn run(nodes: usize, scenarios: Vec<Scenario>, filtered_out: usize, starte
     }
     drop(cluster);
     summary(passed, &failures, 0, filtered_out, started);
-    if failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// Runs one scenario as its own task, so a panic is caught (as a `JoinError`)
@@ -217,6 +243,10 @@ fn is_root() -> bool {
     // /proc/self/status "Uid: real effective ...": no libc call, no unsafe.
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
         .unwrap_or(false)
 }

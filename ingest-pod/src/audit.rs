@@ -34,13 +34,20 @@ pub enum Error {
     #[error("{path}: {source}")]
     Flv { path: PathBuf, source: flv::Error },
     #[error("{path}:{line}: {source}")]
-    Log { path: PathBuf, line: usize, source: serde_json::Error },
+    Log {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_owned(), source }
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// One recording file's tags.
@@ -123,7 +130,10 @@ impl fmt::Display for AuditReport {
 /// Numeric suffixes of `<stream>-<time>.flv` (nginx-rtmp `record_unique`)
 /// or `<stream>-<time>-<n>.flv` (the ingest pod's own recordings).
 fn recording_key(file_name: &str, stream: &str) -> Option<(u64, u64)> {
-    let rest = file_name.strip_prefix(stream)?.strip_prefix('-')?.strip_suffix(".flv")?;
+    let rest = file_name
+        .strip_prefix(stream)?
+        .strip_prefix('-')?
+        .strip_suffix(".flv")?;
     let (time, n) = rest.split_once('-').unwrap_or((rest, "0"));
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if time.len() < MIN_TIME_DIGITS || !digits(time) || !digits(n) {
@@ -140,7 +150,10 @@ pub fn find_recordings(dir: &Path, stream: &str) -> Result<Vec<PathBuf>> {
         let entry = entry.map_err(io_err(dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(key) = recording_key(&name, stream) {
-            let mtime = entry.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+            let mtime = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
             found.push((key, mtime, entry.path()));
         }
     }
@@ -153,15 +166,25 @@ pub fn read_recordings(paths: &[PathBuf]) -> Result<Vec<Recording>> {
         .iter()
         .map(|path| {
             let file = File::open(path).map_err(io_err(path))?;
-            let tags = flv::read_tags(BufReader::new(file)).map_err(|source| Error::Flv { path: path.clone(), source })?;
-            Ok(Recording { path: path.clone(), tags })
+            let tags = flv::read_tags(BufReader::new(file)).map_err(|source| Error::Flv {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Recording {
+                path: path.clone(),
+                tags,
+            })
         })
         .collect()
 }
 
 /// Compares the frames a publisher sent with the recordings, in order.
 pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> AuditReport {
-    let mut report = AuditReport { stream: stream.to_owned(), recordings: recordings.len(), ..Default::default() };
+    let mut report = AuditReport {
+        stream: stream.to_owned(),
+        recordings: recordings.len(),
+        ..Default::default()
+    };
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(sent.len());
     for (i, f) in sent.iter().enumerate() {
         index.entry(f.hash.as_str()).or_insert(i);
@@ -240,7 +263,10 @@ pub fn audit_dir(stream: &str, sent: &[SentFrame], dir: &Path) -> Result<AuditRe
 /// (the publisher was killed mid-write) is skipped.
 pub fn read_publisher_log(path: &Path) -> Result<BTreeMap<String, Vec<SentFrame>>> {
     let file = File::open(path).map_err(io_err(path))?;
-    let lines: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>().map_err(io_err(path))?;
+    let lines: Vec<String> = BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(io_err(path))?;
     let mut out: BTreeMap<String, Vec<SentFrame>> = BTreeMap::new();
     for (n, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
@@ -252,7 +278,13 @@ pub fn read_publisher_log(path: &Path) -> Result<BTreeMap<String, Vec<SentFrame>
                 out.entry(stream).or_default();
             }
             Err(_) if n + 1 == lines.len() => {}
-            Err(source) => return Err(Error::Log { path: path.to_owned(), line: n + 1, source }),
+            Err(source) => {
+                return Err(Error::Log {
+                    path: path.to_owned(),
+                    line: n + 1,
+                    source,
+                });
+            }
         }
     }
     Ok(out)
@@ -281,7 +313,10 @@ pub fn read_log_dir(dir: &Path) -> Result<BTreeMap<String, Vec<SentFrame>>> {
 /// Audits every stream of the publisher logs in `log_dir` against the
 /// recordings in `record_dir`.
 pub fn audit_all(log_dir: &Path, record_dir: &Path) -> Result<Vec<AuditReport>> {
-    read_log_dir(log_dir)?.iter().map(|(stream, sent)| audit_dir(stream, sent, record_dir)).collect()
+    read_log_dir(log_dir)?
+        .iter()
+        .map(|(stream, sent)| audit_dir(stream, sent, record_dir))
+        .collect()
 }
 
 /// A table of reports, one line per stream and a total.
@@ -386,13 +421,24 @@ mod tests {
         let (g, all) = samples("a", 40);
         let d = dir("lossless");
         let split = all.iter().position(|s| s.keyframe && s.pts >= 500).unwrap();
-        record(&d.join("a-1700000001.flv"), &g, &all[..split].iter().collect::<Vec<_>>());
-        record(&d.join("a-1700000002.flv"), &g, &all[split..].iter().collect::<Vec<_>>());
+        record(
+            &d.join("a-1700000001.flv"),
+            &g,
+            &all[..split].iter().collect::<Vec<_>>(),
+        );
+        record(
+            &d.join("a-1700000002.flv"),
+            &g,
+            &all[split..].iter().collect::<Vec<_>>(),
+        );
         // Another stream whose name extends this one is not taken.
         record(&d.join("a-1-1700000001.flv"), &g, &[&all[0]]);
         let r = audit_dir("a", &sent(&all), &d).unwrap();
         assert!(r.lossless(), "{r}");
-        assert_eq!((r.sent, r.received, r.recordings, r.sessions, r.config_messages), (all.len(), all.len(), 2, 2, 6));
+        assert_eq!(
+            (r.sent, r.received, r.recordings, r.sessions, r.config_messages),
+            (all.len(), all.len(), 2, 2, 6)
+        );
         assert!(r.to_string().contains("LOSSLESS"));
     }
 
@@ -405,7 +451,10 @@ mod tests {
         let lost: Vec<&Sample> = all.iter().filter(|x| x.seq != 5).collect();
         record(&d.join("b-1700000001.flv"), &g, &lost);
         let r = audit_dir("b", &s, &d).unwrap();
-        assert_eq!((r.lost, r.duplicated, r.out_of_order, r.lost_seqs.clone()), (1, 0, 0, vec![5]));
+        assert_eq!(
+            (r.lost, r.duplicated, r.out_of_order, r.lost_seqs.clone()),
+            (1, 0, 0, vec![5])
+        );
         assert!(!r.lossless());
         // Duplicated: the old pod and the new one both delivered frames 10..13.
         fs::remove_file(d.join("b-1700000001.flv")).unwrap();
@@ -417,12 +466,22 @@ mod tests {
         // Out of order: 7 after 8, which also goes back in time.
         let mut swapped: Vec<&Sample> = all.iter().collect();
         swapped.swap(7, 8);
-        let recs = [Recording { path: "x".into(), tags: tags(&g, &swapped) }];
+        let recs = [Recording {
+            path: "x".into(),
+            tags: tags(&g, &swapped),
+        }];
         let r = audit("b", &s, &recs);
         assert_eq!((r.lost, r.duplicated, r.out_of_order), (0, 0, 1));
         assert!(r.timeline_violations <= 1 && !r.lossless());
         // Unknown frames are counted, not fatal.
-        let r = audit("b", &s[1..], &[Recording { path: "x".into(), tags: tags(&g, &all.iter().collect::<Vec<_>>()) }]);
+        let r = audit(
+            "b",
+            &s[1..],
+            &[Recording {
+                path: "x".into(),
+                tags: tags(&g, &all.iter().collect::<Vec<_>>()),
+            }],
+        );
         assert_eq!((r.unknown, r.lost), (1, 0));
     }
 
@@ -449,27 +508,54 @@ mod tests {
             tag.timestamp = tag.timestamp.saturating_sub(all[10].pts as u32);
         }
         t.extend(second);
-        let r = audit("c", &sent(&all), &[Recording { path: "x".into(), tags: t.clone() }]);
+        let r = audit(
+            "c",
+            &sent(&all),
+            &[Recording {
+                path: "x".into(),
+                tags: t.clone(),
+            }],
+        );
         assert_eq!((r.sessions, r.timestamp_violations), (2, 0));
         assert!(r.lossless(), "{r}");
         // Without configuration between them the jump back is a violation.
-        let second_config = t.iter().rposition(|tag| media::is_video_sequence_header(&tag.data)).unwrap();
+        let second_config = t
+            .iter()
+            .rposition(|tag| media::is_video_sequence_header(&tag.data))
+            .unwrap();
         t.remove(second_config);
-        let r = audit("c", &sent(&all), &[Recording { path: "x".into(), tags: t }]);
+        let r = audit(
+            "c",
+            &sent(&all),
+            &[Recording {
+                path: "x".into(),
+                tags: t,
+            }],
+        );
         assert_eq!((r.sessions, r.timestamp_violations), (1, 1));
     }
 
     #[test]
     fn orders_recordings_and_reads_logs() {
         assert_eq!(recording_key("k-1700000000.flv", "k"), Some((1_700_000_000, 0)));
-        assert_eq!(recording_key("k-1700000000123-7.flv", "k"), Some((1_700_000_000_123, 7)));
+        assert_eq!(
+            recording_key("k-1700000000123-7.flv", "k"),
+            Some((1_700_000_000_123, 7))
+        );
         assert_eq!(recording_key("k-1-1700000000.flv", "k"), None);
         assert_eq!(recording_key("k-1700000000.mp4", "k"), None);
         let d = dir("logs");
         let (_, all) = samples("s", 5);
         let mut f = File::create(d.join("s.jsonl")).unwrap();
         for frame in sent(&all) {
-            serde_json::to_writer(&mut f, &LogLine::Frame { stream: "s".into(), frame }).unwrap();
+            serde_json::to_writer(
+                &mut f,
+                &LogLine::Frame {
+                    stream: "s".into(),
+                    frame,
+                },
+            )
+            .unwrap();
             f.write_all(b"\n").unwrap();
         }
         f.write_all(b"{\"type\":\"fra").unwrap();

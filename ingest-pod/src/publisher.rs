@@ -225,7 +225,13 @@ impl MediaGenerator {
 
     /// Timestamp of the next frame; `None` when the stream is over.
     pub fn peek_pts(&self) -> Option<u64> {
-        self.next_kind().map(|k| if k == Kind::Video { self.video_pts() } else { self.audio_pts() })
+        self.next_kind().map(|k| {
+            if k == Kind::Video {
+                self.video_pts()
+            } else {
+                self.audio_pts()
+            }
+        })
     }
 
     /// Ends the stream after the frames already produced.
@@ -260,7 +266,13 @@ impl MediaGenerator {
                 p.put_slice(&self.stream_id);
                 p.put_u64(seq);
                 rng.fill(&mut p, size);
-                Sample { seq, kind, keyframe, pts, payload: p.freeze() }
+                Sample {
+                    seq,
+                    kind,
+                    keyframe,
+                    pts,
+                    payload: p.freeze(),
+                }
             }
             Kind::Audio => {
                 let pts = self.audio_pts();
@@ -270,7 +282,13 @@ impl MediaGenerator {
                 p.put_slice(&self.stream_id);
                 p.put_u64(seq);
                 rng.fill(&mut p, AUDIO_FRAME_BYTES);
-                Sample { seq, kind, keyframe: false, pts, payload: p.freeze() }
+                Sample {
+                    seq,
+                    kind,
+                    keyframe: false,
+                    pts,
+                    payload: p.freeze(),
+                }
             }
         };
         Some(sample)
@@ -552,7 +570,11 @@ impl Publisher {
         if cfg.fps == 0 || cfg.fps > 1000 || cfg.gop == 0 {
             return Err(Error::Config("fps must be 1..=1000 and gop at least 1"));
         }
-        Ok(Self { cfg: Arc::new(cfg), url, progress: watch::Sender::new(Progress::default()) })
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            url,
+            progress: watch::Sender::new(Progress::default()),
+        })
     }
 
     pub fn stream(&self) -> &str {
@@ -613,7 +635,9 @@ pub async fn run_many(
 ) -> Vec<(String, Result<PublisherReport>)> {
     let mut tasks = Vec::with_capacity(configs.len());
     for (i, cfg) in configs.into_iter().enumerate() {
-        let name = RtmpUrl::parse(&cfg.url).map(|u| u.stream).unwrap_or_else(|_| cfg.url.clone());
+        let name = RtmpUrl::parse(&cfg.url)
+            .map(|u| u.stream)
+            .unwrap_or_else(|_| cfg.url.clone());
         let shutdown = shutdown.clone();
         let delay = stagger * i as u32;
         tasks.push((
@@ -626,7 +650,9 @@ pub async fn run_many(
     }
     let mut out = Vec::with_capacity(tasks.len());
     for (name, task) in tasks {
-        let result = task.await.unwrap_or_else(|e| Err(Error::Refused(format!("publisher task failed: {e}"))));
+        let result = task
+            .await
+            .unwrap_or_else(|e| Err(Error::Refused(format!("publisher task failed: {e}"))));
         out.push((name, result));
     }
     out
@@ -650,14 +676,20 @@ pub fn summary_table(results: &[(String, Result<PublisherReport>)]) -> String {
                 r.abandoned,
                 r.error.as_deref().unwrap_or("-")
             )),
-            Err(e) => s.push_str(&format!("{name:<24} {:>8} {:>6} {:>8} {:>9} {:>9}  {e}\n", "-", "-", "-", "-", "-")),
+            Err(e) => s.push_str(&format!(
+                "{name:<24} {:>8} {:>6} {:>8} {:>9} {:>9}  {e}\n",
+                "-", "-", "-", "-", "-"
+            )),
         }
     }
     s
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A connection that reached "publishing", before its reader is spawned.
@@ -678,12 +710,19 @@ enum Event {
 }
 
 async fn timed<T>(limit: Duration, what: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(limit, fut).await.map_err(|_| Error::Timeout(what))?
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| Error::Timeout(what))?
 }
 
 fn status_text(command: &Command) -> (String, String) {
     let info = command.args.iter().find(|v| v.get("code").is_some());
-    let field = |k| info.and_then(|i| i.get(k)).and_then(Value::as_str).unwrap_or("").to_owned();
+    let field = |k| {
+        info.and_then(|i| i.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
     (field("code"), field("description"))
 }
 
@@ -710,15 +749,20 @@ async fn reply(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result<Com
 /// Connects and publishes, announcing the configured capabilities.
 pub async fn open(url: &RtmpUrl, cfg: &PublisherConfig) -> Result<Link> {
     let step = cfg.step_timeout;
-    let tcp = timed(step, "connecting", async { Ok(TcpStream::connect(url.addr()).await.map_err(conn::Error::Io)?) })
-        .await?;
+    let tcp = timed(step, "connecting", async {
+        Ok(TcpStream::connect(url.addr()).await.map_err(conn::Error::Io)?)
+    })
+    .await?;
     tcp.set_nodelay(true).map_err(conn::Error::Io)?;
     let (mut reader, mut writer) = conn::connect(tcp, step).await?;
     writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
     let mut object = vec![
         ("app".to_owned(), Value::string(url.app.clone())),
         ("type".to_owned(), Value::string("nonprivate")),
-        ("flashVer".to_owned(), Value::string("FMLE/3.0 (compatible; lossless-ingest-publisher)")),
+        (
+            "flashVer".to_owned(),
+            Value::string("FMLE/3.0 (compatible; lossless-ingest-publisher)"),
+        ),
         ("tcUrl".to_owned(), Value::string(url.tc_url())),
     ];
     if cfg.go_away {
@@ -729,15 +773,42 @@ pub async fn open(url: &RtmpUrl, cfg: &PublisherConfig) -> Result<Link> {
     }
     writer.queue(&Message::command(0, "connect", 1.0, vec![Value::Object(object)]));
     writer.flush().await?;
-    timed(step, "waiting for connect _result", reply(&mut reader, &mut writer, 1.0)).await?;
+    timed(
+        step,
+        "waiting for connect _result",
+        reply(&mut reader, &mut writer, 1.0),
+    )
+    .await?;
     let name = Value::string(url.stream.clone());
-    writer.queue(&Message::command(0, "releaseStream", 2.0, vec![Value::Null, name.clone()]));
+    writer.queue(&Message::command(
+        0,
+        "releaseStream",
+        2.0,
+        vec![Value::Null, name.clone()],
+    ));
     writer.queue(&Message::command(0, "FCPublish", 3.0, vec![Value::Null, name.clone()]));
     writer.queue(&Message::command(0, "createStream", 4.0, vec![Value::Null]));
     writer.flush().await?;
-    let created = timed(step, "waiting for createStream _result", reply(&mut reader, &mut writer, 4.0)).await?;
-    let stream_id = created.args.iter().find_map(Value::as_number).filter(|n| *n >= 0.0).unwrap_or(1.0) as u32;
-    writer.send(&Message::command(stream_id, "publish", 5.0, vec![Value::Null, name, Value::string("live")])).await?;
+    let created = timed(
+        step,
+        "waiting for createStream _result",
+        reply(&mut reader, &mut writer, 4.0),
+    )
+    .await?;
+    let stream_id = created
+        .args
+        .iter()
+        .find_map(Value::as_number)
+        .filter(|n| *n >= 0.0)
+        .unwrap_or(1.0) as u32;
+    writer
+        .send(&Message::command(
+            stream_id,
+            "publish",
+            5.0,
+            vec![Value::Null, name, Value::string("live")],
+        ))
+        .await?;
     timed(step, "waiting for the publish status", async {
         loop {
             match reader.next().await? {
@@ -760,7 +831,11 @@ pub async fn open(url: &RtmpUrl, cfg: &PublisherConfig) -> Result<Link> {
         }
     })
     .await?;
-    Ok(Link { reader, writer, stream_id })
+    Ok(Link {
+        reader,
+        writer,
+        stream_id,
+    })
 }
 
 /// [`open`] with retries for `cfg.connect_timeout`, after `delay`.
@@ -798,7 +873,10 @@ async fn read_loop(mut reader: Reader, events: mpsc::UnboundedSender<Event>) {
                 let (code, desc) = status_text(&command);
                 if code == RECONNECT_REQUEST_CODE {
                     let info = command.args.iter().find(|v| v.get("code").is_some());
-                    let tc_url = info.and_then(|i| i.get("tcUrl")).and_then(Value::as_str).map(str::to_owned);
+                    let tc_url = info
+                        .and_then(|i| i.get("tcUrl"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
                     Some(Event::Signal(SignalKind::ReconnectRequest, tc_url))
                 } else {
                     Some(Event::Status(format!("{code} {desc}")))
@@ -859,9 +937,16 @@ enum Switch {
     /// Go Away seen: at the next keyframe, close and connect again.
     AtKeyframe,
     /// A new connection is being made in the background.
-    Connecting { task: JoinHandle<Result<Link>>, url: RtmpUrl, why: Option<SignalKind> },
+    Connecting {
+        task: JoinHandle<Result<Link>>,
+        url: RtmpUrl,
+        why: Option<SignalKind>,
+    },
     /// Reconnect Request: the new connection publishes; move at the next keyframe.
-    Ready { link: Link, url: RtmpUrl },
+    Ready {
+        link: Link,
+        url: RtmpUrl,
+    },
 }
 
 /// What a new connection receives before its first frame.
@@ -890,16 +975,20 @@ struct State {
 
 async fn next_event(conn: &mut Option<Conn>) -> Event {
     match conn {
-        Some(c) => c.events.recv().await.unwrap_or_else(|| Event::Closed("reader ended".into())),
+        Some(c) => c
+            .events
+            .recv()
+            .await
+            .unwrap_or_else(|| Event::Closed("reader ended".into())),
         None => std::future::pending().await,
     }
 }
 
 async fn connected(switch: &mut Switch) -> Result<Link> {
     match switch {
-        Switch::Connecting { task, .. } => {
-            task.await.unwrap_or_else(|e| Err(Error::Refused(format!("connect task failed: {e}"))))
-        }
+        Switch::Connecting { task, .. } => task
+            .await
+            .unwrap_or_else(|e| Err(Error::Refused(format!("connect task failed: {e}")))),
         _ => std::future::pending().await,
     }
 }
@@ -956,8 +1045,13 @@ impl State {
     }
 
     fn event(&mut self, event: &str, conn: Option<u32>, detail: Option<String>) -> Result<()> {
-        let line =
-            LogLine::Event { stream: self.stream.clone(), t_ms: unix_ms(), event: event.to_owned(), conn, detail };
+        let line = LogLine::Event {
+            stream: self.stream.clone(),
+            t_ms: unix_ms(),
+            event: event.to_owned(),
+            conn,
+            detail,
+        };
         self.write_log(&line)?;
         // Events are rare and mark what a reader of a cut log most needs.
         self.log_flush();
@@ -973,8 +1067,15 @@ impl State {
         let reader = tokio::spawn(read_loop(link.reader, tx).instrument(info_span!("conn", index)));
         info!(conn = index, target = %url.addr(), why = why.unwrap_or("start"), "publishing");
         let detail = format!("{} {}", url.tc_url(), why.unwrap_or("start"));
-        self.conn =
-            Some(Conn { index, url, writer: link.writer, stream_id: link.stream_id, events: rx, reader, base_pts: None });
+        self.conn = Some(Conn {
+            index,
+            url,
+            writer: link.writer,
+            stream_id: link.stream_id,
+            events: rx,
+            reader,
+            base_pts: None,
+        });
         self.progress.send_modify(|p| p.connections = self.connections);
         self.event("connected", Some(index), Some(detail))
     }
@@ -1070,7 +1171,10 @@ impl State {
             sent_at_ms: unix_ms(),
         };
         if self.log.is_some() {
-            self.write_log(&LogLine::Frame { stream: self.stream.clone(), frame: frame.clone() })?;
+            self.write_log(&LogLine::Frame {
+                stream: self.stream.clone(),
+                frame: frame.clone(),
+            })?;
         }
         self.sent.push(frame);
         let video = u64::from(sample.kind == Kind::Video);
@@ -1088,7 +1192,10 @@ impl State {
                 let Some(conn) = self.conn.as_mut() else { return Ok(()) };
                 conn.writer.queue(&msg);
                 let flushed = tokio::time::timeout(step, conn.writer.flush()).await;
-                if let Err(err) = flushed.map_err(|_| Error::Timeout("writing")).and_then(|r| r.map_err(Error::from)) {
+                if let Err(err) = flushed
+                    .map_err(|_| Error::Timeout("writing"))
+                    .and_then(|r| r.map_err(Error::from))
+                {
                     self.lost_connection(err.to_string()).await?;
                 }
             }
@@ -1117,7 +1224,11 @@ impl State {
             info!(kind = kind.label(), capable, "signal ignored");
             return self.event("signal_ignored", Some(index), Some(detail.trim().to_owned()));
         }
-        info!(kind = kind.label(), tc_url = tc_url.as_deref().unwrap_or(""), "signal received");
+        info!(
+            kind = kind.label(),
+            tc_url = tc_url.as_deref().unwrap_or(""),
+            "signal received"
+        );
         self.event("signal", Some(index), Some(detail.trim().to_owned()))?;
         match kind {
             SignalKind::GoAway => self.switch = Switch::AtKeyframe,
@@ -1195,10 +1306,18 @@ impl State {
         if !self.queue.is_empty() {
             warn!(frames = self.queue.len(), "stopped with frames never sent");
         }
-        let Some(mut conn) = self.conn.take() else { return Ok(()) };
+        let Some(mut conn) = self.conn.take() else {
+            return Ok(());
+        };
         let name = Value::string(self.stream.clone());
-        conn.writer.queue(&Message::command(0, "FCUnpublish", 6.0, vec![Value::Null, name]));
-        conn.writer.queue(&Message::command(0, "deleteStream", 7.0, vec![Value::Null, Value::Number(f64::from(conn.stream_id))]));
+        conn.writer
+            .queue(&Message::command(0, "FCUnpublish", 6.0, vec![Value::Null, name]));
+        conn.writer.queue(&Message::command(
+            0,
+            "deleteStream",
+            7.0,
+            vec![Value::Null, Value::Number(f64::from(conn.stream_id))],
+        ));
         let step = self.cfg.step_timeout;
         let closed = tokio::time::timeout(step, conn.writer.shutdown()).await;
         let abort = conn.reader.abort_handle();
@@ -1218,10 +1337,22 @@ async fn send(conn: &mut Conn, sample: &Sample, config: &MediaConfig, step: Dura
     let base = match conn.base_pts {
         Some(base) => base,
         None => {
-            conn.writer.queue(&Message::Data { stream_id: sid, timestamp: 0, payload: config.metadata.clone() });
-            conn.writer.queue(&Message::Video { stream_id: sid, timestamp: 0, payload: config.video.clone() });
+            conn.writer.queue(&Message::Data {
+                stream_id: sid,
+                timestamp: 0,
+                payload: config.metadata.clone(),
+            });
+            conn.writer.queue(&Message::Video {
+                stream_id: sid,
+                timestamp: 0,
+                payload: config.video.clone(),
+            });
             if let Some(audio) = &config.audio {
-                conn.writer.queue(&Message::Audio { stream_id: sid, timestamp: 0, payload: audio.clone() });
+                conn.writer.queue(&Message::Audio {
+                    stream_id: sid,
+                    timestamp: 0,
+                    payload: audio.clone(),
+                });
             }
             conn.base_pts = Some(sample.pts);
             sample.pts
@@ -1230,10 +1361,20 @@ async fn send(conn: &mut Conn, sample: &Sample, config: &MediaConfig, step: Dura
     let timestamp = sample.pts.saturating_sub(base) as u32;
     let payload = sample.payload.clone();
     conn.writer.queue(&match sample.kind {
-        Kind::Video => Message::Video { stream_id: sid, timestamp, payload },
-        Kind::Audio => Message::Audio { stream_id: sid, timestamp, payload },
+        Kind::Video => Message::Video {
+            stream_id: sid,
+            timestamp,
+            payload,
+        },
+        Kind::Audio => Message::Audio {
+            stream_id: sid,
+            timestamp,
+            payload,
+        },
     });
-    tokio::time::timeout(step, conn.writer.flush()).await.map_err(|_| Error::Timeout("writing media"))??;
+    tokio::time::timeout(step, conn.writer.flush())
+        .await
+        .map_err(|_| Error::Timeout("writing media"))??;
     Ok(timestamp)
 }
 
@@ -1242,7 +1383,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let n: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 500ms or 2m"))?;
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 500ms or 2m"))?;
     let secs = match unit {
         "" | "s" => n,
         "ms" => n / 1000.0,
@@ -1361,8 +1504,12 @@ mod tests {
     /// `after` video frames, until the publisher closes.
     async fn fake_server(listener: &TcpListener, signal: Option<(usize, Message)>) -> Seen {
         let (tcp, _) = listener.accept().await.unwrap();
-        let (mut r, mut w) = conn::accept(tcp, Duration::from_secs(5), Limits::default()).await.unwrap();
-        w.send(&Message::UserControl(UserControl::PingRequest(42))).await.unwrap();
+        let (mut r, mut w) = conn::accept(tcp, Duration::from_secs(5), Limits::default())
+            .await
+            .unwrap();
+        w.send(&Message::UserControl(UserControl::PingRequest(42)))
+            .await
+            .unwrap();
         let mut seen = Seen::default();
         let mut signal = signal;
         let mut videos = 0;
@@ -1375,12 +1522,19 @@ mod tests {
                         "connect" => {
                             seen.connect = command.object().cloned();
                             let info = Value::object([("code", Value::string("NetConnection.Connect.Success"))]);
-                            w.send(&Message::command(0, "_result", txn, vec![Value::Null, info])).await.unwrap();
-                        }
-                        "createStream" => {
-                            w.send(&Message::command(0, "_result", txn, vec![Value::Null, Value::Number(1.0)]))
+                            w.send(&Message::command(0, "_result", txn, vec![Value::Null, info]))
                                 .await
                                 .unwrap();
+                        }
+                        "createStream" => {
+                            w.send(&Message::command(
+                                0,
+                                "_result",
+                                txn,
+                                vec![Value::Null, Value::Number(1.0)],
+                            ))
+                            .await
+                            .unwrap();
                         }
                         "publish" => {
                             seen.published = command.arg(0).and_then(Value::as_str).map(str::to_owned);
@@ -1388,7 +1542,9 @@ mod tests {
                                 ("level", Value::string("status")),
                                 ("code", Value::string("NetStream.Publish.Start")),
                             ]);
-                            w.send(&Message::command(1, "onStatus", 0.0, vec![Value::Null, info])).await.unwrap();
+                            w.send(&Message::command(1, "onStatus", 0.0, vec![Value::Null, info]))
+                                .await
+                                .unwrap();
                         }
                         _ => {}
                     }
@@ -1416,14 +1572,22 @@ mod tests {
     /// The frames of both connections are exactly the sent ones, the new
     /// connection starts with configuration, then a keyframe at time 0.
     fn assert_handover(report: &PublisherReport, first: &Seen, second: &Seen) {
-        let received: Vec<String> =
-            first.frames().into_iter().chain(second.frames()).map(|(_, _, p)| media::payload_hash(p)).collect();
+        let received: Vec<String> = first
+            .frames()
+            .into_iter()
+            .chain(second.frames())
+            .map(|(_, _, p)| media::payload_hash(p))
+            .collect();
         let sent: Vec<String> = report.sent.iter().map(|f| f.hash.clone()).collect();
         assert_eq!(received, sent);
         assert_eq!(report.sent.len(), 100 + 44, "all frames of 1 s at 100 fps, with audio");
         assert_eq!(first.published.as_deref(), Some("s1"));
         assert_eq!(second.published.as_deref(), Some("s1"));
-        assert!(!first.tore_down(), "left without FCUnpublish/deleteStream: {:?}", first.commands);
+        assert!(
+            !first.tore_down(),
+            "left without FCUnpublish/deleteStream: {:?}",
+            first.commands
+        );
         assert!(second.tore_down(), "tore down at the end: {:?}", second.commands);
         assert_eq!(first.pong, Some(42));
         // Configuration first on the new connection, all at time 0.
@@ -1434,12 +1598,20 @@ mod tests {
         assert!(media::is_video_keyframe(payload), "the switch happens at a keyframe");
         // The old connection kept going after the signal, up to the keyframe.
         let after_signal = first.media.len() - first.signalled_at.unwrap();
-        assert!(first.frames().len() > 30 && after_signal < 30, "{after_signal} messages after the signal");
+        assert!(
+            first.frames().len() > 30 && after_signal < 30,
+            "{after_signal} messages after the signal"
+        );
         // Timestamps never go back on either connection; the publisher's timeline is continuous.
         for seen in [first, second] {
             assert!(seen.frames().windows(2).all(|w| w[0].1 <= w[1].1));
         }
-        assert!(report.sent.windows(2).all(|w| w[0].pts <= w[1].pts && w[0].seq + 1 == w[1].seq));
+        assert!(
+            report
+                .sent
+                .windows(2)
+                .all(|w| w[0].pts <= w[1].pts && w[0].seq + 1 == w[1].seq)
+        );
         let switch = report.sent.iter().position(|f| f.conn == 1).unwrap();
         assert!(report.sent[switch].keyframe && report.sent[switch].conn_ts == 0);
         assert_eq!(report.unplanned_reconnects, 0);
@@ -1466,7 +1638,10 @@ mod tests {
         progress.wait_for(|p| p.video_frames >= 10).await.unwrap();
         let report = run.await.unwrap().unwrap();
         let (first, second) = server.await.unwrap();
-        assert_eq!(first.connect.as_ref().and_then(|c| c.get("supportsGoAway")), Some(&Value::Boolean(true)));
+        assert_eq!(
+            first.connect.as_ref().and_then(|c| c.get("supportsGoAway")),
+            Some(&Value::Boolean(true))
+        );
         assert_eq!(first.connect.as_ref().and_then(|c| c.get("capsEx")), None);
         assert_eq!(report.signals, vec![(SignalKind::GoAway, None)]);
         assert_handover(&report, &first, &second);
@@ -1495,8 +1670,18 @@ mod tests {
         cfg.go_away = false;
         let report = publish(cfg, CancellationToken::new()).await.unwrap();
         let (first, second) = (first.await.unwrap(), second.await.unwrap());
-        assert_eq!(first.connect.as_ref().and_then(|c| c.get("capsEx")), Some(&Value::Number(1.0)));
-        assert_eq!(second.connect.as_ref().and_then(|c| c.get("tcUrl")).and_then(Value::as_str), Some(&*tc_url));
+        assert_eq!(
+            first.connect.as_ref().and_then(|c| c.get("capsEx")),
+            Some(&Value::Number(1.0))
+        );
+        assert_eq!(
+            second
+                .connect
+                .as_ref()
+                .and_then(|c| c.get("tcUrl"))
+                .and_then(Value::as_str),
+            Some(&*tc_url)
+        );
         assert_eq!(report.signals, vec![(SignalKind::ReconnectRequest, Some(tc_url))]);
         assert_handover(&report, &first, &second);
     }
@@ -1508,17 +1693,22 @@ mod tests {
         let server = tokio::spawn(async move {
             // The first connection dies without a signal after a few frames.
             let (tcp, _) = listener.accept().await.unwrap();
-            let (mut r, mut w) = conn::accept(tcp, Duration::from_secs(5), Limits::default()).await.unwrap();
+            let (mut r, mut w) = conn::accept(tcp, Duration::from_secs(5), Limits::default())
+                .await
+                .unwrap();
             let mut media = 0;
             while let Ok(Some(msg)) = r.next().await {
                 match msg {
                     Message::Command { command, .. } if command.name == "connect" || command.name == "createStream" => {
-                        let reply = Message::command(0, "_result", command.transaction, vec![Value::Null, Value::Number(1.0)]);
+                        let reply =
+                            Message::command(0, "_result", command.transaction, vec![Value::Null, Value::Number(1.0)]);
                         w.send(&reply).await.unwrap();
                     }
                     Message::Command { command, .. } if command.name == "publish" => {
                         let info = Value::object([("code", Value::string("NetStream.Publish.Start"))]);
-                        w.send(&Message::command(1, "onStatus", 0.0, vec![Value::Null, info])).await.unwrap();
+                        w.send(&Message::command(1, "onStatus", 0.0, vec![Value::Null, info]))
+                            .await
+                            .unwrap();
                     }
                     Message::Video { .. } | Message::Audio { .. } => media += 1,
                     _ => {}
@@ -1536,7 +1726,10 @@ mod tests {
         let mut progress = publisher.progress();
         let stop = CancellationToken::new();
         let run = tokio::spawn(publisher.run(stop.clone()));
-        progress.wait_for(|p| p.connections == 2 && p.frames >= 60).await.unwrap();
+        progress
+            .wait_for(|p| p.connections == 2 && p.frames >= 60)
+            .await
+            .unwrap();
         stop.cancel();
         let report = run.await.unwrap().unwrap();
         let second = server.await.unwrap();
@@ -1545,7 +1738,12 @@ mod tests {
         assert!(report.error.is_none(), "{:?}", report.error);
         // Nothing queued was skipped: the second connection got every frame after the first's.
         let on_second: Vec<String> = second.frames().iter().map(|(_, _, p)| media::payload_hash(p)).collect();
-        let sent_second: Vec<String> = report.sent.iter().filter(|f| f.conn == 1).map(|f| f.hash.clone()).collect();
+        let sent_second: Vec<String> = report
+            .sent
+            .iter()
+            .filter(|f| f.conn == 1)
+            .map(|f| f.hash.clone())
+            .collect();
         assert_eq!(on_second, sent_second);
         assert!(report.sent.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
     }

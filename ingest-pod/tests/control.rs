@@ -188,3 +188,38 @@ async fn start_drain_is_idempotent_and_watch_streams_phases_in_order() {
     assert!(phases.windows(2).all(|w| order(&w[0]) < order(&w[1])), "phases in order: {phases:?}");
     let _ = ff.kill().await;
 }
+
+/// grpcurl (built by .ci/setup) lists the service through reflection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_the_service_by_reflection() {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .expect("HOME or XDG_CACHE_HOME");
+    let grpcurl = cache.join("lossless-ingest/bin/grpcurl");
+    assert!(grpcurl.exists(), "{} is missing: run .ci/setup", grpcurl.display());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
+    let pod = pod("grpcurl", &origin, &[]).await;
+    let addr = pod.control.expect("control").to_string();
+    let list = Command::new(&grpcurl).args(["-plaintext", &addr, "list"]).output().await.expect("grpcurl list");
+    let out = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "grpcurl list failed: {}", String::from_utf8_lossy(&list.stderr));
+    assert!(out.lines().any(|l| l == "ingest.control.v1.IngestControl"), "{out}");
+    assert!(out.lines().any(|l| l == "grpc.health.v1.Health"), "{out}");
+    let auth = format!("authorization: Bearer {TOKEN}");
+    let call = Command::new(&grpcurl)
+        .args(["-plaintext", "-H", &auth, &addr, "ingest.control.v1.IngestControl/GetStatus"])
+        .output()
+        .await
+        .expect("grpcurl call");
+    let out = String::from_utf8_lossy(&call.stdout);
+    assert!(call.status.success() && out.contains("\"pod\": \"grpcurl\""), "{out}");
+    let denied = Command::new(&grpcurl)
+        .args(["-plaintext", &addr, "ingest.control.v1.IngestControl/GetStatus"])
+        .output()
+        .await
+        .expect("grpcurl call");
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
+}

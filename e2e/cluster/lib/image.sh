@@ -87,8 +87,9 @@ build_image() {
 	local file=${name//\//_}_$tag
 	# docker save layout: manifest.json naming the config and the layer tar.
 	mkdir -p "$work/docker/$layer_sha"
-	cp "$work/config.json" "$work/docker/$config_sha.json"
-	cp "$work/layer.tar" "$work/docker/$layer_sha/layer.tar"
+	# Hard links: the layer may be hundreds of MB (a debug binary); tar reads it anyway.
+	ln "$work/config.json" "$work/docker/$config_sha.json"
+	ln "$work/layer.tar" "$work/docker/$layer_sha/layer.tar"
 	jq -n --arg cfg "$config_sha.json" --arg ref "$ref" --arg layer "$layer_sha/layer.tar" \
 		'[{ Config: $cfg, RepoTags: [$ref], Layers: [$layer] }]' >"$work/docker/manifest.json"
 	tar_dir "$work/docker" "$out/$file.tar"
@@ -96,8 +97,8 @@ build_image() {
 	# OCI image layout, archived: what `skopeo copy oci-archive:` reads.
 	local blobs=$work/oci/blobs/sha256
 	mkdir -p "$blobs"
-	cp "$work/layer.tar" "$blobs/$layer_sha"
-	cp "$work/config.json" "$blobs/$config_sha"
+	ln "$work/layer.tar" "$blobs/$layer_sha"
+	ln "$work/config.json" "$blobs/$config_sha"
 	jq -n --arg c "sha256:$config_sha" --argjson cs "$(size_of "$work/config.json")" \
 		--arg l "sha256:$layer_sha" --argjson ls "$(size_of "$work/layer.tar")" '{
 		schemaVersion: 2, mediaType: "application/vnd.oci.image.manifest.v1+json",
@@ -106,7 +107,7 @@ build_image() {
 	}' >"$work/manifest.json"
 	local manifest_sha
 	manifest_sha=$(sha256_of "$work/manifest.json")
-	cp "$work/manifest.json" "$blobs/$manifest_sha"
+	ln "$work/manifest.json" "$blobs/$manifest_sha"
 	printf '{"imageLayoutVersion":"1.0.0"}' >"$work/oci/oci-layout"
 	jq -n --arg m "sha256:$manifest_sha" --argjson ms "$(size_of "$work/manifest.json")" \
 		--arg tag "$tag" --arg ref "$ref" '{

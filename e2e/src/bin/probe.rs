@@ -24,7 +24,11 @@ async fn main() -> Result<()> {
         .create(&PostParams::default(), &SelfSubjectReview::default())
         .await
         .context("SelfSubjectReview")?;
-    let user = review.status.and_then(|s| s.user_info).and_then(|u| u.username).unwrap_or_default();
+    let user = review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .unwrap_or_default();
     let namespace = std::fs::read_to_string(NAMESPACE_FILE).context("reading the pod's namespace")?;
     let pods = Api::<Pod>::namespaced(client, namespace.trim())
         .list(&ListParams::default())

@@ -19,25 +19,41 @@ const INGEST_IMAGE: &str = "localhost/ingest-pod:dev";
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
-        Scenario::new("smoke_service_account_reaches_api_server", service_account_reaches_api_server),
+        Scenario::new(
+            "smoke_service_account_reaches_api_server",
+            service_account_reaches_api_server,
+        ),
         Scenario::new("smoke_ingest_publish_and_drain", ingest_publish_and_drain).timeout(Duration::from_secs(600)),
     ]
 }
 
 async fn service_account_reaches_api_server(c: Arc<Cluster>) -> Result<()> {
-    c.load_image(&Image::new(PROBE_IMAGE, env!("CARGO_BIN_EXE_probe"))).await?;
+    c.load_image(&Image::new(PROBE_IMAGE, env!("CARGO_BIN_EXE_probe")))
+        .await?;
     let ns = c.namespace("smoke-sa").await?;
     c.apply(&probe_manifests(&ns)).await?;
     let phase = eventually("probe pod to finish", Duration::from_secs(120), || async {
-        let phase = c.kubectl(&["-n", &ns, "get", "pod", "probe", "-o", "jsonpath={.status.phase}"]).await?;
-        if phase == "Succeeded" || phase == "Failed" { Ok(phase) } else { bail!("phase {phase:?}") }
+        let phase = c
+            .kubectl(&["-n", &ns, "get", "pod", "probe", "-o", "jsonpath={.status.phase}"])
+            .await?;
+        if phase == "Succeeded" || phase == "Failed" {
+            Ok(phase)
+        } else {
+            bail!("phase {phase:?}")
+        }
     })
     .await?;
     let logs = c.kubectl(&["-n", &ns, "logs", "probe"]).await?;
     ensure!(phase == "Succeeded", "probe pod {phase}: {logs}");
     // The Service VIP (first Service IP), not the API server's own address.
-    ensure!(logs.contains("url=https://10.96.0.1"), "probe did not use the Service VIP: {logs}");
-    ensure!(logs.contains(&format!("user=system:serviceaccount:{ns}:probe ")), "probe was not its ServiceAccount: {logs}");
+    ensure!(
+        logs.contains("url=https://10.96.0.1"),
+        "probe did not use the Service VIP: {logs}"
+    );
+    ensure!(
+        logs.contains(&format!("user=system:serviceaccount:{ns}:probe ")),
+        "probe was not its ServiceAccount: {logs}"
+    );
     Ok(())
 }
 
@@ -46,26 +62,53 @@ async fn ingest_publish_and_drain(c: Arc<Cluster>) -> Result<()> {
     c.load_image(&Image::new(INGEST_IMAGE, ingest_pod_binary()?)).await?;
     let ns = c.namespace("smoke-ingest").await?;
     c.apply(&ingest_manifests(&ns, &origin.upstream_template())).await?;
-    c.kubectl(&["-n", &ns, "rollout", "status", "deployment/ingest", "--timeout=180s"]).await?;
+    c.kubectl(&["-n", &ns, "rollout", "status", "deployment/ingest", "--timeout=180s"])
+        .await?;
     let nodes = ready_nodes(&c, &ns, 3).await?;
     ensure!(nodes.len() == 2, "3 replicas should span both nodes, ran on {nodes:?}");
 
-    let vip = c.kubectl(&["-n", &ns, "get", "service", "ingest", "-o", "jsonpath={.spec.clusterIP}"]).await?;
+    let vip = c
+        .kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "service",
+            "ingest",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .await?;
     rtmp::publish(&format!("rtmp://{vip}:1935/live/smoke"), 6).await?;
     recorded(&origin, 1, 4.0).await?;
 
     let drained = &c.nodes()[0];
-    c.kubectl(&["drain", drained, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=180s"]).await?;
+    c.kubectl(&[
+        "drain",
+        drained,
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--timeout=180s",
+    ])
+    .await?;
     let survivor = c.nodes()[1].clone();
-    eventually(&format!("3 ready ingest pods, all on {survivor}"), Duration::from_secs(120), || async {
-        let nodes = ready_nodes(&c, &ns, 3).await?;
-        if nodes == BTreeSet::from([survivor.clone()]) { Ok(()) } else { bail!("on {nodes:?}") }
-    })
+    eventually(
+        &format!("3 ready ingest pods, all on {survivor}"),
+        Duration::from_secs(120),
+        || async {
+            let nodes = ready_nodes(&c, &ns, 3).await?;
+            if nodes == BTreeSet::from([survivor.clone()]) {
+                Ok(())
+            } else {
+                bail!("on {nodes:?}")
+            }
+        },
+    )
     .await?;
 
     // The Service still takes publishers, now only on the surviving node.
     rtmp::publish(&format!("rtmp://{vip}:1935/live/smoke"), 4).await?;
-    recorded(&origin, 2, 2.5).await
+    recorded(&origin, 2, 2.5)
+        .await
         .with_context(|| format!("origin log: {}", origin.error_log().display()))
 }
 
@@ -73,7 +116,12 @@ async fn ingest_publish_and_drain(c: Arc<Cluster>) -> Result<()> {
 async fn ready_nodes(c: &Cluster, ns: &str, want: usize) -> Result<BTreeSet<String>> {
     let pods = c.pods(ns, "app=ingest").await?;
     let ready: Vec<_> = pods.iter().filter(|(_, _, ready)| *ready).collect();
-    ensure!(ready.len() == want && pods.len() == want, "{} of {} ingest pods ready, want {want}", ready.len(), pods.len());
+    ensure!(
+        ready.len() == want && pods.len() == want,
+        "{} of {} ingest pods ready, want {want}",
+        ready.len(),
+        pods.len()
+    );
     Ok(ready.iter().map(|(_, node, _)| node.clone()).collect())
 }
 
@@ -85,7 +133,11 @@ async fn recorded(origin: &Origin, count: usize, seconds: f64) -> Result<()> {
         let newest = files.last().context("no recording yet")?;
         ensure!(files.len() == count, "{} recordings, want {count}", files.len());
         let got = rtmp::video_duration(newest).await?;
-        ensure!(got >= seconds, "{} holds {got:.1}s of video, want {seconds}s", newest.display());
+        ensure!(
+            got >= seconds,
+            "{} holds {got:.1}s of video, want {seconds}s",
+            newest.display()
+        );
         Ok(())
     })
     .await
@@ -93,13 +145,19 @@ async fn recorded(origin: &Origin, count: usize, seconds: f64) -> Result<()> {
 
 /// `INGEST_POD_BIN`, else the workspace's release build.
 fn ingest_pod_binary() -> Result<PathBuf> {
-    let path = std::env::var_os("INGEST_POD_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        target.join("release/ingest-pod")
-    });
-    ensure!(path.is_file(), "{} is missing: run `cargo build --release -p ingest-pod` first", path.display());
+    let path = std::env::var_os("INGEST_POD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("release/ingest-pod")
+        });
+    ensure!(
+        path.is_file(),
+        "{} is missing: run `cargo build --release -p ingest-pod` first",
+        path.display()
+    );
     Ok(path)
 }
 

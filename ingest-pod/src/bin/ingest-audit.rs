@@ -25,5 +25,9 @@ fn main() -> anyhow::Result<ExitCode> {
     let Args { log_dir, record_dir } = Args::parse();
     let reports = audit::audit_all(&log_dir, &record_dir)?;
     print!("{}", audit::table(&reports));
-    Ok(if reports.iter().all(audit::AuditReport::lossless) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if reports.iter().all(audit::AuditReport::lossless) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

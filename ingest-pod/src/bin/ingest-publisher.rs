@@ -82,7 +82,11 @@ impl Args {
             .map(|i| {
                 let stream = format!("{prefix}-{i}");
                 let mut cfg = PublisherConfig::new(format!("{}/{stream}", url.trim_end_matches('/')));
-                (cfg.go_away, cfg.reconnect) = if mixed { [(true, false), (false, true), (true, true)][i as usize % 3] } else { (go_away, reconnect) };
+                (cfg.go_away, cfg.reconnect) = if mixed {
+                    [(true, false), (false, true), (true, true)][i as usize % 3]
+                } else {
+                    (go_away, reconnect)
+                };
                 (cfg.fps, cfg.gop, cfg.video_bitrate_bps, cfg.audio) = (fps, gop, video_bitrate, !no_audio);
                 (cfg.duration, cfg.connect_timeout) = (duration, connect_timeout);
                 cfg.log = log_dir.as_ref().map(|d| d.join(format!("{stream}.jsonl")));
@@ -107,6 +111,8 @@ async fn main() -> anyhow::Result<ExitCode> {
     });
     let results = publisher::run_many(args.configs()?, stagger, shutdown).await;
     print!("{}", publisher::summary_table(&results));
-    let failed = results.iter().any(|(_, r)| r.as_ref().map_or(true, |r| r.error.is_some()));
+    let failed = results
+        .iter()
+        .any(|(_, r)| r.as_ref().map_or(true, |r| r.error.is_some()));
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
