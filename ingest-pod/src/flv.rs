@@ -59,10 +59,15 @@ impl<W: Write> FlvWriter<W> {
 }
 
 /// Reads all tags of an FLV stream. A truncated last tag (a recording cut
-/// while being written) ends the list without an error.
+/// while being written) ends the list without an error, and so does an
+/// empty file (nginx-rtmp opens a recording before the first frame).
 pub fn read_tags(mut input: impl Read) -> Result<Vec<Tag>, Error> {
     let mut header = [0u8; 9];
-    input.read_exact(&mut header)?;
+    match read_full(&mut input, &mut header)? {
+        0 => return Ok(Vec::new()),
+        9 => {}
+        _ => return Err(Error::BadSignature),
+    }
     if &header[..3] != b"FLV" {
         return Err(Error::BadSignature);
     }
@@ -76,8 +81,10 @@ pub fn read_tags(mut input: impl Read) -> Result<Vec<Tag>, Error> {
         }
         let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
         let timestamp = u32::from_be_bytes([h[7], h[4], h[5], h[6]]);
-        let mut data = vec![0u8; len];
-        if read_full(&mut input, &mut data)? < len {
+        // Grow with the bytes that are really there, not by the announced size.
+        let mut data = Vec::new();
+        (&mut input).take(len as u64).read_to_end(&mut data)?;
+        if data.len() < len {
             break;
         }
         let mut trailer = [0u8; 4];
@@ -117,5 +124,7 @@ mod tests {
         let cut = read_tags(&buf[..buf.len() - 6]).unwrap();
         assert_eq!(cut.len(), 2);
         assert!(matches!(read_tags(&b"NOTFLV123"[..]), Err(Error::BadSignature)));
+        assert!(read_tags(&b""[..]).unwrap().is_empty());
+        assert!(matches!(read_tags(&b"FLV"[..]), Err(Error::BadSignature)));
     }
 }

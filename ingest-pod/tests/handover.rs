@@ -1,0 +1,155 @@
+//! The handover: two ingest pods behind a readiness-aware balancer, both
+//! relaying to a real nginx-rtmp origin; the pod a capable publisher landed
+//! on is drained; every audio/video message reaches the origin exactly once
+//! and in order (payload hashes of the origin's recordings).
+
+use std::time::Duration;
+
+use ingest_pod::audit;
+use ingest_pod::drain::{DrainSpec, IncapablePolicy};
+use ingest_pod::lab::{Balancer, LocalPod};
+use ingest_pod::origin::Origin;
+use ingest_pod::publisher::{Publisher, PublisherConfig, PublisherReport};
+use ingest_pod::registry::SignalKind;
+use tokio_util::sync::CancellationToken;
+
+struct Lab {
+    _dir: tempfile::TempDir,
+    origin: Option<Origin>,
+    pods: Vec<LocalPod>,
+    balancer: Balancer,
+}
+
+async fn lab(extra: &[&str]) -> Lab {
+    ingest_pod::server::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
+    let template = origin.template();
+    let mut args = vec!["--upstream", template.as_str(), "--propagation-delay", "300ms", "--grace-period", "20s"];
+    args.extend_from_slice(extra);
+    let a = LocalPod::start("pod-a", &args).await.expect("pod a");
+    let b = LocalPod::start("pod-b", &args).await.expect("pod b");
+    let balancer = Balancer::start(vec![a.backend(), b.backend()]).await.expect("balancer");
+    Lab { _dir: dir, origin: Some(origin), pods: vec![a, b], balancer }
+}
+
+async fn until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    for _ in 0..secs * 20 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {secs}s waiting for {what}");
+}
+
+fn config(url: String, go_away: bool, reconnect: bool) -> PublisherConfig {
+    PublisherConfig { go_away, reconnect, fps: 30, gop: 15, video_bitrate_bps: 400_000, width: 320, height: 240, ..PublisherConfig::new(url) }
+}
+
+/// Runs one publisher through the balancer, calls `drain` on the pod it
+/// landed on once it streams, and returns its report after the move.
+async fn publish_through_drain(lab: &mut Lab, cfg: PublisherConfig, drain: impl FnOnce(&mut LocalPod)) -> (PublisherReport, usize) {
+    let publisher = Publisher::new(cfg).expect("publisher");
+    let stream = publisher.stream().to_owned();
+    let progress = publisher.progress();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(publisher.run(stop.clone()));
+    let p = progress.clone();
+    until("2 s of media", 20, || p.borrow().video_frames >= 60).await;
+    let landed = lab
+        .pods
+        .iter()
+        .position(|pod| pod.registry.connections().iter().any(|c| c.stream.as_deref() == Some(stream.as_str())))
+        .expect("publisher on a pod");
+    drain(&mut lab.pods[landed]);
+    let p = progress.clone();
+    until("the publisher moved", 20, || p.borrow().connections >= 2).await;
+    let drained = lab.pods[landed].registry.clone();
+    until("the drained pod emptied and flushed", 20, || drained.connection_count() == 0 && drained.relays_active() == 0).await;
+    // Keep streaming on the new pod for a while, then stop cleanly.
+    let p = progress.clone();
+    let moved_at = p.borrow().video_frames;
+    until("1 s more on the new pod", 20, || p.borrow().video_frames >= moved_at + 30).await;
+    stop.cancel();
+    let report = task.await.expect("join").expect("publisher");
+    for pod in &lab.pods {
+        let r = pod.registry.clone();
+        until("relays finished", 20, || r.relays_active() == 0).await;
+    }
+    (report, landed)
+}
+
+fn audit(lab: &mut Lab, report: &PublisherReport) -> audit::AuditReport {
+    let origin = lab.origin.take().expect("origin");
+    let dir = origin.record_dir();
+    drop(origin); // nginx closes its recordings
+    let result = audit::audit_dir(&report.stream, &report.sent, &dir).expect("audit");
+    println!("{result}");
+    println!("handover gap at the publisher: {:?}", report.max_switch_gap());
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_away_through_a_sigterm_drain_loses_nothing() {
+    let mut lab = lab(&[]).await;
+    let url = format!("rtmp://{}/live/goaway", lab.balancer.addr);
+    let (report, landed) = publish_through_drain(&mut lab, config(url, true, false), LocalPod::sigterm).await;
+    assert_eq!(report.signals.len(), 1);
+    assert_eq!(report.signals[0].0, SignalKind::GoAway);
+    assert_eq!(report.connections, 2);
+    assert_eq!(report.unplanned_reconnects, 0);
+    lab.pods[landed].wait().await.expect("the drained pod exited cleanly");
+    let result = audit(&mut lab, &report);
+    assert!(result.lossless(), "{result}");
+    assert_eq!(result.recordings, 2, "one upstream publish per pod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_request_without_redirect_loses_nothing() {
+    let mut lab = lab(&[]).await;
+    let url = format!("rtmp://{}/live/rr", lab.balancer.addr);
+    let spec = |id: &str| DrainSpec {
+        id: id.into(),
+        deadline: Duration::from_secs(20),
+        rate: 10.0,
+        max_in_flight: 0,
+        incapable: IncapablePolicy::Disconnect,
+        redirects: vec![],
+        propagation_delay: Duration::from_millis(300),
+    };
+    let (report, _) = publish_through_drain(&mut lab, config(url, true, true), |pod| {
+        pod.drainer.start(spec("rr-1")).expect("drain");
+    })
+    .await;
+    assert_eq!(report.signals, vec![(SignalKind::ReconnectRequest, None)], "Reconnect Request preferred over Go Away");
+    let result = audit(&mut lab, &report);
+    assert!(result.lossless(), "{result}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_request_with_redirect_goes_to_the_named_pod() {
+    let mut lab = lab(&[]).await;
+    let url = format!("rtmp://{}/live/redirect", lab.balancer.addr);
+    let targets: Vec<String> = lab.pods.iter().map(|p| format!("rtmp://{}/live", p.rtmp)).collect();
+    let (report, landed) = publish_through_drain(&mut lab, config(url, false, true), |pod| {
+        let other = targets.iter().find(|t| !t.contains(&pod.rtmp.to_string())).expect("other pod").clone();
+        let spec = DrainSpec {
+            id: "redirect-1".into(),
+            deadline: Duration::from_secs(20),
+            rate: 0.0,
+            max_in_flight: 1,
+            incapable: IncapablePolicy::Wait,
+            redirects: vec![other],
+            propagation_delay: Duration::from_millis(300),
+        };
+        pod.drainer.start(spec).expect("drain");
+    })
+    .await;
+    let other = 1 - landed;
+    assert_eq!(report.signals.len(), 1);
+    assert_eq!(report.signals[0].1.as_deref(), Some(targets[other].as_str()));
+    assert_eq!(lab.pods[other].registry.totals().ended, 1, "the publisher ended on the redirect target");
+    let result = audit(&mut lab, &report);
+    assert!(result.lossless(), "{result}");
+}
