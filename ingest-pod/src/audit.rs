@@ -425,10 +425,11 @@ mod tests {
     /// with timestamps from `base`.
     fn session(g: &MediaGenerator, media: &[&Sample], base: u64) -> anyhow::Result<Vec<flv::Tag>> {
         let mut buf = Vec::new();
-        let mut w = FlvWriter::new(&mut buf, true, true)?;
-        w.write_tag(TAG_VIDEO, 0, &g.video_sequence_header())?;
-        write_media(&mut w, media, base)?;
-        drop(w);
+        {
+            let mut w = FlvWriter::new(&mut buf, true, true)?;
+            w.write_tag(TAG_VIDEO, 0, &g.video_sequence_header())?;
+            write_media(&mut w, media, base)?;
+        }
         Ok(flv::read_tags(&buf[..])?)
     }
 

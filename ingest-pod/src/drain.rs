@@ -180,7 +180,7 @@ impl Drainer {
         drop(current);
         self.registry.set_serving(false);
         self.registry.metrics().draining.set(1);
-        self.set_phase(Phase::Propagating);
+        self.export_phase(Phase::Propagating);
         let this = self.clone();
         self.tracker.spawn(async move { this.run(cancel).await }.instrument(span));
         Ok(self.status().expect("a drain was just started"))

@@ -153,3 +153,37 @@ async fn reconnect_request_with_redirect_goes_to_the_named_pod() {
     let result = audit(&mut lab, &report);
     assert!(result.lossless(), "{result}");
 }
+
+/// ffmpeg announces neither signal: the SIGTERM drain leaves it alone until
+/// the deadline, then the policy applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_applies_the_incapable_policy_to_ffmpeg() {
+    for (policy, expect_cut_by_deadline) in [("disconnect", true), ("wait", false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
+        let template = origin.template();
+        let args = ["--upstream", template.as_str(), "--propagation-delay", "100ms", "--drain-deadline", "1500ms"];
+        let mut pod = LocalPod::start("ff", &[&args[..], &["--grace-period", "4s", "--incapable-policy", policy]].concat()).await.expect("pod");
+        let mut ffmpeg = tokio::process::Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "quiet", "-re", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=15"])
+            .args(["-t", "60", "-c:v", "libx264", "-preset", "ultrafast", "-g", "15", "-pix_fmt", "yuv420p", "-f", "flv"])
+            .arg(format!("rtmp://{}/live/ff-{policy}", pod.rtmp))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ffmpeg");
+        let reg = pod.registry.clone();
+        until("ffmpeg publishing", 20, || reg.connections().iter().any(|c| c.publishing_since.is_some())).await;
+        pod.sigterm();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(pod.registry.connection_count(), 1, "{policy}: not signalled, not cut before the deadline");
+        assert_eq!(pod.registry.totals().signalled, 0);
+        // Between the deadline (1.5 s) and the end of the grace period (4 s).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let left = if expect_cut_by_deadline { 0 } else { 1 };
+        assert_eq!(pod.registry.connection_count(), left, "{policy}: state after the deadline");
+        pod.wait().await.expect("pod exit");
+        let status = tokio::time::timeout(Duration::from_secs(10), ffmpeg.wait()).await.expect("ffmpeg ends").expect("wait");
+        assert!(!status.success(), "{policy}: ffmpeg was cut in the end");
+        drop(origin);
+    }
+}
