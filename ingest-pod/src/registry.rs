@@ -120,7 +120,10 @@ pub struct Registry {
 impl Registry {
     pub fn new(metrics: Metrics) -> Arc<Self> {
         let inner = Inner { next_id: 1, serving: true, ..Inner::default() };
-        Arc::new(Self { inner: Mutex::new(inner), changes: watch::channel(0).0, metrics })
+        let registry = Arc::new(Self { inner: Mutex::new(inner), changes: watch::channel(0).0, metrics });
+        // Export every label from the start, zeros included.
+        registry.update_gauges();
+        registry
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
