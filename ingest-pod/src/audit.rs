@@ -194,6 +194,10 @@ pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> Audi
     let mut highest: Option<usize> = None;
     let mut last_pts: Option<u64> = None;
     for rec in recordings {
+        // nginx-rtmp leaves an empty file for a publish it refused.
+        if rec.tags.is_empty() {
+            continue;
+        }
         report.sessions += 1;
         let mut session_media = 0usize;
         let mut last_ts: Option<u32> = None;

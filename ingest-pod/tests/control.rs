@@ -223,3 +223,70 @@ async fn grpcurl_lists_the_service_by_reflection() {
     assert!(!denied.status.success());
     assert!(String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"));
 }
+
+/// StartDrain over gRPC moves capable publishers of both kinds, with a
+/// redirect for Reconnect Request, and the pod's counts reach zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
+    use ingest_pod::lab::Balancer;
+    use ingest_pod::publisher::{Publisher, PublisherConfig};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
+    let a = pod("move-a", &origin, &[]).await;
+    let b = pod("move-b", &origin, &[]).await;
+    // Pod b is not ready yet: every publisher lands on pod a.
+    b.registry.set_serving(false);
+    let balancer = Balancer::start(vec![a.backend(), b.backend()]).await.expect("balancer");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for (i, (go_away, reconnect)) in [(true, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
+        let cfg = PublisherConfig {
+            go_away,
+            reconnect,
+            fps: 25,
+            gop: 10,
+            video_bitrate_bps: 200_000,
+            width: 160,
+            height: 120,
+            ..PublisherConfig::new(format!("rtmp://{}/live/cap{i}", balancer.addr))
+        };
+        tasks.push(tokio::spawn(Publisher::new(cfg).expect("publisher").run(stop.clone())));
+    }
+    let reg = a.registry.clone();
+    wait_for("4 publishers on pod a", || reg.connections().iter().filter(|c| c.publishing_since.is_some()).count() == 4).await;
+    b.registry.set_serving(true);
+    let mut c = client(&a, Some(TOKEN)).await;
+    let st = c.get_status(GetStatusRequest::default()).await.expect("status").into_inner();
+    let counts = st.counts.expect("counts");
+    assert_eq!((counts.go_away, counts.reconnect_request, counts.incapable, counts.publishing), (2, 2, 0, 4));
+
+    let redirect = format!("rtmp://{}/live", b.rtmp);
+    let mut req = drain_req("move-1", Duration::from_secs(20), IncapablePolicy::Disconnect);
+    req.redirect_tc_urls = vec![redirect];
+    req.propagation_delay = Some(Duration::from_millis(100).try_into().expect("d"));
+    c.start_drain(req).await.expect("start");
+    let mut watch = c.watch_status(WatchStatusRequest::default()).await.expect("watch").into_inner();
+    let mut last = None;
+    while let Ok(Some(st)) = tokio::time::timeout(Duration::from_secs(15), watch.message()).await.expect("in time") {
+        let d = st.drain.clone().expect("drain");
+        if d.phase() == DrainPhase::Drained {
+            last = Some(d);
+            break;
+        }
+    }
+    let drained = last.expect("reached Drained");
+    assert_eq!((drained.signalled, drained.migrated, drained.remaining, drained.relays_active), (4, 4, 0, 0));
+    // Reconnect Request went with the redirect to pod b; Go Away publishers
+    // reconnected through the balancer, which no longer picks pod a.
+    let breg = b.registry.clone();
+    wait_for("every publisher on pod b", || breg.connections().iter().filter(|c| c.publishing_since.is_some()).count() == 4).await;
+    let totals = a.registry.totals();
+    assert_eq!((totals.signalled, totals.migrated, totals.ended), (4, 4, 0));
+    stop.cancel();
+    for t in tasks {
+        let report = t.await.expect("join").expect("report");
+        assert_eq!(report.signals.len(), 1, "{}: signalled exactly once", report.stream);
+        assert_eq!(report.unplanned_reconnects, 0);
+    }
+}

@@ -8,6 +8,7 @@ use clap::Parser;
 use ingest_pod::publisher::{self, PublisherConfig, parse_duration};
 use ingest_pod::server;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 /// Publishes synthetic H.264/AAC-like streams whose every frame is unique,
 /// announcing RTMP Go Away and/or Enhanced RTMP Reconnect Request, and
@@ -99,7 +100,13 @@ impl Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    server::init_tracing();
+    // Logs go to stderr: stdout carries the summary.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
     let stagger = args.stagger;
     let shutdown = CancellationToken::new();
     tokio::spawn({
