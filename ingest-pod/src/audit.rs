@@ -75,7 +75,7 @@ pub struct AuditReport {
     pub unknown: usize,
     /// Metadata and sequence headers in the recordings.
     pub config_messages: usize,
-    /// Recording files (one per upstream publish with `record_unique on`).
+    /// Non-empty recording files (one per upstream publish with `record_unique on`).
     pub recordings: usize,
     /// Upstream publish sessions: files, or parts of a file after re-sent
     /// configuration when recordings are appended.
@@ -182,7 +182,9 @@ pub fn read_recordings(paths: &[PathBuf]) -> Result<Vec<Recording>> {
 pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> AuditReport {
     let mut report = AuditReport {
         stream: stream.to_owned(),
-        recordings: recordings.len(),
+        // nginx-rtmp opens a file for a publish it then refuses ("already
+        // publishing"): count only recordings that hold something.
+        recordings: recordings.iter().filter(|r| !r.tags.is_empty()).count(),
         ..Default::default()
     };
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(sent.len());
@@ -457,11 +459,13 @@ mod tests {
         record(&d.join("a-1700000002.flv"), &g, &after)?;
         // A stream whose name extends this one is not taken.
         record(&d.join("a-1-1700000001.flv"), &g, &[&all[0]])?;
+        // What nginx-rtmp leaves for a publish it refused.
+        File::create(d.join("a-1700000003.flv"))?;
         let r = audit_dir("a", &sent(&all), &d)?;
         assert!(r.lossless(), "{r}");
         assert_eq!(
             (r.sent, r.received, r.recordings, r.sessions, r.config_messages),
-            (all.len(), all.len(), 2, 2, 6)
+            (all.len(), all.len(), 3, 2, 6)
         );
         assert!(r.to_string().contains("LOSSLESS"));
         Ok(())

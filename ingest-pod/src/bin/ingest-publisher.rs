@@ -37,11 +37,13 @@ struct Args {
     /// Media length per publisher (90, 90s, 500ms, 2m); until Ctrl-C if unset.
     #[arg(long, env = "INGEST_PUBLISHER_DURATION", value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// Video frames per second.
     #[arg(long, env = "INGEST_PUBLISHER_FPS", default_value_t = 30)]
     fps: u32,
     /// Frames per GOP (a keyframe every N frames).
     #[arg(long, env = "INGEST_PUBLISHER_GOP", default_value_t = 30)]
     gop: u32,
+    /// Video bits per second (sets the payload sizes).
     #[arg(long, env = "INGEST_PUBLISHER_VIDEO_BITRATE", default_value_t = 2_500_000)]
     video_bitrate: u64,
     /// Publish video only.
