@@ -19,7 +19,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => (&s[..i], &s[i..]),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 25s, 2m)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 25s, 2m)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -57,7 +59,12 @@ pub struct Args {
     pub control_token_file: Option<PathBuf>,
 
     /// The bearer token itself, for environments without a file.
-    #[arg(long, env = "INGEST_CONTROL_TOKEN", hide_env_values = true, conflicts_with = "control_token_file")]
+    #[arg(
+        long,
+        env = "INGEST_CONTROL_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "control_token_file"
+    )]
     pub control_token: Option<String>,
 
     /// Let control API callers ask for stream keys in clear (hashed otherwise).
@@ -146,7 +153,10 @@ pub struct Args {
 
 impl Args {
     pub fn signals(&self) -> SignalsEnabled {
-        SignalsEnabled { go_away: self.signal_go_away, reconnect_request: self.signal_reconnect_request }
+        SignalsEnabled {
+            go_away: self.signal_go_away,
+            reconnect_request: self.signal_reconnect_request,
+        }
     }
 
     pub fn session_config(&self) -> SessionConfig {
@@ -197,7 +207,14 @@ mod tests {
 
     #[test]
     fn flags_and_env_defaults() {
-        let a = Args::try_parse_from(["ingest-pod", "--signal-go-away", "false", "--redirect", "rtmp://a/live,rtmp://b/live"]).unwrap();
+        let a = Args::try_parse_from([
+            "ingest-pod",
+            "--signal-go-away",
+            "false",
+            "--redirect",
+            "rtmp://a/live,rtmp://b/live",
+        ])
+        .unwrap();
         assert!(!a.signals().go_away);
         assert!(a.signals().reconnect_request);
         assert_eq!(a.sigterm_drain().redirects.len(), 2);

@@ -96,7 +96,10 @@ impl ControlService {
     /// The pod's status as the API shows it.
     pub fn status(&self, reveal: bool) -> PodStatus {
         let conns = self.registry.connections();
-        let mut counts = ConnectionCounts { total: conns.len() as u32, ..Default::default() };
+        let mut counts = ConnectionCounts {
+            total: conns.len() as u32,
+            ..Default::default()
+        };
         let publishers = conns
             .iter()
             .map(|c| {
@@ -111,9 +114,16 @@ impl ControlService {
                 Publisher {
                     id: c.id,
                     app: c.app.clone().unwrap_or_default(),
-                    stream: c.stream.as_deref().map(|s| if reveal { s.to_owned() } else { hide_key(s) }).unwrap_or_default(),
+                    stream: c
+                        .stream
+                        .as_deref()
+                        .map(|s| if reveal { s.to_owned() } else { hide_key(s) })
+                        .unwrap_or_default(),
                     remote_addr: c.peer.to_string(),
-                    capabilities: Some(Capabilities { go_away: c.caps.go_away, reconnect_request: c.caps.reconnect }),
+                    capabilities: Some(Capabilities {
+                        go_away: c.caps.go_away,
+                        reconnect_request: c.caps.reconnect,
+                    }),
                     connected_at: Some(ts(c.connected_at)),
                     publishing_since: c.publishing_since.map(ts),
                     bytes_received: c.bytes_in,
@@ -138,34 +148,50 @@ impl ControlService {
 
     fn check_reveal(&self, reveal: bool) -> Result<bool, Status> {
         if reveal && !self.reveal_allowed {
-            return Err(Status::permission_denied("stream keys are hidden on this pod (--control-reveal-stream-keys is off)"));
+            return Err(Status::permission_denied(
+                "stream keys are hidden on this pod (--control-reveal-stream-keys is off)",
+            ));
         }
         Ok(reveal)
     }
 
     fn spec(&self, req: StartDrainRequest) -> Result<DrainSpec, Status> {
         let duration = |d: Option<prost_types::Duration>, name: &str| -> Result<Option<Duration>, Status> {
-            d.map(|d| Duration::try_from(d).map_err(|_| Status::invalid_argument(format!("{name} must not be negative"))))
-                .transpose()
+            d.map(|d| {
+                Duration::try_from(d).map_err(|_| Status::invalid_argument(format!("{name} must not be negative")))
+            })
+            .transpose()
         };
         if req.drain_id.is_empty() || req.drain_id.len() > MAX_DRAIN_ID_LEN {
-            return Err(Status::invalid_argument(format!("drain_id must have 1 to {MAX_DRAIN_ID_LEN} characters")));
+            return Err(Status::invalid_argument(format!(
+                "drain_id must have 1 to {MAX_DRAIN_ID_LEN} characters"
+            )));
         }
         let deadline = duration(req.deadline, "deadline")?
             .filter(|d| !d.is_zero())
             .ok_or_else(|| Status::invalid_argument("deadline is required and must be positive"))?;
         if !req.rate.is_finite() || req.rate < 0.0 {
-            return Err(Status::invalid_argument(format!("rate must be >= 0 signals per second, got {}", req.rate)));
+            return Err(Status::invalid_argument(format!(
+                "rate must be >= 0 signals per second, got {}",
+                req.rate
+            )));
         }
         for url in &req.redirect_tc_urls {
             if !url.starts_with("rtmp://") && !url.starts_with("rtmps://") {
-                return Err(Status::invalid_argument(format!("redirect tcUrl {url:?} is not an rtmp:// or rtmps:// URL")));
+                return Err(Status::invalid_argument(format!(
+                    "redirect tcUrl {url:?} is not an rtmp:// or rtmps:// URL"
+                )));
             }
         }
         let incapable = match PbPolicy::try_from(req.incapable_policy) {
             Ok(PbPolicy::Wait) => IncapablePolicy::Wait,
             Ok(PbPolicy::Disconnect | PbPolicy::Unspecified) => IncapablePolicy::Disconnect,
-            Err(_) => return Err(Status::invalid_argument(format!("unknown incapable_policy {}", req.incapable_policy))),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown incapable_policy {}",
+                    req.incapable_policy
+                )));
+            }
         };
         Ok(DrainSpec {
             id: req.drain_id,
@@ -174,7 +200,8 @@ impl ControlService {
             max_in_flight: req.max_in_flight,
             incapable,
             redirects: req.redirect_tc_urls,
-            propagation_delay: duration(req.propagation_delay, "propagation_delay")?.unwrap_or(self.default_propagation),
+            propagation_delay: duration(req.propagation_delay, "propagation_delay")?
+                .unwrap_or(self.default_propagation),
         })
     }
 }
@@ -228,13 +255,24 @@ impl IngestControl for ControlService {
     async fn start_drain(&self, req: Request<StartDrainRequest>) -> Result<Response<StartDrainResponse>, Status> {
         let peer = req.remote_addr();
         let spec = self.spec(req.into_inner())?;
-        let before = self.drainer.status().filter(|d| d.phase != Phase::Cancelled).map(|d| d.spec.id);
+        let before = self
+            .drainer
+            .status()
+            .filter(|d| d.phase != Phase::Cancelled)
+            .map(|d| d.spec.id);
         let id = spec.id.clone();
-        let status = self.drainer.start(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let status = self
+            .drainer
+            .start(spec)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let started = before.is_none();
         let replaced = before.as_deref().is_some_and(|b| b != id);
         info!(?peer, drain = %id, started, replaced, "StartDrain");
-        Ok(Response::new(StartDrainResponse { drain: Some(drain_view(&status)), started, replaced }))
+        Ok(Response::new(StartDrainResponse {
+            drain: Some(drain_view(&status)),
+            started,
+            replaced,
+        }))
     }
 
     async fn cancel_drain(&self, req: Request<CancelDrainRequest>) -> Result<Response<CancelDrainResponse>, Status> {
@@ -242,11 +280,17 @@ impl IngestControl for ControlService {
         let current = self.drainer.status().filter(|d| d.phase != Phase::Cancelled);
         let matches = current.as_ref().is_some_and(|d| want.is_empty() || d.spec.id == want);
         if !matches {
-            return Ok(Response::new(CancelDrainResponse { drain: current.as_ref().map(drain_view), cancelled: false }));
+            return Ok(Response::new(CancelDrainResponse {
+                drain: current.as_ref().map(drain_view),
+                cancelled: false,
+            }));
         }
         let cancelled = self.drainer.cancel();
         info!(drain = %want, "CancelDrain");
-        Ok(Response::new(CancelDrainResponse { drain: cancelled.as_ref().map(drain_view), cancelled: true }))
+        Ok(Response::new(CancelDrainResponse {
+            drain: cancelled.as_ref().map(drain_view),
+            cancelled: true,
+        }))
     }
 }
 
@@ -269,11 +313,17 @@ pub struct BearerAuth {
 
 impl BearerAuth {
     pub fn new(token: &str) -> Self {
-        Self { token: token.trim().as_bytes().into() }
+        Self {
+            token: token.trim().as_bytes().into(),
+        }
     }
 
     fn check(&self, req: &Request<()>) -> Result<(), Status> {
-        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         let ok = given.is_some_and(|g| {
             let g = g.trim().as_bytes();
             g.len() == self.token.len() && g.iter().zip(self.token.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -299,7 +349,11 @@ pub async fn serve(
     let health_stop = stop.clone();
     let mut changes = registry.subscribe();
     let serving_status = move |r: &Registry| {
-        if r.serving() { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing }
+        if r.serving() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        }
     };
     // Set before serving, so the first check already answers.
     health.set_service_status("", serving_status(&registry)).await;

@@ -68,7 +68,13 @@ impl Phase {
         }
     }
 
-    const ALL: [Phase; 5] = [Phase::Propagating, Phase::Signalling, Phase::Drained, Phase::TimedOut, Phase::Cancelled];
+    const ALL: [Phase; 5] = [
+        Phase::Propagating,
+        Phase::Signalling,
+        Phase::Drained,
+        Phase::TimedOut,
+        Phase::Cancelled,
+    ];
 }
 
 /// The state of the current (or last) drain.
@@ -118,7 +124,12 @@ pub struct Drainer {
 
 impl Drainer {
     pub fn new(registry: Arc<Registry>, signals: SignalsEnabled, tracker: TaskTracker) -> Arc<Self> {
-        Arc::new(Self { registry, signals, tracker, current: Mutex::new(None) })
+        Arc::new(Self {
+            registry,
+            signals,
+            tracker,
+            current: Mutex::new(None),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Current>> {
@@ -176,13 +187,20 @@ impl Drainer {
         info!(id = %status.spec.id, deadline = ?status.spec.deadline, rate = status.spec.rate,
             policy = ?status.spec.incapable, redirects = status.spec.redirects.len(), "drain started");
         let span = info_span!("drain", id = %status.spec.id);
-        *current = Some(Current { status, cancel: cancel.clone(), started: Instant::now(), base_signalled: totals.signalled, base_migrated: totals.migrated });
+        *current = Some(Current {
+            status,
+            cancel: cancel.clone(),
+            started: Instant::now(),
+            base_signalled: totals.signalled,
+            base_migrated: totals.migrated,
+        });
         drop(current);
         self.registry.set_serving(false);
         self.registry.metrics().draining.set(1);
         self.export_phase(Phase::Propagating);
         let this = self.clone();
-        self.tracker.spawn(async move { this.run(cancel).await }.instrument(span));
+        self.tracker
+            .spawn(async move { this.run(cancel).await }.instrument(span));
         Ok(self.status().expect("a drain was just started"))
     }
 
@@ -255,12 +273,18 @@ impl Drainer {
 
     fn export_phase(&self, phase: Phase) {
         for p in Phase::ALL {
-            self.registry.metrics().drain_phase.get_or_create(&PhaseLabel { phase: p.label() }).set(i64::from(p == phase));
+            self.registry
+                .metrics()
+                .drain_phase
+                .get_or_create(&PhaseLabel { phase: p.label() })
+                .set(i64::from(p == phase));
         }
     }
 
     fn spec(&self) -> Option<(DrainSpec, Instant)> {
-        self.lock().as_ref().map(|c| (c.status.spec.clone(), c.started + c.status.spec.deadline))
+        self.lock()
+            .as_ref()
+            .map(|c| (c.status.spec.clone(), c.started + c.status.spec.deadline))
     }
 
     async fn run(self: Arc<Self>, cancel: CancellationToken) {
@@ -287,8 +311,13 @@ impl Drainer {
             let conns = self.registry.connections();
             let in_flight = conns.iter().filter(|c| c.signalled.is_some()).count() as u32;
             let mut sent = 0u32;
-            for c in conns.iter().filter(|c| c.signalled.is_none() && c.publishing_since.is_some()) {
-                let Some(kind) = self.signals.choose(c.caps) else { continue };
+            for c in conns
+                .iter()
+                .filter(|c| c.signalled.is_none() && c.publishing_since.is_some())
+            {
+                let Some(kind) = self.signals.choose(c.caps) else {
+                    continue;
+                };
                 if spec.max_in_flight > 0 && in_flight + sent >= spec.max_in_flight {
                     break;
                 }
@@ -303,7 +332,13 @@ impl Drainer {
                     _ => None,
                 };
                 if self.registry.signal(c.id, kind, tc_url.clone()) {
-                    info!(conn = c.id, stream = c.stream.as_deref().unwrap_or(""), kind = kind.label(), tc_url = tc_url.as_deref().unwrap_or(""), "publisher signalled");
+                    info!(
+                        conn = c.id,
+                        stream = c.stream.as_deref().unwrap_or(""),
+                        kind = kind.label(),
+                        tc_url = tc_url.as_deref().unwrap_or(""),
+                        "publisher signalled"
+                    );
                     sent += 1;
                     if spec.rate > 0.0 {
                         tokens -= 1.0;
@@ -317,7 +352,12 @@ impl Drainer {
                 warn!(remaining = left.len(), policy = ?spec.incapable, "drain deadline reached");
                 if spec.incapable == IncapablePolicy::Disconnect {
                     for c in &left {
-                        self.registry.command(c.id, SessionCommand::Disconnect { reason: "drain deadline" });
+                        self.registry.command(
+                            c.id,
+                            SessionCommand::Disconnect {
+                                reason: "drain deadline",
+                            },
+                        );
                     }
                 }
             }
@@ -367,7 +407,10 @@ mod tests {
 
     fn setup() -> (Arc<Registry>, Arc<Drainer>) {
         let reg = Registry::new(Metrics::default());
-        let all = SignalsEnabled { go_away: true, reconnect_request: true };
+        let all = SignalsEnabled {
+            go_away: true,
+            reconnect_request: true,
+        };
         let drainer = Drainer::new(reg.clone(), all, TaskTracker::new());
         (reg, drainer)
     }
@@ -380,7 +423,13 @@ mod tests {
     async fn signals_after_propagation_and_reports_drained() {
         let (reg, drainer) = setup();
         let (a, mut rx) = reg.register(addr());
-        a.connected("live", Caps { go_away: true, reconnect: false });
+        a.connected(
+            "live",
+            Caps {
+                go_away: true,
+                reconnect: false,
+            },
+        );
         assert!(a.publish("live", "a"));
         let st = drainer.start(spec("d1")).unwrap();
         assert_eq!(st.phase, Phase::Propagating);
@@ -388,7 +437,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert!(rx.try_recv().is_err(), "nothing is signalled during propagation");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(rx.try_recv().unwrap(), SessionCommand::Signal { kind: SignalKind::GoAway, tc_url: None });
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            SessionCommand::Signal {
+                kind: SignalKind::GoAway,
+                tc_url: None
+            }
+        );
         assert_eq!(drainer.status().unwrap().signalled, 1);
         drop(a);
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -408,8 +463,20 @@ mod tests {
         assert_eq!(replaced.spec.id, "d2");
         assert_eq!(replaced.started_at, first.started_at);
         assert_eq!(replaced.deadline_at, first.started_at + Duration::from_secs(5));
-        assert_eq!(drainer.start(DrainSpec { deadline: Duration::ZERO, ..spec("x") }), Err(Error::ZeroDeadline));
-        assert!(matches!(drainer.start(DrainSpec { rate: f64::NAN, ..spec("x") }), Err(Error::BadRate(_))));
+        assert_eq!(
+            drainer.start(DrainSpec {
+                deadline: Duration::ZERO,
+                ..spec("x")
+            }),
+            Err(Error::ZeroDeadline)
+        );
+        assert!(matches!(
+            drainer.start(DrainSpec {
+                rate: f64::NAN,
+                ..spec("x")
+            }),
+            Err(Error::BadRate(_))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -419,22 +486,40 @@ mod tests {
         let mut guards = Vec::new();
         for i in 0..4 {
             let (g, rx) = reg.register(addr());
-            g.connected("live", Caps { go_away: true, reconnect: true });
+            g.connected(
+                "live",
+                Caps {
+                    go_away: true,
+                    reconnect: true,
+                },
+            );
             assert!(g.publish("live", &format!("k{i}")));
             guards.push(g);
             rxs.push(rx);
         }
-        let s = DrainSpec { rate: 2.0, redirects: vec!["rtmp://b/live".into()], propagation_delay: Duration::ZERO, ..spec("r") };
+        let s = DrainSpec {
+            rate: 2.0,
+            redirects: vec!["rtmp://b/live".into()],
+            propagation_delay: Duration::ZERO,
+            ..spec("r")
+        };
         drainer.start(s).unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(drainer.status().unwrap().signalled, 2, "a burst of one second of signals");
+        assert_eq!(
+            drainer.status().unwrap().signalled,
+            2,
+            "a burst of one second of signals"
+        );
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(drainer.status().unwrap().signalled, 3);
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(drainer.status().unwrap().signalled, 4);
         assert_eq!(
             rxs[0].try_recv().unwrap(),
-            SessionCommand::Signal { kind: SignalKind::ReconnectRequest, tc_url: Some("rtmp://b/live".into()) }
+            SessionCommand::Signal {
+                kind: SignalKind::ReconnectRequest,
+                tc_url: Some("rtmp://b/live".into())
+            }
         );
     }
 
@@ -444,11 +529,22 @@ mod tests {
         let (g, mut rx) = reg.register(addr());
         g.connected("live", Caps::default());
         assert!(g.publish("live", "ffmpeg"));
-        drainer.start(DrainSpec { deadline: Duration::from_secs(3), propagation_delay: Duration::ZERO, ..spec("d") }).unwrap();
+        drainer
+            .start(DrainSpec {
+                deadline: Duration::from_secs(3),
+                propagation_delay: Duration::ZERO,
+                ..spec("d")
+            })
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(2900)).await;
         assert!(rx.try_recv().is_err(), "an incapable publisher gets no signal");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(rx.try_recv().unwrap(), SessionCommand::Disconnect { reason: "drain deadline" });
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            SessionCommand::Disconnect {
+                reason: "drain deadline"
+            }
+        );
         assert_eq!(drainer.status().unwrap().phase, Phase::TimedOut);
         drainer.cancel();
         assert!(reg.serving());
@@ -462,7 +558,12 @@ mod tests {
         let (g, mut rx) = reg.register(addr());
         g.connected("live", Caps::default());
         assert!(g.publish("live", "ffmpeg"));
-        let s = DrainSpec { deadline: Duration::from_secs(1), incapable: IncapablePolicy::Wait, propagation_delay: Duration::ZERO, ..spec("w") };
+        let s = DrainSpec {
+            deadline: Duration::from_secs(1),
+            incapable: IncapablePolicy::Wait,
+            propagation_delay: Duration::ZERO,
+            ..spec("w")
+        };
         drainer.start(s).unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(rx.try_recv().is_err());
@@ -476,11 +577,23 @@ mod tests {
         let mut guards = Vec::new();
         for i in 0..3 {
             let (g, rx) = reg.register(addr());
-            g.connected("live", Caps { go_away: true, reconnect: false });
+            g.connected(
+                "live",
+                Caps {
+                    go_away: true,
+                    reconnect: false,
+                },
+            );
             assert!(g.publish("live", &format!("k{i}")));
             guards.push((g, rx));
         }
-        drainer.start(DrainSpec { max_in_flight: 1, propagation_delay: Duration::ZERO, ..spec("m") }).unwrap();
+        drainer
+            .start(DrainSpec {
+                max_in_flight: 1,
+                propagation_delay: Duration::ZERO,
+                ..spec("m")
+            })
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(drainer.status().unwrap().signalled, 1);
         // The signalled one leaves; the next is signalled.

@@ -72,7 +72,10 @@ pub fn read_tags(mut input: impl Read) -> Result<Vec<Tag>, Error> {
         return Err(Error::BadSignature);
     }
     let offset = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) as usize;
-    io::copy(&mut (&mut input).take(offset.saturating_sub(9) as u64 + 4), &mut io::sink())?;
+    io::copy(
+        &mut (&mut input).take(offset.saturating_sub(9) as u64 + 4),
+        &mut io::sink(),
+    )?;
     let mut tags = Vec::new();
     loop {
         let mut h = [0u8; 11];
@@ -89,7 +92,11 @@ pub fn read_tags(mut input: impl Read) -> Result<Vec<Tag>, Error> {
         }
         let mut trailer = [0u8; 4];
         read_full(&mut input, &mut trailer)?;
-        tags.push(Tag { tag_type: h[0] & 0x1f, timestamp, data: Bytes::from(data) });
+        tags.push(Tag {
+            tag_type: h[0] & 0x1f,
+            timestamp,
+            data: Bytes::from(data),
+        });
     }
     Ok(tags)
 }

@@ -31,7 +31,13 @@ pub struct LocalPod {
 impl LocalPod {
     /// Starts a pod on loopback ports with `extra` flags (see `ingest-pod --help`).
     pub async fn start(name: &str, extra: &[&str]) -> Result<Self, server::Error> {
-        let mut argv = vec!["ingest-pod", "--rtmp-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"];
+        let mut argv = vec![
+            "ingest-pod",
+            "--rtmp-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ];
         argv.extend(["--control-listen", "127.0.0.1:0", "--pod-name", name]);
         argv.extend_from_slice(extra);
         let args = Args::try_parse_from(&argv).map_err(|e| server::Error::Config(e.to_string()))?;
@@ -63,13 +69,19 @@ impl LocalPod {
     /// Waits for the pod to exit (after [`sigterm`](Self::sigterm)).
     pub async fn wait(&mut self) -> Result<(), server::Error> {
         match self.task.take() {
-            Some(t) => t.await.unwrap_or_else(|e| Err(server::Error::Config(format!("pod task failed: {e}")))),
+            Some(t) => t
+                .await
+                .unwrap_or_else(|e| Err(server::Error::Config(format!("pod task failed: {e}")))),
             None => Ok(()),
         }
     }
 
     pub fn backend(&self) -> Backend {
-        Backend { name: self.name.clone(), rtmp: self.rtmp, registry: self.registry.clone() }
+        Backend {
+            name: self.name.clone(),
+            rtmp: self.rtmp,
+            registry: self.registry.clone(),
+        }
     }
 }
 
@@ -103,7 +115,9 @@ impl Balancer {
         let next = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, peer)) = listener.accept().await else { continue };
+                let Ok((client, peer)) = listener.accept().await else {
+                    continue;
+                };
                 let ready: Vec<&Backend> = backends.iter().filter(|b| b.registry.serving()).collect();
                 if ready.is_empty() {
                     warn!(%peer, "balancer: no ready backend");
@@ -112,7 +126,9 @@ impl Balancer {
                 let target = ready[next.fetch_add(1, Ordering::Relaxed) % ready.len()].clone();
                 debug!(%peer, backend = %target.name, "balancer: forwarding");
                 tokio::spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect(target.rtmp).await else { return };
+                    let Ok(mut upstream) = TcpStream::connect(target.rtmp).await else {
+                        return;
+                    };
                     let mut client = client;
                     let _ = client.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);

@@ -7,19 +7,19 @@
 //! [`publisher`] is a capable test publisher and [`audit`] the loss check
 //! the tests and the demo share.
 
-pub mod rtmp;
+pub mod audit;
+pub mod config;
+pub mod control;
 pub mod drain;
 pub mod flv;
+pub mod http;
+pub mod lab;
 pub mod media;
 pub mod metrics;
+pub mod origin;
+pub mod publisher;
 pub mod registry;
 pub mod relay;
-pub mod session;
-pub mod config;
-pub mod http;
+pub mod rtmp;
 pub mod server;
-pub mod origin;
-pub mod audit;
-pub mod publisher;
-pub mod control;
-pub mod lab;
+pub mod session;

@@ -52,20 +52,68 @@ impl Metrics {
     /// Registers every metric under the `ingest` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("ingest");
-        r.register("connections", "Open RTMP connections by announced capability", self.connections.clone());
+        r.register(
+            "connections",
+            "Open RTMP connections by announced capability",
+            self.connections.clone(),
+        );
         r.register("publishes", "Publish sessions started", self.publishes.clone());
-        r.register("received_bytes", "Bytes received from publishers", self.bytes_in.clone());
-        r.register("relayed_bytes", "Media bytes written to the upstream origin", self.bytes_relayed.clone());
+        r.register(
+            "received_bytes",
+            "Bytes received from publishers",
+            self.bytes_in.clone(),
+        );
+        r.register(
+            "relayed_bytes",
+            "Media bytes written to the upstream origin",
+            self.bytes_relayed.clone(),
+        );
         r.register("signals", "Reconnect signals sent to publishers", self.signals.clone());
-        r.register("migrations", "Signalled publishers that left this pod", self.migrations.clone());
-        r.register("publisher_ends", "Publishers that left without being signalled", self.publisher_ends.clone());
-        r.register("connection_errors", "Connections closed for a protocol or I/O error", self.connection_errors.clone());
-        r.register("relay_buffer_bytes", "Media bytes waiting for the upstream origin", self.relay_buffer_bytes.clone());
-        r.register("relay_retries", "Upstream publish attempts refused or failed", self.relay_retries.clone());
-        r.register("relay_reconnects", "Upstream connections lost mid-stream", self.relay_reconnects.clone());
-        r.register("relay_dropped_bytes", "Media bytes dropped because a relay buffer was full", self.relay_dropped_bytes.clone());
-        r.register("relays_active", "Upstream relays still running (publishing or flushing)", self.relays_active.clone());
-        r.register("draining", "1 while a drain is under way or done, 0 while serving", self.draining.clone());
+        r.register(
+            "migrations",
+            "Signalled publishers that left this pod",
+            self.migrations.clone(),
+        );
+        r.register(
+            "publisher_ends",
+            "Publishers that left without being signalled",
+            self.publisher_ends.clone(),
+        );
+        r.register(
+            "connection_errors",
+            "Connections closed for a protocol or I/O error",
+            self.connection_errors.clone(),
+        );
+        r.register(
+            "relay_buffer_bytes",
+            "Media bytes waiting for the upstream origin",
+            self.relay_buffer_bytes.clone(),
+        );
+        r.register(
+            "relay_retries",
+            "Upstream publish attempts refused or failed",
+            self.relay_retries.clone(),
+        );
+        r.register(
+            "relay_reconnects",
+            "Upstream connections lost mid-stream",
+            self.relay_reconnects.clone(),
+        );
+        r.register(
+            "relay_dropped_bytes",
+            "Media bytes dropped because a relay buffer was full",
+            self.relay_dropped_bytes.clone(),
+        );
+        r.register(
+            "relays_active",
+            "Upstream relays still running (publishing or flushing)",
+            self.relays_active.clone(),
+        );
+        r.register(
+            "draining",
+            "1 while a drain is under way or done, 0 while serving",
+            self.draining.clone(),
+        );
         r.register("drain_phase", "1 for the current drain phase", self.drain_phase.clone());
     }
 }

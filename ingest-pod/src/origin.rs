@@ -35,7 +35,7 @@ pub fn free_port(ip: &str) -> std::io::Result<SocketAddr> {
 
 impl Origin {
     /// Starts nginx on `ip` (a free port) with one worker, recording the
-    /// `live` application into `<dir>/rec` with `record all; record_unique on;`.
+    /// `live` application into `<dir>/rec` with `record all; record_unique on; record_append on;`.
     pub fn start(dir: &Path, ip: &str) -> Result<Self, Error> {
         if !Path::new(RTMP_MODULE).exists() {
             return Err(Error::NotInstalled(RTMP_MODULE.to_owned()));
@@ -64,6 +64,9 @@ rtmp {{
             live on;
             record all;
             record_unique on;
+            # File names have one-second resolution: a second publish within
+            # the same second appends instead of truncating.
+            record_append on;
             record_path {dir}/rec;
         }}
     }}
@@ -83,7 +86,11 @@ rtmp {{
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let origin = Self { child, addr, dir: dir.to_owned() };
+        let origin = Self {
+            child,
+            addr,
+            dir: dir.to_owned(),
+        };
         let start = Instant::now();
         while std::net::TcpStream::connect(addr).is_err() {
             if start.elapsed() > Duration::from_secs(10) {
@@ -116,7 +123,10 @@ rtmp {{
 impl Drop for Origin {
     fn drop(&mut self) {
         // SIGQUIT lets nginx finish writing recordings; then make sure it is gone.
-        let _ = Command::new("kill").arg("-QUIT").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-QUIT")
+            .arg(self.child.id().to_string())
+            .status();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(3) {
             if let Ok(Some(_)) = self.child.try_wait() {

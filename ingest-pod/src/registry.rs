@@ -119,8 +119,16 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(metrics: Metrics) -> Arc<Self> {
-        let inner = Inner { next_id: 1, serving: true, ..Inner::default() };
-        let registry = Arc::new(Self { inner: Mutex::new(inner), changes: watch::channel(0).0, metrics });
+        let inner = Inner {
+            next_id: 1,
+            serving: true,
+            ..Inner::default()
+        };
+        let registry = Arc::new(Self {
+            inner: Mutex::new(inner),
+            changes: watch::channel(0).0,
+            metrics,
+        });
         // Export every label from the start, zeros included.
         registry.update_gauges();
         registry
@@ -145,10 +153,7 @@ impl Registry {
     }
 
     /// Registers a new connection. Dropping the guard removes it.
-    pub fn register(
-        self: &Arc<Self>,
-        peer: SocketAddr,
-    ) -> (ConnGuard, mpsc::UnboundedReceiver<SessionCommand>) {
+    pub fn register(self: &Arc<Self>, peer: SocketAddr) -> (ConnGuard, mpsc::UnboundedReceiver<SessionCommand>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(ConnStats::default());
         let id = {
@@ -166,12 +171,26 @@ impl Registry {
                 bytes_in: 0,
                 signalled: None,
             };
-            inner.conns.insert(id, Entry { info, stats: stats.clone(), tx });
+            inner.conns.insert(
+                id,
+                Entry {
+                    info,
+                    stats: stats.clone(),
+                    tx,
+                },
+            );
             id
         };
         self.update_gauges();
         self.notify();
-        (ConnGuard { registry: self.clone(), id, stats }, rx)
+        (
+            ConnGuard {
+                registry: self.clone(),
+                id,
+                stats,
+            },
+            rx,
+        )
     }
 
     fn update_gauges(&self) {
@@ -184,9 +203,15 @@ impl Registry {
             }
         }
         let g = &self.metrics.connections;
-        g.get_or_create(&CapabilityLabel { capability: "reconnect_request" }).set(rr);
+        g.get_or_create(&CapabilityLabel {
+            capability: "reconnect_request",
+        })
+        .set(rr);
         g.get_or_create(&CapabilityLabel { capability: "go_away" }).set(ga);
-        g.get_or_create(&CapabilityLabel { capability: "incapable" }).set(inc);
+        g.get_or_create(&CapabilityLabel {
+            capability: "incapable",
+        })
+        .set(inc);
     }
 
     /// Sends a command to a connection's session. False if it is gone.
@@ -198,7 +223,9 @@ impl Registry {
     pub fn signal(&self, id: u64, kind: SignalKind, tc_url: Option<String>) -> bool {
         let sent = {
             let mut inner = self.lock();
-            let Some(e) = inner.conns.get_mut(&id) else { return false };
+            let Some(e) = inner.conns.get_mut(&id) else {
+                return false;
+            };
             if e.tx.send(SessionCommand::Signal { kind, tc_url }).is_err() {
                 return false;
             }
@@ -207,7 +234,10 @@ impl Registry {
             true
         };
         if sent {
-            self.metrics.signals.get_or_create(&SignalLabel { kind: kind.label() }).inc();
+            self.metrics
+                .signals
+                .get_or_create(&SignalLabel { kind: kind.label() })
+                .inc();
             self.notify();
         }
         sent
@@ -218,7 +248,10 @@ impl Registry {
         self.lock()
             .conns
             .values()
-            .map(|e| ConnInfo { bytes_in: e.stats.bytes_in.load(Ordering::Relaxed), ..e.info.clone() })
+            .map(|e| ConnInfo {
+                bytes_in: e.stats.bytes_in.load(Ordering::Relaxed),
+                ..e.info.clone()
+            })
             .collect()
     }
 
@@ -331,12 +364,19 @@ impl ConnGuard {
     }
 
     pub fn was_signalled(&self) -> bool {
-        self.registry.lock().conns.get(&self.id).is_some_and(|e| e.info.signalled.is_some())
+        self.registry
+            .lock()
+            .conns
+            .get(&self.id)
+            .is_some_and(|e| e.info.signalled.is_some())
     }
 }
 
 fn release_key(inner: &mut Inner, id: u64) {
-    let stream = inner.conns.get(&id).and_then(|e| Some(format!("{}/{}", e.info.app.as_deref()?, e.info.stream.as_deref()?)));
+    let stream = inner
+        .conns
+        .get(&id)
+        .and_then(|e| Some(format!("{}/{}", e.info.app.as_deref()?, e.info.stream.as_deref()?)));
     if let Some(key) = stream
         && inner.keys.get(&key) == Some(&id)
     {
@@ -378,12 +418,24 @@ mod tests {
 
     #[test]
     fn prefers_reconnect_request_and_honours_switches() {
-        let both = Caps { go_away: true, reconnect: true };
-        let all = SignalsEnabled { go_away: true, reconnect_request: true };
+        let both = Caps {
+            go_away: true,
+            reconnect: true,
+        };
+        let all = SignalsEnabled {
+            go_away: true,
+            reconnect_request: true,
+        };
         assert_eq!(all.choose(both), Some(SignalKind::ReconnectRequest));
-        let no_rr = SignalsEnabled { go_away: true, reconnect_request: false };
+        let no_rr = SignalsEnabled {
+            go_away: true,
+            reconnect_request: false,
+        };
         assert_eq!(no_rr.choose(both), Some(SignalKind::GoAway));
-        let none = SignalsEnabled { go_away: false, reconnect_request: false };
+        let none = SignalsEnabled {
+            go_away: false,
+            reconnect_request: false,
+        };
         assert_eq!(none.choose(both), None);
         assert_eq!(all.choose(Caps::default()), None);
     }
@@ -393,16 +445,35 @@ mod tests {
         let reg = Registry::new(Metrics::default());
         let (a, mut rx_a) = reg.register(addr());
         let (b, _rx_b) = reg.register(addr());
-        a.connected("live", Caps { go_away: true, reconnect: false });
+        a.connected(
+            "live",
+            Caps {
+                go_away: true,
+                reconnect: false,
+            },
+        );
         assert!(a.publish("live", "k"));
         assert!(!b.publish("live", "k"));
         assert!(reg.signal(a.id(), SignalKind::GoAway, None));
-        assert_eq!(rx_a.try_recv().unwrap(), SessionCommand::Signal { kind: SignalKind::GoAway, tc_url: None });
+        assert_eq!(
+            rx_a.try_recv().unwrap(),
+            SessionCommand::Signal {
+                kind: SignalKind::GoAway,
+                tc_url: None
+            }
+        );
         drop(a);
         // The key is free once the signalled publisher left; it counts as migrated.
         assert!(b.publish("live", "k"));
         drop(b);
-        assert_eq!(reg.totals(), Totals { signalled: 1, migrated: 1, ended: 1 });
+        assert_eq!(
+            reg.totals(),
+            Totals {
+                signalled: 1,
+                migrated: 1,
+                ended: 1
+            }
+        );
         assert_eq!(reg.connection_count(), 0);
     }
 }

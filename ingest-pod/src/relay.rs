@@ -97,7 +97,12 @@ pub struct Queue {
 
 impl Queue {
     pub fn new(limit: usize, metrics: Metrics) -> Arc<Self> {
-        Arc::new(Self { inner: Mutex::new(QueueInner::default()), notify: Notify::new(), limit, metrics })
+        Arc::new(Self {
+            inner: Mutex::new(QueueInner::default()),
+            notify: Notify::new(),
+            limit,
+            metrics,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueInner> {
@@ -117,11 +122,17 @@ impl Queue {
         self.metrics.relay_buffer_bytes.inc_by(len as i64);
         if q.bytes > self.limit {
             if !q.overflowing {
-                warn!(limit = self.limit, "relay buffer full: dropping the oldest media until the next keyframe");
+                warn!(
+                    limit = self.limit,
+                    "relay buffer full: dropping the oldest media until the next keyframe"
+                );
                 q.overflowing = true;
             }
             let mut dropped = 0usize;
-            while q.bytes > self.limit || q.items.front().is_some_and(|i| !(i.kind() == Some(Kind::Video) && media::is_video_keyframe(&i.payload)) && !i.is_config()) {
+            // Drop until under the limit, then on to the next GOP start.
+            let gop_start =
+                |i: &Item| i.is_config() || (i.kind() == Some(Kind::Video) && media::is_video_keyframe(&i.payload));
+            while q.bytes > self.limit || q.items.front().is_some_and(|i| !gop_start(i)) {
                 let Some(front) = q.items.pop_front() else { break };
                 q.bytes -= front.payload.len();
                 dropped += front.payload.len();
@@ -238,7 +249,14 @@ impl Config {
 }
 
 /// Runs one relay until its queue is closed and delivered (or given up).
-pub async fn run(url: RtmpUrl, queue: Arc<Queue>, cfg: RelayConfig, metrics: Metrics, stop: CancellationToken, _guard: RelayGuard) {
+pub async fn run(
+    url: RtmpUrl,
+    queue: Arc<Queue>,
+    cfg: RelayConfig,
+    metrics: Metrics,
+    stop: CancellationToken,
+    _guard: RelayGuard,
+) {
     let mut config = Config::default();
     let mut delivered_any = false;
     let mut backoff = cfg.busy_retry;
@@ -279,8 +297,14 @@ pub async fn run(url: RtmpUrl, queue: Arc<Queue>, cfg: RelayConfig, metrics: Met
     }
 }
 
-async fn timed<T>(limit: Duration, what: &'static str, fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
-    tokio::time::timeout(limit, fut).await.map_err(|_| Error::Timeout(what))?
+async fn timed<T>(
+    limit: Duration,
+    what: &'static str,
+    fut: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| Error::Timeout(what))?
 }
 
 /// Waits for the reply to a command, answering pings on the way.
@@ -288,11 +312,15 @@ async fn reply(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result<mes
     loop {
         match reader.next().await? {
             None => return Err(Error::Closed),
-            Some(Message::Command { command, .. }) if command.name == "_result" && command.transaction == txn => return Ok(command),
+            Some(Message::Command { command, .. }) if command.name == "_result" && command.transaction == txn => {
+                return Ok(command);
+            }
             Some(Message::Command { command, .. }) if command.name == "_error" && command.transaction == txn => {
                 return Err(Error::Refused(describe(&command)));
             }
-            Some(Message::UserControl(UserControl::PingRequest(t))) => writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?,
+            Some(Message::UserControl(UserControl::PingRequest(t))) => {
+                writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?
+            }
             Some(_) => {}
         }
     }
@@ -301,7 +329,10 @@ async fn reply(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result<mes
 fn describe(command: &message::Command) -> String {
     let info = command.args.iter().find(|v| v.get("code").is_some());
     let code = info.and_then(|i| i.get("code")).and_then(Value::as_str).unwrap_or("");
-    let desc = info.and_then(|i| i.get("description")).and_then(Value::as_str).unwrap_or("");
+    let desc = info
+        .and_then(|i| i.get("description"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
     format!("{code} {desc}").trim().to_owned()
 }
 
@@ -316,7 +347,10 @@ async fn session(
     stop: &CancellationToken,
 ) -> Result<(), Error> {
     let step = cfg.step_timeout;
-    let stream = timed(step, "connecting to the origin", async { Ok(TcpStream::connect(url.addr()).await.map_err(conn::Error::Io)?) }).await?;
+    let stream = timed(step, "connecting to the origin", async {
+        Ok(TcpStream::connect(url.addr()).await.map_err(conn::Error::Io)?)
+    })
+    .await?;
     stream.set_nodelay(true).map_err(conn::Error::Io)?;
     let (mut reader, mut writer) = conn::connect(stream, step).await?;
     writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
@@ -333,14 +367,41 @@ async fn session(
         ])],
     ));
     writer.flush().await?;
-    timed(step, "waiting for connect _result", reply(&mut reader, &mut writer, 1.0)).await?;
-    writer.queue(&Message::command(0, "releaseStream", 2.0, vec![Value::Null, Value::string(url.stream.clone())]));
-    writer.queue(&Message::command(0, "FCPublish", 3.0, vec![Value::Null, Value::string(url.stream.clone())]));
+    timed(
+        step,
+        "waiting for connect _result",
+        reply(&mut reader, &mut writer, 1.0),
+    )
+    .await?;
+    writer.queue(&Message::command(
+        0,
+        "releaseStream",
+        2.0,
+        vec![Value::Null, Value::string(url.stream.clone())],
+    ));
+    writer.queue(&Message::command(
+        0,
+        "FCPublish",
+        3.0,
+        vec![Value::Null, Value::string(url.stream.clone())],
+    ));
     writer.queue(&Message::command(0, "createStream", 4.0, vec![Value::Null]));
     writer.flush().await?;
-    let created = timed(step, "waiting for createStream _result", reply(&mut reader, &mut writer, 4.0)).await?;
+    let created = timed(
+        step,
+        "waiting for createStream _result",
+        reply(&mut reader, &mut writer, 4.0),
+    )
+    .await?;
     let sid = created.args.iter().find_map(Value::as_number).unwrap_or(1.0) as u32;
-    writer.send(&Message::command(sid, "publish", 0.0, vec![Value::Null, Value::string(url.stream.clone()), Value::string("live")])).await?;
+    writer
+        .send(&Message::command(
+            sid,
+            "publish",
+            0.0,
+            vec![Value::Null, Value::string(url.stream.clone()), Value::string("live")],
+        ))
+        .await?;
     timed(step, "waiting for the publish status", async {
         loop {
             match reader.next().await? {
@@ -421,7 +482,13 @@ fn raw(item: &Item, stream_id: u32) -> RawMessage {
         message::VIDEO => CSID_VIDEO,
         _ => CSID_DATA,
     };
-    RawMessage { csid, timestamp: item.timestamp, type_id: item.type_id, stream_id, payload: item.payload.clone() }
+    RawMessage {
+        csid,
+        timestamp: item.timestamp,
+        type_id: item.type_id,
+        stream_id,
+        payload: item.payload.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -431,7 +498,11 @@ mod tests {
     fn video(key: bool, len: usize) -> Item {
         let mut p = vec![if key { 0x17 } else { 0x27 }, 1];
         p.resize(len, 0);
-        Item { type_id: message::VIDEO, timestamp: 0, payload: Bytes::from(p) }
+        Item {
+            type_id: message::VIDEO,
+            timestamp: 0,
+            payload: Bytes::from(p),
+        }
     }
 
     #[tokio::test]
@@ -456,7 +527,11 @@ mod tests {
     async fn unget_restores_order() {
         let q = Queue::new(10_000, Metrics::default());
         for i in 0..3u8 {
-            q.push(Item { type_id: message::AUDIO, timestamp: u32::from(i), payload: Bytes::from(vec![0xaf, 1, i]) });
+            q.push(Item {
+                type_id: message::AUDIO,
+                timestamp: u32::from(i),
+                payload: Bytes::from(vec![0xaf, 1, i]),
+            });
         }
         let first = q.take(3).await;
         assert_eq!(first.len(), 1);

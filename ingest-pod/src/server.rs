@@ -42,7 +42,9 @@ pub struct Server {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
 }
 
 impl Server {
@@ -81,7 +83,16 @@ impl Server {
         let registry = Registry::new(metrics);
         let tasks = TaskTracker::new();
         let drainer = Drainer::new(registry.clone(), args.signals(), tasks.clone());
-        Ok(Self { args, rtmp, http, control, registry, drainer, prometheus: Arc::new(prometheus), tasks })
+        Ok(Self {
+            args,
+            rtmp,
+            http,
+            control,
+            registry,
+            drainer,
+            prometheus: Arc::new(prometheus),
+            tasks,
+        })
     }
 
     pub fn rtmp_addr(&self) -> SocketAddr {
@@ -108,17 +119,38 @@ impl Server {
     /// Serves until `shutdown` resolves (SIGTERM), then drains: exits when
     /// no publisher and no relay is left, or when the grace period ends.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let Server { args, rtmp, http, control, registry, drainer, prometheus, tasks } = self;
+        let Server {
+            args,
+            rtmp,
+            http,
+            control,
+            registry,
+            drainer,
+            prometheus,
+            tasks,
+        } = self;
         let stop = CancellationToken::new();
         let relays = TaskTracker::new();
-        let ctx = Context { registry: registry.clone(), config: Arc::new(args.session_config()), relays: relays.clone(), stop: stop.clone() };
+        let ctx = Context {
+            registry: registry.clone(),
+            config: Arc::new(args.session_config()),
+            relays: relays.clone(),
+            stop: stop.clone(),
+        };
         info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
             upstream = args.upstream.as_deref().unwrap_or("none"), go_away = args.signal_go_away,
             reconnect_request = args.signal_reconnect_request, "ingest pod serving");
 
         let accept_stop = stop.clone();
-        tasks.spawn(accept_loop(rtmp, ctx, args.max_connections, tasks.clone(), accept_stop).instrument(info_span!("rtmp")));
-        let state = HttpState { registry: registry.clone(), drainer: drainer.clone(), metrics: prometheus, pod_name: args.pod_name.clone() };
+        tasks.spawn(
+            accept_loop(rtmp, ctx, args.max_connections, tasks.clone(), accept_stop).instrument(info_span!("rtmp")),
+        );
+        let state = HttpState {
+            registry: registry.clone(),
+            drainer: drainer.clone(),
+            metrics: prometheus,
+            pod_name: args.pod_name.clone(),
+        };
         let http_stop = stop.clone();
         tasks.spawn(async move {
             let serve = axum::serve(http, http::router(state)).with_graceful_shutdown(http_stop.cancelled_owned());
@@ -149,10 +181,11 @@ impl Server {
         shutdown.await;
         let grace_end = tokio::time::Instant::now() + args.grace_period;
         info!(grace = ?args.grace_period, "SIGTERM: draining");
-        if !drainer.active() {
-            if let Err(err) = drainer.start(args.sigterm_drain()) {
-                error!(%err, "cannot start the SIGTERM drain");
-            }
+        // A drain already under way (from the operator) goes on as it is.
+        if !drainer.active()
+            && let Err(err) = drainer.start(args.sigterm_drain())
+        {
+            error!(%err, "cannot start the SIGTERM drain");
         }
         let mut changes = registry.subscribe();
         loop {
@@ -246,6 +279,10 @@ pub async fn shutdown_signal() {
 
 /// Sets up logging from `RUST_LOG` (default `info`).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }

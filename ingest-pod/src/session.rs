@@ -73,7 +73,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Context) {
                     conn::Error::Handshake(_) => "handshake",
                     conn::Error::Chunk(_) | conn::Error::Message(_) => "protocol",
                 };
-                ctx.registry.metrics().connection_errors.get_or_create(&ReasonLabel { reason }).inc();
+                ctx.registry
+                    .metrics()
+                    .connection_errors
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
                 if session.guard.was_signalled() {
                     info!(%err, "signalled publisher left");
                 } else {
@@ -105,7 +109,15 @@ struct Session {
 
 impl Session {
     fn new(guard: ConnGuard, ctx: Context) -> Self {
-        Self { guard, ctx, app: None, tc_url: None, caps: Caps::default(), next_stream_id: 1, publishing: None }
+        Self {
+            guard,
+            ctx,
+            app: None,
+            tc_url: None,
+            caps: Caps::default(),
+            next_stream_id: 1,
+            publishing: None,
+        }
     }
 
     async fn run(
@@ -144,23 +156,40 @@ impl Session {
             SignalKind::ReconnectRequest => {
                 let mut info = vec![
                     ("level".to_owned(), Value::string("status")),
-                    ("code".to_owned(), Value::string("NetConnection.Connect.ReconnectRequest")),
-                    ("description".to_owned(), Value::string("This ingest is draining; reconnect to continue.")),
+                    (
+                        "code".to_owned(),
+                        Value::string("NetConnection.Connect.ReconnectRequest"),
+                    ),
+                    (
+                        "description".to_owned(),
+                        Value::string("This ingest is draining; reconnect to continue."),
+                    ),
                 ];
                 if let Some(url) = &tc_url {
                     info.push(("tcUrl".to_owned(), Value::string(url.clone())));
                 }
-                writer.queue(&Message::command(0, "onStatus", 0.0, vec![Value::Null, Value::Object(info)]));
+                writer.queue(&Message::command(
+                    0,
+                    "onStatus",
+                    0.0,
+                    vec![Value::Null, Value::Object(info)],
+                ));
             }
         }
-        info!(kind = kind.label(), tc_url = tc_url.as_deref().unwrap_or(""), "signal sent");
+        info!(
+            kind = kind.label(),
+            tc_url = tc_url.as_deref().unwrap_or(""),
+            "signal sent"
+        );
         writer.flush().await
     }
 
     /// Handles one message; `Some(reason)` closes the connection.
     async fn handle(&mut self, writer: &mut Writer, msg: Message) -> conn::Result<Option<&'static str>> {
         match msg {
-            Message::UserControl(UserControl::PingRequest(t)) => writer.queue(&Message::UserControl(UserControl::PingResponse(t))),
+            Message::UserControl(UserControl::PingRequest(t)) => {
+                writer.queue(&Message::UserControl(UserControl::PingResponse(t)))
+            }
             Message::Command { stream_id, command } => return self.command(writer, stream_id, command),
             Message::Data { timestamp, payload, .. } => self.media(message::DATA_AMF0, timestamp, payload),
             Message::Audio { timestamp, payload, .. } => self.media(message::AUDIO, timestamp, payload),
@@ -177,14 +206,22 @@ impl Session {
         match cmd.name.as_str() {
             "connect" => {
                 let obj = cmd.object().cloned().unwrap_or(Value::Null);
-                let app = obj.get("app").and_then(Value::as_str).unwrap_or("").trim_matches('/').to_owned();
+                let app = obj
+                    .get("app")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .trim_matches('/')
+                    .to_owned();
                 let go_away = match obj.get("supportsGoAway") {
                     Some(Value::Boolean(b)) => *b,
                     Some(Value::Number(n)) => *n == 1.0,
                     _ => false,
                 };
                 let caps_ex = obj.get("capsEx").and_then(Value::as_number).unwrap_or(0.0);
-                let caps = Caps { go_away, reconnect: caps_ex >= 0.0 && (caps_ex as u64) & 0x01 != 0 };
+                let caps = Caps {
+                    go_away,
+                    reconnect: caps_ex >= 0.0 && (caps_ex as u64) & 0x01 != 0,
+                };
                 self.tc_url = obj.get("tcUrl").and_then(Value::as_str).map(str::to_owned);
                 info!(%app, tc_url = self.tc_url.as_deref().unwrap_or(""), go_away = caps.go_away, reconnect = caps.reconnect, "connect");
                 self.ctx.registry.metrics();
@@ -213,32 +250,59 @@ impl Session {
             }
             "releaseStream" | "FCPublish" | "_checkbw" => {
                 if txn != 0.0 {
-                    writer.queue(&Message::command(0, "_result", txn, vec![Value::Null, Value::Undefined]));
+                    writer.queue(&Message::command(
+                        0,
+                        "_result",
+                        txn,
+                        vec![Value::Null, Value::Undefined],
+                    ));
                 }
             }
             "createStream" => {
                 let id = self.next_stream_id;
                 self.next_stream_id += 1;
-                writer.queue(&Message::command(0, "_result", txn, vec![Value::Null, Value::Number(f64::from(id))]));
+                writer.queue(&Message::command(
+                    0,
+                    "_result",
+                    txn,
+                    vec![Value::Null, Value::Number(f64::from(id))],
+                ));
             }
             "publish" => {
-                let Some(app) = self.app.clone() else { return Ok(Some("publish before connect")) };
+                let Some(app) = self.app.clone() else {
+                    return Ok(Some("publish before connect"));
+                };
                 let name = cmd.arg(0).and_then(Value::as_str).unwrap_or("").to_owned();
                 let status = |level: &str, code: &str, desc: String| {
                     Message::command(
                         stream_id,
                         "onStatus",
                         0.0,
-                        vec![Value::Null, Value::object([("level", Value::string(level)), ("code", Value::string(code)), ("description", Value::string(desc))])],
+                        vec![
+                            Value::Null,
+                            Value::object([
+                                ("level", Value::string(level)),
+                                ("code", Value::string(code)),
+                                ("description", Value::string(desc)),
+                            ]),
+                        ],
                     )
                 };
                 if name.is_empty() || self.publishing.is_some() || !self.guard.publish(&app, &name) {
                     warn!(stream = %name, "publish refused: empty name, already publishing on this connection, or the stream is live on this pod");
-                    writer.queue(&status("error", "NetStream.Publish.BadName", format!("{name} is already publishing")));
+                    writer.queue(&status(
+                        "error",
+                        "NetStream.Publish.BadName",
+                        format!("{name} is already publishing"),
+                    ));
                     return Ok(Some("publish refused"));
                 }
                 writer.queue(&Message::UserControl(UserControl::StreamBegin(stream_id)));
-                writer.queue(&status("status", "NetStream.Publish.Start", format!("{name} is now published.")));
+                writer.queue(&status(
+                    "status",
+                    "NetStream.Publish.Start",
+                    format!("{name} is now published."),
+                ));
                 self.start_publish(&app, name, stream_id);
             }
             "FCUnpublish" | "deleteStream" | "closeStream" => {
@@ -262,8 +326,15 @@ impl Session {
                     let relay_guard = self.ctx.registry.relay_started();
                     let span = info_span!("relay", stream = %stream, conn = self.guard.id());
                     self.ctx.relays.spawn(
-                        relay::run(u, q.clone(), self.ctx.config.relay.clone(), self.ctx.registry.metrics().clone(), self.ctx.stop.clone(), relay_guard)
-                            .instrument(span),
+                        relay::run(
+                            u,
+                            q.clone(),
+                            self.ctx.config.relay.clone(),
+                            self.ctx.registry.metrics().clone(),
+                            self.ctx.stop.clone(),
+                            relay_guard,
+                        )
+                        .instrument(span),
                     );
                     Some(q)
                 }
@@ -274,8 +345,20 @@ impl Session {
             }
         });
         let recorder = self.ctx.config.record_dir.as_ref().and_then(|dir| {
-            let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-            let safe: String = stream.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+            let ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            let safe: String = stream
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
             let path = dir.join(format!("{safe}-{ms}-{}.flv", self.guard.id()));
             match File::create(&path).and_then(|f| FlvWriter::new(BufWriter::new(f), true, true)) {
                 Ok(w) => Some(w),
@@ -285,7 +368,12 @@ impl Session {
                 }
             }
         });
-        self.publishing = Some(Publishing { stream, stream_id, queue, recorder });
+        self.publishing = Some(Publishing {
+            stream,
+            stream_id,
+            queue,
+            recorder,
+        });
     }
 
     fn media(&mut self, type_id: u8, timestamp: u32, payload: Bytes) {
@@ -297,7 +385,11 @@ impl Session {
             p.recorder = None;
         }
         if let Some(q) = &p.queue {
-            q.push(Item { type_id, timestamp, payload });
+            q.push(Item {
+                type_id,
+                timestamp,
+                payload,
+            });
         }
     }
 

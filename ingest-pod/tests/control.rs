@@ -13,31 +13,46 @@ use ingest_proto::v1::{
 use tokio::process::{Child, Command};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const TOKEN: &str = "s3cret-token";
 
-type Client = IngestControlClient<InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>>;
+type Interceptor = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Client = IngestControlClient<InterceptedService<Channel, Interceptor>>;
 
 async fn client(pod: &LocalPod, token: Option<&str>) -> Client {
     let addr = pod.control.expect("control API served");
-    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
-    let header = token.map(|t| format!("Bearer {t}").parse::<tonic::metadata::MetadataValue<_>>().expect("header"));
-    let interceptor: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-        Box::new(move |mut req: tonic::Request<()>| {
-            if let Some(h) = &header {
-                req.metadata_mut().insert("authorization", h.clone());
-            }
-            Ok(req)
-        });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let header = token.map(|t| {
+        format!("Bearer {t}")
+            .parse::<tonic::metadata::MetadataValue<_>>()
+            .expect("header")
+    });
+    let interceptor: Interceptor = Box::new(move |mut req: tonic::Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    });
     IngestControlClient::with_interceptor(channel, interceptor)
 }
 
 async fn pod(name: &str, origin: &Origin, extra: &[&str]) -> LocalPod {
     let template = origin.template();
-    let mut args = vec!["--upstream", &template, "--control-token", TOKEN, "--propagation-delay", "200ms"];
+    let mut args = vec![
+        "--upstream",
+        &template,
+        "--control-token",
+        TOKEN,
+        "--propagation-delay",
+        "200ms",
+    ];
     args.extend_from_slice(extra);
     LocalPod::start(name, &args).await.expect("start pod")
 }
@@ -45,8 +60,28 @@ async fn pod(name: &str, origin: &Origin, extra: &[&str]) -> LocalPod {
 fn ffmpeg(url: &str, seconds: u32) -> Child {
     Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=160x120:rate=15", "-f", "lavfi", "-i", "sine=sample_rate=44100"])
-        .args(["-t", &seconds.to_string(), "-c:v", "libx264", "-preset", "ultrafast", "-g", "15", "-pix_fmt", "yuv420p"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=160x120:rate=15",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=sample_rate=44100",
+        ])
+        .args([
+            "-t",
+            &seconds.to_string(),
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "15",
+            "-pix_fmt",
+            "yuv420p",
+        ])
         .args(["-c:a", "aac", "-f", "flv", url])
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -79,22 +114,48 @@ async fn auth_rejects_missing_or_wrong_tokens() {
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
     let pod = pod("auth", &origin, &[]).await;
-    let err = client(&pod, None).await.get_status(GetStatusRequest::default()).await.expect_err("no token");
+    let err = client(&pod, None)
+        .await
+        .get_status(GetStatusRequest::default())
+        .await
+        .expect_err("no token");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    let err = client(&pod, Some("wrong")).await.start_drain(drain_req("x", Duration::from_secs(5), IncapablePolicy::Wait)).await;
+    let err = client(&pod, Some("wrong"))
+        .await
+        .start_drain(drain_req("x", Duration::from_secs(5), IncapablePolicy::Wait))
+        .await;
     assert_eq!(err.expect_err("wrong token").code(), tonic::Code::Unauthenticated);
     assert!(pod.registry.serving(), "a refused call changed nothing");
-    let status = client(&pod, Some(TOKEN)).await.get_status(GetStatusRequest::default()).await.expect("token").into_inner();
+    let status = client(&pod, Some(TOKEN))
+        .await
+        .get_status(GetStatusRequest::default())
+        .await
+        .expect("token")
+        .into_inner();
     assert_eq!((status.pod.as_str(), status.serving), ("auth", true));
     // Bad input gets a clear error.
     let mut c = client(&pod, Some(TOKEN)).await;
-    let bad = c.start_drain(StartDrainRequest { drain_id: "d".into(), ..Default::default() }).await.expect_err("no deadline");
+    let bad = c
+        .start_drain(StartDrainRequest {
+            drain_id: "d".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no deadline");
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(bad.message().contains("deadline"), "{}", bad.message());
     let mut r = drain_req("d", Duration::from_secs(5), IncapablePolicy::Wait);
     r.redirect_tc_urls = vec!["http://nope".into()];
-    assert_eq!(c.start_drain(r).await.expect_err("bad url").code(), tonic::Code::InvalidArgument);
-    let hidden = c.get_status(GetStatusRequest { reveal_stream_keys: true }).await.expect_err("keys hidden");
+    assert_eq!(
+        c.start_drain(r).await.expect_err("bad url").code(),
+        tonic::Code::InvalidArgument
+    );
+    let hidden = c
+        .get_status(GetStatusRequest {
+            reveal_stream_keys: true,
+        })
+        .await
+        .expect_err("keys hidden");
     assert_eq!(hidden.code(), tonic::Code::PermissionDenied);
 }
 
@@ -105,42 +166,96 @@ async fn incapable_policy_at_the_deadline_and_cancel_restores_readiness() {
     let pod = pod("policy", &origin, &[]).await;
     let mut c = client(&pod, Some(TOKEN)).await;
     let control = pod.control.expect("control");
-    let mut health = HealthClient::new(Channel::from_shared(format!("http://{control}")).expect("uri").connect().await.expect("connect"));
+    let mut health = HealthClient::new(
+        Channel::from_shared(format!("http://{control}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect"),
+    );
     let serving = |s: ServingStatus| s as i32;
-    let check = HealthCheckRequest { service: "ingest.control.v1.IngestControl".into() };
-    assert_eq!(health.check(check.clone()).await.expect("health").into_inner().status, serving(ServingStatus::Serving));
+    let check = HealthCheckRequest {
+        service: "ingest.control.v1.IngestControl".into(),
+    };
+    assert_eq!(
+        health.check(check.clone()).await.expect("health").into_inner().status,
+        serving(ServingStatus::Serving)
+    );
 
     // Two ffmpeg publishers: one is waited for, then both handled at the deadline.
     let url = format!("rtmp://{}/live", pod.rtmp);
     let mut f1 = ffmpeg(&format!("{url}/ff1"), 60);
     let mut f2 = ffmpeg(&format!("{url}/ff2"), 60);
     let reg = pod.registry.clone();
-    wait_for("two publishers", || reg.connections().iter().filter(|c| c.publishing_since.is_some()).count() == 2).await;
+    wait_for("two publishers", || {
+        reg.connections()
+            .iter()
+            .filter(|c| c.publishing_since.is_some())
+            .count()
+            == 2
+    })
+    .await;
 
     // Policy wait: at the deadline nobody is cut, the phase says TimedOut.
-    let started = c.start_drain(drain_req("wait-1", Duration::from_millis(800), IncapablePolicy::Wait)).await.expect("start").into_inner();
+    let started = c
+        .start_drain(drain_req("wait-1", Duration::from_millis(800), IncapablePolicy::Wait))
+        .await
+        .expect("start")
+        .into_inner();
     assert!(started.started);
-    assert_eq!(health.check(check.clone()).await.expect("health").into_inner().status, serving(ServingStatus::NotServing));
+    assert_eq!(
+        health.check(check.clone()).await.expect("health").into_inner().status,
+        serving(ServingStatus::NotServing)
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let st = c.get_status(GetStatusRequest::default()).await.expect("status").into_inner();
+    let st = c
+        .get_status(GetStatusRequest::default())
+        .await
+        .expect("status")
+        .into_inner();
     let drain = st.drain.expect("drain");
-    assert_eq!((drain.phase(), drain.remaining, drain.signalled), (DrainPhase::TimedOut, 2, 0));
+    assert_eq!(
+        (drain.phase(), drain.remaining, drain.signalled),
+        (DrainPhase::TimedOut, 2, 0)
+    );
     assert_eq!(st.counts.expect("counts").incapable, 2);
-    assert!(st.publishers.iter().all(|p| p.stream.starts_with("sha256:")), "stream keys are hashed");
+    assert!(
+        st.publishers.iter().all(|p| p.stream.starts_with("sha256:")),
+        "stream keys are hashed"
+    );
 
     // Cancel: serving again, publishers kept.
-    let cancelled = c.cancel_drain(CancelDrainRequest { drain_id: "wait-1".into() }).await.expect("cancel").into_inner();
+    let cancelled = c
+        .cancel_drain(CancelDrainRequest {
+            drain_id: "wait-1".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
     assert!(cancelled.cancelled);
     assert!(pod.registry.serving());
-    assert_eq!(health.check(check.clone()).await.expect("health").into_inner().status, serving(ServingStatus::Serving));
+    assert_eq!(
+        health.check(check.clone()).await.expect("health").into_inner().status,
+        serving(ServingStatus::Serving)
+    );
     assert_eq!(pod.registry.connection_count(), 2);
 
     // Policy disconnect: both are closed at the deadline, the drain completes.
-    c.start_drain(drain_req("disc-1", Duration::from_millis(500), IncapablePolicy::Disconnect)).await.expect("start");
+    c.start_drain(drain_req(
+        "disc-1",
+        Duration::from_millis(500),
+        IncapablePolicy::Disconnect,
+    ))
+    .await
+    .expect("start");
     wait_for("incapable publishers disconnected", || reg.connection_count() == 0).await;
     let reg2 = pod.registry.clone();
     wait_for("relays flushed", || reg2.relays_active() == 0).await;
-    let st = c.get_status(GetStatusRequest::default()).await.expect("status").into_inner();
+    let st = c
+        .get_status(GetStatusRequest::default())
+        .await
+        .expect("status")
+        .into_inner();
     assert_eq!(st.drain.expect("drain").phase(), DrainPhase::TimedOut);
     assert_eq!(st.total_ended, 2);
     let _ = f1.kill().await;
@@ -154,7 +269,10 @@ async fn start_drain_is_idempotent_and_watch_streams_phases_in_order() {
     let pod = pod("watch", &origin, &[]).await;
     let mut c = client(&pod, Some(TOKEN)).await;
     let mut watch = c
-        .watch_status(WatchStatusRequest { min_interval: Some(Duration::from_millis(50).try_into().expect("d")), ..Default::default() })
+        .watch_status(WatchStatusRequest {
+            min_interval: Some(Duration::from_millis(50).try_into().expect("d")),
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner();
@@ -163,17 +281,30 @@ async fn start_drain_is_idempotent_and_watch_streams_phases_in_order() {
 
     let mut ff = ffmpeg(&format!("rtmp://{}/live/ff", pod.rtmp), 60);
     let reg = pod.registry.clone();
-    wait_for("ffmpeg publishing", || reg.connections().iter().any(|c| c.publishing_since.is_some())).await;
+    wait_for("ffmpeg publishing", || {
+        reg.connections().iter().any(|c| c.publishing_since.is_some())
+    })
+    .await;
     let req = drain_req("idem", Duration::from_secs(2), IncapablePolicy::Disconnect);
     let a = c.start_drain(req.clone()).await.expect("start").into_inner();
     let b = c.start_drain(req).await.expect("again").into_inner();
     assert!(a.started && !b.started && !b.replaced);
-    assert_eq!(a.drain.as_ref().map(|d| d.started_at), b.drain.as_ref().map(|d| d.started_at));
-    let other = c.start_drain(drain_req("idem-2", Duration::from_secs(2), IncapablePolicy::Disconnect)).await.expect("replace").into_inner();
+    assert_eq!(
+        a.drain.as_ref().map(|d| d.started_at),
+        b.drain.as_ref().map(|d| d.started_at)
+    );
+    let other = c
+        .start_drain(drain_req("idem-2", Duration::from_secs(2), IncapablePolicy::Disconnect))
+        .await
+        .expect("replace")
+        .into_inner();
     assert!(other.replaced && !other.started);
 
     let mut phases = Vec::new();
-    while let Ok(Some(st)) = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("watch in time") {
+    while let Ok(Some(st)) = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("watch in time")
+    {
         let Some(d) = st.drain else { continue };
         if phases.last() != Some(&d.phase()) {
             phases.push(d.phase());
@@ -185,7 +316,10 @@ async fn start_drain_is_idempotent_and_watch_streams_phases_in_order() {
     assert_eq!(phases.first(), Some(&DrainPhase::Propagating));
     assert_eq!(phases.last(), Some(&DrainPhase::TimedOut));
     let order = |p: &DrainPhase| *p as i32;
-    assert!(phases.windows(2).all(|w| order(&w[0]) < order(&w[1])), "phases in order: {phases:?}");
+    assert!(
+        phases.windows(2).all(|w| order(&w[0]) < order(&w[1])),
+        "phases in order: {phases:?}"
+    );
     let _ = ff.kill().await;
 }
 
@@ -202,14 +336,28 @@ async fn grpcurl_lists_the_service_by_reflection() {
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
     let pod = pod("grpcurl", &origin, &[]).await;
     let addr = pod.control.expect("control").to_string();
-    let list = Command::new(&grpcurl).args(["-plaintext", &addr, "list"]).output().await.expect("grpcurl list");
+    let list = Command::new(&grpcurl)
+        .args(["-plaintext", &addr, "list"])
+        .output()
+        .await
+        .expect("grpcurl list");
     let out = String::from_utf8_lossy(&list.stdout);
-    assert!(list.status.success(), "grpcurl list failed: {}", String::from_utf8_lossy(&list.stderr));
+    assert!(
+        list.status.success(),
+        "grpcurl list failed: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
     assert!(out.lines().any(|l| l == "ingest.control.v1.IngestControl"), "{out}");
     assert!(out.lines().any(|l| l == "grpc.health.v1.Health"), "{out}");
     let auth = format!("authorization: Bearer {TOKEN}");
     let call = Command::new(&grpcurl)
-        .args(["-plaintext", "-H", &auth, &addr, "ingest.control.v1.IngestControl/GetStatus"])
+        .args([
+            "-plaintext",
+            "-H",
+            &auth,
+            &addr,
+            "ingest.control.v1.IngestControl/GetStatus",
+        ])
         .output()
         .await
         .expect("grpcurl call");
@@ -240,7 +388,10 @@ async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
     let balancer = Balancer::start(vec![a.backend(), b.backend()]).await.expect("balancer");
     let stop = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::new();
-    for (i, (go_away, reconnect)) in [(true, false), (true, false), (false, true), (true, true)].into_iter().enumerate() {
+    for (i, (go_away, reconnect)) in [(true, false), (true, false), (false, true), (true, true)]
+        .into_iter()
+        .enumerate()
+    {
         let cfg = PublisherConfig {
             go_away,
             reconnect,
@@ -254,21 +405,47 @@ async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
         tasks.push(tokio::spawn(Publisher::new(cfg).expect("publisher").run(stop.clone())));
     }
     let reg = a.registry.clone();
-    wait_for("4 publishers on pod a", || reg.connections().iter().filter(|c| c.publishing_since.is_some()).count() == 4).await;
+    wait_for("4 publishers on pod a", || {
+        reg.connections()
+            .iter()
+            .filter(|c| c.publishing_since.is_some())
+            .count()
+            == 4
+    })
+    .await;
     b.registry.set_serving(true);
     let mut c = client(&a, Some(TOKEN)).await;
-    let st = c.get_status(GetStatusRequest::default()).await.expect("status").into_inner();
+    let st = c
+        .get_status(GetStatusRequest::default())
+        .await
+        .expect("status")
+        .into_inner();
     let counts = st.counts.expect("counts");
-    assert_eq!((counts.go_away, counts.reconnect_request, counts.incapable, counts.publishing), (2, 2, 0, 4));
+    assert_eq!(
+        (
+            counts.go_away,
+            counts.reconnect_request,
+            counts.incapable,
+            counts.publishing
+        ),
+        (2, 2, 0, 4)
+    );
 
     let redirect = format!("rtmp://{}/live", b.rtmp);
     let mut req = drain_req("move-1", Duration::from_secs(20), IncapablePolicy::Disconnect);
     req.redirect_tc_urls = vec![redirect];
     req.propagation_delay = Some(Duration::from_millis(100).try_into().expect("d"));
     c.start_drain(req).await.expect("start");
-    let mut watch = c.watch_status(WatchStatusRequest::default()).await.expect("watch").into_inner();
+    let mut watch = c
+        .watch_status(WatchStatusRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
     let mut last = None;
-    while let Ok(Some(st)) = tokio::time::timeout(Duration::from_secs(15), watch.message()).await.expect("in time") {
+    while let Ok(Some(st)) = tokio::time::timeout(Duration::from_secs(15), watch.message())
+        .await
+        .expect("in time")
+    {
         let d = st.drain.clone().expect("drain");
         if d.phase() == DrainPhase::Drained {
             last = Some(d);
@@ -276,11 +453,26 @@ async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
         }
     }
     let drained = last.expect("reached Drained");
-    assert_eq!((drained.signalled, drained.migrated, drained.remaining, drained.relays_active), (4, 4, 0, 0));
+    assert_eq!(
+        (
+            drained.signalled,
+            drained.migrated,
+            drained.remaining,
+            drained.relays_active
+        ),
+        (4, 4, 0, 0)
+    );
     // Reconnect Request went with the redirect to pod b; Go Away publishers
     // reconnected through the balancer, which no longer picks pod a.
     let breg = b.registry.clone();
-    wait_for("every publisher on pod b", || breg.connections().iter().filter(|c| c.publishing_since.is_some()).count() == 4).await;
+    wait_for("every publisher on pod b", || {
+        breg.connections()
+            .iter()
+            .filter(|c| c.publishing_since.is_some())
+            .count()
+            == 4
+    })
+    .await;
     let totals = a.registry.totals();
     assert_eq!((totals.signalled, totals.migrated, totals.ended), (4, 4, 0));
     stop.cancel();

@@ -55,9 +55,29 @@ async fn ffmpeg_stream_reaches_the_origin_whole() {
     let local = dir.path().join("sent.flv");
     let status = tokio::process::Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=320x240:rate=25",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:sample_rate=44100",
+        ])
         .args(["-t", "3", "-map", "0:v", "-map", "1:a"])
-        .args(["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "25", "-pix_fmt", "yuv420p"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "25",
+            "-pix_fmt",
+            "yuv420p",
+        ])
         .args(["-c:a", "aac", "-b:a", "64k", "-flags", "+global_header", "-f", "tee"])
         .arg(format!("[f=flv]rtmp://{rtmp}/live/ffmpeg1|[f=flv]{}", local.display()))
         .status()
@@ -75,7 +95,11 @@ async fn ffmpeg_stream_reaches_the_origin_whole() {
     assert_eq!(registry.relays_active(), 0, "relay finished");
     assert_eq!(registry.totals().ended, 1, "ffmpeg counted as an unsignalled publisher");
     drop(origin); // nginx finishes its recording files
-    let recordings: Vec<_> = std::fs::read_dir(dir.path().join("origin/rec")).expect("rec dir").flatten().map(|e| e.path()).collect();
+    let recordings: Vec<_> = std::fs::read_dir(dir.path().join("origin/rec"))
+        .expect("rec dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert_eq!(recordings.len(), 1, "one upstream publish session: {recordings:?}");
     let sent = media_hashes(&local);
     let received = media_hashes(&recordings[0]);

@@ -25,12 +25,24 @@ async fn lab(extra: &[&str]) -> Lab {
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
     let template = origin.template();
-    let mut args = vec!["--upstream", template.as_str(), "--propagation-delay", "300ms", "--grace-period", "20s"];
+    let mut args = vec![
+        "--upstream",
+        template.as_str(),
+        "--propagation-delay",
+        "300ms",
+        "--grace-period",
+        "20s",
+    ];
     args.extend_from_slice(extra);
     let a = LocalPod::start("pod-a", &args).await.expect("pod a");
     let b = LocalPod::start("pod-b", &args).await.expect("pod b");
     let balancer = Balancer::start(vec![a.backend(), b.backend()]).await.expect("balancer");
-    Lab { _dir: dir, origin: Some(origin), pods: vec![a, b], balancer }
+    Lab {
+        _dir: dir,
+        origin: Some(origin),
+        pods: vec![a, b],
+        balancer,
+    }
 }
 
 async fn until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
@@ -44,12 +56,25 @@ async fn until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
 }
 
 fn config(url: String, go_away: bool, reconnect: bool) -> PublisherConfig {
-    PublisherConfig { go_away, reconnect, fps: 30, gop: 15, video_bitrate_bps: 400_000, width: 320, height: 240, ..PublisherConfig::new(url) }
+    PublisherConfig {
+        go_away,
+        reconnect,
+        fps: 30,
+        gop: 15,
+        video_bitrate_bps: 400_000,
+        width: 320,
+        height: 240,
+        ..PublisherConfig::new(url)
+    }
 }
 
 /// Runs one publisher through the balancer, calls `drain` on the pod it
 /// landed on once it streams, and returns its report after the move.
-async fn publish_through_drain(lab: &mut Lab, cfg: PublisherConfig, drain: impl FnOnce(&mut LocalPod)) -> (PublisherReport, usize) {
+async fn publish_through_drain(
+    lab: &mut Lab,
+    cfg: PublisherConfig,
+    drain: impl FnOnce(&mut LocalPod),
+) -> (PublisherReport, usize) {
     let publisher = Publisher::new(cfg).expect("publisher");
     let stream = publisher.stream().to_owned();
     let progress = publisher.progress();
@@ -60,17 +85,28 @@ async fn publish_through_drain(lab: &mut Lab, cfg: PublisherConfig, drain: impl 
     let landed = lab
         .pods
         .iter()
-        .position(|pod| pod.registry.connections().iter().any(|c| c.stream.as_deref() == Some(stream.as_str())))
+        .position(|pod| {
+            pod.registry
+                .connections()
+                .iter()
+                .any(|c| c.stream.as_deref() == Some(stream.as_str()))
+        })
         .expect("publisher on a pod");
     drain(&mut lab.pods[landed]);
     let p = progress.clone();
     until("the publisher moved", 20, || p.borrow().connections >= 2).await;
     let drained = lab.pods[landed].registry.clone();
-    until("the drained pod emptied and flushed", 20, || drained.connection_count() == 0 && drained.relays_active() == 0).await;
+    until("the drained pod emptied and flushed", 20, || {
+        drained.connection_count() == 0 && drained.relays_active() == 0
+    })
+    .await;
     // Keep streaming on the new pod for a while, then stop cleanly.
     let p = progress.clone();
     let moved_at = p.borrow().video_frames;
-    until("1 s more on the new pod", 20, || p.borrow().video_frames >= moved_at + 30).await;
+    until("1 s more on the new pod", 20, || {
+        p.borrow().video_frames >= moved_at + 30
+    })
+    .await;
     stop.cancel();
     let report = task.await.expect("join").expect("publisher");
     for pod in &lab.pods {
@@ -122,7 +158,11 @@ async fn reconnect_request_without_redirect_loses_nothing() {
         pod.drainer.start(spec("rr-1")).expect("drain");
     })
     .await;
-    assert_eq!(report.signals, vec![(SignalKind::ReconnectRequest, None)], "Reconnect Request preferred over Go Away");
+    assert_eq!(
+        report.signals,
+        vec![(SignalKind::ReconnectRequest, None)],
+        "Reconnect Request preferred over Go Away"
+    );
     let result = audit(&mut lab, &report);
     assert!(result.lossless(), "{result}");
 }
@@ -133,7 +173,11 @@ async fn reconnect_request_with_redirect_goes_to_the_named_pod() {
     let url = format!("rtmp://{}/live/redirect", lab.balancer.addr);
     let targets: Vec<String> = lab.pods.iter().map(|p| format!("rtmp://{}/live", p.rtmp)).collect();
     let (report, landed) = publish_through_drain(&mut lab, config(url, false, true), |pod| {
-        let other = targets.iter().find(|t| !t.contains(&pod.rtmp.to_string())).expect("other pod").clone();
+        let other = targets
+            .iter()
+            .find(|t| !t.contains(&pod.rtmp.to_string()))
+            .expect("other pod")
+            .clone();
         let spec = DrainSpec {
             id: "redirect-1".into(),
             deadline: Duration::from_secs(20),
@@ -149,7 +193,11 @@ async fn reconnect_request_with_redirect_goes_to_the_named_pod() {
     let other = 1 - landed;
     assert_eq!(report.signals.len(), 1);
     assert_eq!(report.signals[0].1.as_deref(), Some(targets[other].as_str()));
-    assert_eq!(lab.pods[other].registry.totals().ended, 1, "the publisher ended on the redirect target");
+    assert_eq!(
+        lab.pods[other].registry.totals().ended,
+        1,
+        "the publisher ended on the redirect target"
+    );
     let result = audit(&mut lab, &report);
     assert!(result.lossless(), "{result}");
 }
@@ -162,27 +210,75 @@ async fn sigterm_applies_the_incapable_policy_to_ffmpeg() {
         let dir = tempfile::tempdir().expect("tempdir");
         let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
         let template = origin.template();
-        let args = ["--upstream", template.as_str(), "--propagation-delay", "100ms", "--drain-deadline", "1500ms"];
-        let mut pod = LocalPod::start("ff", &[&args[..], &["--grace-period", "4s", "--incapable-policy", policy]].concat()).await.expect("pod");
+        let args = [
+            "--upstream",
+            template.as_str(),
+            "--propagation-delay",
+            "100ms",
+            "--drain-deadline",
+            "1500ms",
+        ];
+        let mut pod = LocalPod::start(
+            "ff",
+            &[&args[..], &["--grace-period", "4s", "--incapable-policy", policy]].concat(),
+        )
+        .await
+        .expect("pod");
         let mut ffmpeg = tokio::process::Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "quiet", "-re", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=15"])
-            .args(["-t", "60", "-c:v", "libx264", "-preset", "ultrafast", "-g", "15", "-pix_fmt", "yuv420p", "-f", "flv"])
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "quiet",
+                "-re",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=size=160x120:rate=15",
+            ])
+            .args([
+                "-t",
+                "60",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-g",
+                "15",
+                "-pix_fmt",
+                "yuv420p",
+                "-f",
+                "flv",
+            ])
             .arg(format!("rtmp://{}/live/ff-{policy}", pod.rtmp))
             .kill_on_drop(true)
             .spawn()
             .expect("ffmpeg");
         let reg = pod.registry.clone();
-        until("ffmpeg publishing", 20, || reg.connections().iter().any(|c| c.publishing_since.is_some())).await;
+        until("ffmpeg publishing", 20, || {
+            reg.connections().iter().any(|c| c.publishing_since.is_some())
+        })
+        .await;
         pod.sigterm();
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert_eq!(pod.registry.connection_count(), 1, "{policy}: not signalled, not cut before the deadline");
+        assert_eq!(
+            pod.registry.connection_count(),
+            1,
+            "{policy}: not signalled, not cut before the deadline"
+        );
         assert_eq!(pod.registry.totals().signalled, 0);
         // Between the deadline (1.5 s) and the end of the grace period (4 s).
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let left = if expect_cut_by_deadline { 0 } else { 1 };
-        assert_eq!(pod.registry.connection_count(), left, "{policy}: state after the deadline");
+        assert_eq!(
+            pod.registry.connection_count(),
+            left,
+            "{policy}: state after the deadline"
+        );
         pod.wait().await.expect("pod exit");
-        let status = tokio::time::timeout(Duration::from_secs(10), ffmpeg.wait()).await.expect("ffmpeg ends").expect("wait");
+        let status = tokio::time::timeout(Duration::from_secs(10), ffmpeg.wait())
+            .await
+            .expect("ffmpeg ends")
+            .expect("wait");
         assert!(!status.success(), "{policy}: ffmpeg was cut in the end");
         drop(origin);
     }

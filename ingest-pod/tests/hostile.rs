@@ -15,7 +15,9 @@ async fn handshaken(pod: &LocalPod) -> TcpStream {
     s.write_all(&handshake::client_hello(0, 9)).await.expect("C0C1");
     let mut resp = vec![0u8; handshake::S0S1S2_SIZE];
     s.read_exact(&mut resp).await.expect("S0S1S2");
-    s.write_all(&handshake::client_ack(&resp).expect("ack")).await.expect("C2");
+    s.write_all(&handshake::client_ack(&resp).expect("ack"))
+        .await
+        .expect("C2");
     s
 }
 
@@ -45,7 +47,9 @@ fn chunks(msgs: &[RawMessage]) -> BytesMut {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_peers_are_closed_and_the_pod_survives() {
-    let pod = LocalPod::start("hostile", &["--handshake-timeout", "1s", "--idle-timeout", "1s"]).await.expect("pod");
+    let pod = LocalPod::start("hostile", &["--handshake-timeout", "1s", "--idle-timeout", "1s"])
+        .await
+        .expect("pod");
 
     // RTMPE (version 6) is refused at the handshake.
     let mut s = TcpStream::connect(pod.rtmp).await.expect("connect");
@@ -62,7 +66,13 @@ async fn hostile_peers_are_closed_and_the_pod_survives() {
     // Too many chunk streams.
     let mut s = handshaken(&pod).await;
     let many: Vec<RawMessage> = (3..200)
-        .map(|csid| RawMessage { csid, timestamp: 0, type_id: 9, stream_id: 1, payload: vec![0u8; 300].into() })
+        .map(|csid| RawMessage {
+            csid,
+            timestamp: 0,
+            type_id: 9,
+            stream_id: 1,
+            payload: vec![0u8; 300].into(),
+        })
         .map(|mut m| {
             // Only the first chunk of each: every chunk stream stays open.
             m.payload.truncate(300);
@@ -81,7 +91,13 @@ async fn hostile_peers_are_closed_and_the_pod_survives() {
     for _ in 0..1000 {
         body.extend_from_slice(&[0x03, 0, 1, b'a']);
     }
-    let cmd = RawMessage { csid: 3, timestamp: 0, type_id: 20, stream_id: 0, payload: body.into() };
+    let cmd = RawMessage {
+        csid: 3,
+        timestamp: 0,
+        type_id: 20,
+        stream_id: 0,
+        payload: body.into(),
+    };
     let _ = s.write_all(&chunks(&[cmd])).await;
     closed_by_pod(s).await;
 
@@ -96,7 +112,13 @@ async fn hostile_peers_are_closed_and_the_pod_survives() {
 
     // An invalid Set Chunk Size (0).
     let mut s = handshaken(&pod).await;
-    let scs = RawMessage { csid: 2, timestamp: 0, type_id: 1, stream_id: 0, payload: vec![0, 0, 0, 0].into() };
+    let scs = RawMessage {
+        csid: 2,
+        timestamp: 0,
+        type_id: 1,
+        stream_id: 0,
+        payload: vec![0, 0, 0, 0].into(),
+    };
     let _ = s.write_all(&chunks(&[scs])).await;
     closed_by_pod(s).await;
 

@@ -10,11 +10,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A minimal HTTP/1.1 GET: (status code, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -37,7 +46,12 @@ async fn readiness_follows_the_drain_and_metrics_are_exported() {
     assert_eq!((code, body.as_str()), (503, "draining\n"), "unready at once");
     assert_eq!(get(pod.http, "/healthz").await.0, 200, "still alive");
     let (_, metrics) = get(pod.http, "/metrics").await;
-    for name in ["ingest_draining 1", "ingest_drain_phase{phase=\"propagating\"} 1", "ingest_connections{capability=\"incapable\"}", "# EOF"] {
+    for name in [
+        "ingest_draining 1",
+        "ingest_drain_phase{phase=\"propagating\"} 1",
+        "ingest_connections{capability=\"incapable\"}",
+        "# EOF",
+    ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
     let (_, status) = get(pod.http, "/status").await;

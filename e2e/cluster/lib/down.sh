@@ -13,7 +13,10 @@ stop_pid() {
 		[[ -d /proc/$pid ]] || break
 		sleep 0.2
 	done
-	if [[ -d /proc/$pid ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
+	if [[ -d /proc/$pid ]]; then
+		log "$name did not exit within 10s of SIGTERM: SIGKILL"
+		kill -KILL "$pid" 2>/dev/null || true
+	fi
 	rm -f "$PID_DIR/$name.pid"
 }
 
@@ -160,7 +163,9 @@ cmd_down() {
 	# A live kubelet restarts what is killed under it: kubelets and kube-proxy first.
 	step "stop kubelets, kube-proxy" stop_matching 'kubelet-*' kube-proxy
 	step "kill containers and shims" kill_shims
-	step "stop containerd, control plane" stop_matching 'containerd-*' kube-scheduler kube-controller-manager kube-apiserver etcd
+	step "stop containerd, scheduler, controller-manager" stop_matching 'containerd-*' kube-scheduler kube-controller-manager
+	# The API server before etcd: it shuts down cleanly only while etcd answers.
+	step "stop kube-apiserver, etcd" eval 'stop_matching kube-apiserver; stop_matching etcd'
 	kill_shims
 	step "network namespaces, mounts, cgroups" eval 'delete_netns; unmount_state; remove_cgroups'
 	step "bridges, routes, nft" remove_network

@@ -44,18 +44,45 @@ async fn main() -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let dir = tempfile::tempdir()?;
     let origin = Origin::start(dir.path(), "127.0.0.1")?;
-    say(t0, format!("nginx-rtmp origin on {} records every stream (record all; record_unique on)", origin.addr()));
+    say(
+        t0,
+        format!(
+            "nginx-rtmp origin on {} records every stream (record all; record_unique on)",
+            origin.addr()
+        ),
+    );
     let template = origin.template();
-    let flags = ["--upstream", template.as_str(), "--propagation-delay", "1s", "--drain-rate", "20", "--grace-period", "20s", "--drain-deadline", "15s"];
+    let flags = [
+        "--upstream",
+        template.as_str(),
+        "--propagation-delay",
+        "1s",
+        "--drain-rate",
+        "20",
+        "--grace-period",
+        "20s",
+        "--drain-deadline",
+        "15s",
+    ];
     let mut pod_a = LocalPod::start("pod-a", &flags).await?;
     let pod_b = LocalPod::start("pod-b", &flags).await?;
     pod_b.registry.set_serving(false);
     let balancer = Balancer::start(vec![pod_a.backend(), pod_b.backend()]).await?;
-    say(t0, format!("ingest pods pod-a (rtmp {}) and pod-b (rtmp {}); the Service (a balancer to ready pods) on {}", pod_a.rtmp, pod_b.rtmp, balancer.addr));
+    say(
+        t0,
+        format!(
+            "ingest pods pod-a (rtmp {}) and pod-b (rtmp {}); the Service (a balancer to ready pods) on {}",
+            pod_a.rtmp, pod_b.rtmp, balancer.addr
+        ),
+    );
     say(t0, "pod-b is not ready yet: every publisher lands on pod-a");
 
     let stop = CancellationToken::new();
-    let kinds = [("go-away", true, false), ("reconnect", false, true), ("both", true, true)];
+    let kinds = [
+        ("go-away", true, false),
+        ("reconnect", false, true),
+        ("both", true, true),
+    ];
     let mut tasks = Vec::new();
     for i in 0..args.publishers {
         let (label, go_away, reconnect) = kinds[i % kinds.len()];
@@ -72,15 +99,28 @@ async fn main() -> anyhow::Result<ExitCode> {
         let publisher = Publisher::new(cfg)?;
         tasks.push((publisher.progress(), tokio::spawn(publisher.run(stop.clone()))));
     }
-    while pod_a.registry.connections().iter().filter(|c| c.publishing_since.is_some()).count() < args.publishers {
+    while pod_a
+        .registry
+        .connections()
+        .iter()
+        .filter(|c| c.publishing_since.is_some())
+        .count()
+        < args.publishers
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    say(t0, format!("{} publishers streaming 1 Mbit/s to pod-a (GOP 1 s)", args.publishers));
+    say(
+        t0,
+        format!("{} publishers streaming 1 Mbit/s to pod-a (GOP 1 s)", args.publishers),
+    );
     pod_b.registry.set_serving(true);
     say(t0, "pod-b is ready");
     tokio::time::sleep(Duration::from_secs(args.before)).await;
 
-    say(t0, "SIGTERM to pod-a (what kubectl drain or a rollout does): it leaves the Service, waits 1 s, signals in waves");
+    say(
+        t0,
+        "SIGTERM to pod-a (what kubectl drain or a rollout does): it leaves the Service, waits 1 s, signals in waves",
+    );
     let drain_start = Instant::now();
     pod_a.sigterm();
     let mut last = String::new();
@@ -94,7 +134,12 @@ async fn main() -> anyhow::Result<ExitCode> {
                 d.migrated,
                 d.remaining,
                 d.relays_active,
-                pod_b.registry.connections().iter().filter(|c| c.publishing_since.is_some()).count()
+                pod_b
+                    .registry
+                    .connections()
+                    .iter()
+                    .filter(|c| c.publishing_since.is_some())
+                    .count()
             ),
             None => "pod-a starting its drain".into(),
         };
@@ -112,7 +157,13 @@ async fn main() -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pod_a.wait().await?;
-    say(t0, format!("pod-a drained and exited after {:.2}s", drain_start.elapsed().as_secs_f64()));
+    say(
+        t0,
+        format!(
+            "pod-a drained and exited after {:.2}s",
+            drain_start.elapsed().as_secs_f64()
+        ),
+    );
     tokio::time::sleep(Duration::from_secs(args.after)).await;
     say(t0, "stopping the publishers (clean FCUnpublish/deleteStream)");
     stop.cancel();
@@ -127,14 +178,20 @@ async fn main() -> anyhow::Result<ExitCode> {
     drop(origin);
 
     println!();
-    println!("{:<14} {:>6} {:>9} {:>6} {:>5} {:>10} {:>9}  {}", "stream", "sent", "at origin", "lost", "dup", "recordings", "gap (ms)", "verdict");
+    println!(
+        "{:<14} {:>6} {:>9} {:>6} {:>5} {:>10} {:>9}  verdict",
+        "stream", "sent", "at origin", "lost", "dup", "recordings", "gap (ms)"
+    );
     let mut all_ok = true;
     for r in &reports {
         let a = audit::audit_dir(&r.stream, &r.sent, &record_dir)?;
         let gap = r.max_switch_gap().map_or("-".into(), |g| g.as_millis().to_string());
         let verdict = if a.lossless() { "lossless" } else { "LOSS" };
         all_ok &= a.lossless();
-        println!("{:<14} {:>6} {:>9} {:>6} {:>5} {:>10} {:>9}  {}", r.stream, a.sent, a.received, a.lost, a.duplicated, a.recordings, gap, verdict);
+        println!(
+            "{:<14} {:>6} {:>9} {:>6} {:>5} {:>10} {:>9}  {}",
+            r.stream, a.sent, a.received, a.lost, a.duplicated, a.recordings, gap, verdict
+        );
     }
     println!();
     println!("sent and at origin count audio/video messages by payload hash (sequence headers and metadata apart);");

@@ -199,7 +199,11 @@ fn decode_at(data: &mut &[u8], depth: usize) -> Result<Value> {
         LONG_STRING | XML_DOCUMENT => {
             let len = take_u32(data)? as usize;
             let s = take_string(data, len)?;
-            if marker == LONG_STRING { Value::LongString(s) } else { Value::XmlDocument(s) }
+            if marker == LONG_STRING {
+                Value::LongString(s)
+            } else {
+                Value::XmlDocument(s)
+            }
         }
         TYPED_OBJECT => {
             let class = short_string(data)?;
@@ -301,7 +305,13 @@ mod tests {
                 ("app", Value::string("live")),
                 ("supportsGoAway", Value::Boolean(true)),
                 ("capsEx", Value::Number(1.0)),
-                ("nested", Value::EcmaArray(vec![("a".into(), Value::StrictArray(vec![Value::Null, Value::Undefined]))])),
+                (
+                    "nested",
+                    Value::EcmaArray(vec![(
+                        "a".into(),
+                        Value::StrictArray(vec![Value::Null, Value::Undefined]),
+                    )]),
+                ),
             ]),
             Value::Date(1.5e12, 0),
             Value::LongString("x".repeat(70_000)),
@@ -337,9 +347,15 @@ mod tests {
         assert_eq!(decode_all(&deep), Err(Error::TooDeep));
         // A string announcing more bytes than there are.
         assert_eq!(decode_all(&[STRING, 0xff, 0xff, b'a']), Err(Error::Truncated));
-        assert_eq!(decode_all(&[LONG_STRING, 0xff, 0xff, 0xff, 0xff]), Err(Error::Truncated));
+        assert_eq!(
+            decode_all(&[LONG_STRING, 0xff, 0xff, 0xff, 0xff]),
+            Err(Error::Truncated)
+        );
         // A strict array announcing four billion elements.
-        assert_eq!(decode_all(&[STRICT_ARRAY, 0xff, 0xff, 0xff, 0xff]), Err(Error::TooManyItems));
+        assert_eq!(
+            decode_all(&[STRICT_ARRAY, 0xff, 0xff, 0xff, 0xff]),
+            Err(Error::TooManyItems)
+        );
         assert_eq!(decode_all(&[0x11]), Err(Error::UnsupportedMarker(0x11)));
         assert_eq!(decode_all(&[NUMBER, 1, 2]), Err(Error::Truncated));
     }

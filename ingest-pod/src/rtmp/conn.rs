@@ -36,11 +36,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub const OUTGOING_CHUNK_SIZE: u32 = 4096;
 
 fn now_ms() -> u32 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u32).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u32)
+        .unwrap_or(0)
 }
 
 fn seed() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
 }
 
 async fn timed<T>(limit: Duration, what: &'static str, fut: impl Future<Output = std::io::Result<T>>) -> Result<T> {
@@ -76,8 +82,20 @@ pub async fn connect(mut stream: TcpStream, limit: Duration) -> Result<(Reader, 
 fn split(stream: TcpStream, limits: Limits) -> (Reader, Writer) {
     let (r, w) = stream.into_split();
     (
-        Reader { io: r, buf: BytesMut::with_capacity(8192), chunks: ChunkReader::new(limits), bytes_in: 0, window: 0, acked: 0 },
-        Writer { io: w, chunks: ChunkWriter::default(), buf: BytesMut::with_capacity(8192), bytes_out: 0 },
+        Reader {
+            io: r,
+            buf: BytesMut::with_capacity(8192),
+            chunks: ChunkReader::new(limits),
+            bytes_in: 0,
+            window: 0,
+            acked: 0,
+        },
+        Writer {
+            io: w,
+            chunks: ChunkWriter::default(),
+            buf: BytesMut::with_capacity(8192),
+            bytes_out: 0,
+        },
     )
 }
 
@@ -112,7 +130,11 @@ impl Reader {
             }
             let n = self.io.read_buf(&mut self.buf).await?;
             if n == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(Error::TruncatedStream) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Error::TruncatedStream)
+                };
             }
             self.bytes_in += n as u64;
         }

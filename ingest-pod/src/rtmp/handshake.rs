@@ -42,7 +42,10 @@ fn fill(out: &mut [u8], mut seed: u64) {
 /// S2 echoes C1 (its time, the time we read it, and its random bytes).
 pub fn server_response(c0c1: &[u8], server_time: u32, seed: u64) -> Result<Vec<u8>> {
     if c0c1.len() != C0C1_SIZE {
-        return Err(Error::BadLength { got: c0c1.len(), expected: C0C1_SIZE });
+        return Err(Error::BadLength {
+            got: c0c1.len(),
+            expected: C0C1_SIZE,
+        });
     }
     if c0c1[0] != RTMP_VERSION {
         return Err(Error::UnsupportedVersion(c0c1[0]));
@@ -72,7 +75,10 @@ pub fn client_hello(client_time: u32, seed: u64) -> Vec<u8> {
 /// Checks the server's S0 + S1 + S2 and builds C2 (an echo of S1).
 pub fn client_ack(s0s1s2: &[u8]) -> Result<Vec<u8>> {
     if s0s1s2.len() != S0S1S2_SIZE {
-        return Err(Error::BadLength { got: s0s1s2.len(), expected: S0S1S2_SIZE });
+        return Err(Error::BadLength {
+            got: s0s1s2.len(),
+            expected: S0S1S2_SIZE,
+        });
     }
     if s0s1s2[0] != RTMP_VERSION {
         return Err(Error::UnsupportedVersion(s0s1s2[0]));
@@ -84,7 +90,10 @@ pub fn client_ack(s0s1s2: &[u8]) -> Result<Vec<u8>> {
 /// in what they echo, and nothing depends on it.
 pub fn check_c2(c2: &[u8]) -> Result<()> {
     if c2.len() != HANDSHAKE_SIZE {
-        return Err(Error::BadLength { got: c2.len(), expected: HANDSHAKE_SIZE });
+        return Err(Error::BadLength {
+            got: c2.len(),
+            expected: HANDSHAKE_SIZE,
+        });
     }
     Ok(())
 }
@@ -121,7 +130,10 @@ mod tests {
         let mut c0c1 = client_hello(0, 3);
         c0c1[0] = 6;
         assert_eq!(server_response(&c0c1, 0, 0), Err(Error::UnsupportedVersion(6)));
-        assert!(matches!(server_response(&c0c1[..10], 0, 0), Err(Error::BadLength { .. })));
+        assert!(matches!(
+            server_response(&c0c1[..10], 0, 0),
+            Err(Error::BadLength { .. })
+        ));
         assert!(check_c2(&[0; 10]).is_err());
     }
 

@@ -70,7 +70,11 @@ pub struct Command {
 
 impl Command {
     pub fn new(name: &str, transaction: f64, args: Vec<Value>) -> Self {
-        Self { name: name.to_owned(), transaction, args }
+        Self {
+            name: name.to_owned(),
+            transaction,
+            args,
+        }
     }
 
     pub fn object(&self) -> Option<&Value> {
@@ -92,11 +96,26 @@ pub enum Message {
     WindowAckSize(u32),
     SetPeerBandwidth(u32, u8),
     UserControl(UserControl),
-    Command { stream_id: u32, command: Command },
+    Command {
+        stream_id: u32,
+        command: Command,
+    },
     /// A data message (`@setDataFrame`, `onMetaData`), kept as bytes.
-    Data { stream_id: u32, timestamp: u32, payload: Bytes },
-    Audio { stream_id: u32, timestamp: u32, payload: Bytes },
-    Video { stream_id: u32, timestamp: u32, payload: Bytes },
+    Data {
+        stream_id: u32,
+        timestamp: u32,
+        payload: Bytes,
+    },
+    Audio {
+        stream_id: u32,
+        timestamp: u32,
+        payload: Bytes,
+    },
+    Video {
+        stream_id: u32,
+        timestamp: u32,
+        payload: Bytes,
+    },
     GoAway(Bytes),
     Unknown(RawMessage),
 }
@@ -123,7 +142,10 @@ impl Message {
             }
             USER_CONTROL => {
                 if p.len() < 2 {
-                    return Err(Error::BadLength { kind: "User Control", len: p.len() });
+                    return Err(Error::BadLength {
+                        kind: "User Control",
+                        len: p.len(),
+                    });
                 }
                 let event = u16::from_be_bytes([p[0], p[1]]);
                 let body = &p[2..];
@@ -145,20 +167,41 @@ impl Message {
                     return Err(Error::CommandTooLong(p.len()));
                 }
                 // An AMF3 command starts with one format byte, then AMF0 values.
-                let body = if raw.type_id == COMMAND_AMF3 { p.get(1..).unwrap_or_default() } else { p };
+                let body = if raw.type_id == COMMAND_AMF3 {
+                    p.get(1..).unwrap_or_default()
+                } else {
+                    p
+                };
                 let mut values = amf0::decode_all(body)?.into_iter();
                 let name = match values.next() {
                     Some(Value::String(s)) => s,
                     _ => return Err(Error::BadCommand("the command name is not a string")),
                 };
                 let transaction = values.next().and_then(|v| v.as_number()).unwrap_or(0.0);
-                Message::Command { stream_id: raw.stream_id, command: Command { name, transaction, args: values.collect() } }
+                Message::Command {
+                    stream_id: raw.stream_id,
+                    command: Command {
+                        name,
+                        transaction,
+                        args: values.collect(),
+                    },
+                }
             }
-            DATA_AMF0 | DATA_AMF3 => {
-                Message::Data { stream_id: raw.stream_id, timestamp: raw.timestamp, payload: raw.payload }
-            }
-            AUDIO => Message::Audio { stream_id: raw.stream_id, timestamp: raw.timestamp, payload: raw.payload },
-            VIDEO => Message::Video { stream_id: raw.stream_id, timestamp: raw.timestamp, payload: raw.payload },
+            DATA_AMF0 | DATA_AMF3 => Message::Data {
+                stream_id: raw.stream_id,
+                timestamp: raw.timestamp,
+                payload: raw.payload,
+            },
+            AUDIO => Message::Audio {
+                stream_id: raw.stream_id,
+                timestamp: raw.timestamp,
+                payload: raw.payload,
+            },
+            VIDEO => Message::Video {
+                stream_id: raw.stream_id,
+                timestamp: raw.timestamp,
+                payload: raw.payload,
+            },
             GO_AWAY => Message::GoAway(raw.payload),
             _ => Message::Unknown(raw),
         })
@@ -224,21 +267,33 @@ impl Message {
                     payload: amf0::encode_all(&values).freeze(),
                 }
             }
-            Message::Data { stream_id, timestamp, payload } => RawMessage {
+            Message::Data {
+                stream_id,
+                timestamp,
+                payload,
+            } => RawMessage {
                 csid: CSID_DATA,
                 timestamp: *timestamp,
                 type_id: DATA_AMF0,
                 stream_id: *stream_id,
                 payload: payload.clone(),
             },
-            Message::Audio { stream_id, timestamp, payload } => RawMessage {
+            Message::Audio {
+                stream_id,
+                timestamp,
+                payload,
+            } => RawMessage {
                 csid: CSID_AUDIO,
                 timestamp: *timestamp,
                 type_id: AUDIO,
                 stream_id: *stream_id,
                 payload: payload.clone(),
             },
-            Message::Video { stream_id, timestamp, payload } => RawMessage {
+            Message::Video {
+                stream_id,
+                timestamp,
+                payload,
+            } => RawMessage {
                 csid: CSID_VIDEO,
                 timestamp: *timestamp,
                 type_id: VIDEO,
@@ -251,7 +306,10 @@ impl Message {
     }
 
     pub fn command(stream_id: u32, name: &str, transaction: f64, args: Vec<Value>) -> Message {
-        Message::Command { stream_id, command: Command::new(name, transaction, args) }
+        Message::Command {
+            stream_id,
+            command: Command::new(name, transaction, args),
+        }
     }
 }
 
@@ -285,12 +343,31 @@ mod tests {
 
     #[test]
     fn command_round_trip_and_errors() {
-        let m = Message::command(1, "publish", 0.0, vec![Value::Null, Value::string("key"), Value::string("live")]);
-        let Message::Command { command, .. } = Message::decode(m.encode()).unwrap() else { panic!("not a command") };
+        let m = Message::command(
+            1,
+            "publish",
+            0.0,
+            vec![Value::Null, Value::string("key"), Value::string("live")],
+        );
+        let Message::Command { command, .. } = Message::decode(m.encode()).unwrap() else {
+            panic!("not a command")
+        };
         assert_eq!(command.arg(0).and_then(Value::as_str), Some("key"));
-        let bad = RawMessage { csid: 3, timestamp: 0, type_id: 20, stream_id: 0, payload: Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 0, 0]) };
+        let bad = RawMessage {
+            csid: 3,
+            timestamp: 0,
+            type_id: 20,
+            stream_id: 0,
+            payload: Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        };
         assert!(matches!(Message::decode(bad), Err(Error::BadCommand(_))));
-        let short = RawMessage { csid: 2, timestamp: 0, type_id: 1, stream_id: 0, payload: Bytes::from_static(&[0, 1]) };
+        let short = RawMessage {
+            csid: 2,
+            timestamp: 0,
+            type_id: 1,
+            stream_id: 0,
+            payload: Bytes::from_static(&[0, 1]),
+        };
         assert!(matches!(Message::decode(short), Err(Error::BadLength { .. })));
     }
 }

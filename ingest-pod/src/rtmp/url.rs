@@ -32,12 +32,21 @@ impl RtmpUrl {
         if stream.is_empty() || app.is_empty() {
             return Err(Error::NoStream(url.to_owned()));
         }
-        Ok(Self { host, port, app, stream })
+        Ok(Self {
+            host,
+            port,
+            app,
+            stream,
+        })
     }
 
     /// The `host:port` to dial.
     pub fn addr(&self) -> String {
-        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
     }
 
     pub fn tc_url(&self) -> String {
@@ -47,17 +56,28 @@ impl RtmpUrl {
     /// Builds a URL from a tcUrl (`rtmp://host/app`) and a stream name.
     pub fn from_tc_url(tc_url: &str, stream: &str) -> Result<Self, Error> {
         let (app_prefix, last, host, port) = split(tc_url)?;
-        let app = if app_prefix.is_empty() { last } else { format!("{app_prefix}/{last}") };
+        let app = if app_prefix.is_empty() {
+            last
+        } else {
+            format!("{app_prefix}/{last}")
+        };
         if app.is_empty() || stream.is_empty() {
             return Err(Error::NoStream(tc_url.to_owned()));
         }
-        Ok(Self { host, port, app, stream: stream.to_owned() })
+        Ok(Self {
+            host,
+            port,
+            app,
+            stream: stream.to_owned(),
+        })
     }
 }
 
 /// Returns (path before the last segment, last segment, host, port).
 fn split(url: &str) -> Result<(String, String, String, u16), Error> {
-    let rest = url.strip_prefix("rtmp://").ok_or_else(|| Error::NotRtmp(url.to_owned()))?;
+    let rest = url
+        .strip_prefix("rtmp://")
+        .ok_or_else(|| Error::NotRtmp(url.to_owned()))?;
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) = v6.split_once(']').ok_or_else(|| Error::NoHost(url.to_owned()))?;
@@ -86,7 +106,9 @@ pub fn resolve_tc_url(current: &str, reference: &str) -> String {
     if reference.contains("://") {
         return reference.to_owned();
     }
-    let Some(rest) = current.split_once("://").map(|(_, r)| r) else { return reference.to_owned() };
+    let Some(rest) = current.split_once("://").map(|(_, r)| r) else {
+        return reference.to_owned();
+    };
     let authority = rest.split('/').next().unwrap_or(rest);
     if let Some(path) = reference.strip_prefix('/') {
         return format!("rtmp://{authority}/{path}");
@@ -109,7 +131,10 @@ mod tests {
     #[test]
     fn parses_publish_urls() {
         let u = RtmpUrl::parse("rtmp://127.0.0.1:1936/live/key1").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.app.as_str(), u.stream.as_str()), ("127.0.0.1", 1936, "live", "key1"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.app.as_str(), u.stream.as_str()),
+            ("127.0.0.1", 1936, "live", "key1")
+        );
         assert_eq!(u.tc_url(), "rtmp://127.0.0.1:1936/live");
         let u = RtmpUrl::parse("rtmp://origin/app/inst/k?x=1").unwrap();
         assert_eq!((u.port, u.app.as_str(), u.stream.as_str()), (1935, "app/inst", "k?x=1"));
@@ -136,6 +161,9 @@ mod tests {
 
     #[test]
     fn renders_templates() {
-        assert_eq!(render("rtmp://o:1935/{app}/{stream}", "live", "k"), "rtmp://o:1935/live/k");
+        assert_eq!(
+            render("rtmp://o:1935/{app}/{stream}", "live", "k"),
+            "rtmp://o:1935/live/k"
+        );
     }
 }

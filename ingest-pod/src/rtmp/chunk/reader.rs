@@ -7,8 +7,8 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 
 use super::{
-    DEFAULT_CHUNK_SIZE, EXTENDED_TIMESTAMP, MAX_CHUNK_SIZE, MAX_CHUNK_STREAMS, MAX_MESSAGE_LEN,
-    MAX_PENDING_BYTES, RawMessage,
+    DEFAULT_CHUNK_SIZE, EXTENDED_TIMESTAMP, MAX_CHUNK_SIZE, MAX_CHUNK_STREAMS, MAX_MESSAGE_LEN, MAX_PENDING_BYTES,
+    RawMessage,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -81,7 +81,12 @@ impl Default for ChunkReader {
 
 impl ChunkReader {
     pub fn new(limits: Limits) -> Self {
-        Self { chunk_size: DEFAULT_CHUNK_SIZE, limits, streams: HashMap::new(), pending_bytes: 0 }
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            limits,
+            streams: HashMap::new(),
+            pending_bytes: 0,
+        }
     }
 
     /// Applies the peer's Set Chunk Size.
@@ -121,7 +126,9 @@ impl ChunkReader {
 
     fn read_chunk(&mut self, buf: &mut BytesMut) -> Result<Step> {
         let data: &[u8] = buf;
-        let Some(&b0) = data.first() else { return Ok(Step::Incomplete) };
+        let Some(&b0) = data.first() else {
+            return Ok(Step::Incomplete);
+        };
         let fmt = b0 >> 6;
         let (csid, mut pos) = match b0 & 0x3f {
             0 => match data.get(1) {
@@ -139,7 +146,9 @@ impl ChunkReader {
             return Ok(Step::Incomplete);
         }
         if !self.streams.contains_key(&csid) && self.streams.len() >= self.limits.max_chunk_streams {
-            return Err(Error::TooManyChunkStreams { max: self.limits.max_chunk_streams });
+            return Err(Error::TooManyChunkStreams {
+                max: self.limits.max_chunk_streams,
+            });
         }
         let known = self.streams.contains_key(&csid);
         if !known && fmt == 3 {
@@ -150,7 +159,11 @@ impl ChunkReader {
 
         // Decode the message header fields, still without consuming anything.
         let h = &data[pos..pos + header_len];
-        let ts_field = if fmt <= 2 { u32::from_be_bytes([0, h[0], h[1], h[2]]) } else { 0 };
+        let ts_field = if fmt <= 2 {
+            u32::from_be_bytes([0, h[0], h[1], h[2]])
+        } else {
+            0
+        };
         let (mut length, mut type_id, mut stream_id) = match prev {
             Some(s) => (s.length, s.type_id, s.stream_id),
             None => (0, 0, 0),
@@ -163,17 +176,26 @@ impl ChunkReader {
             stream_id = u32::from_le_bytes([h[7], h[8], h[9], h[10]]);
         }
         pos += header_len;
-        let extended = if fmt <= 2 { ts_field == EXTENDED_TIMESTAMP } else { prev.is_some_and(|s| s.extended) };
+        let extended = if fmt <= 2 {
+            ts_field == EXTENDED_TIMESTAMP
+        } else {
+            prev.is_some_and(|s| s.extended)
+        };
         let mut ts_value = ts_field;
         if extended {
-            let Some(ext) = data.get(pos..pos + 4) else { return Ok(Step::Incomplete) };
+            let Some(ext) = data.get(pos..pos + 4) else {
+                return Ok(Step::Incomplete);
+            };
             if fmt <= 2 {
                 ts_value = u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]);
             }
             pos += 4;
         }
         if length > self.limits.max_message_len {
-            return Err(Error::MessageTooLong { len: length, max: self.limits.max_message_len });
+            return Err(Error::MessageTooLong {
+                len: length,
+                max: self.limits.max_message_len,
+            });
         }
         if in_message && fmt != 3 {
             // A new header in the middle of a message: some encoders resend
@@ -186,7 +208,9 @@ impl ChunkReader {
             return Ok(Step::Incomplete);
         }
         if !in_message && self.pending_bytes + length as usize > self.limits.max_pending_bytes {
-            return Err(Error::TooMuchPending { max: self.limits.max_pending_bytes });
+            return Err(Error::TooMuchPending {
+                max: self.limits.max_pending_bytes,
+            });
         }
 
         // The whole chunk is here: commit.
@@ -245,7 +269,13 @@ mod tests {
 
     fn msg(csid: u32, ts: u32, type_id: u8, sid: u32, len: usize) -> RawMessage {
         let payload: Vec<u8> = (0..len).map(|i| (i * 7 + csid as usize) as u8).collect();
-        RawMessage { csid, timestamp: ts, type_id, stream_id: sid, payload: Bytes::from(payload) }
+        RawMessage {
+            csid,
+            timestamp: ts,
+            type_id,
+            stream_id: sid,
+            payload: Bytes::from(payload),
+        }
     }
 
     fn read_all(reader: &mut ChunkReader, buf: &mut BytesMut) -> Vec<RawMessage> {
@@ -259,9 +289,7 @@ mod tests {
     #[test]
     fn format0_single_chunk() {
         // csid 3, ts 1000, len 4, type 20, stream 0, payload 01 02 03 04
-        let mut buf = BytesMut::from(
-            &[0x03, 0x00, 0x03, 0xe8, 0x00, 0x00, 0x04, 0x14, 0, 0, 0, 0, 1, 2, 3, 4][..],
-        );
+        let mut buf = BytesMut::from(&[0x03, 0x00, 0x03, 0xe8, 0x00, 0x00, 0x04, 0x14, 0, 0, 0, 0, 1, 2, 3, 4][..]);
         let m = ChunkReader::default().read(&mut buf).unwrap().unwrap();
         assert_eq!((m.csid, m.timestamp, m.type_id, m.stream_id), (3, 1000, 20, 0));
         assert_eq!(&m.payload[..], &[1, 2, 3, 4]);
@@ -277,8 +305,14 @@ mod tests {
         bytes.extend_from_slice(&[0xc4, 7, 8, 9]);
         let mut buf = BytesMut::from(&bytes[..]);
         let got = read_all(&mut ChunkReader::default(), &mut buf);
-        let summary: Vec<_> = got.iter().map(|m| (m.timestamp, m.type_id, m.stream_id, m.payload.len())).collect();
-        assert_eq!(summary, vec![(10, 9, 1, 2), (15, 8, 1, 3), (22, 8, 1, 3), (29, 8, 1, 3)]);
+        let summary: Vec<_> = got
+            .iter()
+            .map(|m| (m.timestamp, m.type_id, m.stream_id, m.payload.len()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![(10, 9, 1, 2), (15, 8, 1, 3), (22, 8, 1, 3), (29, 8, 1, 3)]
+        );
         assert_eq!(&got[3].payload[..], &[7, 8, 9]);
     }
 
@@ -377,10 +411,22 @@ mod tests {
     fn limits_are_enforced_before_allocation() {
         // A header announcing a 1 MiB message to a reader that takes 64 KiB.
         let mut buf = BytesMut::from(&[0x04, 0, 0, 0, 0x10, 0x00, 0x00, 9, 1, 0, 0, 0][..]);
-        let limits = Limits { max_message_len: 64 * 1024, ..Limits::default() };
-        assert_eq!(ChunkReader::new(limits).read(&mut buf), Err(Error::MessageTooLong { len: 1 << 20, max: 64 * 1024 }));
+        let limits = Limits {
+            max_message_len: 64 * 1024,
+            ..Limits::default()
+        };
+        assert_eq!(
+            ChunkReader::new(limits).read(&mut buf),
+            Err(Error::MessageTooLong {
+                len: 1 << 20,
+                max: 64 * 1024
+            })
+        );
 
-        let limits = Limits { max_chunk_streams: 2, ..Limits::default() };
+        let limits = Limits {
+            max_chunk_streams: 2,
+            ..Limits::default()
+        };
         let mut r = ChunkReader::new(limits);
         let mut w = ChunkWriter::default();
         let mut buf = BytesMut::new();
@@ -391,7 +437,10 @@ mod tests {
         assert!(r.read(&mut buf).unwrap().is_some());
         assert_eq!(r.read(&mut buf), Err(Error::TooManyChunkStreams { max: 2 }));
 
-        let limits = Limits { max_pending_bytes: 1000, ..Limits::default() };
+        let limits = Limits {
+            max_pending_bytes: 1000,
+            ..Limits::default()
+        };
         let mut r = ChunkReader::new(limits);
         let mut buf = BytesMut::new();
         let mut w = ChunkWriter::default();
@@ -406,6 +455,9 @@ mod tests {
     #[test]
     fn format3_without_history_is_an_error() {
         let mut buf = BytesMut::from(&[0xc5, 1, 2][..]);
-        assert_eq!(ChunkReader::default().read(&mut buf), Err(Error::NoPreviousHeader { fmt: 3, csid: 5 }));
+        assert_eq!(
+            ChunkReader::default().read(&mut buf),
+            Err(Error::NoPreviousHeader { fmt: 3, csid: 5 })
+        );
     }
 }

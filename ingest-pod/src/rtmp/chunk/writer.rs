@@ -24,7 +24,10 @@ pub struct ChunkWriter {
 
 impl Default for ChunkWriter {
     fn default() -> Self {
-        Self { chunk_size: DEFAULT_CHUNK_SIZE, last: HashMap::new() }
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            last: HashMap::new(),
+        }
     }
 }
 
@@ -69,7 +72,11 @@ impl ChunkWriter {
             out.put_u32_le(msg.stream_id);
         }
         // A format-3 header inherits "extended" from the previous header.
-        let ext_on_every_chunk = if fmt == 3 { prev.is_some_and(|p| p.delta >= EXTENDED_TIMESTAMP) } else { extended };
+        let ext_on_every_chunk = if fmt == 3 {
+            prev.is_some_and(|p| p.delta >= EXTENDED_TIMESTAMP)
+        } else {
+            extended
+        };
         if ext_on_every_chunk {
             out.put_u32(field);
         }
@@ -90,7 +97,13 @@ impl ChunkWriter {
         }
         self.last.insert(
             msg.csid,
-            Last { timestamp: msg.timestamp, delta: field, length: len, type_id: msg.type_id, stream_id: msg.stream_id },
+            Last {
+                timestamp: msg.timestamp,
+                delta: field,
+                length: len,
+                type_id: msg.type_id,
+                stream_id: msg.stream_id,
+            },
         );
     }
 }
@@ -124,7 +137,13 @@ mod tests {
         let mut w = ChunkWriter::default();
         let mut buf = BytesMut::new();
         let frames: Vec<RawMessage> = (0..5)
-            .map(|i| RawMessage { csid: 6, timestamp: i * 33, type_id: 9, stream_id: 1, payload: Bytes::from(vec![i as u8; 20]) })
+            .map(|i| RawMessage {
+                csid: 6,
+                timestamp: i * 33,
+                type_id: 9,
+                stream_id: 1,
+                payload: Bytes::from(vec![i as u8; 20]),
+            })
             .collect();
         let mut sizes = Vec::new();
         for f in &frames {
