@@ -52,6 +52,8 @@ pub struct Image {
     pub files: Vec<(PathBuf, String)>,
     /// Container user; the script defaults to the non-root uid 65532.
     pub user: Option<u32>,
+    /// Drop DWARF from the image's copy (a debug-built test binary is mostly DWARF).
+    pub strip_debug: bool,
 }
 
 impl Image {
@@ -61,7 +63,13 @@ impl Image {
             binary: binary.into(),
             files: Vec::new(),
             user: None,
+            strip_debug: false,
         }
+    }
+
+    pub fn strip_debug(mut self) -> Self {
+        self.strip_debug = true;
+        self
     }
 
     pub fn file(mut self, host: impl Into<PathBuf>, in_image: impl Into<String>) -> Self {
@@ -77,6 +85,7 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     state_dir: PathBuf,
     kubectl: PathBuf,
+    helm: PathBuf,
     nodes: Vec<String>,
     client: Client,
     /// Network namespaces that existed before `up` (not ours to report).
@@ -105,11 +114,13 @@ impl Cluster {
         let kubeconfig = PathBuf::from(capture(&script, &["kubeconfig"]).await?.trim());
         let state_dir = kubeconfig.parent().context("kubeconfig has no parent")?.to_path_buf();
         let paths = capture(&script, &["paths"]).await?;
-        let kubectl = paths
-            .lines()
-            .find_map(|l| l.strip_prefix("kubectl="))
-            .context("`cluster paths` names no kubectl")?
-            .into();
+        let path_of = |name: &str| -> Result<PathBuf> {
+            let prefix = format!("{name}=");
+            let path = paths.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+            Ok(path.with_context(|| format!("`cluster paths` names no {name}"))?.into())
+        };
+        let kubectl = path_of("kubectl")?;
+        let helm = path_of("helm")?;
         let kc = Kubeconfig::read_from(&kubeconfig)?;
         let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
         let client = Client::try_from(config)?;
@@ -118,6 +129,7 @@ impl Cluster {
             kubeconfig,
             state_dir,
             kubectl,
+            helm,
             nodes: (0..nodes).map(node_name).collect(),
             client,
             netns_before,
@@ -145,41 +157,20 @@ impl Cluster {
 
     /// Runs kubectl against this cluster; stdout on success, stderr in the error.
     pub async fn kubectl(&self, args: &[&str]) -> Result<String> {
-        self.kubectl_with_stdin(args, None).await
+        run_tool(&self.kubectl, &self.kubeconfig, args, None).await
+    }
+
+    /// Runs helm (the pinned version) against this cluster; stdout on success.
+    pub async fn helm(&self, args: &[&str]) -> Result<String> {
+        run_tool(&self.helm, &self.kubeconfig, args, None).await
     }
 
     /// `kubectl apply --server-side -f -` of a YAML or JSON document stream.
     pub async fn apply(&self, manifests: &str) -> Result<()> {
-        self.kubectl_with_stdin(
-            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
-            Some(manifests),
-        )
-        .await
-        .map(drop)
-    }
-
-    async fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        let mut cmd = Command::new(&self.kubectl);
-        cmd.args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().context("spawning kubectl")?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes()).await?;
-        }
-        let out = child.wait_with_output().await?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let args = ["apply", "--server-side", "--force-conflicts", "-f", "-"];
+        run_tool(&self.kubectl, &self.kubeconfig, &args, Some(manifests))
+            .await
+            .map(drop)
     }
 
     /// Creates a namespace labelled for cleanup; returns its name.
@@ -216,6 +207,9 @@ impl Cluster {
         }
         if let Some(uid) = image.user {
             args.extend(["--user".to_owned(), uid.to_string()]);
+        }
+        if image.strip_debug {
+            args.push("--strip-debug".to_owned());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = capture(&self.script, &args).await?;
@@ -380,6 +374,36 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
+}
+
+/// Runs kubectl or helm with `kubeconfig`; stdout on success, stderr in the error.
+async fn run_tool(program: &Path, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut child = Command::new(program)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {name}"))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!(
+            "{name} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs the script with the terminal attached (its progress is the user's).

@@ -465,7 +465,7 @@ mod tests {
         assert!(r.lossless(), "{r}");
         assert_eq!(
             (r.sent, r.received, r.recordings, r.sessions, r.config_messages),
-            (all.len(), all.len(), 3, 2, 6)
+            (all.len(), all.len(), 2, 2, 6)
         );
         assert!(r.to_string().contains("LOSSLESS"));
         Ok(())

@@ -37,12 +37,13 @@ size_of() { stat -c %s "$1"; }
 build_image() {
 	local ref=$1 binary=$2 out=$3
 	shift 3
-	local user=$NONROOT_UID entrypoint="" dest="" cmd=() env=("PATH=/usr/local/bin:/usr/bin:/bin") files=() f
+	local user=$NONROOT_UID entrypoint="" dest="" strip_debug=0 cmd=() env=("PATH=/usr/local/bin:/usr/bin:/bin") files=() f
 	while (($#)); do
 		case $1 in
 		--user) user=$2; shift 2 ;;
 		--entrypoint) entrypoint=$2; shift 2 ;;
 		--dest) dest=$2; shift 2 ;;
+		--strip-debug) strip_debug=1; shift ;;
 		--cmd) cmd+=("$2"); shift 2 ;;
 		--env) env+=("$2"); shift 2 ;;
 		--file) files+=("$2"); shift 2 ;;
@@ -61,6 +62,8 @@ build_image() {
 	mkdir -p "$rootfs"/{tmp,etc} "$out"
 	chmod 1777 "$rootfs/tmp"
 	image_copy_with_libs "$rootfs" "$binary" "$dest"
+	# A debug build is mostly DWARF: a test binary needs none of it in an image.
+	((strip_debug)) && objcopy --strip-debug "$rootfs$dest"
 	for f in "${files[@]}"; do
 		if [[ $f == *:* ]]; then install -D -m 0644 "${f%%:*}" "$rootfs${f#*:}"; else install -D -m 0644 "$f" "$rootfs$f"; fi
 	done

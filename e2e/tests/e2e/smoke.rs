@@ -28,7 +28,7 @@ pub fn scenarios() -> Vec<Scenario> {
 }
 
 async fn service_account_reaches_api_server(c: Arc<Cluster>) -> Result<()> {
-    c.load_image(&Image::new(PROBE_IMAGE, env!("CARGO_BIN_EXE_probe")))
+    c.load_image(&Image::new(PROBE_IMAGE, env!("CARGO_BIN_EXE_probe")).strip_debug())
         .await?;
     let ns = c.namespace("smoke-sa").await?;
     c.apply(&probe_manifests(&ns)).await?;

@@ -1,0 +1,1290 @@
+//! Benchmarks of the ingest pod on loopback, reported and never asserted:
+//!
+//! - `handover`: the stall a capable publisher's move causes at a real
+//!   nginx-rtmp origin, seen by an RTMP player attached to the origin.
+//! - `drain100`: drain time of one pod holding 100 capable publishers,
+//!   next to the model propagation + one GOP + publishers / rate.
+//! - `throughput`: CPU and memory of one ingest-pod process relaying
+//!   2.5 Mbit/s publishers to an origin, against nginx-rtmp's `push`.
+//!
+//! `cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all] [--quick] [--publishers 10,20,40]`
+//!
+//! The report goes to stdout and, as JSON, to `target/bench/ingest.json`
+//! (scenarios run now replace their entry; the others are kept).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ingest_pod::audit::{self, AuditReport};
+use ingest_pod::drain::{DrainSpec, IncapablePolicy, Phase};
+use ingest_pod::lab::{Balancer, LocalPod};
+use ingest_pod::media::{self, Kind};
+use ingest_pod::origin::{self, Origin, RTMP_MODULE};
+use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, PublisherReport, SentFrame};
+use ingest_pod::registry::SignalKind;
+use ingest_pod::rtmp::amf0::Value;
+use ingest_pod::rtmp::conn::{self, OUTGOING_CHUNK_SIZE, Reader, Writer};
+use ingest_pod::rtmp::message::{Command as RtmpCommand, Message, UserControl};
+use serde_json::{Value as Json, json};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Timeout of each step of the player's connect/createStream/play.
+const STEP: Duration = Duration::from_secs(5);
+/// Upper bounds per scenario, so a hang ends the run with a report.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(600);
+const DRAIN100_LIMIT: Duration = Duration::from_secs(300);
+const THROUGHPUT_LIMIT: Duration = Duration::from_secs(1200);
+
+const USAGE: &str = "usage: cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all]... \
+                     [--quick] [--publishers 10,20,40] [--window 20s]";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Handover,
+    Drain100,
+    Throughput,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 3] = [Scenario::Handover, Scenario::Drain100, Scenario::Throughput];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Handover => "handover",
+            Scenario::Drain100 => "drain100",
+            Scenario::Throughput => "throughput",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Opts {
+    scenarios: Vec<Scenario>,
+    quick: bool,
+    /// Publisher counts of the throughput scenario.
+    publishers: Vec<usize>,
+    /// Measurement window of the throughput scenario.
+    window: Duration,
+}
+
+impl Opts {
+    fn parse(args: impl IntoIterator<Item = String>) -> Result<Self> {
+        let mut scenarios = Vec::new();
+        let mut quick = false;
+        let mut publishers = None;
+        let mut window = None;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                // cargo bench passes --bench to harness = false targets.
+                "--bench" => {}
+                "--quick" => quick = true,
+                "--publishers" => {
+                    let list = args.next().ok_or_else(|| anyhow!("--publishers needs a list\n{USAGE}"))?;
+                    let counts = list.split(',').map(|n| n.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>();
+                    publishers = Some(counts.with_context(|| format!("--publishers {list:?}\n{USAGE}"))?);
+                }
+                "--window" => {
+                    let w = args.next().ok_or_else(|| anyhow!("--window needs a duration\n{USAGE}"))?;
+                    window = Some(ingest_pod::config::parse_duration(&w).map_err(|e| anyhow!("--window: {e}"))?);
+                }
+                "all" => scenarios.extend(Scenario::ALL),
+                "-h" | "--help" => bail!("{USAGE}"),
+                name => match Scenario::ALL.into_iter().find(|s| s.name() == name) {
+                    Some(s) => scenarios.push(s),
+                    None => bail!("unknown argument {name:?}\n{USAGE}"),
+                },
+            }
+        }
+        if scenarios.is_empty() {
+            scenarios.extend(Scenario::ALL);
+        }
+        scenarios.dedup();
+        let publishers = publishers.unwrap_or_else(|| if quick { vec![10] } else { vec![10, 20, 40] });
+        let window = window.unwrap_or(if quick { Duration::from_secs(10) } else { Duration::from_secs(20) });
+        Ok(Self { scenarios, quick, publishers, window })
+    }
+}
+
+fn main() -> Result<()> {
+    let opts = Opts::parse(std::env::args().skip(1))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let results = runtime.block_on(async {
+        tokio::select! {
+            r = run(&opts) => Some(r),
+            // Dropping the scenarios stops the pods, nginx and child processes.
+            () = ingest_pod::server::shutdown_signal() => None,
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let Some(results) = results else { bail!("interrupted") };
+    let path = write_json(&opts, &results)?;
+    println!("\nJSON report: {}", path.display());
+    if results.iter().any(|(_, r)| r.get("error").is_some()) {
+        bail!("a scenario failed (see above)");
+    }
+    Ok(())
+}
+
+async fn run(opts: &Opts) -> Vec<(Scenario, Json)> {
+    let mut out = Vec::new();
+    for &scenario in &opts.scenarios {
+        println!("\n=== {} {}===", scenario.name(), if opts.quick { "(quick) " } else { "" });
+        let started = Instant::now();
+        let (limit, result) = match scenario {
+            Scenario::Handover => (HANDOVER_LIMIT, tokio::time::timeout(HANDOVER_LIMIT, handover(opts)).await),
+            Scenario::Drain100 => (DRAIN100_LIMIT, tokio::time::timeout(DRAIN100_LIMIT, drain100(opts)).await),
+            Scenario::Throughput => (THROUGHPUT_LIMIT, tokio::time::timeout(THROUGHPUT_LIMIT, throughput(opts)).await),
+        };
+        let mut value = match result {
+            Ok(Ok(v)) => v,
+            Ok(Err(err)) => {
+                println!("{} FAILED: {err:#}", scenario.name());
+                json!({ "error": format!("{err:#}") })
+            }
+            Err(_) => {
+                println!("{} did not finish within {limit:?}", scenario.name());
+                json!({ "error": format!("timed out after {limit:?}") })
+            }
+        };
+        value["wall_s"] = json!(secs(started.elapsed()));
+        out.push((scenario, value));
+    }
+    out
+}
+
+fn write_json(opts: &Opts, results: &[(Scenario, Json)]) -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("ingest.json");
+    let mut doc = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Json>(&b).ok())
+        .filter(Json::is_object)
+        .unwrap_or_else(|| json!({}));
+    for (scenario, value) in results {
+        doc[scenario.name()] = json!({
+            "quick": opts.quick,
+            "finished_unix_s": unix_ms() / 1000,
+            "result": value,
+        });
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers: time, statistics, waiting.
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+/// p50 / p99 / max / mean of a sample (nearest rank).
+#[derive(Debug, Clone, Copy, Default)]
+struct Stats {
+    n: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    mean: f64,
+}
+
+impl Stats {
+    fn of(values: &[f64]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Self { n: v.len(), p50: rank(0.50), p99: rank(0.99), max: v[v.len() - 1], mean: v.iter().sum::<f64>() / v.len() as f64 }
+    }
+
+    fn json(&self) -> Json {
+        json!({ "n": self.n, "p50": self.p50, "p99": self.p99, "max": self.max, "mean": (self.mean * 10.0).round() / 10.0 })
+    }
+
+    fn text(&self) -> String {
+        format!("p50 {:>7.1}  p99 {:>7.1}  max {:>7.1}  (n={})", self.p50, self.p99, self.max, self.n)
+    }
+}
+
+/// Polls `check` every 10 ms until it holds or `limit` passes.
+async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// A publisher running in this process.
+struct Running {
+    stream: String,
+    progress: watch::Receiver<Progress>,
+    task: JoinHandle<ingest_pod::publisher::Result<PublisherReport>>,
+}
+
+fn spawn_publisher(cfg: PublisherConfig, stop: &CancellationToken) -> Result<Running> {
+    let publisher = Publisher::new(cfg)?;
+    let stream = publisher.stream().to_owned();
+    let progress = publisher.progress();
+    let task = tokio::spawn(publisher.run(stop.clone()));
+    Ok(Running { stream, progress, task })
+}
+
+async fn join_publisher(p: Running) -> Result<PublisherReport> {
+    let report = p.task.await.with_context(|| format!("publisher {} panicked", p.stream))?;
+    report.with_context(|| format!("publisher {}", p.stream))
+}
+
+fn lab_args(template: &str, grace: &str) -> Vec<String> {
+    ["--upstream", template, "--propagation-delay", "300ms", "--grace-period", grace].map(str::to_owned).to_vec()
+}
+
+async fn start_pod(name: &str, args: &[String]) -> Result<LocalPod> {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    LocalPod::start(name, &refs).await.with_context(|| format!("starting {name}"))
+}
+
+/// Audits every stream's recordings at the origin (call after nginx stopped).
+fn audit_streams(record_dir: &Path, reports: &[&PublisherReport]) -> Result<Vec<AuditReport>> {
+    reports.iter().map(|r| audit::audit_dir(&r.stream, &r.sent, record_dir).map_err(Into::into)).collect()
+}
+
+fn audit_json(results: &[AuditReport]) -> Json {
+    let sum = |f: fn(&AuditReport) -> usize| results.iter().map(f).sum::<usize>();
+    json!({
+        "streams": results.len(),
+        "lossless_streams": results.iter().filter(|r| r.lossless()).count(),
+        "sent": sum(|r| r.sent),
+        "received": sum(|r| r.received),
+        "lost": sum(|r| r.lost),
+        "duplicated": sum(|r| r.duplicated),
+        "out_of_order": sum(|r| r.out_of_order),
+        "timestamp_violations": sum(|r| r.timestamp_violations),
+        "timeline_violations": sum(|r| r.timeline_violations),
+        "not_lossless": results.iter().filter(|r| !r.lossless()).map(|r| r.to_string()).collect::<Vec<_>>(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The RTMP player at the origin.
+
+/// One audio/video message as it arrived at the player.
+#[derive(Debug, Clone)]
+struct Arrival {
+    at: Instant,
+    kind: Kind,
+    hash: String,
+}
+
+#[derive(Debug, Default)]
+struct PlayerLog {
+    arrivals: Vec<Arrival>,
+    /// Status codes and stream events nginx sent, with their times.
+    events: Vec<(Instant, String)>,
+    /// Times the origin closed the player's connection and it played again.
+    reconnects: u32,
+}
+
+/// Waits for the `_result` of transaction `txn`, answering pings.
+async fn result_of(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result<RtmpCommand> {
+    loop {
+        match reader.next_within(STEP).await? {
+            None => bail!("origin closed the connection"),
+            Some(Message::Command { command, .. }) if command.transaction == txn && command.name == "_result" => {
+                return Ok(command);
+            }
+            Some(Message::Command { command, .. }) if command.transaction == txn && command.name == "_error" => {
+                bail!("origin refused: {:?}", command.args)
+            }
+            Some(Message::UserControl(UserControl::PingRequest(t))) => {
+                writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// connect("live"), createStream, play(stream).
+async fn open_player(origin: SocketAddr, stream: &str) -> Result<(Reader, Writer)> {
+    let tcp = TcpStream::connect(origin).await.with_context(|| format!("player: connecting to {origin}"))?;
+    tcp.set_nodelay(true)?;
+    let (mut reader, mut writer) = conn::connect(tcp, STEP).await?;
+    writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
+    let object = Value::object([
+        ("app", Value::string("live")),
+        ("flashVer", Value::string("LNX 9,0,124,2")),
+        ("tcUrl", Value::string(format!("rtmp://{origin}/live"))),
+        ("fpad", Value::Boolean(false)),
+        ("capabilities", Value::Number(15.0)),
+        ("audioCodecs", Value::Number(4071.0)),
+        ("videoCodecs", Value::Number(252.0)),
+        ("videoFunction", Value::Number(1.0)),
+    ]);
+    writer.queue(&Message::command(0, "connect", 1.0, vec![object]));
+    writer.flush().await?;
+    result_of(&mut reader, &mut writer, 1.0).await.context("player: connect")?;
+    writer.send(&Message::command(0, "createStream", 2.0, vec![Value::Null])).await?;
+    let created = result_of(&mut reader, &mut writer, 2.0).await.context("player: createStream")?;
+    let sid = created.args.iter().find_map(Value::as_number).unwrap_or(1.0) as u32;
+    // Start -2000: live, or recorded if there is no live stream (what ffplay sends).
+    writer.queue(&Message::command(sid, "play", 3.0, vec![Value::Null, Value::string(stream), Value::Number(-2000.0)]));
+    writer.queue(&Message::UserControl(UserControl::SetBufferLength(sid, 1000)));
+    writer.flush().await?;
+    Ok((reader, writer))
+}
+
+/// Plays `stream` at the origin until `stop`, timestamping every audio and
+/// video message; plays again if the origin closes the connection.
+async fn player(origin: SocketAddr, stream: String, stop: CancellationToken, ready: watch::Sender<bool>) -> Result<PlayerLog> {
+    let mut log = PlayerLog::default();
+    loop {
+        let (mut reader, mut writer) = open_player(origin, &stream).await?;
+        ready.send_replace(true);
+        loop {
+            let msg = tokio::select! {
+                m = reader.next() => m,
+                () = stop.cancelled() => return Ok(log),
+            };
+            let at = Instant::now();
+            match msg {
+                Ok(Some(Message::Audio { payload, .. })) => {
+                    log.arrivals.push(Arrival { at, kind: Kind::Audio, hash: media::payload_hash(&payload) })
+                }
+                Ok(Some(Message::Video { payload, .. })) => {
+                    log.arrivals.push(Arrival { at, kind: Kind::Video, hash: media::payload_hash(&payload) })
+                }
+                Ok(Some(Message::Command { command, .. })) if command.name == "onStatus" => {
+                    let code = command.args.iter().find_map(|v| v.get("code")).and_then(Value::as_str).unwrap_or("");
+                    log.events.push((at, code.to_owned()));
+                }
+                Ok(Some(Message::UserControl(UserControl::PingRequest(t)))) => {
+                    writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?
+                }
+                Ok(Some(Message::UserControl(ev))) => log.events.push((at, format!("{ev:?}"))),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    log.events.push((at, "player connection closed".to_owned()));
+                    break;
+                }
+            }
+            if let Some(ack) = reader.ack_due() {
+                writer.send(&ack).await?;
+            }
+        }
+        if stop.is_cancelled() {
+            return Ok(log);
+        }
+        log.reconnects += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scenario 1: the handover stall at the origin.
+
+/// What one move looked like at the origin.
+#[derive(Debug, Clone)]
+struct Handover {
+    stream: String,
+    kind: SignalKind,
+    /// Last message via the old pod → first via the new one, at the player.
+    stall_ms: f64,
+    /// Publisher media time between those two messages (the gap there would
+    /// be with no stall at all).
+    media_gap_ms: f64,
+    /// Largest arrival gap within one second either side of the switch.
+    max_gap_around_ms: f64,
+    /// Arrival gaps between consecutive messages via the old pod (steady state).
+    steady_all: Stats,
+    steady_video: Stats,
+    /// The publisher's own largest wall-clock gap at its switch.
+    publisher_gap_ms: Option<f64>,
+    /// Messages the player saw against those sent.
+    player_received: usize,
+    sent: usize,
+    /// Messages via the new pod that arrived before the last via the old.
+    interleaved: usize,
+    player_reconnects: u32,
+    player_events: Vec<String>,
+}
+
+fn analyse_handover(kind: SignalKind, report: &PublisherReport, log: &PlayerLog) -> Result<Handover> {
+    let by_hash: HashMap<&str, &SentFrame> = report.sent.iter().map(|f| (f.hash.as_str(), f)).collect();
+    let known: Vec<(&Arrival, &SentFrame)> =
+        log.arrivals.iter().filter_map(|a| by_hash.get(a.hash.as_str()).map(|f| (a, *f))).collect();
+    let last_old = known.iter().rposition(|(_, f)| f.conn == 0).ok_or_else(|| anyhow!("player saw nothing via the first pod"))?;
+    let first_new = known.iter().position(|(_, f)| f.conn > 0).ok_or_else(|| anyhow!("player saw nothing via the second pod"))?;
+    let interleaved = known[..last_old].iter().filter(|(_, f)| f.conn > 0).count();
+    let (old_at, new_at) = (known[last_old].0.at, known[first_new].0.at);
+    let stall = new_at.saturating_duration_since(old_at);
+    let media_gap = known[first_new].1.pts as f64 - known[last_old].1.pts as f64;
+    let lo = old_at.checked_sub(Duration::from_secs(1)).unwrap_or(old_at);
+    let hi = new_at + Duration::from_secs(1);
+    let max_gap_around = known
+        .windows(2)
+        .filter(|w| w[0].0.at >= lo && w[1].0.at <= hi)
+        .map(|w| ms(w[1].0.at.saturating_duration_since(w[0].0.at)))
+        .fold(0.0, f64::max);
+    // Steady state: the old pod's messages after the first half second.
+    let old: Vec<&(&Arrival, &SentFrame)> = known[..=last_old].iter().filter(|(_, f)| f.conn == 0).collect();
+    let t0 = old.first().map(|(a, _)| a.at + Duration::from_millis(500)).unwrap_or(old_at);
+    let steady: Vec<&(&Arrival, &SentFrame)> = old.into_iter().filter(|(a, _)| a.at >= t0).collect();
+    let gaps = |only_video: bool| -> Vec<f64> {
+        let sel: Vec<Instant> =
+            steady.iter().filter(|(a, _)| !only_video || a.kind == Kind::Video).map(|(a, _)| a.at).collect();
+        sel.windows(2).map(|w| ms(w[1].saturating_duration_since(w[0]))).collect()
+    };
+    let start = log.arrivals.first().map(|a| a.at).unwrap_or(old_at);
+    Ok(Handover {
+        stream: report.stream.clone(),
+        kind,
+        stall_ms: ms(stall),
+        media_gap_ms: media_gap,
+        max_gap_around_ms: max_gap_around,
+        steady_all: Stats::of(&gaps(false)),
+        steady_video: Stats::of(&gaps(true)),
+        publisher_gap_ms: report.max_switch_gap().map(ms),
+        player_received: known.len(),
+        sent: report.sent.len(),
+        interleaved,
+        player_reconnects: log.reconnects,
+        player_events: log
+            .events
+            .iter()
+            .map(|(at, e)| format!("{:+.3}s {e}", at.saturating_duration_since(start).as_secs_f64()))
+            .collect(),
+    })
+}
+
+async fn handover(opts: &Opts) -> Result<Json> {
+    let reps = if opts.quick { 3 } else { 10 };
+    let dir = tempfile::tempdir()?;
+    let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
+    let args = lab_args(&origin.template(), "20s");
+    let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
+    let balancer = Balancer::start(pods.iter().map(LocalPod::backend).collect()).await?;
+    println!(
+        "{reps} moves per signal kind; publisher 2.5 Mbit/s video + 128 kbit/s audio, 30 fps, GOP 30, via the balancer; \
+         drain propagation 300 ms; player attached to nginx at {}",
+        origin.addr()
+    );
+    let mut moves: Vec<(SignalKind, PublisherReport, PlayerLog)> = Vec::new();
+    for kind in [SignalKind::GoAway, SignalKind::ReconnectRequest] {
+        for rep in 0..reps {
+            let stream = format!("ho-{}-{rep}", kind.label().replace('_', "-"));
+            let (report, log) = one_move(&pods, &balancer, origin.addr(), &stream, kind).await?;
+            moves.push((kind, report, log));
+        }
+    }
+    for pod in &pods {
+        let r = pod.registry.clone();
+        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
+    }
+    let record_dir = origin.record_dir();
+    drop(origin); // nginx closes its recordings
+    let reports: Vec<&PublisherReport> = moves.iter().map(|(_, r, _)| r).collect();
+    let audits = audit_streams(&record_dir, &reports)?;
+    let mut results = Vec::new();
+    for (kind, report, log) in &moves {
+        match analyse_handover(*kind, report, log) {
+            Ok(h) => results.push(h),
+            Err(err) => println!("{}: cannot measure the stall: {err:#}", report.stream),
+        }
+    }
+
+    println!(
+        "\n{:<22} {:>9} {:>9} {:>10} {:>10} {:>11} {:>10} {:>9} {:>5}",
+        "stream", "stall ms", "media ms", "max±1s ms", "steady p50", "steady v p99", "pub gap ms", "played", "lost"
+    );
+    for (h, a) in results.iter().zip(&audits) {
+        println!(
+            "{:<22} {:>9.1} {:>9.0} {:>10.1} {:>10.1} {:>11.1} {:>10} {:>4}/{:<4} {:>5}",
+            h.stream,
+            h.stall_ms,
+            h.media_gap_ms,
+            h.max_gap_around_ms,
+            h.steady_all.p50,
+            h.steady_video.p99,
+            h.publisher_gap_ms.map_or("-".to_owned(), |g| format!("{g:.0}")),
+            h.player_received,
+            h.sent,
+            a.lost
+        );
+    }
+    let mut per_kind = serde_json::Map::new();
+    println!();
+    for kind in [SignalKind::GoAway, SignalKind::ReconnectRequest] {
+        let hs: Vec<&Handover> = results.iter().filter(|h| h.kind == kind).collect();
+        let stall = Stats::of(&hs.iter().map(|h| h.stall_ms).collect::<Vec<_>>());
+        let around = Stats::of(&hs.iter().map(|h| h.max_gap_around_ms).collect::<Vec<_>>());
+        let extra = Stats::of(&hs.iter().map(|h| h.stall_ms - h.media_gap_ms).collect::<Vec<_>>());
+        let steady_all: Vec<f64> = hs.iter().map(|h| h.steady_all.p50).collect();
+        let steady_p99: Vec<f64> = hs.iter().map(|h| h.steady_all.p99).collect();
+        let steady_video: Vec<f64> = hs.iter().map(|h| h.steady_video.p50).collect();
+        let pub_gap = Stats::of(&hs.iter().filter_map(|h| h.publisher_gap_ms).collect::<Vec<_>>());
+        println!("{:<18} stall at origin (ms)        {}", kind.label(), stall.text());
+        println!("{:<18} stall minus media gap (ms)  {}", "", extra.text());
+        println!("{:<18} largest gap ±1 s (ms)       {}", "", around.text());
+        println!("{:<18} publisher switch gap (ms)   {}", "", pub_gap.text());
+        println!(
+            "{:<18} steady gap: all messages p50 {:.1} ms (p99 {:.1}), video p50 {:.1} ms",
+            "",
+            Stats::of(&steady_all).p50,
+            Stats::of(&steady_p99).max,
+            Stats::of(&steady_video).p50
+        );
+        per_kind.insert(
+            kind.label().to_owned(),
+            json!({
+                "stall_ms": stall.json(),
+                "stall_minus_media_gap_ms": extra.json(),
+                "largest_gap_within_1s_ms": around.json(),
+                "publisher_switch_gap_ms": pub_gap.json(),
+                "steady_gap_all_p50_ms": Stats::of(&steady_all).p50,
+                "steady_gap_all_p99_max_ms": Stats::of(&steady_p99).max,
+                "steady_gap_video_p50_ms": Stats::of(&steady_video).p50,
+            }),
+        );
+    }
+    let all = Stats::of(&results.iter().map(|h| h.stall_ms).collect::<Vec<_>>());
+    let lost: usize = audits.iter().map(|a| a.lost).sum();
+    let lossless = audits.iter().filter(|a| a.lossless()).count();
+    let reconnects: u32 = results.iter().map(|h| h.player_reconnects).sum();
+    let interleaved: usize = results.iter().map(|h| h.interleaved).sum();
+    println!("{:<18} stall at origin (ms)        {}", "all moves", all.text());
+    println!("messages lost: {lost} ({lossless}/{} streams lossless by the audit)", audits.len());
+    println!(
+        "player: {} reconnect(s) (nginx {} players attached across the publisher switch); {interleaved} message(s) via the new pod before the old pod's last",
+        reconnects,
+        if reconnects == 0 { "kept" } else { "did not keep" }
+    );
+    for a in audits.iter().filter(|a| !a.lossless()) {
+        println!("  AUDIT: {a}");
+    }
+    if let Some(h) = results.first() {
+        println!("player events of {}: {}", h.stream, h.player_events.join(", "));
+    }
+    Ok(json!({
+        "reps_per_kind": reps,
+        "publisher": { "video_bitrate_bps": 2_500_000, "fps": 30, "gop": 30, "audio": true },
+        "stall_ms": all.json(),
+        "by_kind": per_kind,
+        "messages_lost": lost,
+        "audit": audit_json(&audits),
+        "player_reconnects": reconnects,
+        "interleaved_messages": interleaved,
+        "moves": results.iter().map(|h| json!({
+            "stream": h.stream,
+            "kind": h.kind.label(),
+            "stall_ms": h.stall_ms,
+            "media_gap_ms": h.media_gap_ms,
+            "largest_gap_within_1s_ms": h.max_gap_around_ms,
+            "steady_gap_all_ms": h.steady_all.json(),
+            "steady_gap_video_ms": h.steady_video.json(),
+            "publisher_switch_gap_ms": h.publisher_gap_ms,
+            "player_received": h.player_received,
+            "sent": h.sent,
+            "player_events": h.player_events,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// One publisher through the balancer, moved once by draining its pod,
+/// watched by a player at the origin.
+async fn one_move(
+    pods: &[LocalPod; 2],
+    balancer: &Balancer,
+    origin: SocketAddr,
+    stream: &str,
+    kind: SignalKind,
+) -> Result<(PublisherReport, PlayerLog)> {
+    let stop_player = CancellationToken::new();
+    let (ready_tx, mut ready) = watch::channel(false);
+    let player = tokio::spawn(player(origin, stream.to_owned(), stop_player.clone(), ready_tx));
+    tokio::time::timeout(STEP, ready.wait_for(|r| *r)).await.context("player did not start")??;
+    let cfg = PublisherConfig {
+        go_away: kind == SignalKind::GoAway,
+        reconnect: kind == SignalKind::ReconnectRequest,
+        fps: 30,
+        gop: 30,
+        video_bitrate_bps: 2_500_000,
+        ..PublisherConfig::new(format!("rtmp://{}/live/{stream}", balancer.addr))
+    };
+    let stop = CancellationToken::new();
+    let publisher = spawn_publisher(cfg, &stop)?;
+    let p = publisher.progress.clone();
+    until("2 s of media", Duration::from_secs(20), || p.borrow().video_frames >= 60).await?;
+    let landed = pods
+        .iter()
+        .position(|pod| pod.registry.connections().iter().any(|c| c.stream.as_deref() == Some(stream)))
+        .ok_or_else(|| anyhow!("{stream} is on no pod"))?;
+    let pod = &pods[landed];
+    pod.drainer.start(DrainSpec {
+        id: stream.to_owned(),
+        deadline: Duration::from_secs(20),
+        rate: 0.0,
+        max_in_flight: 0,
+        incapable: IncapablePolicy::Wait,
+        redirects: vec![],
+        propagation_delay: Duration::from_millis(300),
+    })?;
+    let p = publisher.progress.clone();
+    until("the publisher moved", Duration::from_secs(20), || p.borrow().connections >= 2).await?;
+    let reg = pod.registry.clone();
+    until("the drained pod emptied", Duration::from_secs(30), || reg.connection_count() == 0 && reg.relays_active() == 0)
+        .await?;
+    let p = publisher.progress.clone();
+    let moved_at = p.borrow().video_frames;
+    until("1 s on the new pod", Duration::from_secs(20), || p.borrow().video_frames >= moved_at + 30).await?;
+    stop.cancel();
+    let report = join_publisher(publisher).await?;
+    pod.drainer.cancel(); // serve again for the next move
+    for pod in pods {
+        let r = pod.registry.clone();
+        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_player.cancel();
+    let log = player.await.context("player panicked")??;
+    if let Some(err) = &report.error {
+        bail!("{stream}: publisher error: {err}");
+    }
+    Ok((report, log))
+}
+
+// ---------------------------------------------------------------------------
+// Scenario 2: draining 100 publishers.
+
+async fn drain100(opts: &Opts) -> Result<Json> {
+    const PUBLISHERS: usize = 100;
+    const RATE: f64 = 50.0;
+    const PROPAGATION: Duration = Duration::from_secs(1);
+    const FPS: u32 = 25;
+    const GOP: u32 = 25;
+    let dir = tempfile::tempdir()?;
+    let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
+    let args = lab_args(&origin.template(), "60s");
+    let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
+    let (a, b) = (&pods[0], &pods[1]);
+    b.registry.set_serving(false); // everyone lands on pod A
+    let balancer = Balancer::start(pods.iter().map(LocalPod::backend).collect()).await?;
+    println!(
+        "{PUBLISHERS} capable publishers (even: Go Away, odd: Reconnect Request), 300 kbit/s video + 128 kbit/s audio, \
+         {FPS} fps, GOP {GOP}, all on pod A; drain A at {RATE}/s, propagation {PROPAGATION:?}"
+    );
+    let stop = CancellationToken::new();
+    let mut publishers = Vec::with_capacity(PUBLISHERS);
+    for i in 0..PUBLISHERS {
+        let cfg = PublisherConfig {
+            go_away: i % 2 == 0,
+            reconnect: i % 2 == 1,
+            fps: FPS,
+            gop: GOP,
+            video_bitrate_bps: 300_000,
+            width: 640,
+            height: 360,
+            ..PublisherConfig::new(format!("rtmp://{}/live/d100-{i:03}", balancer.addr))
+        };
+        publishers.push(spawn_publisher(cfg, &stop)?);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reg_a = a.registry.clone();
+    let publishing = move || reg_a.connections().iter().filter(|c| c.publishing_since.is_some()).count();
+    until("100 publishers on pod A", Duration::from_secs(60), || publishing() == PUBLISHERS).await?;
+    b.registry.set_serving(true);
+    tokio::time::sleep(if opts.quick { Duration::from_secs(2) } else { Duration::from_secs(4) }).await;
+
+    let t0 = Instant::now();
+    a.drainer.start(DrainSpec {
+        id: "drain100".into(),
+        deadline: Duration::from_secs(60),
+        rate: RATE,
+        max_in_flight: 0,
+        incapable: IncapablePolicy::Disconnect,
+        redirects: vec![],
+        propagation_delay: PROPAGATION,
+    })?;
+    let mut marks: Vec<(&str, Option<Duration>)> =
+        vec![("signalling", None), ("first signal", None), ("all signalled", None), ("publishers gone", None), ("drained", None)];
+    let mut final_phase = Phase::Propagating;
+    loop {
+        let st = a.drainer.status().ok_or_else(|| anyhow!("no drain status"))?;
+        let now = t0.elapsed();
+        let hit = [
+            st.phase != Phase::Propagating,
+            st.signalled > 0,
+            st.signalled >= PUBLISHERS as u64,
+            st.remaining == 0,
+            matches!(st.phase, Phase::Drained | Phase::TimedOut),
+        ];
+        for (mark, h) in marks.iter_mut().zip(hit) {
+            if h && mark.1.is_none() {
+                mark.1 = Some(now);
+            }
+        }
+        final_phase = st.phase;
+        if matches!(st.phase, Phase::Drained | Phase::TimedOut | Phase::Cancelled) || now > Duration::from_secs(90) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drain_time = marks[4].1;
+    // Stream a second more on pod B, then stop everyone.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let mut reports = Vec::with_capacity(PUBLISHERS);
+    for p in publishers {
+        reports.push(join_publisher(p).await?);
+    }
+    for pod in &pods {
+        let r = pod.registry.clone();
+        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
+    }
+    let record_dir = origin.record_dir();
+    drop(origin);
+    let audits = audit_streams(&record_dir, &reports.iter().collect::<Vec<_>>())?;
+
+    let model = PROPAGATION.as_secs_f64() + f64::from(GOP) / f64::from(FPS) + PUBLISHERS as f64 / RATE;
+    println!();
+    for (name, at) in &marks {
+        println!("  {:<16} {}", name, at.map_or("never".to_owned(), |d| format!("{:>7.3} s", d.as_secs_f64())));
+    }
+    println!("final phase: {}", final_phase.label());
+    println!(
+        "drain time {}   model: propagation {:.1} s + one GOP {:.1} s + {} publishers / {} per s = {:.1} s",
+        drain_time.map_or("-".to_owned(), |d| format!("{:.3} s", d.as_secs_f64())),
+        PROPAGATION.as_secs_f64(),
+        f64::from(GOP) / f64::from(FPS),
+        PUBLISHERS,
+        RATE,
+        model
+    );
+    let lost: usize = audits.iter().map(|a| a.lost).sum();
+    let lossless = audits.iter().filter(|a| a.lossless()).count();
+    let signals = |k: SignalKind| reports.iter().filter(|r| r.signals.iter().any(|(s, _)| *s == k)).count();
+    let unplanned: u32 = reports.iter().map(|r| r.unplanned_reconnects).sum();
+    let errors: Vec<String> =
+        reports.iter().filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.stream))).collect();
+    let gaps = Stats::of(&reports.iter().filter_map(|r| r.max_switch_gap().map(ms)).collect::<Vec<_>>());
+    println!(
+        "signals: {} go_away, {} reconnect_request; unplanned reconnects {unplanned}; publisher errors {}",
+        signals(SignalKind::GoAway),
+        signals(SignalKind::ReconnectRequest),
+        errors.len()
+    );
+    println!("publisher switch gap (ms): {}", gaps.text());
+    println!("messages lost: {lost} across {} streams ({lossless} lossless by the audit)", audits.len());
+    for a in audits.iter().filter(|a| !a.lossless()).take(10) {
+        println!("  AUDIT: {a}");
+    }
+    for e in errors.iter().take(10) {
+        println!("  ERROR: {e}");
+    }
+    Ok(json!({
+        "publishers": PUBLISHERS,
+        "rate_per_s": RATE,
+        "propagation_s": PROPAGATION.as_secs_f64(),
+        "gop_s": f64::from(GOP) / f64::from(FPS),
+        "drain_time_s": drain_time.map(|d| secs(d)),
+        "model_s": model,
+        "final_phase": final_phase.label(),
+        "marks_s": marks.iter().map(|(n, d)| (n.to_string(), json!(d.map(secs)))).collect::<serde_json::Map<_, _>>(),
+        "signals": { "go_away": signals(SignalKind::GoAway), "reconnect_request": signals(SignalKind::ReconnectRequest) },
+        "unplanned_reconnects": unplanned,
+        "publisher_errors": errors,
+        "publisher_switch_gap_ms": gaps.json(),
+        "messages_lost": lost,
+        "audit": audit_json(&audits),
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// Scenario 3: relay throughput, ingest-pod against nginx-rtmp push.
+
+/// An nginx with the RTMP module and a configuration of ours; stopped on drop.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Nginx {
+    /// Starts nginx (one worker) with `application live { <app> }` on a free port.
+    fn start(dir: &Path, app: &str) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or_else(|| anyhow!("nginx is not installed; run .ci/setup"))?;
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let addr = origin::free_port("127.0.0.1")?;
+        let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+        let conf = format!(
+            r#"load_module {RTMP_MODULE};
+daemon off;
+master_process on;
+worker_processes 1;
+{user}pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+rtmp {{
+    access_log off;
+    server {{
+        listen {addr};
+        chunk_size 4096;
+        application live {{
+            live on;
+            {app}
+        }}
+    }}
+}}
+"#,
+            user = if root { "user root;\n" } else { "" },
+            dir = dir.display()
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(dir.join("tmp"))
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let nginx = Self { child, addr };
+        wait_listening(addr, &dir.join("error.log"))?;
+        Ok(nginx)
+    }
+
+    /// Master and workers.
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.child.id()];
+        pids.extend(children_of(self.child.id()));
+        pids
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: fast shutdown of master and workers; then make sure.
+        let workers = children_of(self.child.id());
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for w in workers {
+            if Path::new(&format!("/proc/{w}")).exists() {
+                let _ = Command::new("kill").arg("-KILL").arg(w.to_string()).status();
+            }
+        }
+    }
+}
+
+/// The release ingest-pod binary as a child process; killed on drop.
+struct PodProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl PodProcess {
+    fn start(dir: &Path, upstream: &str) -> Result<Self> {
+        // Cargo builds the package's binaries (with the bench profile, i.e. release) for its benches.
+        let bin = env!("CARGO_BIN_EXE_ingest-pod");
+        let addr = origin::free_port("127.0.0.1")?;
+        let log = dir.join("ingest-pod.log");
+        let child = Command::new(bin)
+            .args(["--rtmp-listen", &addr.to_string(), "--http-listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+            .args(["--upstream", upstream, "--pod-name", "bench"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let pod = Self { child, addr };
+        wait_listening(addr, &log)?;
+        Ok(pod)
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_listening(addr: SocketAddr, log: &Path) -> Result<()> {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("nothing listens on {addr} after 10 s; {}:\n{tail}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Field `i` (0 = the state, field 3 of proc(5)) after the command name of /proc/<pid>/stat.
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| stat_fields(p).and_then(|f| f.get(1).copied()) == Some(u64::from(pid)))
+        .collect()
+}
+
+fn status_kb(pid: u32, field: &str, file: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn io_field(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// CPU, memory and I/O of a set of processes at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcSample {
+    cpu_ticks: u64,
+    rss_kb: u64,
+    pss_kb: u64,
+    rchar: u64,
+    wchar: u64,
+}
+
+fn sample(pids: &[u32]) -> ProcSample {
+    let mut s = ProcSample::default();
+    for &pid in pids {
+        if let Some(f) = stat_fields(pid) {
+            // utime and stime: fields 14 and 15 of proc(5).
+            s.cpu_ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        }
+        s.rss_kb += status_kb(pid, "VmRSS:", "status");
+        s.pss_kb += status_kb(pid, "Pss:", "smaps_rollup");
+        s.rchar += io_field(pid, "rchar:");
+        s.wchar += io_field(pid, "wchar:");
+    }
+    s
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    IngestPod,
+    NginxPush,
+}
+
+impl Side {
+    fn label(self) -> &'static str {
+        match self {
+            Side::IngestPod => "ingest-pod",
+            Side::NginxPush => "nginx-rtmp push",
+        }
+    }
+}
+
+/// One throughput measurement.
+#[derive(Debug, Clone)]
+struct Throughput {
+    side: Side,
+    publishers: usize,
+    window_s: f64,
+    cpu_s: f64,
+    /// Bytes the origin read in the window (what was relayed, with RTMP framing).
+    relayed_mb: f64,
+    /// Audio/video payload the publishers wrote in the window.
+    published_mb: f64,
+    relay_in_mb: f64,
+    relay_out_mb: f64,
+    rss_base_mb: f64,
+    rss_mean_mb: f64,
+    rss_max_mb: f64,
+    pss_mean_mb: f64,
+    /// Largest delay of a frame behind its schedule at the publisher in the window.
+    max_lag_ms: f64,
+    publisher_errors: usize,
+    unplanned_reconnects: u32,
+}
+
+impl Throughput {
+    fn cpu_per_mb(&self) -> f64 {
+        if self.relayed_mb > 0.0 { self.cpu_s / self.relayed_mb } else { f64::NAN }
+    }
+
+    fn rss_per_publisher_kb(&self) -> f64 {
+        (self.rss_mean_mb - self.rss_base_mb) * 1024.0 / self.publishers as f64
+    }
+
+    fn total_rss_per_publisher_kb(&self) -> f64 {
+        self.rss_mean_mb * 1024.0 / self.publishers as f64
+    }
+
+    fn json(&self) -> Json {
+        json!({
+            "side": self.side.label(),
+            "publishers": self.publishers,
+            "window_s": self.window_s,
+            "cpu_s": round3(self.cpu_s),
+            "cpu_util_percent": round3(100.0 * self.cpu_s / self.window_s),
+            "relayed_mb": round3(self.relayed_mb),
+            "published_mb": round3(self.published_mb),
+            "relay_read_mb": round3(self.relay_in_mb),
+            "relay_written_mb": round3(self.relay_out_mb),
+            "cpu_s_per_relayed_mb": round3(self.cpu_per_mb() * 1000.0) / 1000.0,
+            "rss_baseline_mb": round3(self.rss_base_mb),
+            "rss_mean_mb": round3(self.rss_mean_mb),
+            "rss_max_mb": round3(self.rss_max_mb),
+            "pss_mean_mb": round3(self.pss_mean_mb),
+            "rss_per_publisher_kb_over_baseline": round3(self.rss_per_publisher_kb()),
+            "rss_per_publisher_kb_total": round3(self.total_rss_per_publisher_kb()),
+            "max_publisher_lag_ms": self.max_lag_ms,
+            "publisher_errors": self.publisher_errors,
+            "unplanned_reconnects": self.unplanned_reconnects,
+        })
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+async fn throughput(opts: &Opts) -> Result<Json> {
+    let warmup = if opts.quick { Duration::from_secs(3) } else { Duration::from_secs(5) };
+    let hz = clock_ticks();
+    println!(
+        "publishers: 2.5 Mbit/s video + 128 kbit/s audio, 30 fps, GOP 30, in this process; relay: one ingest-pod process \
+         ({}) or nginx-rtmp (1 worker, `push`), both to an nginx-rtmp origin; warm-up {warmup:?}, window {:?}",
+        env!("CARGO_BIN_EXE_ingest-pod"),
+        opts.window
+    );
+    let mut rows = Vec::new();
+    for &n in &opts.publishers {
+        for side in [Side::IngestPod, Side::NginxPush] {
+            let row = measure(side, n, warmup, opts.window, hz).await.with_context(|| format!("{} with {n} publishers", side.label()))?;
+            println!(
+                "  {:<16} {:>3} publishers: {:.2} CPU s in {:.0} s, {:.1} MB relayed → {:.4} CPU s/MB; RSS {:.1} MB ({:.0} kB/publisher over idle {:.1} MB)",
+                side.label(),
+                n,
+                row.cpu_s,
+                row.window_s,
+                row.relayed_mb,
+                row.cpu_per_mb(),
+                row.rss_mean_mb,
+                row.rss_per_publisher_kb(),
+                row.rss_base_mb
+            );
+            rows.push(row);
+        }
+    }
+
+    println!(
+        "\n{:<16} {:>4} {:>8} {:>7} {:>9} {:>9} {:>11} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6}",
+        "relay", "pubs", "CPU s", "CPU %", "relay MB", "pub MB", "CPU s/MB", "RSS MB", "PSS MB", "kB/pub+", "kB/pub", "lag ms", "errors"
+    );
+    for r in &rows {
+        println!(
+            "{:<16} {:>4} {:>8.2} {:>7.1} {:>9.1} {:>9.1} {:>11.5} {:>8.1} {:>8.1} {:>9.0} {:>9.0} {:>8.0} {:>6}",
+            r.side.label(),
+            r.publishers,
+            r.cpu_s,
+            100.0 * r.cpu_s / r.window_s,
+            r.relayed_mb,
+            r.published_mb,
+            r.cpu_per_mb(),
+            r.rss_mean_mb,
+            r.pss_mean_mb,
+            r.rss_per_publisher_kb(),
+            r.total_rss_per_publisher_kb(),
+            r.max_lag_ms,
+            r.publisher_errors + r.unplanned_reconnects as usize
+        );
+    }
+    println!("(kB/pub+: RSS above the idle process per publisher; kB/pub: whole RSS per publisher; lag: worst frame delay at the publishers)");
+    let mut ratios = Vec::new();
+    println!("\ningest-pod ÷ nginx-rtmp (target: CPU per MB ≤ 0.5, memory per publisher ≤ 1.0):");
+    for &n in &opts.publishers {
+        let find = |s: Side| rows.iter().find(|r| r.side == s && r.publishers == n);
+        let (Some(i), Some(x)) = (find(Side::IngestPod), find(Side::NginxPush)) else { continue };
+        let cpu = i.cpu_per_mb() / x.cpu_per_mb();
+        let mem = i.rss_per_publisher_kb() / x.rss_per_publisher_kb();
+        let mem_total = i.total_rss_per_publisher_kb() / x.total_rss_per_publisher_kb();
+        println!(
+            "  {n:>3} publishers: CPU/MB {cpu:.2} ({}), RSS/publisher over idle {mem:.2} ({}), whole RSS/publisher {mem_total:.2}",
+            if cpu <= 0.5 { "meets" } else { "misses" },
+            if mem <= 1.0 { "meets" } else { "misses" },
+        );
+        ratios.push(json!({
+            "publishers": n,
+            "cpu_per_mb_ratio": round3(cpu),
+            "rss_per_publisher_ratio": round3(mem),
+            "whole_rss_per_publisher_ratio": round3(mem_total),
+            "cpu_target_met": cpu <= 0.5,
+            "memory_target_met": mem <= 1.0,
+        }));
+    }
+    Ok(json!({
+        "window_s": opts.window.as_secs_f64(),
+        "warmup_s": warmup.as_secs_f64(),
+        "rows": rows.iter().map(Throughput::json).collect::<Vec<_>>(),
+        "ratios": ratios,
+    }))
+}
+
+/// Runs `n` publishers through one relay for warm-up + window and samples it.
+async fn measure(side: Side, n: usize, warmup: Duration, window: Duration, hz: f64) -> Result<Throughput> {
+    let dir = tempfile::tempdir()?;
+    let sink = Nginx::start(&dir.path().join("origin"), "")?;
+    let upstream = format!("rtmp://{}/live", sink.addr);
+    let (pod, nginx) = match side {
+        Side::IngestPod => (Some(PodProcess::start(dir.path(), &format!("{upstream}/{{stream}}"))?), None),
+        Side::NginxPush => (None, Some(Nginx::start(&dir.path().join("relay"), &format!("push {upstream};"))?)),
+    };
+    let (addr, pids): (SocketAddr, Box<dyn Fn() -> Vec<u32>>) = match (&pod, &nginx) {
+        (Some(p), _) => {
+            let pid = p.child.id();
+            (p.addr, Box::new(move || vec![pid]))
+        }
+        (_, Some(x)) => {
+            let master = x.child.id();
+            (x.addr, Box::new(move || {
+                let mut v = vec![master];
+                v.extend(children_of(master));
+                v
+            }))
+        }
+        _ => bail!("no relay"),
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = sample(&pids());
+    let stop = CancellationToken::new();
+    let mut publishers = Vec::with_capacity(n);
+    let stagger = Duration::from_millis(1000 / n.max(1) as u64).min(Duration::from_millis(50));
+    for i in 0..n {
+        let cfg = PublisherConfig {
+            go_away: false,
+            reconnect: false,
+            fps: 30,
+            gop: 30,
+            video_bitrate_bps: 2_500_000,
+            ..PublisherConfig::new(format!("rtmp://{addr}/live/tp-{i:03}"))
+        };
+        publishers.push(spawn_publisher(cfg, &stop)?);
+        tokio::time::sleep(stagger).await;
+    }
+    until("every publisher streaming", Duration::from_secs(30), || publishers.iter().all(|p| p.progress.borrow().frames > 0)).await?;
+    tokio::time::sleep(warmup).await;
+    let sink_pids = sink.pids();
+    let (s0, k0, w0, t0) = (sample(&pids()), sample(&sink_pids), unix_ms(), Instant::now());
+    let mut rss = Vec::new();
+    let mut pss = Vec::new();
+    while t0.elapsed() < window {
+        tokio::time::sleep(Duration::from_secs(1).min(window.saturating_sub(t0.elapsed()))).await;
+        let s = sample(&pids());
+        rss.push(s.rss_kb as f64 / 1024.0);
+        pss.push(s.pss_kb as f64 / 1024.0);
+    }
+    let (s1, k1, w1, elapsed) = (sample(&pids()), sample(&sink_pids), unix_ms(), t0.elapsed());
+    stop.cancel();
+    let mut reports = Vec::with_capacity(n);
+    let mut errors = 0;
+    for p in publishers {
+        match join_publisher(p).await {
+            Ok(r) => {
+                errors += usize::from(r.error.is_some());
+                reports.push(r);
+            }
+            Err(err) => {
+                println!("    publisher failed: {err:#}");
+                errors += 1;
+            }
+        }
+    }
+    drop((pod, nginx, sink));
+    let mb = |b: u64| b as f64 / 1e6;
+    let in_window = |f: &&SentFrame| f.sent_at_ms >= w0 && f.sent_at_ms < w1;
+    let published: u64 = reports.iter().flat_map(|r| r.sent.iter().filter(in_window)).map(|f| f.size as u64).sum();
+    // Lag: how far behind its schedule a frame went out, relative to the stream's best.
+    let max_lag = reports
+        .iter()
+        .filter_map(|r| {
+            let skew: Vec<i64> = r.sent.iter().map(|f| f.sent_at_ms as i64 - f.pts as i64).collect();
+            let best = *skew.iter().min()?;
+            let worst = r.sent.iter().zip(&skew).filter(|(f, _)| in_window(f)).map(|(_, s)| *s).max()?;
+            Some((worst - best) as f64)
+        })
+        .fold(0.0, f64::max);
+    Ok(Throughput {
+        side,
+        publishers: n,
+        window_s: round3(elapsed.as_secs_f64()),
+        cpu_s: (s1.cpu_ticks - s0.cpu_ticks) as f64 / hz,
+        relayed_mb: mb(k1.rchar.saturating_sub(k0.rchar)),
+        published_mb: mb(published),
+        relay_in_mb: mb(s1.rchar.saturating_sub(s0.rchar)),
+        relay_out_mb: mb(s1.wchar.saturating_sub(s0.wchar)),
+        rss_base_mb: base.rss_kb as f64 / 1024.0,
+        rss_mean_mb: rss.iter().sum::<f64>() / rss.len().max(1) as f64,
+        rss_max_mb: rss.iter().copied().fold(0.0, f64::max),
+        pss_mean_mb: pss.iter().sum::<f64>() / pss.len().max(1) as f64,
+        max_lag_ms: max_lag,
+        publisher_errors: errors,
+        unplanned_reconnects: reports.iter().map(|r| r.unplanned_reconnects).sum(),
+    })
+}
