@@ -345,6 +345,14 @@ impl Cluster {
                 .difference(&self.netns_before)
                 .map(|ns| format!("netns {ns}")),
         );
+        if let Ok(results) = std::fs::read_dir("/var/lib/cni/results") {
+            left.extend(
+                results
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("lossless-ingest-"))
+                    .map(|e| format!("CNI result cache {}", e.path().display())),
+            );
+        }
         left
     }
 }

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -489,7 +488,7 @@ async fn handover(opts: &Opts) -> Result<Json> {
     let reps = if opts.quick { 3 } else { 10 };
     let dir = tempfile::tempdir()?;
     let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
-    let args = lab_args(&origin.template(), "20s");
+    let args = lab_args(&origin.template(), "60s");
     let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
     let balancer = Balancer::start(pods.iter().map(LocalPod::backend).collect()).await?;
     println!(
@@ -735,8 +734,7 @@ async fn drain100(opts: &Opts) -> Result<Json> {
     })?;
     let mut marks: Vec<(&str, Option<Duration>)> =
         vec![("signalling", None), ("first signal", None), ("all signalled", None), ("publishers gone", None), ("drained", None)];
-    let mut final_phase = Phase::Propagating;
-    loop {
+    let final_phase = loop {
         let st = a.drainer.status().ok_or_else(|| anyhow!("no drain status"))?;
         let now = t0.elapsed();
         let hit = [
@@ -751,12 +749,11 @@ async fn drain100(opts: &Opts) -> Result<Json> {
                 mark.1 = Some(now);
             }
         }
-        final_phase = st.phase;
         if matches!(st.phase, Phase::Drained | Phase::TimedOut | Phase::Cancelled) || now > Duration::from_secs(90) {
-            break;
+            break st.phase;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    };
     let drain_time = marks[4].1;
     // Stream a second more on pod B, then stop everyone.
     tokio::time::sleep(Duration::from_secs(1)).await;

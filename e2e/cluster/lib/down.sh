@@ -139,6 +139,12 @@ remove_kube_iptables() {
 
 remove_host_paths() {
 	local p
+	# libcni caches every attachment in /var/lib/cni/results, whatever containerd's
+	# config says: ours are named after our networks, and loopback ones by time.
+	rm -f /var/lib/cni/results/lossless-ingest-node-*
+	if [[ -f $STATE_DIR/nodes.count ]]; then
+		find /var/lib/cni/results -maxdepth 1 -name 'cni-loopback-*' -newer "$STATE_DIR/nodes.count" -delete 2>/dev/null || true
+	fi
 	[[ -f $STATE_DIR/host-paths ]] || return 0
 	while read -r p; do
 		[[ -n $p && $p == /* ]] || continue

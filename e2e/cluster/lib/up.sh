@@ -4,7 +4,7 @@
 
 # Host paths that kubelet or containerd create with hard-coded names. The ones
 # missing before `up` are recorded and removed again by `down`.
-HOST_PATHS=(/var/lib/kubelet /var/log/pods /var/log/containers /run/netns /etc/cni /run/containerd)
+HOST_PATHS=(/var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /run/netns /etc/cni /run/containerd)
 
 node_name() { printf 'node-%s' "$(printf '%b' "\\x$(printf '%x' $((97 + $1)))")"; }
 node_ip() { printf '10.200.0.%d' $(($1 + 1)); }

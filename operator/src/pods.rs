@@ -1,0 +1,68 @@
+//! Calls to an ingest pod's control API (ingest.control.v1).
+
+use std::time::Duration;
+
+use ingest_proto::v1::ingest_control_client::IngestControlClient;
+use ingest_proto::v1::{CancelDrainRequest, GetStatusRequest, PodStatus, StartDrainRequest, StartDrainResponse};
+use thiserror::Error;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+/// Time allowed for connecting and for each call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("cannot reach {addr}: {source}")]
+    Connect { addr: String, source: tonic::transport::Error },
+    #[error("{addr} answered {status}")]
+    Call { addr: String, status: Box<tonic::Status> },
+    #[error("the control token is not valid in a header")]
+    BadToken,
+}
+
+/// A client for one pod.
+pub struct PodClient {
+    addr: String,
+    token: MetadataValue<tonic::metadata::Ascii>,
+    inner: IngestControlClient<Channel>,
+}
+
+impl PodClient {
+    /// Connects to `ip:port`.
+    pub async fn connect(ip: &str, port: u16, token: &str) -> Result<Self, Error> {
+        let addr = if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") };
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|source| Error::Connect { addr: addr.clone(), source })?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+        let token = format!("Bearer {token}").parse().map_err(|_| Error::BadToken)?;
+        Ok(Self { addr, token, inner: IngestControlClient::new(channel) })
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut().insert("authorization", self.token.clone());
+        req
+    }
+
+    fn err(&self, status: tonic::Status) -> Error {
+        Error::Call { addr: self.addr.clone(), status: Box::new(status) }
+    }
+
+    pub async fn start_drain(&mut self, req: StartDrainRequest) -> Result<StartDrainResponse, Error> {
+        let r = self.request(req);
+        self.inner.start_drain(r).await.map(tonic::Response::into_inner).map_err(|s| self.err(s))
+    }
+
+    pub async fn status(&mut self) -> Result<PodStatus, Error> {
+        let r = self.request(GetStatusRequest::default());
+        self.inner.get_status(r).await.map(tonic::Response::into_inner).map_err(|s| self.err(s))
+    }
+
+    pub async fn cancel_drain(&mut self, drain_id: &str) -> Result<bool, Error> {
+        let r = self.request(CancelDrainRequest { drain_id: drain_id.to_owned() });
+        self.inner.cancel_drain(r).await.map(|r| r.into_inner().cancelled).map_err(|s| self.err(s))
+    }
+}

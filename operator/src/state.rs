@@ -1,0 +1,436 @@
+//! The drain's pure logic: which pods, what their control status means,
+//! the drain's phase, node signals and the eviction verdict. No I/O, so it
+//! is tested directly.
+
+use std::collections::BTreeMap;
+
+use ingest_proto::v1::{DrainPhase as PodPhase, PodStatus};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, Time};
+use kube::ResourceExt;
+
+use crate::crd::{
+    Connections, DrainPhase, IngestDrain, IngestDrainSpec, IngestDrainStatus, PodDrainStatus, PodState, Totals,
+};
+
+/// Parses `k=v,k2=v2` (equality only), the operator's ingest selector flag.
+pub fn parse_selector(s: &str) -> Result<LabelSelector, String> {
+    let mut labels = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("{part:?} is not key=value"))?;
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    if labels.is_empty() {
+        return Err("the ingest selector is empty".into());
+    }
+    Ok(LabelSelector { match_labels: Some(labels), match_expressions: None })
+}
+
+/// Renders a selector for list calls (`k=v,k2 in (a,b)`).
+pub fn selector_string(sel: &LabelSelector) -> String {
+    let mut parts: Vec<String> = sel.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+fn requirement_matches(req: &LabelSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
+    let value = labels.get(&req.key);
+    let values = req.values.as_deref().unwrap_or_default();
+    match req.operator.as_str() {
+        "In" => value.is_some_and(|v| values.contains(v)),
+        "NotIn" => value.is_none_or(|v| !values.contains(v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        _ => false,
+    }
+}
+
+/// Whether `labels` match `sel` (an empty selector matches nothing here:
+/// draining every pod of a namespace by accident is worse than nothing).
+pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let ml = sel.match_labels.as_ref().filter(|m| !m.is_empty());
+    let me = sel.match_expressions.as_ref().filter(|m| !m.is_empty());
+    if ml.is_none() && me.is_none() {
+        return false;
+    }
+    ml.into_iter().flatten().all(|(k, v)| labels.get(k) == Some(v))
+        && me.into_iter().flatten().all(|r| requirement_matches(r, labels))
+}
+
+/// Whether the drain selects `pod`.
+pub fn pod_selected(spec: &IngestDrainSpec, pod: &Pod) -> bool {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    selector_matches(&spec.selector, pod.labels())
+        && spec.node_name.as_deref().is_none_or(|n| node == Some(n))
+        && spec.pod_names.as_ref().is_none_or(|names| names.iter().any(|n| *n == pod.name_any()))
+}
+
+/// The pods a new drain takes, frozen in its status: pods that appear
+/// later (replacements, scale-ups) are not drained by it.
+pub fn initial_rows(spec: &IngestDrainSpec, pods: &[Pod]) -> Vec<PodDrainStatus> {
+    let mut rows: Vec<PodDrainStatus> = pods
+        .iter()
+        .filter(|p| pod_selected(spec, p) && p.metadata.deletion_timestamp.is_none())
+        .map(|p| PodDrainStatus {
+            name: p.name_any(),
+            uid: p.uid().unwrap_or_default(),
+            node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            ..PodDrainStatus::default()
+        })
+        .collect();
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    rows
+}
+
+/// Updates a pod's row from its control API status.
+pub fn row_from_status(row: &PodDrainStatus, status: &PodStatus, drain_id: &str, now: Time) -> PodDrainStatus {
+    let counts = status.counts.unwrap_or_default();
+    let mut next = PodDrainStatus {
+        connections: Connections {
+            go_away: i64::from(counts.go_away),
+            reconnect_request: i64::from(counts.reconnect_request),
+            incapable: i64::from(counts.incapable),
+        },
+        remaining: i64::from(counts.total),
+        message: None,
+        last_update: Some(now),
+        ..row.clone()
+    };
+    match status.drain.as_ref().filter(|d| d.id == drain_id) {
+        Some(d) => {
+            next.signalled = d.signalled as i64;
+            next.migrated = d.migrated as i64;
+            next.state = match d.phase() {
+                PodPhase::Drained => PodState::Drained,
+                PodPhase::TimedOut => PodState::TimedOut,
+                PodPhase::Cancelled => PodState::Cancelled,
+                _ => PodState::Draining,
+            };
+        }
+        None => {
+            next.state = PodState::Pending;
+            next.message = Some(match &status.drain {
+                Some(other) => format!("the pod runs another drain ({})", other.id),
+                None => "the pod has no drain yet".into(),
+            });
+        }
+    }
+    next
+}
+
+/// Sums of the rows.
+pub fn totals(rows: &[PodDrainStatus]) -> Totals {
+    Totals {
+        pods: rows.len() as i64,
+        drained_pods: rows.iter().filter(|r| r.state.releases_pod()).count() as i64,
+        remaining_publishers: rows.iter().filter(|r| !r.state.is_done()).map(|r| r.remaining).sum(),
+        signalled: rows.iter().map(|r| r.signalled).sum(),
+        migrated: rows.iter().map(|r| r.migrated).sum(),
+    }
+}
+
+/// The drain's phase from its rows.
+pub fn overall_phase(rows: &[PodDrainStatus], past_deadline: bool) -> DrainPhase {
+    if rows.iter().all(|r| r.state.is_done()) {
+        if rows.iter().all(|r| matches!(r.state, PodState::Drained | PodState::Evicted | PodState::Gone)) {
+            return DrainPhase::Drained;
+        }
+        return DrainPhase::TimedOut;
+    }
+    if past_deadline {
+        return DrainPhase::TimedOut;
+    }
+    if rows.iter().all(|r| r.state == PodState::Pending) { DrainPhase::Pending } else { DrainPhase::Draining }
+}
+
+/// Why a node is being emptied, if it is: cordoned, or a removal taint.
+pub fn node_signal(node: &Node, taints: &[String]) -> Option<String> {
+    let spec = node.spec.as_ref()?;
+    if let Some(t) = spec.taints.iter().flatten().find(|t| taints.iter().any(|k| *k == t.key)) {
+        return Some(format!("taint {}", t.key));
+    }
+    spec.unschedulable.unwrap_or(false).then(|| "cordoned".to_owned())
+}
+
+/// Renders a redirect URL template for a target pod.
+pub fn render_redirect(template: &str, pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    template
+        .replace("{pod}", &pod.name_any())
+        .replace("{namespace}", &pod.namespace().unwrap_or_default())
+        .replace("{podIP}", status.and_then(|s| s.pod_ip.as_deref()).unwrap_or_default())
+        .replace("{nodeIP}", status.and_then(|s| s.host_ip.as_deref()).unwrap_or_default())
+        .replace("{node}", pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default())
+}
+
+/// True if the pod is Ready.
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The answer to an eviction of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it go: not an ingest pod, or drained, or past its deadline.
+    Allow(String),
+    /// Hold it: its drain runs (429, retried by kubectl drain and autoscalers).
+    Hold(String),
+    /// Hold it and start a drain for it (no drain covers it yet).
+    StartAndHold(String),
+}
+
+/// The eviction gate's decision for `pod` given the drains of its namespace.
+pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[IngestDrain]) -> Verdict {
+    let Some(pod) = pod else { return Verdict::Allow("pod not found".into()) };
+    if !selector_matches(ingest, pod.labels()) {
+        return Verdict::Allow("not an ingest pod".into());
+    }
+    let name = pod.name_any();
+    let uid = pod.uid().unwrap_or_default();
+    let mut covering = drains
+        .iter()
+        .filter(|d| !d.spec.cancel && d.metadata.deletion_timestamp.is_none())
+        .filter_map(|d| {
+            let status = d.status.clone().unwrap_or_default();
+            if status.phase == DrainPhase::Cancelled {
+                return None;
+            }
+            let row = status.pods.iter().find(|r| r.name == name && (r.uid.is_empty() || r.uid == uid)).cloned();
+            match row {
+                Some(r) => Some((d, status, Some(r))),
+                // A drain that has not listed its pods yet but will take this one.
+                None if status.pods.is_empty() && pod_selected(&d.spec, pod) => Some((d, status, None)),
+                None => None,
+            }
+        })
+        .collect::<Vec<_>>();
+    covering.sort_by_key(|(_, s, _)| s.phase.is_terminal());
+    let Some((drain, status, row)) = covering.into_iter().next() else {
+        return Verdict::StartAndHold(format!("pod {name} has live publishers: starting its drain; retry shortly"));
+    };
+    match row {
+        Some(r) if r.state.releases_pod() => Verdict::Allow(format!("pod {name} is {:?}", r.state)),
+        _ if status.phase == DrainPhase::TimedOut => Verdict::Allow(format!("drain {} timed out", drain.name_any())),
+        Some(r) => Verdict::Hold(format!(
+            "pod {name} is draining (IngestDrain {}): {} publishers remain ({} signalled, {} migrated)",
+            drain.name_any(),
+            r.remaining,
+            r.signalled,
+            r.migrated
+        )),
+        None => Verdict::Hold(format!("pod {name} is about to drain (IngestDrain {})", drain.name_any())),
+    }
+}
+
+/// Status conditions from the rows and phase.
+pub fn conditions(
+    phase: DrainPhase,
+    rows: &[PodDrainStatus],
+    generation: Option<i64>,
+    now: &Time,
+    old: &IngestDrainStatus,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+    let unreachable: Vec<&str> = rows.iter().filter(|r| r.state == PodState::Unreachable).map(|r| r.name.as_str()).collect();
+    let make = |type_: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" }.to_owned();
+        // Keep the transition time while the status stays the same.
+        let last = old
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message,
+            observed_generation: generation,
+            last_transition_time: last,
+        }
+    };
+    let (ok, reason, message) = match phase {
+        DrainPhase::Drained => (true, "AllPodsDrained", format!("{} pods drained", rows.len())),
+        DrainPhase::TimedOut => (true, "DeadlinePassed", "the deadline passed; the pods may go".to_owned()),
+        DrainPhase::Cancelled => (false, "Cancelled", "the drain was cancelled".to_owned()),
+        DrainPhase::Failed => (false, "Failed", "the drain cannot proceed".to_owned()),
+        DrainPhase::Pending | DrainPhase::Draining => {
+            let t = totals(rows);
+            (false, "Draining", format!("{} of {} pods drained, {} publishers remain", t.drained_pods, t.pods, t.remaining_publishers))
+        }
+    };
+    vec![
+        make("Complete", ok, reason, message),
+        if unreachable.is_empty() {
+            make("PodsReachable", true, "AllReachable", "every pod's control API answers".into())
+        } else {
+            make("PodsReachable", false, "Unreachable", format!("no answer from {}", unreachable.join(", ")))
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{NodeSpec, PodSpec, Taint};
+    use kube::api::ObjectMeta;
+
+    use super::*;
+    use crate::crd::IncapablePolicy;
+
+    fn pod(name: &str, node: &str, labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                uid: Some(format!("uid-{name}")),
+                labels: Some(labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec { node_name: Some(node.into()), ..PodSpec::default() }),
+            status: None,
+        }
+    }
+
+    fn spec(sel: &str) -> IngestDrainSpec {
+        IngestDrainSpec {
+            selector: parse_selector(sel).unwrap(),
+            node_name: None,
+            pod_names: None,
+            deadline_seconds: 60,
+            rate: 10.0,
+            max_in_flight: None,
+            incapable_policy: IncapablePolicy::Disconnect,
+            evict: false,
+            propagation_delay_seconds: None,
+            redirect: None,
+            cancel: false,
+        }
+    }
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn selectors() {
+        let labels: BTreeMap<String, String> = [("app".into(), "ingest".into()), ("tier".into(), "a".into())].into();
+        assert!(selector_matches(&parse_selector("app=ingest").unwrap(), &labels));
+        assert!(!selector_matches(&parse_selector("app=other").unwrap(), &labels));
+        assert!(!selector_matches(&LabelSelector::default(), &labels), "empty selects nothing");
+        let expr = |op: &str, values: Option<Vec<String>>| LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement { key: "tier".into(), operator: op.into(), values }]),
+        };
+        assert!(selector_matches(&expr("In", Some(vec!["a".into(), "b".into()])), &labels));
+        assert!(!selector_matches(&expr("NotIn", Some(vec!["a".into()])), &labels));
+        assert!(selector_matches(&expr("Exists", None), &labels));
+        assert!(!selector_matches(&expr("DoesNotExist", None), &labels));
+        assert_eq!(selector_string(&expr("In", Some(vec!["a".into(), "b".into()]))), "tier in (a,b)");
+        assert!(parse_selector("").is_err());
+        assert!(parse_selector("novalue").is_err());
+    }
+
+    #[test]
+    fn rows_follow_node_and_names_and_are_frozen() {
+        let pods = vec![
+            pod("i-1", "node-a", &[("app", "ingest")]),
+            pod("i-2", "node-b", &[("app", "ingest")]),
+            pod("other", "node-a", &[("app", "web")]),
+        ];
+        let mut s = spec("app=ingest");
+        assert_eq!(initial_rows(&s, &pods).len(), 2);
+        s.node_name = Some("node-a".into());
+        let rows = initial_rows(&s, &pods);
+        assert_eq!((rows.len(), rows[0].name.as_str(), rows[0].uid.as_str()), (1, "i-1", "uid-i-1"));
+        s.node_name = None;
+        s.pod_names = Some(vec!["i-2".into()]);
+        assert_eq!(initial_rows(&s, &pods)[0].name, "i-2");
+    }
+
+    #[test]
+    fn pod_rows_and_phase_from_control_status() {
+        use ingest_proto::v1::{ConnectionCounts, Drain};
+        let row = PodDrainStatus { name: "p".into(), ..PodDrainStatus::default() };
+        let mut st = PodStatus {
+            counts: Some(ConnectionCounts { total: 3, go_away: 1, reconnect_request: 1, incapable: 1, publishing: 3 }),
+            drain: Some(Drain { id: "d".into(), phase: PodPhase::Signalling.into(), signalled: 2, migrated: 1, ..Drain::default() }),
+            ..PodStatus::default()
+        };
+        let r = row_from_status(&row, &st, "d", now());
+        assert_eq!((r.state, r.remaining, r.signalled, r.migrated, r.connections.incapable), (PodState::Draining, 3, 2, 1, 1));
+        assert_eq!(overall_phase(std::slice::from_ref(&r), false), DrainPhase::Draining);
+        assert_eq!(overall_phase(std::slice::from_ref(&r), true), DrainPhase::TimedOut);
+        st.drain.as_mut().unwrap().phase = PodPhase::Drained.into();
+        let done = row_from_status(&row, &st, "d", now());
+        assert_eq!(done.state, PodState::Drained);
+        assert_eq!(overall_phase(&[done.clone(), PodDrainStatus { state: PodState::Gone, ..done.clone() }], false), DrainPhase::Drained);
+        assert_eq!(overall_phase(&[done.clone(), PodDrainStatus { state: PodState::TimedOut, ..done }], false), DrainPhase::TimedOut);
+        // Another drain id on the pod is not ours.
+        let other = row_from_status(&row, &st, "mine", now());
+        assert_eq!(other.state, PodState::Pending);
+        assert!(other.message.unwrap().contains("another drain"));
+        assert_eq!(overall_phase(&[PodDrainStatus::default()], false), DrainPhase::Pending);
+    }
+
+    #[test]
+    fn node_signals() {
+        let taints = vec!["ToBeDeletedByClusterAutoscaler".to_owned(), "karpenter.sh/disrupted".to_owned()];
+        let mut node = Node { spec: Some(NodeSpec::default()), ..Node::default() };
+        assert_eq!(node_signal(&node, &taints), None);
+        node.spec.as_mut().unwrap().unschedulable = Some(true);
+        assert_eq!(node_signal(&node, &taints).as_deref(), Some("cordoned"));
+        node.spec.as_mut().unwrap().unschedulable = Some(false);
+        node.spec.as_mut().unwrap().taints = Some(vec![Taint { key: "karpenter.sh/disrupted".into(), effect: "NoSchedule".into(), ..Taint::default() }]);
+        assert_eq!(node_signal(&node, &taints).as_deref(), Some("taint karpenter.sh/disrupted"));
+        node.spec.as_mut().unwrap().taints = Some(vec![Taint { key: "other".into(), effect: "NoSchedule".into(), ..Taint::default() }]);
+        assert_eq!(node_signal(&node, &taints), None);
+    }
+
+    #[test]
+    fn redirect_templates() {
+        let mut p = pod("ingest-7", "node-b", &[]);
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus { pod_ip: Some("10.0.0.7".into()), host_ip: Some("192.0.2.2".into()), ..Default::default() });
+        assert_eq!(render_redirect("rtmp://{pod}.{namespace}.example/live", &p), "rtmp://ingest-7.ns.example/live");
+        assert_eq!(render_redirect("rtmp://{nodeIP}:1935/live?via={node}&ip={podIP}", &p), "rtmp://192.0.2.2:1935/live?via=node-b&ip=10.0.0.7");
+    }
+
+    #[test]
+    fn eviction_verdicts() {
+        let ingest = parse_selector("app=ingest").unwrap();
+        let p = pod("i-1", "node-a", &[("app", "ingest")]);
+        let web = pod("web", "node-a", &[("app", "web")]);
+        assert!(matches!(eviction_verdict(None, &ingest, &[]), Verdict::Allow(_)));
+        assert!(matches!(eviction_verdict(Some(&web), &ingest, &[]), Verdict::Allow(_)));
+        assert!(matches!(eviction_verdict(Some(&p), &ingest, &[]), Verdict::StartAndHold(_)));
+
+        let mut d = IngestDrain::new("node-node-a", spec("app=ingest"));
+        d.status = Some(IngestDrainStatus {
+            phase: DrainPhase::Draining,
+            pods: vec![PodDrainStatus { name: "i-1".into(), uid: "uid-i-1".into(), state: PodState::Draining, remaining: 4, signalled: 3, migrated: 1, ..Default::default() }],
+            ..Default::default()
+        });
+        match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)) {
+            Verdict::Hold(msg) => assert!(msg.contains("4 publishers remain"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        d.status.as_mut().unwrap().pods[0].state = PodState::Drained;
+        assert!(matches!(eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)), Verdict::Allow(_)));
+        d.status.as_mut().unwrap().pods[0].state = PodState::Draining;
+        d.status.as_mut().unwrap().phase = DrainPhase::TimedOut;
+        assert!(matches!(eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)), Verdict::Allow(_)));
+        // A cancelled drain does not cover the pod any more.
+        d.spec.cancel = true;
+        assert!(matches!(eviction_verdict(Some(&p), &ingest, &[d]), Verdict::StartAndHold(_)));
+    }
+}
