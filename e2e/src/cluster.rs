@@ -33,8 +33,10 @@ pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 254);
 const OWNED_RANGES: [&str; 3] = ["10.244.", "10.200.0.", "10.96."];
 /// Prefix of every bridge the script creates.
 const BRIDGE_PREFIX: &str = "lli-";
+/// The nft table of the forward guard (`cluster/lib/common.sh`).
+const GUARD_TABLE: &str = "lossless_ingest_guard";
 /// The guard and kube-proxy nft tables.
-const NFT_TABLES: [&str; 2] = ["lossless_ingest_guard", "kube-proxy"];
+const NFT_TABLES: [&str; 2] = [GUARD_TABLE, "kube-proxy"];
 
 /// Name of node `i` (0-based), as the script names them.
 pub fn node_name(i: usize) -> String {
@@ -247,6 +249,21 @@ impl Cluster {
             .collect())
     }
 
+    /// Waits until pod `name` in `ns` has finished; its phase and logs.
+    pub async fn pod_outcome(&self, ns: &str, name: &str, timeout: Duration) -> Result<(String, String)> {
+        let phase = eventually(&format!("pod {ns}/{name} to finish"), timeout, || async {
+            let jsonpath = "jsonpath={.status.phase}";
+            let phase = self.kubectl(&["-n", ns, "get", "pod", name, "-o", jsonpath]).await?;
+            match phase.as_str() {
+                "Succeeded" | "Failed" => Ok(phase),
+                _ => bail!("phase {phase:?}"),
+            }
+        })
+        .await?;
+        let logs = self.kubectl(&["-n", ns, "logs", name]).await?;
+        Ok((phase, logs))
+    }
+
     /// Restores the starting state: deletes everything labelled [`TEST_LABEL`]
     /// (namespaces and cluster-scoped objects) and uncordons every node.
     pub async fn reset(&self) -> Result<()> {
@@ -363,6 +380,29 @@ impl Drop for Cluster {
             eprintln!("tearing the cluster down: {err:#}");
         }
     }
+}
+
+/// Packets the nft forward guard has dropped so far (pods talking to
+/// anything but the cluster), from its rule counters.
+pub fn guard_dropped_packets() -> Result<u64> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", GUARD_TABLE])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "no nft table inet {GUARD_TABLE}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    let mut total = 0;
+    while let Some(word) = words.next() {
+        if word == "packets" {
+            total += words.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Ok(total)
 }
 
 /// Polls `f` until it succeeds or `timeout` passes; the error then names

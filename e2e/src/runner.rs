@@ -156,7 +156,7 @@ async fn run(nodes: usize, scenarios: Vec<Scenario>, filtered_out: usize, starte
                 println!("test {} ... FAILED ({:.1?})", scenario.name, t.elapsed());
                 failures.push((
                     scenario.name.to_owned(),
-                    format!("{err:?}\n(component logs: {})", cluster.log_dir().display()),
+                    format!("{err:#}\n(component logs: {})", cluster.log_dir().display()),
                 ));
             }
         }

@@ -43,7 +43,7 @@ const DRAIN100_LIMIT: Duration = Duration::from_secs(300);
 const THROUGHPUT_LIMIT: Duration = Duration::from_secs(1200);
 
 const USAGE: &str = "usage: cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all]... \
-                     [--quick] [--publishers 10,20,40] [--window 20s]";
+                     [--quick] [--publishers 10,20,40] [--window 20s] [--pod-args \"--relay-busy-retry=10ms ...\"]";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -72,6 +72,8 @@ struct Opts {
     publishers: Vec<usize>,
     /// Measurement window of the throughput scenario.
     window: Duration,
+    /// Extra ingest-pod flags for every pod (experiments).
+    pod_args: Vec<String>,
 }
 
 impl Opts {
@@ -80,6 +82,7 @@ impl Opts {
         let mut quick = false;
         let mut publishers = None;
         let mut window = None;
+        let mut pod_args = Vec::new();
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -87,12 +90,23 @@ impl Opts {
                 "--bench" => {}
                 "--quick" => quick = true,
                 "--publishers" => {
-                    let list = args.next().ok_or_else(|| anyhow!("--publishers needs a list\n{USAGE}"))?;
-                    let counts = list.split(',').map(|n| n.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>();
+                    let list = args
+                        .next()
+                        .ok_or_else(|| anyhow!("--publishers needs a list\n{USAGE}"))?;
+                    let counts = list
+                        .split(',')
+                        .map(|n| n.trim().parse::<usize>())
+                        .collect::<Result<Vec<_>, _>>();
                     publishers = Some(counts.with_context(|| format!("--publishers {list:?}\n{USAGE}"))?);
                 }
+                "--pod-args" => {
+                    let flags = args.next().ok_or_else(|| anyhow!("--pod-args needs flags\n{USAGE}"))?;
+                    pod_args.extend(flags.split_whitespace().map(str::to_owned));
+                }
                 "--window" => {
-                    let w = args.next().ok_or_else(|| anyhow!("--window needs a duration\n{USAGE}"))?;
+                    let w = args
+                        .next()
+                        .ok_or_else(|| anyhow!("--window needs a duration\n{USAGE}"))?;
                     window = Some(ingest_pod::config::parse_duration(&w).map_err(|e| anyhow!("--window: {e}"))?);
                 }
                 "all" => scenarios.extend(Scenario::ALL),
@@ -108,8 +122,18 @@ impl Opts {
         }
         scenarios.dedup();
         let publishers = publishers.unwrap_or_else(|| if quick { vec![10] } else { vec![10, 20, 40] });
-        let window = window.unwrap_or(if quick { Duration::from_secs(10) } else { Duration::from_secs(20) });
-        Ok(Self { scenarios, quick, publishers, window })
+        let window = window.unwrap_or(if quick {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(20)
+        });
+        Ok(Self {
+            scenarios,
+            quick,
+            publishers,
+            window,
+            pod_args,
+        })
     }
 }
 
@@ -117,8 +141,15 @@ fn main() -> Result<()> {
     let opts = Opts::parse(std::env::args().skip(1))?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let results = runtime.block_on(async {
         tokio::select! {
             r = run(&opts) => Some(r),
@@ -139,12 +170,25 @@ fn main() -> Result<()> {
 async fn run(opts: &Opts) -> Vec<(Scenario, Json)> {
     let mut out = Vec::new();
     for &scenario in &opts.scenarios {
-        println!("\n=== {} {}===", scenario.name(), if opts.quick { "(quick) " } else { "" });
+        println!(
+            "\n=== {} {}===",
+            scenario.name(),
+            if opts.quick { "(quick) " } else { "" }
+        );
         let started = Instant::now();
         let (limit, result) = match scenario {
-            Scenario::Handover => (HANDOVER_LIMIT, tokio::time::timeout(HANDOVER_LIMIT, handover(opts)).await),
-            Scenario::Drain100 => (DRAIN100_LIMIT, tokio::time::timeout(DRAIN100_LIMIT, drain100(opts)).await),
-            Scenario::Throughput => (THROUGHPUT_LIMIT, tokio::time::timeout(THROUGHPUT_LIMIT, throughput(opts)).await),
+            Scenario::Handover => (
+                HANDOVER_LIMIT,
+                tokio::time::timeout(HANDOVER_LIMIT, handover(opts)).await,
+            ),
+            Scenario::Drain100 => (
+                DRAIN100_LIMIT,
+                tokio::time::timeout(DRAIN100_LIMIT, drain100(opts)).await,
+            ),
+            Scenario::Throughput => (
+                THROUGHPUT_LIMIT,
+                tokio::time::timeout(THROUGHPUT_LIMIT, throughput(opts)).await,
+            ),
         };
         let mut value = match result {
             Ok(Ok(v)) => v,
@@ -190,7 +234,10 @@ fn write_json(opts: &Opts, results: &[(Scenario, Json)]) -> Result<PathBuf> {
 // Small helpers: time, statistics, waiting.
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn secs(d: Duration) -> f64 {
@@ -219,7 +266,13 @@ impl Stats {
         let mut v = values.to_vec();
         v.sort_by(f64::total_cmp);
         let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-        Self { n: v.len(), p50: rank(0.50), p99: rank(0.99), max: v[v.len() - 1], mean: v.iter().sum::<f64>() / v.len() as f64 }
+        Self {
+            n: v.len(),
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: v[v.len() - 1],
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+        }
     }
 
     fn json(&self) -> Json {
@@ -227,7 +280,10 @@ impl Stats {
     }
 
     fn text(&self) -> String {
-        format!("p50 {:>7.1}  p99 {:>7.1}  max {:>7.1}  (n={})", self.p50, self.p99, self.max, self.n)
+        format!(
+            "p50 {:>7.1}  p99 {:>7.1}  max {:>7.1}  (n={})",
+            self.p50, self.p99, self.max, self.n
+        )
     }
 }
 
@@ -259,22 +315,41 @@ fn spawn_publisher(cfg: PublisherConfig, stop: &CancellationToken) -> Result<Run
 }
 
 async fn join_publisher(p: Running) -> Result<PublisherReport> {
-    let report = p.task.await.with_context(|| format!("publisher {} panicked", p.stream))?;
+    let report = p
+        .task
+        .await
+        .with_context(|| format!("publisher {} panicked", p.stream))?;
     report.with_context(|| format!("publisher {}", p.stream))
 }
 
-fn lab_args(template: &str, grace: &str) -> Vec<String> {
-    ["--upstream", template, "--propagation-delay", "300ms", "--grace-period", grace].map(str::to_owned).to_vec()
+fn lab_args(opts: &Opts, template: &str, grace: &str) -> Vec<String> {
+    [
+        "--upstream",
+        template,
+        "--propagation-delay",
+        "300ms",
+        "--grace-period",
+        grace,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain(opts.pod_args.iter().cloned())
+    .collect()
 }
 
 async fn start_pod(name: &str, args: &[String]) -> Result<LocalPod> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    LocalPod::start(name, &refs).await.with_context(|| format!("starting {name}"))
+    LocalPod::start(name, &refs)
+        .await
+        .with_context(|| format!("starting {name}"))
 }
 
 /// Audits every stream's recordings at the origin (call after nginx stopped).
 fn audit_streams(record_dir: &Path, reports: &[&PublisherReport]) -> Result<Vec<AuditReport>> {
-    reports.iter().map(|r| audit::audit_dir(&r.stream, &r.sent, record_dir).map_err(Into::into)).collect()
+    reports
+        .iter()
+        .map(|r| audit::audit_dir(&r.stream, &r.sent, record_dir).map_err(Into::into))
+        .collect()
 }
 
 fn audit_json(results: &[AuditReport]) -> Json {
@@ -334,7 +409,9 @@ async fn result_of(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result
 
 /// connect("live"), createStream, play(stream).
 async fn open_player(origin: SocketAddr, stream: &str) -> Result<(Reader, Writer)> {
-    let tcp = TcpStream::connect(origin).await.with_context(|| format!("player: connecting to {origin}"))?;
+    let tcp = TcpStream::connect(origin)
+        .await
+        .with_context(|| format!("player: connecting to {origin}"))?;
     tcp.set_nodelay(true)?;
     let (mut reader, mut writer) = conn::connect(tcp, STEP).await?;
     writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
@@ -350,12 +427,23 @@ async fn open_player(origin: SocketAddr, stream: &str) -> Result<(Reader, Writer
     ]);
     writer.queue(&Message::command(0, "connect", 1.0, vec![object]));
     writer.flush().await?;
-    result_of(&mut reader, &mut writer, 1.0).await.context("player: connect")?;
-    writer.send(&Message::command(0, "createStream", 2.0, vec![Value::Null])).await?;
-    let created = result_of(&mut reader, &mut writer, 2.0).await.context("player: createStream")?;
+    result_of(&mut reader, &mut writer, 1.0)
+        .await
+        .context("player: connect")?;
+    writer
+        .send(&Message::command(0, "createStream", 2.0, vec![Value::Null]))
+        .await?;
+    let created = result_of(&mut reader, &mut writer, 2.0)
+        .await
+        .context("player: createStream")?;
     let sid = created.args.iter().find_map(Value::as_number).unwrap_or(1.0) as u32;
     // Start -2000: live, or recorded if there is no live stream (what ffplay sends).
-    writer.queue(&Message::command(sid, "play", 3.0, vec![Value::Null, Value::string(stream), Value::Number(-2000.0)]));
+    writer.queue(&Message::command(
+        sid,
+        "play",
+        3.0,
+        vec![Value::Null, Value::string(stream), Value::Number(-2000.0)],
+    ));
     writer.queue(&Message::UserControl(UserControl::SetBufferLength(sid, 1000)));
     writer.flush().await?;
     Ok((reader, writer))
@@ -363,7 +451,12 @@ async fn open_player(origin: SocketAddr, stream: &str) -> Result<(Reader, Writer
 
 /// Plays `stream` at the origin until `stop`, timestamping every audio and
 /// video message; plays again if the origin closes the connection.
-async fn player(origin: SocketAddr, stream: String, stop: CancellationToken, ready: watch::Sender<bool>) -> Result<PlayerLog> {
+async fn player(
+    origin: SocketAddr,
+    stream: String,
+    stop: CancellationToken,
+    ready: watch::Sender<bool>,
+) -> Result<PlayerLog> {
     let mut log = PlayerLog::default();
     loop {
         let (mut reader, mut writer) = open_player(origin, &stream).await?;
@@ -375,14 +468,23 @@ async fn player(origin: SocketAddr, stream: String, stop: CancellationToken, rea
             };
             let at = Instant::now();
             match msg {
-                Ok(Some(Message::Audio { payload, .. })) => {
-                    log.arrivals.push(Arrival { at, kind: Kind::Audio, hash: media::payload_hash(&payload) })
-                }
-                Ok(Some(Message::Video { payload, .. })) => {
-                    log.arrivals.push(Arrival { at, kind: Kind::Video, hash: media::payload_hash(&payload) })
-                }
+                Ok(Some(Message::Audio { payload, .. })) => log.arrivals.push(Arrival {
+                    at,
+                    kind: Kind::Audio,
+                    hash: media::payload_hash(&payload),
+                }),
+                Ok(Some(Message::Video { payload, .. })) => log.arrivals.push(Arrival {
+                    at,
+                    kind: Kind::Video,
+                    hash: media::payload_hash(&payload),
+                }),
                 Ok(Some(Message::Command { command, .. })) if command.name == "onStatus" => {
-                    let code = command.args.iter().find_map(|v| v.get("code")).and_then(Value::as_str).unwrap_or("");
+                    let code = command
+                        .args
+                        .iter()
+                        .find_map(|v| v.get("code"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
                     log.events.push((at, code.to_owned()));
                 }
                 Ok(Some(Message::UserControl(UserControl::PingRequest(t)))) => {
@@ -438,10 +540,19 @@ struct Handover {
 
 fn analyse_handover(kind: SignalKind, report: &PublisherReport, log: &PlayerLog) -> Result<Handover> {
     let by_hash: HashMap<&str, &SentFrame> = report.sent.iter().map(|f| (f.hash.as_str(), f)).collect();
-    let known: Vec<(&Arrival, &SentFrame)> =
-        log.arrivals.iter().filter_map(|a| by_hash.get(a.hash.as_str()).map(|f| (a, *f))).collect();
-    let last_old = known.iter().rposition(|(_, f)| f.conn == 0).ok_or_else(|| anyhow!("player saw nothing via the first pod"))?;
-    let first_new = known.iter().position(|(_, f)| f.conn > 0).ok_or_else(|| anyhow!("player saw nothing via the second pod"))?;
+    let known: Vec<(&Arrival, &SentFrame)> = log
+        .arrivals
+        .iter()
+        .filter_map(|a| by_hash.get(a.hash.as_str()).map(|f| (a, *f)))
+        .collect();
+    let last_old = known
+        .iter()
+        .rposition(|(_, f)| f.conn == 0)
+        .ok_or_else(|| anyhow!("player saw nothing via the first pod"))?;
+    let first_new = known
+        .iter()
+        .position(|(_, f)| f.conn > 0)
+        .ok_or_else(|| anyhow!("player saw nothing via the second pod"))?;
     let interleaved = known[..last_old].iter().filter(|(_, f)| f.conn > 0).count();
     let (old_at, new_at) = (known[last_old].0.at, known[first_new].0.at);
     let stall = new_at.saturating_duration_since(old_at);
@@ -455,12 +566,20 @@ fn analyse_handover(kind: SignalKind, report: &PublisherReport, log: &PlayerLog)
         .fold(0.0, f64::max);
     // Steady state: the old pod's messages after the first half second.
     let old: Vec<&(&Arrival, &SentFrame)> = known[..=last_old].iter().filter(|(_, f)| f.conn == 0).collect();
-    let t0 = old.first().map(|(a, _)| a.at + Duration::from_millis(500)).unwrap_or(old_at);
+    let t0 = old
+        .first()
+        .map(|(a, _)| a.at + Duration::from_millis(500))
+        .unwrap_or(old_at);
     let steady: Vec<&(&Arrival, &SentFrame)> = old.into_iter().filter(|(a, _)| a.at >= t0).collect();
     let gaps = |only_video: bool| -> Vec<f64> {
-        let sel: Vec<Instant> =
-            steady.iter().filter(|(a, _)| !only_video || a.kind == Kind::Video).map(|(a, _)| a.at).collect();
-        sel.windows(2).map(|w| ms(w[1].saturating_duration_since(w[0]))).collect()
+        let sel: Vec<Instant> = steady
+            .iter()
+            .filter(|(a, _)| !only_video || a.kind == Kind::Video)
+            .map(|(a, _)| a.at)
+            .collect();
+        sel.windows(2)
+            .map(|w| ms(w[1].saturating_duration_since(w[0])))
+            .collect()
     };
     let start = log.arrivals.first().map(|a| a.at).unwrap_or(old_at);
     Ok(Handover {
@@ -488,7 +607,7 @@ async fn handover(opts: &Opts) -> Result<Json> {
     let reps = if opts.quick { 3 } else { 10 };
     let dir = tempfile::tempdir()?;
     let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
-    let args = lab_args(&origin.template(), "60s");
+    let args = lab_args(opts, &origin.template(), "60s");
     let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
     let balancer = Balancer::start(pods.iter().map(LocalPod::backend).collect()).await?;
     println!(
@@ -580,7 +699,10 @@ async fn handover(opts: &Opts) -> Result<Json> {
     let reconnects: u32 = results.iter().map(|h| h.player_reconnects).sum();
     let interleaved: usize = results.iter().map(|h| h.interleaved).sum();
     println!("{:<18} stall at origin (ms)        {}", "all moves", all.text());
-    println!("messages lost: {lost} ({lossless}/{} streams lossless by the audit)", audits.len());
+    println!(
+        "messages lost: {lost} ({lossless}/{} streams lossless by the audit)",
+        audits.len()
+    );
     println!(
         "player: {} reconnect(s) (nginx {} players attached across the publisher switch); {interleaved} message(s) via the new pod before the old pod's last",
         reconnects,
@@ -629,7 +751,9 @@ async fn one_move(
     let stop_player = CancellationToken::new();
     let (ready_tx, mut ready) = watch::channel(false);
     let player = tokio::spawn(player(origin, stream.to_owned(), stop_player.clone(), ready_tx));
-    tokio::time::timeout(STEP, ready.wait_for(|r| *r)).await.context("player did not start")??;
+    tokio::time::timeout(STEP, ready.wait_for(|r| *r))
+        .await
+        .context("player did not start")??;
     let cfg = PublisherConfig {
         go_away: kind == SignalKind::GoAway,
         reconnect: kind == SignalKind::ReconnectRequest,
@@ -641,10 +765,18 @@ async fn one_move(
     let stop = CancellationToken::new();
     let publisher = spawn_publisher(cfg, &stop)?;
     let p = publisher.progress.clone();
-    until("2 s of media", Duration::from_secs(20), || p.borrow().video_frames >= 60).await?;
+    until("2 s of media", Duration::from_secs(20), || {
+        p.borrow().video_frames >= 60
+    })
+    .await?;
     let landed = pods
         .iter()
-        .position(|pod| pod.registry.connections().iter().any(|c| c.stream.as_deref() == Some(stream)))
+        .position(|pod| {
+            pod.registry
+                .connections()
+                .iter()
+                .any(|c| c.stream.as_deref() == Some(stream))
+        })
         .ok_or_else(|| anyhow!("{stream} is on no pod"))?;
     let pod = &pods[landed];
     pod.drainer.start(DrainSpec {
@@ -657,13 +789,21 @@ async fn one_move(
         propagation_delay: Duration::from_millis(300),
     })?;
     let p = publisher.progress.clone();
-    until("the publisher moved", Duration::from_secs(20), || p.borrow().connections >= 2).await?;
+    until("the publisher moved", Duration::from_secs(20), || {
+        p.borrow().connections >= 2
+    })
+    .await?;
     let reg = pod.registry.clone();
-    until("the drained pod emptied", Duration::from_secs(30), || reg.connection_count() == 0 && reg.relays_active() == 0)
-        .await?;
+    until("the drained pod emptied", Duration::from_secs(30), || {
+        reg.connection_count() == 0 && reg.relays_active() == 0
+    })
+    .await?;
     let p = publisher.progress.clone();
     let moved_at = p.borrow().video_frames;
-    until("1 s on the new pod", Duration::from_secs(20), || p.borrow().video_frames >= moved_at + 30).await?;
+    until("1 s on the new pod", Duration::from_secs(20), || {
+        p.borrow().video_frames >= moved_at + 30
+    })
+    .await?;
     stop.cancel();
     let report = join_publisher(publisher).await?;
     pod.drainer.cancel(); // serve again for the next move
@@ -691,7 +831,7 @@ async fn drain100(opts: &Opts) -> Result<Json> {
     const GOP: u32 = 25;
     let dir = tempfile::tempdir()?;
     let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
-    let args = lab_args(&origin.template(), "60s");
+    let args = lab_args(opts, &origin.template(), "60s");
     let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
     let (a, b) = (&pods[0], &pods[1]);
     b.registry.set_serving(false); // everyone lands on pod A
@@ -717,10 +857,24 @@ async fn drain100(opts: &Opts) -> Result<Json> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let reg_a = a.registry.clone();
-    let publishing = move || reg_a.connections().iter().filter(|c| c.publishing_since.is_some()).count();
-    until("100 publishers on pod A", Duration::from_secs(60), || publishing() == PUBLISHERS).await?;
+    let publishing = move || {
+        reg_a
+            .connections()
+            .iter()
+            .filter(|c| c.publishing_since.is_some())
+            .count()
+    };
+    until("100 publishers on pod A", Duration::from_secs(60), || {
+        publishing() == PUBLISHERS
+    })
+    .await?;
     b.registry.set_serving(true);
-    tokio::time::sleep(if opts.quick { Duration::from_secs(2) } else { Duration::from_secs(4) }).await;
+    tokio::time::sleep(if opts.quick {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(4)
+    })
+    .await;
 
     let t0 = Instant::now();
     a.drainer.start(DrainSpec {
@@ -732,8 +886,13 @@ async fn drain100(opts: &Opts) -> Result<Json> {
         redirects: vec![],
         propagation_delay: PROPAGATION,
     })?;
-    let mut marks: Vec<(&str, Option<Duration>)> =
-        vec![("signalling", None), ("first signal", None), ("all signalled", None), ("publishers gone", None), ("drained", None)];
+    let mut marks: Vec<(&str, Option<Duration>)> = vec![
+        ("signalling", None),
+        ("first signal", None),
+        ("all signalled", None),
+        ("publishers gone", None),
+        ("drained", None),
+    ];
     let final_phase = loop {
         let st = a.drainer.status().ok_or_else(|| anyhow!("no drain status"))?;
         let now = t0.elapsed();
@@ -773,7 +932,11 @@ async fn drain100(opts: &Opts) -> Result<Json> {
     let model = PROPAGATION.as_secs_f64() + f64::from(GOP) / f64::from(FPS) + PUBLISHERS as f64 / RATE;
     println!();
     for (name, at) in &marks {
-        println!("  {:<16} {}", name, at.map_or("never".to_owned(), |d| format!("{:>7.3} s", d.as_secs_f64())));
+        println!(
+            "  {:<16} {}",
+            name,
+            at.map_or("never".to_owned(), |d| format!("{:>7.3} s", d.as_secs_f64()))
+        );
     }
     println!("final phase: {}", final_phase.label());
     println!(
@@ -785,13 +948,34 @@ async fn drain100(opts: &Opts) -> Result<Json> {
         RATE,
         model
     );
+    // The drain engine's token bucket starts full: one second of signals goes out at once.
+    let model_burst =
+        PROPAGATION.as_secs_f64() + f64::from(GOP) / f64::from(FPS) + (PUBLISHERS as f64 - RATE).max(0.0) / RATE;
+    println!(
+        "{:>20} with the engine's initial burst of {RATE} signals: {:.1} s + {:.1} s + ({PUBLISHERS} - {RATE}) / {RATE} = {model_burst:.1} s",
+        "",
+        PROPAGATION.as_secs_f64(),
+        f64::from(GOP) / f64::from(FPS)
+    );
     let lost: usize = audits.iter().map(|a| a.lost).sum();
     let lossless = audits.iter().filter(|a| a.lossless()).count();
-    let signals = |k: SignalKind| reports.iter().filter(|r| r.signals.iter().any(|(s, _)| *s == k)).count();
+    let signals = |k: SignalKind| {
+        reports
+            .iter()
+            .filter(|r| r.signals.iter().any(|(s, _)| *s == k))
+            .count()
+    };
     let unplanned: u32 = reports.iter().map(|r| r.unplanned_reconnects).sum();
-    let errors: Vec<String> =
-        reports.iter().filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.stream))).collect();
-    let gaps = Stats::of(&reports.iter().filter_map(|r| r.max_switch_gap().map(ms)).collect::<Vec<_>>());
+    let errors: Vec<String> = reports
+        .iter()
+        .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.stream)))
+        .collect();
+    let gaps = Stats::of(
+        &reports
+            .iter()
+            .filter_map(|r| r.max_switch_gap().map(ms))
+            .collect::<Vec<_>>(),
+    );
     println!(
         "signals: {} go_away, {} reconnect_request; unplanned reconnects {unplanned}; publisher errors {}",
         signals(SignalKind::GoAway),
@@ -799,7 +983,10 @@ async fn drain100(opts: &Opts) -> Result<Json> {
         errors.len()
     );
     println!("publisher switch gap (ms): {}", gaps.text());
-    println!("messages lost: {lost} across {} streams ({lossless} lossless by the audit)", audits.len());
+    println!(
+        "messages lost: {lost} across {} streams ({lossless} lossless by the audit)",
+        audits.len()
+    );
     for a in audits.iter().filter(|a| !a.lossless()).take(10) {
         println!("  AUDIT: {a}");
     }
@@ -811,8 +998,9 @@ async fn drain100(opts: &Opts) -> Result<Json> {
         "rate_per_s": RATE,
         "propagation_s": PROPAGATION.as_secs_f64(),
         "gop_s": f64::from(GOP) / f64::from(FPS),
-        "drain_time_s": drain_time.map(|d| secs(d)),
+        "drain_time_s": drain_time.map(secs),
         "model_s": model,
+        "model_with_initial_burst_s": model_burst,
         "final_phase": final_phase.label(),
         "marks_s": marks.iter().map(|(n, d)| (n.to_string(), json!(d.map(secs)))).collect::<serde_json::Map<_, _>>(),
         "signals": { "go_away": signals(SignalKind::GoAway), "reconnect_request": signals(SignalKind::ReconnectRequest) },
@@ -828,9 +1016,12 @@ async fn drain100(opts: &Opts) -> Result<Json> {
 // Scenario 3: relay throughput, ingest-pod against nginx-rtmp push.
 
 /// An nginx with the RTMP module and a configuration of ours; stopped on drop.
+/// (The lab's [`Origin`] records everything; these need `push` and no recording.)
 struct Nginx {
     child: Child,
     addr: SocketAddr,
+    /// HTTP address serving `rtmp_stat` (byte counters of the RTMP server).
+    stat: SocketAddr,
 }
 
 impl Nginx {
@@ -841,8 +1032,12 @@ impl Nginx {
             .into_iter()
             .find(|p| Path::new(p).exists())
             .ok_or_else(|| anyhow!("nginx is not installed; run .ci/setup"))?;
+        if !Path::new(RTMP_MODULE).exists() {
+            bail!("{RTMP_MODULE} is missing; run .ci/setup");
+        }
         std::fs::create_dir_all(dir.join("tmp"))?;
         let addr = origin::free_port("127.0.0.1")?;
+        let stat = origin::free_port("127.0.0.1")?;
         let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
         let conf = format!(
             r#"load_module {RTMP_MODULE};
@@ -852,6 +1047,13 @@ worker_processes 1;
 {user}pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    server {{
+        listen {stat};
+        location /stat {{ rtmp_stat all; }}
+    }}
+}}
 rtmp {{
     access_log off;
     server {{
@@ -879,16 +1081,27 @@ rtmp {{
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let nginx = Self { child, addr };
+        let nginx = Self { child, addr, stat };
         wait_listening(addr, &dir.join("error.log"))?;
         Ok(nginx)
     }
 
-    /// Master and workers.
-    fn pids(&self) -> Vec<u32> {
-        let mut pids = vec![self.child.id()];
-        pids.extend(children_of(self.child.id()));
-        pids
+    /// Bytes the RTMP server has received and sent, from `rtmp_stat`.
+    async fn bytes(&self) -> Result<(u64, u64)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(self.stat).await?;
+        tcp.write_all(b"GET /stat HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+        let mut body = String::new();
+        tokio::time::timeout(STEP, tcp.read_to_string(&mut body))
+            .await
+            .context("rtmp_stat")??;
+        let field = |name: &str| -> Result<u64> {
+            let open = format!("<{name}>");
+            let start = body.find(&open).ok_or_else(|| anyhow!("no <{name}> in rtmp_stat"))? + open.len();
+            let end = body[start..].find('<').ok_or_else(|| anyhow!("bad rtmp_stat"))?;
+            Ok(body[start..start + end].trim().parse()?)
+        };
+        Ok((field("bytes_in")?, field("bytes_out")?))
     }
 }
 
@@ -896,7 +1109,10 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM: fast shutdown of master and workers; then make sure.
         let workers = children_of(self.child.id());
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(3) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -921,14 +1137,22 @@ struct PodProcess {
 }
 
 impl PodProcess {
-    fn start(dir: &Path, upstream: &str) -> Result<Self> {
+    fn start(dir: &Path, upstream: &str, extra: &[String]) -> Result<Self> {
         // Cargo builds the package's binaries (with the bench profile, i.e. release) for its benches.
         let bin = env!("CARGO_BIN_EXE_ingest-pod");
         let addr = origin::free_port("127.0.0.1")?;
         let log = dir.join("ingest-pod.log");
         let child = Command::new(bin)
-            .args(["--rtmp-listen", &addr.to_string(), "--http-listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+            .args([
+                "--rtmp-listen",
+                &addr.to_string(),
+                "--http-listen",
+                "127.0.0.1:0",
+                "--control-listen",
+                "127.0.0.1:0",
+            ])
             .args(["--upstream", upstream, "--pod-name", "bench"])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -967,7 +1191,9 @@ fn stat_fields(pid: u32) -> Option<Vec<u64>> {
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&p| stat_fields(p).and_then(|f| f.get(1).copied()) == Some(u64::from(pid)))
@@ -982,19 +1208,12 @@ fn status_kb(pid: u32, field: &str, file: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn io_field(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-}
-
-/// CPU, memory and I/O of a set of processes at one moment.
+/// CPU and memory of a set of processes at one moment.
 #[derive(Debug, Clone, Copy, Default)]
 struct ProcSample {
     cpu_ticks: u64,
     rss_kb: u64,
     pss_kb: u64,
-    rchar: u64,
-    wchar: u64,
 }
 
 fn sample(pids: &[u32]) -> ProcSample {
@@ -1006,8 +1225,6 @@ fn sample(pids: &[u32]) -> ProcSample {
         }
         s.rss_kb += status_kb(pid, "VmRSS:", "status");
         s.pss_kb += status_kb(pid, "Pss:", "smaps_rollup");
-        s.rchar += io_field(pid, "rchar:");
-        s.wchar += io_field(pid, "wchar:");
     }
     s
 }
@@ -1044,12 +1261,10 @@ struct Throughput {
     publishers: usize,
     window_s: f64,
     cpu_s: f64,
-    /// Bytes the origin read in the window (what was relayed, with RTMP framing).
+    /// Bytes the origin received in the window (what was relayed, with RTMP framing).
     relayed_mb: f64,
     /// Audio/video payload the publishers wrote in the window.
     published_mb: f64,
-    relay_in_mb: f64,
-    relay_out_mb: f64,
     rss_base_mb: f64,
     rss_mean_mb: f64,
     rss_max_mb: f64,
@@ -1062,7 +1277,11 @@ struct Throughput {
 
 impl Throughput {
     fn cpu_per_mb(&self) -> f64 {
-        if self.relayed_mb > 0.0 { self.cpu_s / self.relayed_mb } else { f64::NAN }
+        if self.relayed_mb > 0.0 {
+            self.cpu_s / self.relayed_mb
+        } else {
+            f64::NAN
+        }
     }
 
     fn rss_per_publisher_kb(&self) -> f64 {
@@ -1082,8 +1301,6 @@ impl Throughput {
             "cpu_util_percent": round3(100.0 * self.cpu_s / self.window_s),
             "relayed_mb": round3(self.relayed_mb),
             "published_mb": round3(self.published_mb),
-            "relay_read_mb": round3(self.relay_in_mb),
-            "relay_written_mb": round3(self.relay_out_mb),
             "cpu_s_per_relayed_mb": round3(self.cpu_per_mb() * 1000.0) / 1000.0,
             "rss_baseline_mb": round3(self.rss_base_mb),
             "rss_mean_mb": round3(self.rss_mean_mb),
@@ -1103,7 +1320,11 @@ fn round3(x: f64) -> f64 {
 }
 
 async fn throughput(opts: &Opts) -> Result<Json> {
-    let warmup = if opts.quick { Duration::from_secs(3) } else { Duration::from_secs(5) };
+    let warmup = if opts.quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(5)
+    };
     let hz = clock_ticks();
     println!(
         "publishers: 2.5 Mbit/s video + 128 kbit/s audio, 30 fps, GOP 30, in this process; relay: one ingest-pod process \
@@ -1114,7 +1335,9 @@ async fn throughput(opts: &Opts) -> Result<Json> {
     let mut rows = Vec::new();
     for &n in &opts.publishers {
         for side in [Side::IngestPod, Side::NginxPush] {
-            let row = measure(side, n, warmup, opts.window, hz).await.with_context(|| format!("{} with {n} publishers", side.label()))?;
+            let row = measure(opts, side, n, warmup, hz)
+                .await
+                .with_context(|| format!("{} with {n} publishers", side.label()))?;
             println!(
                 "  {:<16} {:>3} publishers: {:.2} CPU s in {:.0} s, {:.1} MB relayed → {:.4} CPU s/MB; RSS {:.1} MB ({:.0} kB/publisher over idle {:.1} MB)",
                 side.label(),
@@ -1133,7 +1356,19 @@ async fn throughput(opts: &Opts) -> Result<Json> {
 
     println!(
         "\n{:<16} {:>4} {:>8} {:>7} {:>9} {:>9} {:>11} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6}",
-        "relay", "pubs", "CPU s", "CPU %", "relay MB", "pub MB", "CPU s/MB", "RSS MB", "PSS MB", "kB/pub+", "kB/pub", "lag ms", "errors"
+        "relay",
+        "pubs",
+        "CPU s",
+        "CPU %",
+        "relay MB",
+        "pub MB",
+        "CPU s/MB",
+        "RSS MB",
+        "PSS MB",
+        "kB/pub+",
+        "kB/pub",
+        "lag ms",
+        "errors"
     );
     for r in &rows {
         println!(
@@ -1153,12 +1388,16 @@ async fn throughput(opts: &Opts) -> Result<Json> {
             r.publisher_errors + r.unplanned_reconnects as usize
         );
     }
-    println!("(kB/pub+: RSS above the idle process per publisher; kB/pub: whole RSS per publisher; lag: worst frame delay at the publishers)");
+    println!(
+        "(kB/pub+: RSS above the idle process per publisher; kB/pub: whole RSS per publisher; lag: worst frame delay at the publishers)"
+    );
     let mut ratios = Vec::new();
     println!("\ningest-pod ÷ nginx-rtmp (target: CPU per MB ≤ 0.5, memory per publisher ≤ 1.0):");
     for &n in &opts.publishers {
         let find = |s: Side| rows.iter().find(|r| r.side == s && r.publishers == n);
-        let (Some(i), Some(x)) = (find(Side::IngestPod), find(Side::NginxPush)) else { continue };
+        let (Some(i), Some(x)) = (find(Side::IngestPod), find(Side::NginxPush)) else {
+            continue;
+        };
         let cpu = i.cpu_per_mb() / x.cpu_per_mb();
         let mem = i.rss_per_publisher_kb() / x.rss_per_publisher_kb();
         let mem_total = i.total_rss_per_publisher_kb() / x.total_rss_per_publisher_kb();
@@ -1185,13 +1424,24 @@ async fn throughput(opts: &Opts) -> Result<Json> {
 }
 
 /// Runs `n` publishers through one relay for warm-up + window and samples it.
-async fn measure(side: Side, n: usize, warmup: Duration, window: Duration, hz: f64) -> Result<Throughput> {
+async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -> Result<Throughput> {
+    let window = opts.window;
     let dir = tempfile::tempdir()?;
     let sink = Nginx::start(&dir.path().join("origin"), "")?;
     let upstream = format!("rtmp://{}/live", sink.addr);
     let (pod, nginx) = match side {
-        Side::IngestPod => (Some(PodProcess::start(dir.path(), &format!("{upstream}/{{stream}}"))?), None),
-        Side::NginxPush => (None, Some(Nginx::start(&dir.path().join("relay"), &format!("push {upstream};"))?)),
+        Side::IngestPod => (
+            Some(PodProcess::start(
+                dir.path(),
+                &format!("{upstream}/{{stream}}"),
+                &opts.pod_args,
+            )?),
+            None,
+        ),
+        Side::NginxPush => (
+            None,
+            Some(Nginx::start(&dir.path().join("relay"), &format!("push {upstream};"))?),
+        ),
     };
     let (addr, pids): (SocketAddr, Box<dyn Fn() -> Vec<u32>>) = match (&pod, &nginx) {
         (Some(p), _) => {
@@ -1200,11 +1450,14 @@ async fn measure(side: Side, n: usize, warmup: Duration, window: Duration, hz: f
         }
         (_, Some(x)) => {
             let master = x.child.id();
-            (x.addr, Box::new(move || {
-                let mut v = vec![master];
-                v.extend(children_of(master));
-                v
-            }))
+            (
+                x.addr,
+                Box::new(move || {
+                    let mut v = vec![master];
+                    v.extend(children_of(master));
+                    v
+                }),
+            )
         }
         _ => bail!("no relay"),
     };
@@ -1225,10 +1478,13 @@ async fn measure(side: Side, n: usize, warmup: Duration, window: Duration, hz: f
         publishers.push(spawn_publisher(cfg, &stop)?);
         tokio::time::sleep(stagger).await;
     }
-    until("every publisher streaming", Duration::from_secs(30), || publishers.iter().all(|p| p.progress.borrow().frames > 0)).await?;
+    until("every publisher streaming", Duration::from_secs(30), || {
+        publishers.iter().all(|p| p.progress.borrow().frames > 0)
+    })
+    .await?;
     tokio::time::sleep(warmup).await;
-    let sink_pids = sink.pids();
-    let (s0, k0, w0, t0) = (sample(&pids()), sample(&sink_pids), unix_ms(), Instant::now());
+    let (k0, _) = sink.bytes().await?;
+    let (s0, w0, t0) = (sample(&pids()), unix_ms(), Instant::now());
     let mut rss = Vec::new();
     let mut pss = Vec::new();
     while t0.elapsed() < window {
@@ -1237,7 +1493,8 @@ async fn measure(side: Side, n: usize, warmup: Duration, window: Duration, hz: f
         rss.push(s.rss_kb as f64 / 1024.0);
         pss.push(s.pss_kb as f64 / 1024.0);
     }
-    let (s1, k1, w1, elapsed) = (sample(&pids()), sample(&sink_pids), unix_ms(), t0.elapsed());
+    let (s1, w1, elapsed) = (sample(&pids()), unix_ms(), t0.elapsed());
+    let (k1, _) = sink.bytes().await?;
     stop.cancel();
     let mut reports = Vec::with_capacity(n);
     let mut errors = 0;
@@ -1256,14 +1513,24 @@ async fn measure(side: Side, n: usize, warmup: Duration, window: Duration, hz: f
     drop((pod, nginx, sink));
     let mb = |b: u64| b as f64 / 1e6;
     let in_window = |f: &&SentFrame| f.sent_at_ms >= w0 && f.sent_at_ms < w1;
-    let published: u64 = reports.iter().flat_map(|r| r.sent.iter().filter(in_window)).map(|f| f.size as u64).sum();
+    let published: u64 = reports
+        .iter()
+        .flat_map(|r| r.sent.iter().filter(in_window))
+        .map(|f| f.size as u64)
+        .sum();
     // Lag: how far behind its schedule a frame went out, relative to the stream's best.
     let max_lag = reports
         .iter()
         .filter_map(|r| {
             let skew: Vec<i64> = r.sent.iter().map(|f| f.sent_at_ms as i64 - f.pts as i64).collect();
             let best = *skew.iter().min()?;
-            let worst = r.sent.iter().zip(&skew).filter(|(f, _)| in_window(f)).map(|(_, s)| *s).max()?;
+            let worst = r
+                .sent
+                .iter()
+                .zip(&skew)
+                .filter(|(f, _)| in_window(f))
+                .map(|(_, s)| *s)
+                .max()?;
             Some((worst - best) as f64)
         })
         .fold(0.0, f64::max);
@@ -1272,10 +1539,8 @@ async fn measure(side: Side, n: usize, warmup: Duration, window: Duration, hz: f
         publishers: n,
         window_s: round3(elapsed.as_secs_f64()),
         cpu_s: (s1.cpu_ticks - s0.cpu_ticks) as f64 / hz,
-        relayed_mb: mb(k1.rchar.saturating_sub(k0.rchar)),
+        relayed_mb: mb(k1.saturating_sub(k0)),
         published_mb: mb(published),
-        relay_in_mb: mb(s1.rchar.saturating_sub(s0.rchar)),
-        relay_out_mb: mb(s1.wchar.saturating_sub(s0.wchar)),
         rss_base_mb: base.rss_kb as f64 / 1024.0,
         rss_mean_mb: rss.iter().sum::<f64>() / rss.len().max(1) as f64,
         rss_max_mb: rss.iter().copied().fold(0.0, f64::max),

@@ -21,7 +21,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => (&s[..i], &s[i..]),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 25s, 2m)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 25s, 2m)"))?;
     let factor = match unit {
         "ms" => 0.001,
         "s" => 1.0,
@@ -38,7 +40,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[command(name = "ingest-operator", version)]
 pub struct Args {
     /// Label selector of ingest pods (what node drains and the eviction gate act on).
-    #[arg(long, env = "OPERATOR_INGEST_SELECTOR", default_value = "app.kubernetes.io/component=ingest")]
+    #[arg(
+        long,
+        env = "OPERATOR_INGEST_SELECTOR",
+        default_value = "app.kubernetes.io/component=ingest"
+    )]
     pub ingest_selector: String,
 
     /// Namespaces with ingest pods (comma separated); empty: all namespaces.
@@ -50,7 +56,11 @@ pub struct Args {
     pub control_port: u16,
 
     /// File with the bearer token of the ingest pods' control API.
-    #[arg(long, env = "OPERATOR_CONTROL_TOKEN_FILE", default_value = "/var/run/secrets/ingest-control/token")]
+    #[arg(
+        long,
+        env = "OPERATOR_CONTROL_TOKEN_FILE",
+        default_value = "/var/run/secrets/ingest-control/token"
+    )]
     pub control_token_file: PathBuf,
 
     /// Address of /healthz, /readyz and /metrics.

@@ -138,7 +138,10 @@ pub enum DrainPhase {
 
 impl DrainPhase {
     pub fn is_terminal(self) -> bool {
-        matches!(self, DrainPhase::Drained | DrainPhase::TimedOut | DrainPhase::Cancelled | DrainPhase::Failed)
+        matches!(
+            self,
+            DrainPhase::Drained | DrainPhase::TimedOut | DrainPhase::Cancelled | DrainPhase::Failed
+        )
     }
 }
 
@@ -167,12 +170,18 @@ pub enum PodState {
 impl PodState {
     /// The pod needs nothing more from the drain.
     pub fn is_done(self) -> bool {
-        matches!(self, PodState::Drained | PodState::TimedOut | PodState::Evicted | PodState::Gone | PodState::Cancelled)
+        matches!(
+            self,
+            PodState::Drained | PodState::TimedOut | PodState::Evicted | PodState::Gone | PodState::Cancelled
+        )
     }
 
     /// The pod may be evicted.
     pub fn releases_pod(self) -> bool {
-        matches!(self, PodState::Drained | PodState::TimedOut | PodState::Evicted | PodState::Gone)
+        matches!(
+            self,
+            PodState::Drained | PodState::TimedOut | PodState::Evicted | PodState::Gone
+        )
     }
 }
 

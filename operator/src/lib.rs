@@ -2,7 +2,13 @@
 //! resources into lossless drains of RTMP ingest pods over their control API.
 
 pub mod config;
+pub mod controller;
 pub mod crd;
+pub mod leader;
+pub mod nodes;
 pub mod pods;
+pub mod run;
 pub mod state;
+pub mod telemetry;
+pub mod webhook;
 pub mod yaml;

@@ -14,7 +14,10 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("cannot reach {addr}: {source}")]
-    Connect { addr: String, source: tonic::transport::Error },
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
     #[error("{addr} answered {status}")]
     Call { addr: String, status: Box<tonic::Status> },
     #[error("the control token is not valid in a header")]
@@ -31,14 +34,28 @@ pub struct PodClient {
 impl PodClient {
     /// Connects to `ip:port`.
     pub async fn connect(ip: &str, port: u16, token: &str) -> Result<Self, Error> {
-        let addr = if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") };
+        let addr = if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        };
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| Error::Connect { addr: addr.clone(), source })?
+            .map_err(|source| Error::Connect {
+                addr: addr.clone(),
+                source,
+            })?
             .connect_timeout(CALL_TIMEOUT)
             .timeout(CALL_TIMEOUT);
-        let channel = endpoint.connect().await.map_err(|source| Error::Connect { addr: addr.clone(), source })?;
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
         let token = format!("Bearer {token}").parse().map_err(|_| Error::BadToken)?;
-        Ok(Self { addr, token, inner: IngestControlClient::new(channel) })
+        Ok(Self {
+            addr,
+            token,
+            inner: IngestControlClient::new(channel),
+        })
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -48,21 +65,38 @@ impl PodClient {
     }
 
     fn err(&self, status: tonic::Status) -> Error {
-        Error::Call { addr: self.addr.clone(), status: Box::new(status) }
+        Error::Call {
+            addr: self.addr.clone(),
+            status: Box::new(status),
+        }
     }
 
     pub async fn start_drain(&mut self, req: StartDrainRequest) -> Result<StartDrainResponse, Error> {
         let r = self.request(req);
-        self.inner.start_drain(r).await.map(tonic::Response::into_inner).map_err(|s| self.err(s))
+        self.inner
+            .start_drain(r)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.err(s))
     }
 
     pub async fn status(&mut self) -> Result<PodStatus, Error> {
         let r = self.request(GetStatusRequest::default());
-        self.inner.get_status(r).await.map(tonic::Response::into_inner).map_err(|s| self.err(s))
+        self.inner
+            .get_status(r)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.err(s))
     }
 
     pub async fn cancel_drain(&mut self, drain_id: &str) -> Result<bool, Error> {
-        let r = self.request(CancelDrainRequest { drain_id: drain_id.to_owned() });
-        self.inner.cancel_drain(r).await.map(|r| r.into_inner().cancelled).map_err(|s| self.err(s))
+        let r = self.request(CancelDrainRequest {
+            drain_id: drain_id.to_owned(),
+        });
+        self.inner
+            .cancel_drain(r)
+            .await
+            .map(|r| r.into_inner().cancelled)
+            .map_err(|s| self.err(s))
     }
 }

@@ -17,18 +17,28 @@ use crate::crd::{
 pub fn parse_selector(s: &str) -> Result<LabelSelector, String> {
     let mut labels = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("{part:?} is not key=value"))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
         labels.insert(k.trim().to_owned(), v.trim().to_owned());
     }
     if labels.is_empty() {
         return Err("the ingest selector is empty".into());
     }
-    Ok(LabelSelector { match_labels: Some(labels), match_expressions: None })
+    Ok(LabelSelector {
+        match_labels: Some(labels),
+        match_expressions: None,
+    })
 }
 
 /// Renders a selector for list calls (`k=v,k2 in (a,b)`).
 pub fn selector_string(sel: &LabelSelector) -> String {
-    let mut parts: Vec<String> = sel.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut parts: Vec<String> = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     for e in sel.match_expressions.iter().flatten() {
         let values = e.values.clone().unwrap_or_default().join(",");
         parts.push(match e.operator.as_str() {
@@ -70,7 +80,10 @@ pub fn pod_selected(spec: &IngestDrainSpec, pod: &Pod) -> bool {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     selector_matches(&spec.selector, pod.labels())
         && spec.node_name.as_deref().is_none_or(|n| node == Some(n))
-        && spec.pod_names.as_ref().is_none_or(|names| names.iter().any(|n| *n == pod.name_any()))
+        && spec
+            .pod_names
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| *n == pod.name_any()))
 }
 
 /// The pods a new drain takes, frozen in its status: pods that appear
@@ -140,7 +153,10 @@ pub fn totals(rows: &[PodDrainStatus]) -> Totals {
 /// The drain's phase from its rows.
 pub fn overall_phase(rows: &[PodDrainStatus], past_deadline: bool) -> DrainPhase {
     if rows.iter().all(|r| r.state.is_done()) {
-        if rows.iter().all(|r| matches!(r.state, PodState::Drained | PodState::Evicted | PodState::Gone)) {
+        if rows
+            .iter()
+            .all(|r| matches!(r.state, PodState::Drained | PodState::Evicted | PodState::Gone))
+        {
             return DrainPhase::Drained;
         }
         return DrainPhase::TimedOut;
@@ -148,13 +164,17 @@ pub fn overall_phase(rows: &[PodDrainStatus], past_deadline: bool) -> DrainPhase
     if past_deadline {
         return DrainPhase::TimedOut;
     }
-    if rows.iter().all(|r| r.state == PodState::Pending) { DrainPhase::Pending } else { DrainPhase::Draining }
+    if rows.iter().all(|r| r.state == PodState::Pending) {
+        DrainPhase::Pending
+    } else {
+        DrainPhase::Draining
+    }
 }
 
 /// Why a node is being emptied, if it is: cordoned, or a removal taint.
 pub fn node_signal(node: &Node, taints: &[String]) -> Option<String> {
     let spec = node.spec.as_ref()?;
-    if let Some(t) = spec.taints.iter().flatten().find(|t| taints.iter().any(|k| *k == t.key)) {
+    if let Some(t) = spec.taints.iter().flatten().find(|t| taints.contains(&t.key)) {
         return Some(format!("taint {}", t.key));
     }
     spec.unschedulable.unwrap_or(false).then(|| "cordoned".to_owned())
@@ -167,8 +187,17 @@ pub fn render_redirect(template: &str, pod: &Pod) -> String {
         .replace("{pod}", &pod.name_any())
         .replace("{namespace}", &pod.namespace().unwrap_or_default())
         .replace("{podIP}", status.and_then(|s| s.pod_ip.as_deref()).unwrap_or_default())
-        .replace("{nodeIP}", status.and_then(|s| s.host_ip.as_deref()).unwrap_or_default())
-        .replace("{node}", pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default())
+        .replace(
+            "{nodeIP}",
+            status.and_then(|s| s.host_ip.as_deref()).unwrap_or_default(),
+        )
+        .replace(
+            "{node}",
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .unwrap_or_default(),
+        )
 }
 
 /// True if the pod is Ready.
@@ -192,7 +221,9 @@ pub enum Verdict {
 
 /// The eviction gate's decision for `pod` given the drains of its namespace.
 pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[IngestDrain]) -> Verdict {
-    let Some(pod) = pod else { return Verdict::Allow("pod not found".into()) };
+    let Some(pod) = pod else {
+        return Verdict::Allow("pod not found".into());
+    };
     if !selector_matches(ingest, pod.labels()) {
         return Verdict::Allow("not an ingest pod".into());
     }
@@ -206,7 +237,11 @@ pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[Ing
             if status.phase == DrainPhase::Cancelled {
                 return None;
             }
-            let row = status.pods.iter().find(|r| r.name == name && (r.uid.is_empty() || r.uid == uid)).cloned();
+            let row = status
+                .pods
+                .iter()
+                .find(|r| r.name == name && (r.uid.is_empty() || r.uid == uid))
+                .cloned();
             match row {
                 Some(r) => Some((d, status, Some(r))),
                 // A drain that has not listed its pods yet but will take this one.
@@ -217,7 +252,9 @@ pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[Ing
         .collect::<Vec<_>>();
     covering.sort_by_key(|(_, s, _)| s.phase.is_terminal());
     let Some((drain, status, row)) = covering.into_iter().next() else {
-        return Verdict::StartAndHold(format!("pod {name} has live publishers: starting its drain; retry shortly"));
+        return Verdict::StartAndHold(format!(
+            "pod {name} has live publishers: starting its drain; retry shortly"
+        ));
     };
     match row {
         Some(r) if r.state.releases_pod() => Verdict::Allow(format!("pod {name} is {:?}", r.state)),
@@ -229,7 +266,10 @@ pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[Ing
             r.signalled,
             r.migrated
         )),
-        None => Verdict::Hold(format!("pod {name} is about to drain (IngestDrain {})", drain.name_any())),
+        None => Verdict::Hold(format!(
+            "pod {name} is about to drain (IngestDrain {})",
+            drain.name_any()
+        )),
     }
 }
 
@@ -242,7 +282,11 @@ pub fn conditions(
     old: &IngestDrainStatus,
 ) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-    let unreachable: Vec<&str> = rows.iter().filter(|r| r.state == PodState::Unreachable).map(|r| r.name.as_str()).collect();
+    let unreachable: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.state == PodState::Unreachable)
+        .map(|r| r.name.as_str())
+        .collect();
     let make = |type_: &str, ok: bool, reason: &str, message: String| {
         let status = if ok { "True" } else { "False" }.to_owned();
         // Keep the transition time while the status stays the same.
@@ -262,20 +306,41 @@ pub fn conditions(
     };
     let (ok, reason, message) = match phase {
         DrainPhase::Drained => (true, "AllPodsDrained", format!("{} pods drained", rows.len())),
-        DrainPhase::TimedOut => (true, "DeadlinePassed", "the deadline passed; the pods may go".to_owned()),
+        DrainPhase::TimedOut => (
+            true,
+            "DeadlinePassed",
+            "the deadline passed; the pods may go".to_owned(),
+        ),
         DrainPhase::Cancelled => (false, "Cancelled", "the drain was cancelled".to_owned()),
         DrainPhase::Failed => (false, "Failed", "the drain cannot proceed".to_owned()),
         DrainPhase::Pending | DrainPhase::Draining => {
             let t = totals(rows);
-            (false, "Draining", format!("{} of {} pods drained, {} publishers remain", t.drained_pods, t.pods, t.remaining_publishers))
+            (
+                false,
+                "Draining",
+                format!(
+                    "{} of {} pods drained, {} publishers remain",
+                    t.drained_pods, t.pods, t.remaining_publishers
+                ),
+            )
         }
     };
     vec![
         make("Complete", ok, reason, message),
         if unreachable.is_empty() {
-            make("PodsReachable", true, "AllReachable", "every pod's control API answers".into())
+            make(
+                "PodsReachable",
+                true,
+                "AllReachable",
+                "every pod's control API answers".into(),
+            )
         } else {
-            make("PodsReachable", false, "Unreachable", format!("no answer from {}", unreachable.join(", ")))
+            make(
+                "PodsReachable",
+                false,
+                "Unreachable",
+                format!("no answer from {}", unreachable.join(", ")),
+            )
         },
     ]
 }
@@ -297,7 +362,10 @@ mod tests {
                 labels: Some(labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()),
                 ..ObjectMeta::default()
             },
-            spec: Some(PodSpec { node_name: Some(node.into()), ..PodSpec::default() }),
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                ..PodSpec::default()
+            }),
             status: None,
         }
     }
@@ -327,16 +395,29 @@ mod tests {
         let labels: BTreeMap<String, String> = [("app".into(), "ingest".into()), ("tier".into(), "a".into())].into();
         assert!(selector_matches(&parse_selector("app=ingest").unwrap(), &labels));
         assert!(!selector_matches(&parse_selector("app=other").unwrap(), &labels));
-        assert!(!selector_matches(&LabelSelector::default(), &labels), "empty selects nothing");
+        assert!(
+            !selector_matches(&LabelSelector::default(), &labels),
+            "empty selects nothing"
+        );
         let expr = |op: &str, values: Option<Vec<String>>| LabelSelector {
             match_labels: None,
-            match_expressions: Some(vec![LabelSelectorRequirement { key: "tier".into(), operator: op.into(), values }]),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: op.into(),
+                values,
+            }]),
         };
-        assert!(selector_matches(&expr("In", Some(vec!["a".into(), "b".into()])), &labels));
+        assert!(selector_matches(
+            &expr("In", Some(vec!["a".into(), "b".into()])),
+            &labels
+        ));
         assert!(!selector_matches(&expr("NotIn", Some(vec!["a".into()])), &labels));
         assert!(selector_matches(&expr("Exists", None), &labels));
         assert!(!selector_matches(&expr("DoesNotExist", None), &labels));
-        assert_eq!(selector_string(&expr("In", Some(vec!["a".into(), "b".into()]))), "tier in (a,b)");
+        assert_eq!(
+            selector_string(&expr("In", Some(vec!["a".into(), "b".into()]))),
+            "tier in (a,b)"
+        );
         assert!(parse_selector("").is_err());
         assert!(parse_selector("novalue").is_err());
     }
@@ -352,7 +433,10 @@ mod tests {
         assert_eq!(initial_rows(&s, &pods).len(), 2);
         s.node_name = Some("node-a".into());
         let rows = initial_rows(&s, &pods);
-        assert_eq!((rows.len(), rows[0].name.as_str(), rows[0].uid.as_str()), (1, "i-1", "uid-i-1"));
+        assert_eq!(
+            (rows.len(), rows[0].name.as_str(), rows[0].uid.as_str()),
+            (1, "i-1", "uid-i-1")
+        );
         s.node_name = None;
         s.pod_names = Some(vec!["i-2".into()]);
         assert_eq!(initial_rows(&s, &pods)[0].name, "i-2");
@@ -361,21 +445,63 @@ mod tests {
     #[test]
     fn pod_rows_and_phase_from_control_status() {
         use ingest_proto::v1::{ConnectionCounts, Drain};
-        let row = PodDrainStatus { name: "p".into(), ..PodDrainStatus::default() };
+        let row = PodDrainStatus {
+            name: "p".into(),
+            ..PodDrainStatus::default()
+        };
         let mut st = PodStatus {
-            counts: Some(ConnectionCounts { total: 3, go_away: 1, reconnect_request: 1, incapable: 1, publishing: 3 }),
-            drain: Some(Drain { id: "d".into(), phase: PodPhase::Signalling.into(), signalled: 2, migrated: 1, ..Drain::default() }),
+            counts: Some(ConnectionCounts {
+                total: 3,
+                go_away: 1,
+                reconnect_request: 1,
+                incapable: 1,
+                publishing: 3,
+            }),
+            drain: Some(Drain {
+                id: "d".into(),
+                phase: PodPhase::Signalling.into(),
+                signalled: 2,
+                migrated: 1,
+                ..Drain::default()
+            }),
             ..PodStatus::default()
         };
         let r = row_from_status(&row, &st, "d", now());
-        assert_eq!((r.state, r.remaining, r.signalled, r.migrated, r.connections.incapable), (PodState::Draining, 3, 2, 1, 1));
+        assert_eq!(
+            (r.state, r.remaining, r.signalled, r.migrated, r.connections.incapable),
+            (PodState::Draining, 3, 2, 1, 1)
+        );
         assert_eq!(overall_phase(std::slice::from_ref(&r), false), DrainPhase::Draining);
         assert_eq!(overall_phase(std::slice::from_ref(&r), true), DrainPhase::TimedOut);
         st.drain.as_mut().unwrap().phase = PodPhase::Drained.into();
         let done = row_from_status(&row, &st, "d", now());
         assert_eq!(done.state, PodState::Drained);
-        assert_eq!(overall_phase(&[done.clone(), PodDrainStatus { state: PodState::Gone, ..done.clone() }], false), DrainPhase::Drained);
-        assert_eq!(overall_phase(&[done.clone(), PodDrainStatus { state: PodState::TimedOut, ..done }], false), DrainPhase::TimedOut);
+        assert_eq!(
+            overall_phase(
+                &[
+                    done.clone(),
+                    PodDrainStatus {
+                        state: PodState::Gone,
+                        ..done.clone()
+                    }
+                ],
+                false
+            ),
+            DrainPhase::Drained
+        );
+        assert_eq!(
+            overall_phase(
+                &[
+                    done.clone(),
+                    PodDrainStatus {
+                        state: PodState::TimedOut,
+                        ..done
+                    }
+                ],
+                false
+            ),
+            DrainPhase::TimedOut
+        );
         // Another drain id on the pod is not ours.
         let other = row_from_status(&row, &st, "mine", now());
         assert_eq!(other.state, PodState::Pending);
@@ -385,24 +511,51 @@ mod tests {
 
     #[test]
     fn node_signals() {
-        let taints = vec!["ToBeDeletedByClusterAutoscaler".to_owned(), "karpenter.sh/disrupted".to_owned()];
-        let mut node = Node { spec: Some(NodeSpec::default()), ..Node::default() };
+        let taints = vec![
+            "ToBeDeletedByClusterAutoscaler".to_owned(),
+            "karpenter.sh/disrupted".to_owned(),
+        ];
+        let mut node = Node {
+            spec: Some(NodeSpec::default()),
+            ..Node::default()
+        };
         assert_eq!(node_signal(&node, &taints), None);
         node.spec.as_mut().unwrap().unschedulable = Some(true);
         assert_eq!(node_signal(&node, &taints).as_deref(), Some("cordoned"));
         node.spec.as_mut().unwrap().unschedulable = Some(false);
-        node.spec.as_mut().unwrap().taints = Some(vec![Taint { key: "karpenter.sh/disrupted".into(), effect: "NoSchedule".into(), ..Taint::default() }]);
-        assert_eq!(node_signal(&node, &taints).as_deref(), Some("taint karpenter.sh/disrupted"));
-        node.spec.as_mut().unwrap().taints = Some(vec![Taint { key: "other".into(), effect: "NoSchedule".into(), ..Taint::default() }]);
+        node.spec.as_mut().unwrap().taints = Some(vec![Taint {
+            key: "karpenter.sh/disrupted".into(),
+            effect: "NoSchedule".into(),
+            ..Taint::default()
+        }]);
+        assert_eq!(
+            node_signal(&node, &taints).as_deref(),
+            Some("taint karpenter.sh/disrupted")
+        );
+        node.spec.as_mut().unwrap().taints = Some(vec![Taint {
+            key: "other".into(),
+            effect: "NoSchedule".into(),
+            ..Taint::default()
+        }]);
         assert_eq!(node_signal(&node, &taints), None);
     }
 
     #[test]
     fn redirect_templates() {
         let mut p = pod("ingest-7", "node-b", &[]);
-        p.status = Some(k8s_openapi::api::core::v1::PodStatus { pod_ip: Some("10.0.0.7".into()), host_ip: Some("192.0.2.2".into()), ..Default::default() });
-        assert_eq!(render_redirect("rtmp://{pod}.{namespace}.example/live", &p), "rtmp://ingest-7.ns.example/live");
-        assert_eq!(render_redirect("rtmp://{nodeIP}:1935/live?via={node}&ip={podIP}", &p), "rtmp://192.0.2.2:1935/live?via=node-b&ip=10.0.0.7");
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some("10.0.0.7".into()),
+            host_ip: Some("192.0.2.2".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            render_redirect("rtmp://{pod}.{namespace}.example/live", &p),
+            "rtmp://ingest-7.ns.example/live"
+        );
+        assert_eq!(
+            render_redirect("rtmp://{nodeIP}:1935/live?via={node}&ip={podIP}", &p),
+            "rtmp://192.0.2.2:1935/live?via=node-b&ip=10.0.0.7"
+        );
     }
 
     #[test]
@@ -412,12 +565,23 @@ mod tests {
         let web = pod("web", "node-a", &[("app", "web")]);
         assert!(matches!(eviction_verdict(None, &ingest, &[]), Verdict::Allow(_)));
         assert!(matches!(eviction_verdict(Some(&web), &ingest, &[]), Verdict::Allow(_)));
-        assert!(matches!(eviction_verdict(Some(&p), &ingest, &[]), Verdict::StartAndHold(_)));
+        assert!(matches!(
+            eviction_verdict(Some(&p), &ingest, &[]),
+            Verdict::StartAndHold(_)
+        ));
 
         let mut d = IngestDrain::new("node-node-a", spec("app=ingest"));
         d.status = Some(IngestDrainStatus {
             phase: DrainPhase::Draining,
-            pods: vec![PodDrainStatus { name: "i-1".into(), uid: "uid-i-1".into(), state: PodState::Draining, remaining: 4, signalled: 3, migrated: 1, ..Default::default() }],
+            pods: vec![PodDrainStatus {
+                name: "i-1".into(),
+                uid: "uid-i-1".into(),
+                state: PodState::Draining,
+                remaining: 4,
+                signalled: 3,
+                migrated: 1,
+                ..Default::default()
+            }],
             ..Default::default()
         });
         match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)) {
@@ -425,12 +589,21 @@ mod tests {
             other => panic!("{other:?}"),
         }
         d.status.as_mut().unwrap().pods[0].state = PodState::Drained;
-        assert!(matches!(eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)), Verdict::Allow(_)));
+        assert!(matches!(
+            eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)),
+            Verdict::Allow(_)
+        ));
         d.status.as_mut().unwrap().pods[0].state = PodState::Draining;
         d.status.as_mut().unwrap().phase = DrainPhase::TimedOut;
-        assert!(matches!(eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)), Verdict::Allow(_)));
+        assert!(matches!(
+            eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)),
+            Verdict::Allow(_)
+        ));
         // A cancelled drain does not cover the pod any more.
         d.spec.cancel = true;
-        assert!(matches!(eviction_verdict(Some(&p), &ingest, &[d]), Verdict::StartAndHold(_)));
+        assert!(matches!(
+            eviction_verdict(Some(&p), &ingest, &[d]),
+            Verdict::StartAndHold(_)
+        ));
     }
 }

@@ -81,6 +81,9 @@ mod tests {
     fn renders_nested_maps_and_lists() {
         let v = json!({"a": {"b": [1, {"c": "x: y", "d": []}, ["n"]], "e": {}}, "f g": true});
         let y = to_yaml(&v);
-        assert_eq!(y, "---\na:\n  b:\n    - 1\n    - c: \"x: y\"\n      d: []\n    - \n      - \"n\"\n  e: {}\n\"f g\": true\n");
+        assert_eq!(
+            y,
+            "---\na:\n  b:\n    - 1\n    - c: \"x: y\"\n      d: []\n    - \n      - \"n\"\n  e: {}\n\"f g\": true\n"
+        );
     }
 }

@@ -463,6 +463,16 @@ cmd_status() {
 		return 0
 	fi
 	echo "state: $STATE_DIR   logs: $LOG_DIR"
+	local blackholes locals
+	# Captured first: `ip ... | grep -q` fails under pipefail when grep exits early.
+	blackholes=$(ip route show type blackhole)
+	locals=$(ip route show table local type local)
+	if [[ $blackholes == *"$POD_CIDR"* && $blackholes == *"$NODE_CIDR"* && $locals == *"$SERVICE_CIDR"* ]] &&
+		nft list table inet "$NFT_GUARD_TABLE" >/dev/null 2>&1; then
+		echo "guards: routes for $POD_CIDR $NODE_CIDR $SERVICE_CIDR and nft forward guard in place"
+	else
+		echo "guards: INCOMPLETE (run 'cluster down', then 'cluster up')"
+	fi
 	for f in "$PID_DIR"/*.pid; do
 		[[ -f $f ]] || continue
 		name=$(basename "$f" .pid)

@@ -5,6 +5,12 @@
 //! who it is (SelfSubjectReview) and lists the pods of its own namespace
 //! (allowed only by the Role the test binds to it). Prints one line and
 //! exits 0, or the error and exits 1.
+//!
+//! `probe connect ADDR:PORT` instead tries one TCP connection (3 s) and exits
+//! 0 only if it was accepted: the guard test uses it to knock on a door that
+//! must stay shut.
+
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
@@ -16,6 +22,27 @@ const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/name
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => api().await,
+        [cmd, addr] if cmd == "connect" => connect(addr).await,
+        _ => anyhow::bail!("usage: probe [connect ADDR:PORT]"),
+    }
+}
+
+async fn connect(addr: &str) -> Result<()> {
+    let attempt = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr)).await;
+    match attempt {
+        Ok(Ok(_)) => {
+            println!("probe connect: {addr} accepted");
+            Ok(())
+        }
+        Ok(Err(err)) => anyhow::bail!("probe connect: {addr}: {err}"),
+        Err(_) => anyhow::bail!("probe connect: {addr}: no answer in 3s"),
+    }
+}
+
+async fn api() -> Result<()> {
     let config = Config::incluster_env().context("in-cluster config from KUBERNETES_SERVICE_HOST/PORT")?;
     let url = config.cluster_url.clone();
     let client = Client::try_from(config)?;

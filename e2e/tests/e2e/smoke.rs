@@ -1,7 +1,8 @@
 //! Smoke scenarios (issue 6): the cluster is real enough for the project's
 //! claims — a ServiceAccount reaches the API server through the `kubernetes`
-//! Service, and ingest pods behind a Service relay a real publisher to a real
-//! origin, then survive a real `kubectl drain`.
+//! Service, no pod packet can leave the machine, and ingest pods behind a
+//! Service relay a real publisher to a real origin, then survive a real
+//! `kubectl drain`.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddrV4;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use ingest_e2e::cluster::{HOST_IP, eventually};
+use ingest_e2e::cluster::{self, HOST_IP, eventually};
 use ingest_e2e::rtmp::{self, Origin};
 use ingest_e2e::{Cluster, Image, Scenario};
 
@@ -23,27 +24,17 @@ pub fn scenarios() -> Vec<Scenario> {
             "smoke_service_account_reaches_api_server",
             service_account_reaches_api_server,
         ),
+        Scenario::new("smoke_pods_cannot_leave_the_machine", pods_cannot_leave_the_machine),
         Scenario::new("smoke_ingest_publish_and_drain", ingest_publish_and_drain).timeout(Duration::from_secs(600)),
     ]
 }
 
 async fn service_account_reaches_api_server(c: Arc<Cluster>) -> Result<()> {
-    c.load_image(&Image::new(PROBE_IMAGE, env!("CARGO_BIN_EXE_probe")).strip_debug())
-        .await?;
+    c.load_image(&probe_image()).await?;
     let ns = c.namespace("smoke-sa").await?;
-    c.apply(&probe_manifests(&ns)).await?;
-    let phase = eventually("probe pod to finish", Duration::from_secs(120), || async {
-        let phase = c
-            .kubectl(&["-n", &ns, "get", "pod", "probe", "-o", "jsonpath={.status.phase}"])
-            .await?;
-        if phase == "Succeeded" || phase == "Failed" {
-            Ok(phase)
-        } else {
-            bail!("phase {phase:?}")
-        }
-    })
-    .await?;
-    let logs = c.kubectl(&["-n", &ns, "logs", "probe"]).await?;
+    c.apply(&probe_rbac(&ns)).await?;
+    c.apply(&probe_pod(&ns, "probe", "probe", &[])).await?;
+    let (phase, logs) = c.pod_outcome(&ns, "probe", Duration::from_secs(120)).await?;
     ensure!(phase == "Succeeded", "probe pod {phase}: {logs}");
     // The Service VIP (first Service IP), not the API server's own address.
     ensure!(
@@ -54,6 +45,61 @@ async fn service_account_reaches_api_server(c: Arc<Cluster>) -> Result<()> {
         logs.contains(&format!("user=system:serviceaccount:{ns}:probe ")),
         "probe was not its ServiceAccount: {logs}"
     );
+    Ok(())
+}
+
+/// An address outside every cluster range (TEST-NET-2). While this test runs
+/// it is routed into a bridge with no ports, so even if the guard failed the
+/// packet would die on this machine.
+const OUTSIDE: &str = "198.51.100.7";
+/// `lli-` prefix: `cluster down` removes it too if this test dies half way.
+const DEAD_END: &str = "lli-deadend";
+
+async fn pods_cannot_leave_the_machine(c: Arc<Cluster>) -> Result<()> {
+    c.load_image(&probe_image()).await?;
+    let _dead_end = DeadEnd::create()?;
+    let before = cluster::guard_dropped_packets()?;
+    let ns = c.namespace("smoke-guard").await?;
+    c.apply(&probe_pod(
+        &ns,
+        "knock",
+        "default",
+        &["connect", &format!("{OUTSIDE}:80")],
+    ))
+    .await?;
+    let (phase, logs) = c.pod_outcome(&ns, "knock", Duration::from_secs(120)).await?;
+    ensure!(phase == "Failed", "a pod reached {OUTSIDE}: {logs}");
+    let after = cluster::guard_dropped_packets()?;
+    ensure!(
+        after > before,
+        "the forward guard dropped nothing ({before} -> {after}): {logs}"
+    );
+    Ok(())
+}
+
+/// A route for [`OUTSIDE`] into a portless bridge, removed on drop.
+struct DeadEnd;
+
+impl DeadEnd {
+    fn create() -> Result<Self> {
+        let guard = Self;
+        ip(&["link", "add", DEAD_END, "type", "bridge"])?;
+        ip(&["link", "set", DEAD_END, "up"])?;
+        ip(&["route", "add", &format!("{OUTSIDE}/32"), "dev", DEAD_END])?;
+        Ok(guard)
+    }
+}
+
+impl Drop for DeadEnd {
+    fn drop(&mut self) {
+        // The route goes with the link.
+        let _ = ip(&["link", "delete", DEAD_END]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new("ip").args(args).status()?;
+    ensure!(status.success(), "ip {} failed ({status})", args.join(" "));
     Ok(())
 }
 
@@ -161,7 +207,12 @@ fn ingest_pod_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-fn probe_manifests(ns: &str) -> String {
+fn probe_image() -> Image {
+    Image::new(PROBE_IMAGE, env!("CARGO_BIN_EXE_probe")).strip_debug()
+}
+
+/// ServiceAccount `probe`, allowed to list the pods of its namespace.
+fn probe_rbac(ns: &str) -> String {
     format!(
         r#"apiVersion: v1
 kind: ServiceAccount
@@ -177,17 +228,25 @@ kind: RoleBinding
 metadata: {{name: probe-list-pods, namespace: {ns}}}
 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: list-pods}}
 subjects: [{{kind: ServiceAccount, name: probe, namespace: {ns}}}]
----
-apiVersion: v1
+"#
+    )
+}
+
+/// A run-once pod of the probe image with `args`.
+fn probe_pod(ns: &str, name: &str, service_account: &str, args: &[&str]) -> String {
+    let args = serde_json::to_string(args).unwrap_or_default();
+    format!(
+        r#"apiVersion: v1
 kind: Pod
-metadata: {{name: probe, namespace: {ns}}}
+metadata: {{name: {name}, namespace: {ns}}}
 spec:
-  serviceAccountName: probe
+  serviceAccountName: {service_account}
   restartPolicy: Never
   containers:
   - name: probe
     image: {PROBE_IMAGE}
     imagePullPolicy: Never
+    args: {args}
     securityContext: {{runAsNonRoot: true, allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
 "#
     )

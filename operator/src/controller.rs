@@ -1,0 +1,487 @@
+//! The IngestDrain reconciler: contact each selected pod's control API,
+//! follow its drain, write the status by server-side apply, evict drained
+//! pods when asked, and cancel the pods' drains when the resource goes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ingest_proto::v1::{IncapablePolicy as PbPolicy, StartDrainRequest};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{EvictParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::Args;
+use crate::crd::{DrainPhase, FINALIZER, IncapablePolicy, IngestDrain, IngestDrainStatus, PodDrainStatus, PodState};
+use crate::pods::PodClient;
+use crate::state;
+use crate::telemetry::{ErrorLabel, Metrics, PhaseLabel};
+
+/// Field manager of everything the operator applies.
+pub const MANAGER: &str = "ingest-operator";
+/// Requeue while a drain runs (the pods' counts move on their own).
+pub const PROGRESS_REQUEUE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("control token: {0}")]
+    Token(std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Label for the error metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Token(_) => "token",
+            Error::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// What every reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub args: Args,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
+impl Context {
+    fn token(&self) -> Result<String, Error> {
+        std::fs::read_to_string(&self.args.control_token_file)
+            .map(|t| t.trim().to_owned())
+            .map_err(Error::Token)
+    }
+
+    async fn event(&self, drain: &IngestDrain, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Drain".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&ev, &drain.object_ref(&())).await {
+            warn!(%err, "cannot publish an event");
+        }
+    }
+}
+
+/// Runs the IngestDrain controller until `stop`.
+pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let drains: Api<IngestDrain> = Api::all(ctx.client.clone());
+    // Running drains requeue every second, so pod changes need no watch here.
+    let controller = Controller::new(drains, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let metrics = ctx.metrics.clone();
+    let gauge_stop = stop.clone();
+    tokio::spawn(async move {
+        // Drains by phase, recounted from the cache.
+        loop {
+            let mut counts = std::collections::BTreeMap::new();
+            for d in store.state() {
+                *counts
+                    .entry(phase_label(d.status.as_ref().map(|s| s.phase).unwrap_or_default()))
+                    .or_insert(0i64) += 1;
+            }
+            for p in PHASES {
+                metrics
+                    .drains
+                    .get_or_create(&PhaseLabel { phase: phase_label(p) })
+                    .set(counts.get(phase_label(p)).copied().unwrap_or(0));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                () = gauge_stop.cancelled() => return,
+            }
+        }
+    });
+    controller
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(err) = res {
+                warn!(%err, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_drain: Arc<IngestDrain>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabel { kind: err.kind() })
+        .inc();
+    warn!(%err, "reconcile error; retrying in 5s");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(drain: Arc<IngestDrain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let ns = drain
+        .namespace()
+        .ok_or_else(|| Error::Invalid("IngestDrain without a namespace".into()))?;
+    let api: Api<IngestDrain> = Api::namespaced(ctx.client.clone(), &ns);
+    let span = info_span!("reconcile", drain = %drain.name_any(), %ns);
+    let result = reconcile_inner(&api, &drain, &ctx).instrument(span).await;
+    ctx.metrics.reconcile_duration.observe(start.elapsed().as_secs_f64());
+    result
+}
+
+/// The finalizer guards one external effect, pods left unready: it is held
+/// only while the drain runs, so a finished drain (or one whose operator
+/// is gone) never blocks deletion.
+async fn reconcile_inner(api: &Api<IngestDrain>, drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
+    let has_finalizer = drain.finalizers().iter().any(|f| f == FINALIZER);
+    if drain.metadata.deletion_timestamp.is_some() {
+        if has_finalizer {
+            cleanup(drain, ctx).await?;
+            set_finalizer(api, drain, false).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let phase = drain.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    if !phase.is_terminal() && !drain.spec.cancel && !has_finalizer {
+        set_finalizer(api, drain, true).await?;
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+    let action = apply(drain, ctx).await?;
+    let done = api
+        .get_status(&drain.name_any())
+        .await?
+        .status
+        .is_some_and(|s| s.phase.is_terminal());
+    if done && has_finalizer {
+        set_finalizer(api, drain, false).await?;
+    }
+    Ok(action)
+}
+
+/// Adds or removes our finalizer; the resourceVersion guards the list.
+async fn set_finalizer(api: &Api<IngestDrain>, drain: &IngestDrain, present: bool) -> Result<(), Error> {
+    let mut list: Vec<String> = drain.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    if present {
+        list.push(FINALIZER.to_owned());
+    }
+    let patch = json!({ "metadata": { "finalizers": list, "resourceVersion": drain.resource_version() } });
+    api.patch(&drain.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    Ok(())
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+fn drain_id(drain: &IngestDrain) -> String {
+    // The uid: stable for this object, new for a re-created one.
+    drain.uid().unwrap_or_else(|| drain.name_any())
+}
+
+/// Healthy targets for Reconnect Request: ready pods of the selector that
+/// this drain does not hold and that are not being deleted.
+fn redirect_targets(drain: &IngestDrain, rows: &[PodDrainStatus], pods: &[Pod]) -> Vec<String> {
+    let Some(template) = drain.spec.redirect.as_ref().map(|r| r.url_template.as_str()) else {
+        return Vec::new();
+    };
+    pods.iter()
+        .filter(|p| state::selector_matches(&drain.spec.selector, p.labels()))
+        .filter(|p| state::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| !rows.iter().any(|r| r.name == p.name_any()))
+        .map(|p| state::render_redirect(template, p))
+        .collect()
+}
+
+fn start_request(drain: &IngestDrain, remaining: Duration, redirects: Vec<String>) -> StartDrainRequest {
+    let spec = &drain.spec;
+    StartDrainRequest {
+        drain_id: drain_id(drain),
+        deadline: Some(remaining.max(Duration::from_secs(1)).try_into().unwrap_or_default()),
+        rate: spec.rate,
+        max_in_flight: spec.max_in_flight.unwrap_or(0).max(0) as u32,
+        incapable_policy: match spec.incapable_policy {
+            IncapablePolicy::Wait => PbPolicy::Wait,
+            IncapablePolicy::Disconnect => PbPolicy::Disconnect,
+        }
+        .into(),
+        redirect_tc_urls: redirects,
+        propagation_delay: spec
+            .propagation_delay_seconds
+            .map(|s| Duration::from_secs(s.max(0) as u64).try_into().unwrap_or_default()),
+    }
+}
+
+/// One step of a drain.
+async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
+    let ns = drain.namespace().unwrap_or_default();
+    let old = drain.status.clone().unwrap_or_default();
+    if old.phase.is_terminal() && old.observed_generation == drain.metadata.generation {
+        return Ok(Action::await_change());
+    }
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = state::selector_string(&drain.spec.selector);
+    let pods = pods_api.list(&ListParams::default().labels(&selector)).await?.items;
+    let now = now();
+    let started = old.started_at.clone().unwrap_or_else(|| now.clone());
+    let deadline = started.0 + SignedDuration::from_secs(drain.spec.deadline_seconds);
+    let past_deadline = now.0 >= deadline;
+    let remaining = Duration::try_from(deadline.duration_since(now.0)).unwrap_or(Duration::ZERO);
+    let mut rows = if old.pods.is_empty() && old.started_at.is_none() {
+        state::initial_rows(&drain.spec, &pods)
+    } else {
+        old.pods.clone()
+    };
+
+    if drain.spec.cancel {
+        if old.phase != DrainPhase::Cancelled {
+            cancel_pods(drain, ctx, &mut rows, &pods).await;
+            ctx.event(
+                drain,
+                EventType::Normal,
+                "Cancelled",
+                "drain cancelled: the pods serve again".into(),
+            )
+            .await;
+        }
+        write_status(drain, ctx, DrainPhase::Cancelled, rows, &old, started, &now).await?;
+        return Ok(Action::await_change());
+    }
+
+    let token = ctx.token()?;
+    let redirects = redirect_targets(drain, &rows, &pods);
+    for row in rows.iter_mut().filter(|r| !r.state.is_done()) {
+        let Some(pod) = pods.iter().find(|p| p.name_any() == row.name) else {
+            *row = PodDrainStatus {
+                state: PodState::Gone,
+                message: Some("the pod is gone".into()),
+                last_update: Some(now.clone()),
+                ..row.clone()
+            };
+            continue;
+        };
+        if !row.uid.is_empty() && pod.uid().as_deref() != Some(row.uid.as_str()) {
+            *row = PodDrainStatus {
+                state: PodState::Gone,
+                message: Some("the pod was replaced".into()),
+                last_update: Some(now.clone()),
+                ..row.clone()
+            };
+            continue;
+        }
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            row.state = if past_deadline {
+                PodState::TimedOut
+            } else {
+                PodState::Unreachable
+            };
+            row.message = Some("the pod has no IP".into());
+            continue;
+        };
+        match drive_pod(
+            &ip,
+            ctx.args.control_port,
+            &token,
+            start_request(drain, remaining, redirects.clone()),
+        )
+        .await
+        {
+            Ok(status) => *row = state::row_from_status(row, &status, &drain_id(drain), now.clone()),
+            Err(err) => {
+                warn!(pod = %row.name, %err, "pod control API failed");
+                row.state = if past_deadline {
+                    PodState::TimedOut
+                } else {
+                    PodState::Unreachable
+                };
+                row.message = Some(err.to_string());
+                row.last_update = Some(now.clone());
+            }
+        }
+        if past_deadline && !row.state.is_done() {
+            row.state = PodState::TimedOut;
+        }
+    }
+    if drain.spec.evict {
+        for row in rows
+            .iter_mut()
+            .filter(|r| matches!(r.state, PodState::Drained | PodState::TimedOut))
+        {
+            match pods_api.evict(&row.name, &EvictParams::default()).await {
+                Ok(_) => {
+                    info!(pod = %row.name, "drained pod evicted");
+                    row.state = PodState::Evicted;
+                    row.message = None;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => row.state = PodState::Gone,
+                Err(err) => {
+                    // A PodDisruptionBudget (429) or a race: next reconcile tries again.
+                    warn!(pod = %row.name, %err, "eviction refused; retrying");
+                    row.message = Some(format!("eviction refused: {err}"));
+                }
+            }
+        }
+    }
+    let phase = state::overall_phase(&rows, past_deadline);
+    if phase != old.phase {
+        let t = state::totals(&rows);
+        let (type_, note) = match phase {
+            DrainPhase::TimedOut => (
+                EventType::Warning,
+                format!(
+                    "deadline passed with {} publishers left; the pods may go",
+                    t.remaining_publishers
+                ),
+            ),
+            _ => (
+                EventType::Normal,
+                format!(
+                    "{} pods, {} drained, {} publishers remain, {} migrated",
+                    t.pods, t.drained_pods, t.remaining_publishers, t.migrated
+                ),
+            ),
+        };
+        ctx.event(drain, type_, &format!("{phase:?}"), note).await;
+        if phase.is_terminal() {
+            let secs = now.0.duration_since(started.0).as_secs_f64().max(0.0);
+            ctx.metrics.drain_duration.observe(secs);
+            ctx.metrics.migrated.inc_by(t.migrated.max(0) as u64);
+        }
+    }
+    write_status(drain, ctx, phase, rows, &old, started, &now).await?;
+    Ok(if phase.is_terminal() {
+        Action::await_change()
+    } else {
+        Action::requeue(PROGRESS_REQUEUE)
+    })
+}
+
+/// StartDrain (idempotent by id) then GetStatus.
+async fn drive_pod(
+    ip: &str,
+    port: u16,
+    token: &str,
+    req: StartDrainRequest,
+) -> Result<ingest_proto::v1::PodStatus, crate::pods::Error> {
+    let mut client = PodClient::connect(ip, port, token).await?;
+    client.start_drain(req).await?;
+    client.status().await
+}
+
+async fn cancel_pods(drain: &IngestDrain, ctx: &Context, rows: &mut [PodDrainStatus], pods: &[Pod]) {
+    let token = match ctx.token() {
+        Ok(t) => t,
+        Err(err) => {
+            warn!(%err, "cannot read the control token to cancel");
+            return;
+        }
+    };
+    let id = drain_id(drain);
+    for row in rows
+        .iter_mut()
+        .filter(|r| !matches!(r.state, PodState::Evicted | PodState::Gone))
+    {
+        let ip = pods
+            .iter()
+            .find(|p| p.name_any() == row.name)
+            .and_then(|p| p.status.as_ref()?.pod_ip.clone());
+        let Some(ip) = ip else { continue };
+        match PodClient::connect(&ip, ctx.args.control_port, &token).await {
+            Ok(mut c) => match c.cancel_drain(&id).await {
+                Ok(_) => row.state = PodState::Cancelled,
+                Err(err) => row.message = Some(format!("cancel failed: {err}")),
+            },
+            Err(err) => row.message = Some(format!("cancel failed: {err}")),
+        }
+    }
+}
+
+async fn write_status(
+    drain: &IngestDrain,
+    ctx: &Context,
+    phase: DrainPhase,
+    rows: Vec<PodDrainStatus>,
+    old: &IngestDrainStatus,
+    started: Time,
+    now: &Time,
+) -> Result<(), Error> {
+    let ns = drain.namespace().unwrap_or_default();
+    let api: Api<IngestDrain> = Api::namespaced(ctx.client.clone(), &ns);
+    let completed = if phase.is_terminal() {
+        old.completed_at.clone().or_else(|| Some(now.clone()))
+    } else {
+        None
+    };
+    let status = IngestDrainStatus {
+        phase,
+        totals: state::totals(&rows),
+        conditions: state::conditions(phase, &rows, drain.metadata.generation, now, old),
+        pods: rows,
+        started_at: Some(started),
+        completed_at: completed,
+        observed_generation: drain.metadata.generation,
+    };
+    let patch = json!({
+        "apiVersion": format!("{}/v1alpha1", crate::crd::GROUP),
+        "kind": "IngestDrain",
+        "status": status,
+    });
+    api.patch_status(
+        &drain.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+const PHASES: [DrainPhase; 6] = [
+    DrainPhase::Pending,
+    DrainPhase::Draining,
+    DrainPhase::Drained,
+    DrainPhase::TimedOut,
+    DrainPhase::Cancelled,
+    DrainPhase::Failed,
+];
+
+pub fn phase_label(p: DrainPhase) -> &'static str {
+    match p {
+        DrainPhase::Pending => "Pending",
+        DrainPhase::Draining => "Draining",
+        DrainPhase::Drained => "Drained",
+        DrainPhase::TimedOut => "TimedOut",
+        DrainPhase::Cancelled => "Cancelled",
+        DrainPhase::Failed => "Failed",
+    }
+}
+
+/// Deleting an IngestDrain mid-way cancels its pods' drains.
+async fn cleanup(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
+    let old = drain.status.clone().unwrap_or_default();
+    if !old.phase.is_terminal() {
+        let ns = drain.namespace().unwrap_or_default();
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let list = pods
+            .list(&ListParams::default().labels(&state::selector_string(&drain.spec.selector)))
+            .await?
+            .items;
+        let mut rows = old.pods.clone();
+        cancel_pods(drain, ctx, &mut rows, &list).await;
+        info!("IngestDrain deleted mid-way: pod drains cancelled");
+    }
+    Ok(Action::await_change())
+}

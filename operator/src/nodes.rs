@@ -1,0 +1,136 @@
+//! Node drains: a cordoned node, or one tainted for removal by an
+//! autoscaler, gets one IngestDrain per namespace with ingest pods on it,
+//! owned by the Node; uncordon or taint removal cancels them.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::controller::{Context, Error, MANAGER};
+use crate::crd::{DrainPhase, GROUP, IngestDrain, NODE_LABEL, TRIGGER_LABEL};
+use crate::state;
+
+/// Name of the drain of `node`'s ingest pods (one per namespace).
+pub fn drain_name(node: &str) -> String {
+    format!("node-{node}")
+}
+
+/// Runs the node watcher until `stop`.
+pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    Controller::new(nodes, watcher::Config::default())
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(
+            reconcile,
+            |_, err, ctx| {
+                ctx.metrics
+                    .reconcile_errors
+                    .get_or_create(&crate::telemetry::ErrorLabel { kind: err.kind() })
+                    .inc();
+                warn!(%err, "node reconcile failed; retrying in 5s");
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+fn drains_api(ctx: &Context, ns: Option<&str>) -> Api<IngestDrain> {
+    match ns {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    }
+}
+
+async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = node.name_any();
+    let existing = drains_api(&ctx, None)
+        .list(&ListParams::default().labels(&format!("{NODE_LABEL}={name}")))
+        .await?
+        .items;
+    let Some(reason) = state::node_signal(&node, &ctx.args.node_taints) else {
+        for d in existing.iter().filter(|d| !d.spec.cancel) {
+            let api = drains_api(&ctx, d.namespace().as_deref());
+            api.patch(
+                &d.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"cancel": true}})),
+            )
+            .await?;
+            info!(node = %name, drain = %d.name_any(), "node back in service: drain cancelled");
+        }
+        return Ok(Action::await_change());
+    };
+    let selector = state::parse_selector(&ctx.args.ingest_selector).map_err(Error::Invalid)?;
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let list = ListParams::default()
+        .labels(&state::selector_string(&selector))
+        .fields(&format!("spec.nodeName={name}"));
+    let namespaces: BTreeSet<String> = pods
+        .list(&list)
+        .await?
+        .items
+        .iter()
+        .filter_map(|p| p.namespace())
+        .filter(|ns| ctx.args.namespaces.is_empty() || ctx.args.namespaces.contains(ns))
+        .collect();
+    for ns in namespaces {
+        let api = drains_api(&ctx, Some(&ns));
+        if let Some(old) = existing.iter().find(|d| d.namespace().as_deref() == Some(ns.as_str())) {
+            let phase = old.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            if !old.spec.cancel && phase != DrainPhase::Cancelled {
+                continue;
+            }
+            // A cancelled drain from an earlier cordon: make room for a new one.
+            api.delete(&old.name_any(), &DeleteParams::default()).await?;
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        let mut spec = json!({
+            "selector": selector,
+            "nodeName": name,
+            "deadlineSeconds": ctx.args.drain_deadline.as_secs().max(1),
+            "rate": ctx.args.drain_rate,
+            "incapablePolicy": ctx.args.incapable_policy,
+            "evict": true,
+        });
+        if let Some(t) = &ctx.args.redirect_template {
+            spec["redirect"] = json!({ "urlTemplate": t });
+        }
+        let drain = json!({
+            "apiVersion": format!("{GROUP}/v1alpha1"),
+            "kind": "IngestDrain",
+            "metadata": {
+                "name": drain_name(&name),
+                "namespace": ns,
+                "labels": { NODE_LABEL: name, TRIGGER_LABEL: "node" },
+                "ownerReferences": [{
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "name": name,
+                    "uid": node.uid().unwrap_or_default(),
+                }],
+            },
+            "spec": spec,
+        });
+        api.patch(
+            &drain_name(&name),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(drain),
+        )
+        .await?;
+        info!(node = %name, %ns, %reason, "node is being emptied: IngestDrain created");
+    }
+    // New ingest pods may still land before the cordon reaches the scheduler.
+    Ok(Action::requeue(Duration::from_secs(30)))
+}

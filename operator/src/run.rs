@@ -1,0 +1,225 @@
+//! Wiring: caches, the webhook on every replica, the controllers on the
+//! leader only, health and metrics, and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config::Args;
+use crate::controller::{self, Context};
+use crate::crd::IngestDrain;
+use crate::telemetry::{self, Health, Metrics};
+use crate::{leader, nodes, state, webhook};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error("kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("webhook TLS: {0}")]
+    Tls(std::io::Error),
+}
+
+/// Runs the operator with `client` until `shutdown` resolves.
+pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let ingest =
+        state::parse_selector(&args.ingest_selector).map_err(|e| Error::Config(format!("--ingest-selector: {e}")))?;
+    if args.webhook_cert.is_some() != args.webhook_key.is_some() {
+        return Err(Error::Config("--webhook-cert and --webhook-key go together".into()));
+    }
+    let stop = CancellationToken::new();
+    let metrics = Metrics::default();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+
+    // Caches the webhook answers from, on every replica.
+    let selector = state::selector_string(&ingest);
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let pod_api: Api<Pod> = Api::all(client.clone());
+    let pod_stream = reflector(
+        pods_writer,
+        watcher(pod_api, watcher::Config::default().labels(&selector)),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| async {});
+    let (drains, drains_writer) = reflector::store::<IngestDrain>();
+    let drain_api: Api<IngestDrain> = Api::all(client.clone());
+    let drain_stream = reflector(drains_writer, watcher(drain_api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| async {});
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(pod_stream.instrument(info_span!("pod-cache")));
+    tasks.spawn(drain_stream.instrument(info_span!("drain-cache")));
+    {
+        let (pods, drains, ready) = (pods.clone(), drains.clone(), ready.clone());
+        tasks.spawn(async move {
+            if pods.wait_until_ready().await.is_ok() && drains.wait_until_ready().await.is_ok() {
+                ready.store(true, Ordering::Relaxed);
+                info!("caches synced");
+            }
+        });
+    }
+
+    let http = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: args.http_listen,
+            source,
+        })?;
+    let health = Health {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+    };
+    let http_stop = stop.clone();
+    tasks.spawn(async move {
+        if let Err(err) = axum::serve(http, telemetry::router(health))
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
+        {
+            error!(%err, "http server failed");
+        }
+    });
+
+    if let (Some(cert), Some(key)) = (&args.webhook_cert, &args.webhook_key) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+            .await
+            .map_err(Error::Tls)?;
+        let gate = webhook::Gate {
+            client: client.clone(),
+            pods,
+            drains,
+            ingest,
+            args: args.clone(),
+            metrics: metrics.clone(),
+        };
+        let handle = axum_server::Handle::new();
+        let stopper = handle.clone();
+        let webhook_stop = stop.clone();
+        tasks.spawn(async move {
+            webhook_stop.cancelled().await;
+            stopper.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
+        });
+        let addr = args.webhook_listen;
+        info!(%addr, "eviction webhook serving");
+        tasks.spawn(async move {
+            if let Err(err) = axum_server::bind_rustls(addr, tls)
+                .handle(handle)
+                .serve(webhook::router(gate).into_make_service())
+                .await
+            {
+                error!(%err, "webhook server failed");
+            }
+        });
+    } else {
+        warn!("no webhook certificate: the eviction gate is not served");
+    }
+
+    // Controllers run on the leader only.
+    let (leader_tx, mut leader_rx) = watch::channel(false);
+    {
+        let (client, args, stop) = (client.clone(), args.clone(), stop.clone());
+        tasks.spawn(async move {
+            leader::run(
+                client,
+                &args.lease_namespace,
+                &args.lease_name,
+                &args.identity,
+                args.lease_duration,
+                leader_tx,
+                stop,
+            )
+            .await;
+        });
+    }
+    let reporter = Reporter {
+        controller: "ingest-operator".into(),
+        instance: Some(args.identity.clone()),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        args: args.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: metrics.clone(),
+    });
+    let leading_stop = stop.clone();
+    let node_drains = args.node_drains;
+    tasks.spawn(async move {
+        let mut term: Option<CancellationToken> = None;
+        loop {
+            let leading = *leader_rx.borrow_and_update();
+            ctx.metrics.leader.set(i64::from(leading));
+            match (leading, &term) {
+                (true, None) => {
+                    let t = leading_stop.child_token();
+                    info!("leading: starting the controllers");
+                    tokio::spawn(controller::run(ctx.clone(), t.clone()).instrument(info_span!("drains")));
+                    if node_drains {
+                        tokio::spawn(nodes::run(ctx.clone(), t.clone()).instrument(info_span!("nodes")));
+                    }
+                    term = Some(t);
+                }
+                (false, Some(t)) => {
+                    info!("not leading: stopping the controllers");
+                    t.cancel();
+                    term = None;
+                }
+                _ => {}
+            }
+            tokio::select! {
+                r = leader_rx.changed() => if r.is_err() { return },
+                () = leading_stop.cancelled() => return,
+            }
+        }
+    });
+
+    shutdown.await;
+    info!("shutting down");
+    stop.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
+}
+
+/// Logging from `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

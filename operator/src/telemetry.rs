@@ -1,0 +1,148 @@
+//! Metrics, health and readiness of the operator.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// `allow`, `hold`, `start` or `error`.
+    pub decision: &'static str,
+}
+
+/// Every metric of the operator.
+#[derive(Clone)]
+pub struct Metrics {
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ErrorLabel, Counter>,
+    pub reconcile_duration: Histogram,
+    pub drains: Family<PhaseLabel, Gauge>,
+    pub drain_duration: Histogram,
+    pub migrated: Counter,
+    pub webhook_decisions: Family<DecisionLabel, Counter>,
+    pub webhook_duration: Histogram,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            reconciles: Counter::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            drains: Family::default(),
+            drain_duration: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            migrated: Counter::default(),
+            webhook_decisions: Family::default(),
+            webhook_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            leader: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("ingest_operator");
+        r.register("reconciles", "IngestDrain reconciles", self.reconciles.clone());
+        r.register(
+            "reconcile_errors",
+            "Failed reconciles by kind",
+            self.reconcile_errors.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile",
+            self.reconcile_duration.clone(),
+        );
+        r.register(
+            "drains",
+            "IngestDrains by phase (as last reconciled)",
+            self.drains.clone(),
+        );
+        r.register(
+            "drain_duration_seconds",
+            "Start to completion of drains",
+            self.drain_duration.clone(),
+        );
+        r.register(
+            "publishers_migrated",
+            "Publishers moved off drained pods",
+            self.migrated.clone(),
+        );
+        r.register(
+            "webhook_decisions",
+            "Eviction gate answers",
+            self.webhook_decisions.clone(),
+        );
+        r.register(
+            "webhook_duration_seconds",
+            "Time to answer an eviction review",
+            self.webhook_duration.clone(),
+        );
+        r.register("leader", "1 while this replica holds the Lease", self.leader.clone());
+    }
+}
+
+/// Shared state of the HTTP endpoints.
+#[derive(Clone)]
+pub struct Health {
+    pub registry: Arc<Registry>,
+    /// True once the caches the webhook answers from are filled.
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(health: Health) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health)
+}
+
+async fn readyz(State(h): State<Health>) -> impl IntoResponse {
+    if h.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n")
+    }
+}
+
+async fn metrics(State(h): State<Health>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &h.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            String::new(),
+        ),
+    }
+}

@@ -1,0 +1,162 @@
+//! The eviction gate: a validating webhook on `pods/eviction`. Served by
+//! every replica from its own caches; holds an ingest pod's eviction with
+//! 429 (which kubectl drain, cluster-autoscaler and Karpenter retry) until
+//! the pod is drained, starting its drain if none runs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::post;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Patch, PatchParams};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::core::response::StatusSummary;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::controller::MANAGER;
+use crate::crd::{GROUP, IngestDrain, TRIGGER_LABEL};
+use crate::state::{self, Verdict};
+use crate::telemetry::{DecisionLabel, Metrics};
+
+/// What the handler answers from.
+#[derive(Clone)]
+pub struct Gate {
+    pub client: Client,
+    pub pods: Store<Pod>,
+    pub drains: Store<IngestDrain>,
+    pub ingest: LabelSelector,
+    pub args: crate::config::Args,
+    pub metrics: Metrics,
+}
+
+pub fn router(gate: Gate) -> Router {
+    Router::new()
+        .route("/validate-eviction", post(review))
+        .with_state(Arc::new(gate))
+}
+
+/// Name of the drain the gate starts for one pod.
+pub fn drain_name(pod: &str) -> String {
+    format!("evict-{pod}")
+}
+
+async fn review(
+    State(gate): State<Arc<Gate>>,
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let start = Instant::now();
+    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(err) => {
+            warn!(%err, "malformed admission review");
+            gate.metrics
+                .webhook_decisions
+                .get_or_create(&DecisionLabel { decision: "error" })
+                .inc();
+            return Json(AdmissionResponse::invalid(err.to_string()).into_review());
+        }
+    };
+    let resp = decide(&gate, &req).await;
+    gate.metrics.webhook_duration.observe(start.elapsed().as_secs_f64());
+    Json(resp.into_review())
+}
+
+fn too_many_requests(req: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionResponse {
+    let mut resp = AdmissionResponse::from(req).deny(&message);
+    resp.result.code = 429;
+    resp.result.reason = "TooManyRequests".into();
+    resp.result.status = Some(StatusSummary::Failure);
+    resp
+}
+
+async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let allow = |why: &str| {
+        gate.metrics
+            .webhook_decisions
+            .get_or_create(&DecisionLabel { decision: "allow" })
+            .inc();
+        tracing::debug!(pod = %req.name, why, "eviction allowed");
+        AdmissionResponse::from(req)
+    };
+    if req.sub_resource.as_deref() != Some("eviction") {
+        return allow("not an eviction");
+    }
+    let Some(ns) = req.namespace.clone() else {
+        return allow("no namespace");
+    };
+    if !gate.args.namespaces.is_empty() && !gate.args.namespaces.contains(&ns) {
+        return allow("namespace not watched");
+    }
+    let pod = gate.pods.get(&ObjectRef::new(&req.name).within(&ns));
+    let drains: Vec<IngestDrain> = gate
+        .drains
+        .state()
+        .iter()
+        .filter(|d| d.namespace().as_deref() == Some(ns.as_str()))
+        .map(|d| (**d).clone())
+        .collect();
+    match state::eviction_verdict(pod.as_deref(), &gate.ingest, &drains) {
+        Verdict::Allow(why) => allow(&why),
+        Verdict::Hold(message) => {
+            gate.metrics
+                .webhook_decisions
+                .get_or_create(&DecisionLabel { decision: "hold" })
+                .inc();
+            info!(pod = %req.name, %ns, %message, "eviction held");
+            too_many_requests(req, message)
+        }
+        Verdict::StartAndHold(message) => {
+            gate.metrics
+                .webhook_decisions
+                .get_or_create(&DecisionLabel { decision: "start" })
+                .inc();
+            // A dry run only answers (sideEffects: NoneOnDryRun).
+            if !req.dry_run
+                && let Some(pod) = pod.as_deref()
+                && let Err(err) = start_drain(gate, pod).await
+            {
+                warn!(pod = %req.name, %err, "cannot start the pod's drain");
+            }
+            info!(pod = %req.name, %ns, dry_run = req.dry_run, "eviction held: drain started");
+            too_many_requests(req, message)
+        }
+    }
+}
+
+/// Creates (server-side apply, so every replica may race) a drain of one
+/// pod, owned by the pod: it goes when the pod goes.
+async fn start_drain(gate: &Gate, pod: &Pod) -> Result<(), kube::Error> {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = drain_name(&pod.name_any());
+    let owner =
+        json!([{ "apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "uid": pod.uid().unwrap_or_default() }]);
+    let mut spec = json!({
+        "selector": gate.ingest,
+        "podNames": [pod.name_any()],
+        "deadlineSeconds": gate.args.drain_deadline.as_secs().max(1),
+        "rate": gate.args.drain_rate,
+        "incapablePolicy": gate.args.incapable_policy,
+        "evict": true,
+    });
+    if let Some(t) = &gate.args.redirect_template {
+        spec["redirect"] = json!({ "urlTemplate": t });
+    }
+    let drain = json!({
+        "apiVersion": format!("{GROUP}/v1alpha1"),
+        "kind": "IngestDrain",
+        "metadata": { "name": name, "namespace": ns, "labels": { TRIGGER_LABEL: "eviction" }, "ownerReferences": owner },
+        "spec": spec,
+    });
+    let api: Api<IngestDrain> = Api::namespaced(gate.client.clone(), &ns);
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(drain))
+        .await?;
+    Ok(())
+}
