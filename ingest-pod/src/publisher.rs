@@ -1381,23 +1381,6 @@ async fn send(conn: &mut Conn, sample: &Sample, config: &MediaConfig, step: Dura
     Ok(timestamp)
 }
 
-/// Parses `90`, `90s`, `500ms`, `2m` or `1h` (for command lines).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 500ms or 2m"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
 
 #[cfg(test)]
 mod tests {
@@ -1448,11 +1431,6 @@ mod tests {
 
     #[test]
     fn parses_durations() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("soon").is_err() && parse_duration("3d").is_err());
     }
 
     #[test]

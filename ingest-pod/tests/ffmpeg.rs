@@ -32,6 +32,9 @@ async fn ffmpeg_stream_reaches_the_origin_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(&dir.path().join("origin"), "127.0.0.1").expect("start nginx-rtmp");
     let template = origin.template();
+    let record_dir = dir.path().join("pod-recordings");
+    std::fs::create_dir_all(&record_dir).expect("record dir");
+    let record_arg = record_dir.display().to_string();
     let args = Args::try_parse_from([
         "ingest-pod",
         "--rtmp-listen",
@@ -42,6 +45,8 @@ async fn ffmpeg_stream_reaches_the_origin_whole() {
         &template,
         "--grace-period",
         "5s",
+        "--record-dir",
+        &record_arg,
     ])
     .expect("args");
     let server = Server::bind(args).await.expect("bind");
@@ -105,6 +110,11 @@ async fn ffmpeg_stream_reaches_the_origin_whole() {
     let received = media_hashes(&recordings[0]);
     assert!(sent.len() > 100, "ffmpeg sent {} messages", sent.len());
     assert_eq!(received, sent, "the origin got exactly what ffmpeg sent, in order");
+    // The pod's own FLV recording of the publish session holds the same.
+    let own: Vec<_> = std::fs::read_dir(&record_dir).expect("pod recordings").flatten().map(|e| e.path()).collect();
+    assert_eq!(own.len(), 1, "one file per publish session: {own:?}");
+    assert!(own[0].file_name().is_some_and(|n| n.to_string_lossy().starts_with("ffmpeg1-")));
+    assert_eq!(media_hashes(&own[0]), sent, "the pod's recording holds every message");
 
     let _ = stop_tx.send(());
     running.await.expect("join").expect("server");

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use ingest_pod::publisher::{self, PublisherConfig, parse_duration};
+use ingest_pod::config::parse_duration;
+use ingest_pod::publisher::{self, PublisherConfig};
 use ingest_pod::server;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
