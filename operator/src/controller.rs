@@ -485,3 +485,261 @@ async fn cleanup(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
     }
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ingest_pod::drain::Phase as PodPhase;
+    use kube::{Api, ResourceExt};
+    use serde_json::json;
+
+    use super::*;
+    use crate::fixtures::*;
+
+    fn drains_api(ctx: &Context) -> Api<IngestDrain> {
+        Api::namespaced(ctx.client.clone(), NS)
+    }
+
+    /// Runs one reconcile as the controller would.
+    async fn reconcile_once(ctx: &Context, drain: &IngestDrain) -> Action {
+        within("reconcile", reconcile_inner(&drains_api(ctx), drain, ctx))
+            .await
+            .expect("reconcile")
+    }
+
+    #[tokio::test]
+    async fn new_drain_adds_the_finalizer_then_starts_the_pods() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        // A long propagation keeps the pod's drain in its first phase.
+        let fresh = drain("manual", json!({ "propagationDelaySeconds": 30 }));
+        let held = with_finalizer(fresh.clone());
+        let verifier = api_server.run(vec![
+            Scenario::FinalizerAdded(fresh.clone()),
+            Scenario::Step(Step {
+                drain: held.clone(),
+                pods: vec![ingest_pod("ingest-0", NS, "node-a"), other_pod("web-0")],
+                evicted: vec![],
+                event: Some(("Normal", "Draining")),
+                phase: DrainPhase::Draining,
+                rows: vec![("ingest-0", PodState::Draining)],
+            }),
+        ]);
+
+        // The finalizer goes on before any pod is touched.
+        assert_eq!(reconcile_once(&ctx, &fresh).await, Action::requeue(Duration::ZERO));
+        assert!(pod.drainer.status().is_none(), "the pod was contacted before the finalizer");
+
+        assert_eq!(reconcile_once(&ctx, &held).await, Action::requeue(PROGRESS_REQUEUE));
+        let on_pod = pod.drainer.status().expect("StartDrain reached the pod");
+        assert_eq!(on_pod.spec.id, held.uid().expect("uid"));
+        assert_eq!(on_pod.phase, PodPhase::Propagating);
+        assert_eq!(on_pod.spec.propagation_delay, Duration::from_secs(30));
+        assert!(!pod.registry.serving(), "a draining pod leaves its Service");
+
+        drop(ctx);
+        let seen = within("verifier", verifier).await.expect("scenario");
+        let status = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
+        assert_eq!(status["pods"][0]["uid"], json!("uid-ingest-0"));
+        assert_eq!(status["pods"][0]["node"], json!("node-a"));
+        assert_eq!(status["totals"]["pods"], json!(1));
+    }
+
+    #[tokio::test]
+    async fn drained_pod_is_evicted_and_the_finalizer_released() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let d = with_status(
+            with_finalizer(drain("node-node-a", json!({ "evict": true }))),
+            DrainPhase::Draining,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        // The drain an earlier reconcile started: no publisher, so it is
+        // drained once the 100 ms propagation delay is over.
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_millis(100));
+        wait_pod_phase(&pod, PodPhase::Drained).await;
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: d.clone(),
+            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
+            evicted: vec!["ingest-0"],
+            event: Some(("Normal", "Drained")),
+            phase: DrainPhase::Drained,
+            rows: vec![("ingest-0", PodState::Evicted)],
+        })]);
+
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::await_change());
+
+        drop(ctx);
+        let seen = within("verifier", verifier).await.expect("scenario");
+        let status = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
+        assert_eq!(status["totals"]["drainedPods"], json!(1));
+        assert_eq!(status["conditions"][0]["reason"], json!("AllPodsDrained"));
+    }
+
+    #[tokio::test]
+    async fn deadline_times_the_drain_out() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let d = with_status(
+            with_finalizer(drain("manual", json!({ "deadlineSeconds": 300 }))),
+            DrainPhase::Draining,
+            Duration::from_secs(3600),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: d.clone(),
+            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
+            evicted: vec![],
+            event: Some(("Warning", "TimedOut")),
+            phase: DrainPhase::TimedOut,
+            rows: vec![("ingest-0", PodState::TimedOut)],
+        })]);
+
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::await_change());
+
+        drop(ctx);
+        let seen = within("verifier", verifier).await.expect("scenario");
+        let event = &seen.iter().find(|s| s.path.ends_with("/events")).expect("event").body;
+        assert!(
+            event["note"].as_str().is_some_and(|n| n.contains("deadline passed")),
+            "{event}"
+        );
+    }
+
+    #[tokio::test]
+    async fn deadline_with_evict_releases_the_pod_and_still_reports_timed_out() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let d = with_status(
+            with_finalizer(drain("node-node-a", json!({ "deadlineSeconds": 300, "evict": true }))),
+            DrainPhase::Draining,
+            Duration::from_secs(3600),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
+        // A drain never holds a node beyond its deadline: the pod is evicted,
+        // and the drain says it timed out rather than drained.
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: d.clone(),
+            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
+            evicted: vec!["ingest-0"],
+            event: Some(("Warning", "TimedOut")),
+            phase: DrainPhase::TimedOut,
+            rows: vec![("ingest-0", PodState::Evicted)],
+        })]);
+
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::await_change());
+
+        drop(ctx);
+        within("verifier", verifier).await.expect("scenario");
+    }
+
+    #[tokio::test]
+    async fn cancel_serves_the_pod_again() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let d = with_status(
+            with_finalizer(drain("node-node-a", json!({ "cancel": true, "evict": true }))),
+            DrainPhase::Draining,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
+        assert!(!pod.registry.serving());
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: d.clone(),
+            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
+            evicted: vec![],
+            event: Some(("Normal", "Cancelled")),
+            phase: DrainPhase::Cancelled,
+            rows: vec![("ingest-0", PodState::Cancelled)],
+        })]);
+
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::await_change());
+        assert!(pod.registry.serving(), "CancelDrain reached the pod");
+        assert_eq!(pod.drainer.status().map(|s| s.phase), Some(PodPhase::Cancelled));
+
+        drop(ctx);
+        within("verifier", verifier).await.expect("scenario");
+    }
+
+    #[tokio::test]
+    async fn restart_mid_drain_resumes_without_a_second_start() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let d = with_status(
+            with_finalizer(drain("manual", json!({}))),
+            DrainPhase::Draining,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
+        let started = pod_drain_started(&pod);
+        // A pod that appeared since the drain started is not taken: the pod
+        // list was frozen in the status by the first reconcile.
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: d.clone(),
+            pods: vec![
+                ingest_pod("ingest-0", NS, "node-a"),
+                ingest_pod("ingest-1", NS, "node-b"),
+            ],
+            evicted: vec![],
+            event: None,
+            phase: DrainPhase::Draining,
+            rows: vec![("ingest-0", PodState::Draining)],
+        })]);
+
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::requeue(PROGRESS_REQUEUE));
+        // StartDrain with the same id changed nothing on the pod.
+        assert_eq!(pod_drain_started(&pod), started);
+        assert_eq!(pod.drainer.status().map(|s| s.phase), Some(PodPhase::Propagating));
+
+        drop(ctx);
+        let seen = within("verifier", verifier).await.expect("scenario");
+        let status = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
+        let old_start = serde_json::to_value(&d.status.as_ref().expect("status").started_at).expect("JSON");
+        assert_eq!(status["startedAt"], old_start, "the start time survives the restart");
+        assert!(status["pods"][0]["lastUpdate"].is_string());
+    }
+
+    #[tokio::test]
+    async fn gone_pod_is_marked_gone() {
+        let token = token_file();
+        // No pod is contacted: nothing listens on the control port.
+        let (ctx, api_server) = Context::test(1, token.path());
+        let d = with_status(
+            with_finalizer(drain("manual", json!({ "evict": true }))),
+            DrainPhase::Draining,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Draining), row("ingest-1", PodState::Draining)],
+        );
+        // ingest-0 is gone; ingest-1 was replaced by a pod of the same name.
+        let mut replacement = ingest_pod("ingest-1", NS, "node-b");
+        replacement.metadata.uid = Some("uid-replacement".into());
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: d.clone(),
+            pods: vec![replacement],
+            evicted: vec![],
+            event: Some(("Normal", "Drained")),
+            phase: DrainPhase::Drained,
+            rows: vec![("ingest-0", PodState::Gone), ("ingest-1", PodState::Gone)],
+        })]);
+
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::await_change());
+
+        drop(ctx);
+        let seen = within("verifier", verifier).await.expect("scenario");
+        let status = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
+        assert_eq!(status["pods"][0]["message"], json!("the pod is gone"));
+        assert_eq!(status["pods"][1]["message"], json!("the pod was replaced"));
+    }
+}

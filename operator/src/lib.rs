@@ -12,3 +12,6 @@ pub mod state;
 pub mod telemetry;
 pub mod webhook;
 pub mod yaml;
+
+#[cfg(test)]
+mod fixtures;

@@ -134,3 +134,92 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
     // New ingest pods may still land before the cordon reaches the scheduler.
     Ok(Action::requeue(Duration::from_secs(30)))
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::controller::Action;
+    use serde_json::json;
+
+    use super::*;
+    use crate::crd::PodState;
+    use crate::fixtures::*;
+
+    #[tokio::test]
+    async fn cordon_creates_one_drain_per_namespace_owned_by_the_node() {
+        let token = token_file();
+        let (ctx, api_server) = Context::test(1, token.path());
+        let n = node("node-a", true, &[]);
+        let verifier = api_server.run(vec![Scenario::NodeDrains {
+            node: n.clone(),
+            existing: vec![],
+            pods: vec![
+                ingest_pod("ingest-0", NS, "node-a"),
+                ingest_pod("ingest-1", NS, "node-a"),
+                ingest_pod("ingest-2", "other", "node-a"),
+            ],
+            applied: vec![NS, "other"],
+        }]);
+
+        let action = within("reconcile", reconcile(Arc::new(n), ctx.clone()))
+            .await
+            .expect("reconcile");
+        assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+
+        drop(ctx);
+        within("verifier", verifier).await.expect("scenario");
+    }
+
+    #[tokio::test]
+    async fn removal_taint_creates_a_drain_and_a_running_one_is_kept() {
+        let token = token_file();
+        let (ctx, api_server) = Context::test(1, token.path());
+        let n = node("node-a", false, &["karpenter.sh/disrupted"]);
+        let running = with_status(
+            drain("node-node-a", json!({ "nodeName": "node-a" })),
+            DrainPhase::Draining,
+            Duration::from_secs(5),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        // NS already has a running drain: only "other" gets a new one.
+        let verifier = api_server.run(vec![Scenario::NodeDrains {
+            node: n.clone(),
+            existing: vec![running],
+            pods: vec![
+                ingest_pod("ingest-0", NS, "node-a"),
+                ingest_pod("ingest-2", "other", "node-a"),
+            ],
+            applied: vec!["other"],
+        }]);
+
+        within("reconcile", reconcile(Arc::new(n), ctx.clone()))
+            .await
+            .expect("reconcile");
+
+        drop(ctx);
+        within("verifier", verifier).await.expect("scenario");
+    }
+
+    #[tokio::test]
+    async fn uncordon_cancels_the_nodes_drains() {
+        let token = token_file();
+        let (ctx, api_server) = Context::test(1, token.path());
+        let n = node("node-a", false, &[]);
+        let running = drain("node-node-a", json!({ "nodeName": "node-a" }));
+        let mut already = drain("node-node-a-old", json!({ "nodeName": "node-a", "cancel": true }));
+        already.metadata.name = Some("node-node-a-old".into());
+        // Only the drain not yet cancelled is patched.
+        let verifier = api_server.run(vec![Scenario::NodeDrainsCancelled {
+            node: n.clone(),
+            existing: vec![running, already],
+            cancelled: vec!["node-node-a"],
+        }]);
+
+        let action = within("reconcile", reconcile(Arc::new(n), ctx.clone()))
+            .await
+            .expect("reconcile");
+        assert_eq!(action, Action::await_change());
+
+        drop(ctx);
+        within("verifier", verifier).await.expect("scenario");
+    }
+}
