@@ -488,11 +488,7 @@ async fn cleanup(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use ingest_pod::drain::Phase as PodPhase;
-    use kube::{Api, ResourceExt};
-    use serde_json::json;
 
     use super::*;
     use crate::fixtures::*;

@@ -137,9 +137,6 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
 
 #[cfg(test)]
 mod tests {
-    use kube::runtime::controller::Action;
-    use serde_json::json;
-
     use super::*;
     use crate::crd::PodState;
     use crate::fixtures::*;

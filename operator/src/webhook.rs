@@ -160,3 +160,147 @@ async fn start_drain(gate: &Gate, pod: &Pod) -> Result<(), kube::Error> {
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kube::core::admission::AdmissionReview;
+
+    use super::*;
+    use crate::crd::{DrainPhase, PodDrainStatus, PodState};
+    use crate::fixtures::*;
+
+    /// What the API server sends for `kubectl drain`'s eviction of `pod`.
+    fn eviction(pod: &str, dry_run: bool) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "review-1",
+                "kind": { "group": "policy", "version": "v1", "kind": "Eviction" },
+                "resource": { "group": "", "version": "v1", "resource": "pods" },
+                "subResource": "eviction",
+                "name": pod,
+                "namespace": NS,
+                "operation": "CREATE",
+                "userInfo": { "username": "kubernetes-admin" },
+                "object": {
+                    "apiVersion": "policy/v1",
+                    "kind": "Eviction",
+                    "metadata": { "name": pod, "namespace": NS },
+                },
+                "dryRun": dry_run,
+            },
+        }))
+        .expect("an AdmissionReview");
+        review.try_into().expect("an AdmissionRequest")
+    }
+
+    /// Answers the review and checks which API requests it made.
+    async fn review(
+        pods: Vec<Pod>,
+        drains: Vec<IngestDrain>,
+        req: AdmissionRequest<DynamicObject>,
+        scenario: Scenario,
+    ) -> AdmissionResponse {
+        let (gate, api_server) = Gate::test(pods, drains);
+        let verifier = api_server.run(vec![scenario]);
+        let resp = within("webhook", decide(&gate, &req)).await;
+        drop(gate);
+        within("verifier", verifier).await.expect("scenario");
+        assert_eq!(resp.uid, "review-1");
+        resp
+    }
+
+    fn assert_held(resp: &AdmissionResponse) {
+        assert!(!resp.allowed);
+        assert_eq!(resp.result.code, 429);
+        assert_eq!(resp.result.reason, "TooManyRequests");
+    }
+
+    fn draining(phase: DrainPhase, row: PodDrainStatus) -> IngestDrain {
+        with_status(
+            drain("node-node-a", json!({ "nodeName": "node-a" })),
+            phase,
+            Duration::from_secs(10),
+            vec![row],
+        )
+    }
+
+    #[tokio::test]
+    async fn non_ingest_pod_is_allowed() {
+        let resp = review(
+            vec![other_pod("web-0")],
+            vec![],
+            eviction("web-0", false),
+            Scenario::NoRequest,
+        )
+        .await;
+        assert!(resp.allowed);
+    }
+
+    #[tokio::test]
+    async fn draining_pod_is_held_with_429_naming_the_publishers() {
+        let mut r = row("ingest-0", PodState::Draining);
+        (r.remaining, r.signalled, r.migrated) = (3, 2, 1);
+        let resp = review(
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+            vec![draining(DrainPhase::Draining, r)],
+            eviction("ingest-0", false),
+            Scenario::NoRequest,
+        )
+        .await;
+        assert_held(&resp);
+        assert_eq!(
+            resp.result.message,
+            "pod ingest-0 is draining (IngestDrain node-node-a): 3 publishers remain (2 signalled, 1 migrated)"
+        );
+    }
+
+    #[tokio::test]
+    async fn drained_or_timed_out_pod_is_allowed() {
+        let drained = review(
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+            vec![draining(DrainPhase::Draining, row("ingest-0", PodState::Drained))],
+            eviction("ingest-0", false),
+            Scenario::NoRequest,
+        )
+        .await;
+        assert!(drained.allowed);
+        let timed_out = review(
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+            vec![draining(DrainPhase::TimedOut, row("ingest-0", PodState::Draining))],
+            eviction("ingest-0", false),
+            Scenario::NoRequest,
+        )
+        .await;
+        assert!(timed_out.allowed);
+    }
+
+    #[tokio::test]
+    async fn undrained_pod_without_a_drain_starts_one_and_is_held() {
+        let pod = ingest_pod("ingest-0", NS, "node-a");
+        let resp = review(
+            vec![pod.clone()],
+            vec![],
+            eviction("ingest-0", false),
+            Scenario::EvictionDrain(pod),
+        )
+        .await;
+        assert_held(&resp);
+        assert!(resp.result.message.contains("starting its drain"), "{}", resp.result.message);
+    }
+
+    #[tokio::test]
+    async fn dry_run_answers_without_starting_a_drain() {
+        let resp = review(
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+            vec![],
+            eviction("ingest-0", true),
+            Scenario::NoRequest,
+        )
+        .await;
+        assert_held(&resp);
+    }
+}

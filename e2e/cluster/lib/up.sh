@@ -444,7 +444,7 @@ cmd_up() {
 	start_controllers
 	start_kube_proxy
 	for i in $(seq 0 $((NODES - 1))); do start_node_kubelet "$i"; done
-	step "$NODES nodes registered" wait_for "$NODES nodes to register" 90 "$LOG_DIR" nodes_registered
+	step "$NODES nodes registered" wait_for "$NODES nodes to register" 90 "$LOG_DIR/kubelet-$(node_name 0).log" nodes_registered
 	for i in $(seq 0 $((NODES - 1))); do
 		kc patch node "$(node_name "$i")" --type merge \
 			-p "{\"spec\":{\"podCIDR\":\"$(node_pod_cidr "$i")\",\"podCIDRs\":[\"$(node_pod_cidr "$i")\"]}}" >/dev/null
