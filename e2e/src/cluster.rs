@@ -162,6 +162,11 @@ impl Cluster {
         run_tool(&self.kubectl, &self.kubeconfig, args, None).await
     }
 
+    /// Runs kubectl with `input` on its stdin (`apply -f -` as a user types it).
+    pub async fn kubectl_with_input(&self, args: &[&str], input: &str) -> Result<String> {
+        run_tool(&self.kubectl, &self.kubeconfig, args, Some(input)).await
+    }
+
     /// Runs helm (the pinned version) against this cluster; stdout on success.
     pub async fn helm(&self, args: &[&str]) -> Result<String> {
         run_tool(&self.helm, &self.kubeconfig, args, None).await

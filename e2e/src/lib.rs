@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod rtmp;
 pub mod runner;
+pub mod system;
 
 pub use cluster::{Cluster, Image};
 pub use runner::Scenario;

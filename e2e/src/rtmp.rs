@@ -1,116 +1,56 @@
 //! Real RTMP peers on the host: an nginx-rtmp origin that records what it
-//! receives, ffmpeg as a publisher, ffprobe to judge the recordings.
+//! receives (the ingest pod crate's [`Origin`]), ffmpeg as a publisher,
+//! ffprobe to judge the recordings.
 
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
+use ingest_pod::origin::Origin;
+use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, PublisherReport};
 use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-const NGINX_RTMP_MODULE: &str = "/usr/lib/nginx/modules/ngx_rtmp_module.so";
+use crate::cluster::HOST_IP;
 
-/// An nginx-rtmp origin outside the cluster, as a real origin would be:
-/// application `live`, every published stream recorded to its own FLV file.
-pub struct Origin {
-    dir: PathBuf,
-    listen: SocketAddrV4,
-    nginx: Child,
+/// An nginx-rtmp origin outside the cluster, as a real origin would be: on
+/// the host side of the node bridge ([`HOST_IP`], a free port), application
+/// `live`, every publish recorded to its own FLV file in a temporary
+/// directory that goes with it.
+pub struct HostOrigin {
+    // Declared first: nginx stops before its directory is removed.
+    origin: Origin,
+    dir: tempfile::TempDir,
 }
 
-impl Origin {
-    /// Starts nginx listening on `listen` (use [`crate::cluster::HOST_IP`] so
-    /// pods reach it and nothing outside the machine does).
-    pub fn start(listen: SocketAddrV4) -> Result<Self> {
+impl HostOrigin {
+    /// Installs nginx-rtmp and ffmpeg when absent, then starts the origin.
+    pub fn start() -> Result<Self> {
         ensure_tools()?;
-        let dir = std::env::temp_dir().join(format!(
-            "lossless-ingest-origin-{}-{}",
-            std::process::id(),
-            listen.port()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("rec"))?;
-        let conf = format!(
-            "load_module {NGINX_RTMP_MODULE};
-# One process, no privilege drop: the test owns it and the recordings.
-daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log info;
-events {{ worker_connections 256; }}
-rtmp {{
-    server {{
-        listen {listen};
-        chunk_size 4096;
-        application live {{
-            live on;
-            record all;
-            record_unique on;
-            record_path {dir}/rec;
-        }}
-    }}
-}}
-",
-            dir = dir.display()
-        );
-        std::fs::write(dir.join("nginx.conf"), conf)?;
-        let nginx = std::process::Command::new("nginx")
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nginx (Debian packages nginx, libnginx-mod-rtmp)")?;
-        let origin = Self { dir, listen, nginx };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&SocketAddr::V4(listen), Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "nginx-rtmp did not listen on {listen}; see {}",
-                    origin.dir.join("error.log").display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(origin)
+        let dir = tempfile::Builder::new().prefix("lossless-ingest-origin-").tempdir()?;
+        let origin = Origin::start(dir.path(), &HOST_IP.to_string()).context("starting the nginx-rtmp origin")?;
+        Ok(Self { origin, dir })
     }
 
-    /// The URL template ingest pods push to.
+    /// The upstream URL template ingest pods push to: `rtmp://HOST_IP:PORT/{app}/{stream}`.
     pub fn upstream_template(&self) -> String {
-        format!("rtmp://{}/live/{{stream}}", self.listen)
+        format!("rtmp://{}/{{app}}/{{stream}}", self.origin.addr())
     }
 
-    /// Recordings of `stream` (one per publish, `record_unique`).
+    /// Where the recordings are (for [`ingest_pod::audit::audit_dir`]).
+    pub fn record_dir(&self) -> PathBuf {
+        self.origin.record_dir()
+    }
+
+    /// Recordings of `stream` in publish order (one per upstream publish).
     pub fn recordings(&self, stream: &str) -> Vec<PathBuf> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.join("rec"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        files.retain(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{stream}-")) && n.ends_with(".flv"))
-        });
-        files.sort();
-        files
+        ingest_pod::audit::find_recordings(&self.record_dir(), stream).unwrap_or_default()
     }
 
     pub fn error_log(&self) -> PathBuf {
-        self.dir.join("error.log")
-    }
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        let _ = self.nginx.kill();
-        let _ = self.nginx.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.dir.path().join("error.log")
     }
 }
 
@@ -185,4 +125,49 @@ pub async fn video_duration(path: &Path) -> Result<f64> {
         .find_map(|l| l.strip_prefix("duration="))
         .and_then(|d| d.trim().parse().ok())
         .with_context(|| format!("no duration in {}: {text}", path.display()))
+}
+
+/// A capable test publisher (announces both Go Away and Reconnect Request)
+/// streaming in the background until [`BackgroundPublisher::stop`].
+pub struct BackgroundPublisher {
+    stop: CancellationToken,
+    progress: watch::Receiver<Progress>,
+    task: JoinHandle<ingest_pod::publisher::Result<PublisherReport>>,
+}
+
+impl BackgroundPublisher {
+    /// Starts publishing a small 30 fps stream (a keyframe a second) to `url`.
+    pub fn start(url: &str) -> Result<Self> {
+        let publisher = Publisher::new(PublisherConfig {
+            go_away: true,
+            reconnect: true,
+            fps: 30,
+            gop: 30,
+            video_bitrate_bps: 500_000,
+            width: 320,
+            height: 240,
+            ..PublisherConfig::new(url)
+        })?;
+        let progress = publisher.progress();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(publisher.run(stop.clone()));
+        Ok(Self { stop, progress, task })
+    }
+
+    pub fn progress(&self) -> Progress {
+        *self.progress.borrow()
+    }
+
+    /// Stops publishing (a clean teardown) and returns what was sent.
+    pub async fn stop(mut self) -> Result<PublisherReport> {
+        self.stop.cancel();
+        let report = (&mut self.task).await.context("publisher task")??;
+        Ok(report)
+    }
+}
+
+impl Drop for BackgroundPublisher {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }

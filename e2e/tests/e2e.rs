@@ -7,9 +7,16 @@ use std::process::ExitCode;
 use ingest_e2e::runner;
 
 // Scenarios live in tests/e2e/ so cargo does not take them for test targets of their own.
+#[path = "e2e/chart.rs"]
+mod chart;
+#[path = "e2e/operator.rs"]
+mod operator;
 #[path = "e2e/smoke.rs"]
 mod smoke;
 
 fn main() -> ExitCode {
-    runner::main(2, smoke::scenarios())
+    let mut scenarios = smoke::scenarios();
+    scenarios.extend(operator::scenarios());
+    scenarios.extend(chart::scenarios());
+    runner::main(2, scenarios)
 }

@@ -1381,7 +1381,6 @@ async fn send(conn: &mut Conn, sample: &Sample, config: &MediaConfig, step: Dura
     Ok(timestamp)
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -1430,8 +1429,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_durations() {
-    }
+    fn parses_durations() {}
 
     #[test]
     fn configuration_is_plausible() -> anyhow::Result<()> {

@@ -111,9 +111,17 @@ async fn ffmpeg_stream_reaches_the_origin_whole() {
     assert!(sent.len() > 100, "ffmpeg sent {} messages", sent.len());
     assert_eq!(received, sent, "the origin got exactly what ffmpeg sent, in order");
     // The pod's own FLV recording of the publish session holds the same.
-    let own: Vec<_> = std::fs::read_dir(&record_dir).expect("pod recordings").flatten().map(|e| e.path()).collect();
+    let own: Vec<_> = std::fs::read_dir(&record_dir)
+        .expect("pod recordings")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert_eq!(own.len(), 1, "one file per publish session: {own:?}");
-    assert!(own[0].file_name().is_some_and(|n| n.to_string_lossy().starts_with("ffmpeg1-")));
+    assert!(
+        own[0]
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ffmpeg1-"))
+    );
     assert_eq!(media_hashes(&own[0]), sent, "the pod's recording holds every message");
 
     let _ = stop_tx.send(());

@@ -13,6 +13,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{EvictParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -28,8 +29,11 @@ use crate::telemetry::{ErrorLabel, Metrics, PhaseLabel};
 
 /// Field manager of everything the operator applies.
 pub const MANAGER: &str = "ingest-operator";
-/// Requeue while a drain runs (the pods' counts move on their own).
-pub const PROGRESS_REQUEUE: Duration = Duration::from_secs(1);
+/// Requeue while a drain runs; WatchStatus followers wake the drain sooner
+/// on every change of a pod, this is the safety net.
+pub const PROGRESS_REQUEUE: Duration = Duration::from_secs(5);
+/// Requeue of a finished drain whose pods' evictions were refused.
+pub const EVICTION_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -58,6 +62,69 @@ pub struct Context {
     pub args: Args,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    pub followers: Followers,
+}
+
+/// WatchStatus followers: one task per (drain, pod) that wakes the drain's
+/// reconcile whenever the pod reports a change.
+pub struct Followers {
+    tasks: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
+    wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<IngestDrain>>,
+}
+
+impl Followers {
+    pub fn new() -> (Self, tokio::sync::mpsc::UnboundedReceiver<ObjectRef<IngestDrain>>) {
+        let (wake, rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            Self {
+                tasks: Default::default(),
+                wake,
+            },
+            rx,
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, tokio::task::JoinHandle<()>>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows `ip`'s status for `drain` unless already following.
+    fn follow(&self, drain: &IngestDrain, pod: &str, ip: String, port: u16, token: String) {
+        let key = format!("{}/{}/{pod}", drain.namespace().unwrap_or_default(), drain.name_any());
+        let mut tasks = self.lock();
+        tasks.retain(|_, t| !t.is_finished());
+        if tasks.contains_key(&key) {
+            return;
+        }
+        let target = ObjectRef::from_obj(drain);
+        let wake = self.wake.clone();
+        tasks.insert(
+            key,
+            tokio::spawn(async move {
+                let Ok(mut client) = PodClient::connect(&ip, port, &token).await else {
+                    return;
+                };
+                let Ok(mut stream) = client.watch().await else { return };
+                while let Ok(Some(_)) = stream.message().await {
+                    if wake.send(target.clone()).is_err() {
+                        return;
+                    }
+                }
+            }),
+        );
+    }
+
+    /// Stops following the pods of `drain`.
+    fn forget(&self, drain: &IngestDrain) {
+        let prefix = format!("{}/{}/", drain.namespace().unwrap_or_default(), drain.name_any());
+        self.lock().retain(|k, t| {
+            let keep = !k.starts_with(&prefix);
+            if !keep {
+                t.abort();
+            }
+            keep
+        });
+    }
 }
 
 impl Context {
@@ -81,8 +148,13 @@ impl Context {
     }
 }
 
-/// Runs the IngestDrain controller until `stop`.
-pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+/// Runs the IngestDrain controller until `stop`; `wake` carries the
+/// followers' reconcile requests.
+pub async fn run(
+    ctx: Arc<Context>,
+    wake: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<IngestDrain>>,
+    stop: CancellationToken,
+) {
     let drains: Api<IngestDrain> = Api::all(ctx.client.clone());
     // Running drains requeue every second, so pod changes need no watch here.
     let controller = Controller::new(drains, watcher::Config::default().any_semantic());
@@ -111,6 +183,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         }
     });
     controller
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(wake))
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -230,7 +303,10 @@ fn start_request(drain: &IngestDrain, remaining: Duration, redirects: Vec<String
 async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
     let ns = drain.namespace().unwrap_or_default();
     let old = drain.status.clone().unwrap_or_default();
-    if old.phase.is_terminal() && old.observed_generation == drain.metadata.generation {
+    if old.phase.is_terminal()
+        && old.observed_generation == drain.metadata.generation
+        && !evictions_pending(drain, &old.pods)
+    {
         return Ok(Action::await_change());
     }
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
@@ -300,7 +376,10 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
         )
         .await
         {
-            Ok(status) => *row = state::row_from_status(row, &status, &drain_id(drain), now.clone()),
+            Ok(status) => {
+                *row = state::row_from_status(row, &status, &drain_id(drain), now.clone());
+                ctx.followers.follow(drain, &row.name, ip.clone(), ctx.args.control_port, token.clone());
+            }
             Err(err) => {
                 warn!(pod = %row.name, %err, "pod control API failed");
                 row.state = if past_deadline {
@@ -316,6 +395,9 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
             row.state = PodState::TimedOut;
         }
     }
+    // Judged before evicting: an Evicted row no longer says whether the pod
+    // drained or timed out.
+    let phase = state::overall_phase(&rows, past_deadline);
     if drain.spec.evict {
         for row in rows
             .iter_mut()
@@ -336,7 +418,6 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
-    let phase = state::overall_phase(&rows, past_deadline);
     if phase != old.phase {
         let t = state::totals(&rows);
         let (type_, note) = match phase {
@@ -362,12 +443,27 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
             ctx.metrics.migrated.inc_by(t.migrated.max(0) as u64);
         }
     }
+    let evictions_left = evictions_pending(drain, &rows);
     write_status(drain, ctx, phase, rows, &old, started, &now).await?;
-    Ok(if phase.is_terminal() {
-        Action::await_change()
-    } else {
+    if phase.is_terminal() {
+        ctx.followers.forget(drain);
+    }
+    Ok(if !phase.is_terminal() {
         Action::requeue(PROGRESS_REQUEUE)
+    } else if evictions_left {
+        Action::requeue(EVICTION_RETRY)
+    } else {
+        Action::await_change()
     })
+}
+
+/// Released pods the drain must still evict (an eviction refused by a
+/// PodDisruptionBudget, or a race, is retried even once the drain is done).
+fn evictions_pending(drain: &IngestDrain, rows: &[PodDrainStatus]) -> bool {
+    drain.spec.evict
+        && rows
+            .iter()
+            .any(|r| matches!(r.state, PodState::Drained | PodState::TimedOut))
 }
 
 /// StartDrain (idempotent by id) then GetStatus.
@@ -518,6 +614,7 @@ mod tests {
                 drain: held.clone(),
                 pods: vec![ingest_pod("ingest-0", NS, "node-a"), other_pod("web-0")],
                 evicted: vec![],
+                evictions_refused: false,
                 event: Some(("Normal", "Draining")),
                 phase: DrainPhase::Draining,
                 rows: vec![("ingest-0", PodState::Draining)],
@@ -526,7 +623,10 @@ mod tests {
 
         // The finalizer goes on before any pod is touched.
         assert_eq!(reconcile_once(&ctx, &fresh).await, Action::requeue(Duration::ZERO));
-        assert!(pod.drainer.status().is_none(), "the pod was contacted before the finalizer");
+        assert!(
+            pod.drainer.status().is_none(),
+            "the pod was contacted before the finalizer"
+        );
 
         assert_eq!(reconcile_once(&ctx, &held).await, Action::requeue(PROGRESS_REQUEUE));
         let on_pod = pod.drainer.status().expect("StartDrain reached the pod");
@@ -562,6 +662,7 @@ mod tests {
             drain: d.clone(),
             pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec!["ingest-0"],
+            evictions_refused: false,
             event: Some(("Normal", "Drained")),
             phase: DrainPhase::Drained,
             rows: vec![("ingest-0", PodState::Evicted)],
@@ -574,6 +675,63 @@ mod tests {
         let status = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
         assert_eq!(status["totals"]["drainedPods"], json!(1));
         assert_eq!(status["conditions"][0]["reason"], json!("AllPodsDrained"));
+    }
+
+    #[tokio::test]
+    async fn refused_eviction_is_retried_after_the_drain_is_done() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let d = with_status(
+            with_finalizer(drain("node-node-a", json!({ "evict": true }))),
+            DrainPhase::Draining,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_millis(100));
+        wait_pod_phase(&pod, PodPhase::Drained).await;
+        // What the first reconcile leaves: Drained, the pod not yet evicted.
+        let mut done = with_status(
+            drain("node-node-a", json!({ "evict": true })),
+            DrainPhase::Drained,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Drained)],
+        );
+        done.metadata.resource_version = Some("8".into());
+        let verifier = api_server.run(vec![
+            Scenario::Step(Step {
+                drain: d.clone(),
+                pods: vec![ingest_pod("ingest-0", NS, "node-a")],
+                evicted: vec!["ingest-0"],
+                evictions_refused: true,
+                event: Some(("Normal", "Drained")),
+                phase: DrainPhase::Drained,
+                rows: vec![("ingest-0", PodState::Drained)],
+            }),
+            Scenario::Step(Step {
+                drain: done.clone(),
+                pods: vec![ingest_pod("ingest-0", NS, "node-a")],
+                evicted: vec!["ingest-0"],
+                evictions_refused: false,
+                event: None,
+                phase: DrainPhase::Drained,
+                rows: vec![("ingest-0", PodState::Evicted)],
+            }),
+        ]);
+
+        // A PodDisruptionBudget refuses: the drain is done but comes back.
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::requeue(EVICTION_RETRY));
+        assert_eq!(reconcile_once(&ctx, &done).await, Action::await_change());
+
+        drop(ctx);
+        let seen = within("verifier", verifier).await.expect("scenario");
+        let first = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
+        assert!(
+            first["pods"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("eviction refused")),
+            "{first}"
+        );
     }
 
     #[tokio::test]
@@ -592,6 +750,7 @@ mod tests {
             drain: d.clone(),
             pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec![],
+            evictions_refused: false,
             event: Some(("Warning", "TimedOut")),
             phase: DrainPhase::TimedOut,
             rows: vec![("ingest-0", PodState::TimedOut)],
@@ -626,6 +785,7 @@ mod tests {
             drain: d.clone(),
             pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec!["ingest-0"],
+            evictions_refused: false,
             event: Some(("Warning", "TimedOut")),
             phase: DrainPhase::TimedOut,
             rows: vec![("ingest-0", PodState::Evicted)],
@@ -654,6 +814,7 @@ mod tests {
             drain: d.clone(),
             pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec![],
+            evictions_refused: false,
             event: Some(("Normal", "Cancelled")),
             phase: DrainPhase::Cancelled,
             rows: vec![("ingest-0", PodState::Cancelled)],
@@ -689,6 +850,7 @@ mod tests {
                 ingest_pod("ingest-1", NS, "node-b"),
             ],
             evicted: vec![],
+            evictions_refused: false,
             event: None,
             phase: DrainPhase::Draining,
             rows: vec![("ingest-0", PodState::Draining)],
@@ -725,6 +887,7 @@ mod tests {
             drain: d.clone(),
             pods: vec![replacement],
             evicted: vec![],
+            evictions_refused: false,
             event: Some(("Normal", "Drained")),
             phase: DrainPhase::Drained,
             rows: vec![("ingest-0", PodState::Gone), ("ingest-1", PodState::Gone)],

@@ -230,6 +230,8 @@ impl Context {
             client,
             args: args(control_port, token_file),
             metrics: Metrics::default(),
+            // No controller runs here: the followers' wake-ups go nowhere.
+            followers: crate::controller::Followers::new().0,
         };
         (Arc::new(ctx), verifier)
     }
@@ -271,6 +273,8 @@ pub struct Step {
     pub pods: Vec<Pod>,
     /// Pods the step must evict, in order.
     pub evicted: Vec<&'static str>,
+    /// The API server refuses those evictions (a PodDisruptionBudget).
+    pub evictions_refused: bool,
     /// The event the step must publish: (type, reason).
     pub event: Option<(&'static str, &'static str)>,
     /// The phase the step must apply.
@@ -430,7 +434,8 @@ impl Verifier {
         assert_eq!(seen.content_type.as_deref(), Some("application/merge-patch+json"));
         // The resourceVersion makes a concurrent change of the list fail.
         assert_eq!(seen.body["metadata"]["resourceVersion"], json!(d.resource_version()));
-        let list: Vec<String> = serde_json::from_value(seen.body["metadata"]["finalizers"].clone()).expect("finalizers");
+        let list: Vec<String> =
+            serde_json::from_value(seen.body["metadata"]["finalizers"].clone()).expect("finalizers");
         assert_eq!(list.contains(&FINALIZER.to_owned()), present, "finalizers {list:?}");
         let mut next = d.clone();
         next.metadata.finalizers = Some(list);
@@ -448,11 +453,21 @@ impl Verifier {
             let path = format!("/api/v1/namespaces/{NS}/pods/{pod}/eviction");
             let (seen, send) = self.expect(Method::POST, &path).await;
             assert_eq!(seen.body["metadata"]["name"], json!(pod));
-            reply(
-                send,
-                StatusCode::CREATED,
-                &json!({ "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success", "code": 201 }),
-            );
+            if step.evictions_refused {
+                reply(
+                    send,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &json!({ "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                        "reason": "TooManyRequests", "code": 429,
+                        "message": "Cannot evict pod as it would violate the pod's disruption budget." }),
+                );
+            } else {
+                reply(
+                    send,
+                    StatusCode::CREATED,
+                    &json!({ "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success", "code": 201 }),
+                );
+            }
         }
 
         if let Some((type_, reason)) = step.event {
@@ -547,7 +562,10 @@ impl Verifier {
 /// Server-side apply by the operator's field manager, forced.
 fn assert_server_side_apply(seen: &Seen) {
     assert_eq!(seen.content_type.as_deref(), Some("application/apply-patch+yaml"));
-    assert_eq!(seen.query.get("fieldManager").map(String::as_str), Some("ingest-operator"));
+    assert_eq!(
+        seen.query.get("fieldManager").map(String::as_str),
+        Some("ingest-operator")
+    );
     assert_eq!(seen.query.get("force").map(String::as_str), Some("true"));
 }
 

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use ingest_proto::v1::ingest_control_client::IngestControlClient;
-use ingest_proto::v1::{CancelDrainRequest, GetStatusRequest, PodStatus, StartDrainRequest, StartDrainResponse};
+use ingest_proto::v1::{
+    CancelDrainRequest, GetStatusRequest, PodStatus, StartDrainRequest, StartDrainResponse, WatchStatusRequest,
+};
 use thiserror::Error;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -72,7 +74,8 @@ impl PodClient {
     }
 
     pub async fn start_drain(&mut self, req: StartDrainRequest) -> Result<StartDrainResponse, Error> {
-        let r = self.request(req);
+        let mut r = self.request(req);
+        r.set_timeout(CALL_TIMEOUT);
         self.inner
             .start_drain(r)
             .await
@@ -81,9 +84,20 @@ impl PodClient {
     }
 
     pub async fn status(&mut self) -> Result<PodStatus, Error> {
-        let r = self.request(GetStatusRequest::default());
+        let mut r = self.request(GetStatusRequest::default());
+        r.set_timeout(CALL_TIMEOUT);
         self.inner
             .get_status(r)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.err(s))
+    }
+
+    /// The pod's status on every change (coalesced by the pod).
+    pub async fn watch(&mut self) -> Result<tonic::Streaming<PodStatus>, Error> {
+        let r = self.request(WatchStatusRequest::default());
+        self.inner
+            .watch_status(r)
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| self.err(s))

@@ -152,12 +152,26 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         controller: "ingest-operator".into(),
         instance: Some(args.identity.clone()),
     };
+    let (followers, mut wake) = controller::Followers::new();
     let ctx = Arc::new(Context {
         client: client.clone(),
         args: args.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
+        followers,
     });
+    // Followers' wake-ups go to whichever controller runs now (leadership may come and go).
+    let current: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<_>>>> = Arc::default();
+    {
+        let current = current.clone();
+        tasks.spawn(async move {
+            while let Some(r) = wake.recv().await {
+                if let Some(tx) = current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    let _ = tx.send(r);
+                }
+            }
+        });
+    }
     let leading_stop = stop.clone();
     let node_drains = args.node_drains;
     tasks.spawn(async move {
@@ -169,7 +183,9 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
                 (true, None) => {
                     let t = leading_stop.child_token();
                     info!("leading: starting the controllers");
-                    tokio::spawn(controller::run(ctx.clone(), t.clone()).instrument(info_span!("drains")));
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+                    tokio::spawn(controller::run(ctx.clone(), rx, t.clone()).instrument(info_span!("drains")));
                     if node_drains {
                         tokio::spawn(nodes::run(ctx.clone(), t.clone()).instrument(info_span!("nodes")));
                     }

@@ -289,7 +289,11 @@ mod tests {
         )
         .await;
         assert_held(&resp);
-        assert!(resp.result.message.contains("starting its drain"), "{}", resp.result.message);
+        assert!(
+            resp.result.message.contains("starting its drain"),
+            "{}",
+            resp.result.message
+        );
     }
 
     #[tokio::test]

@@ -5,18 +5,16 @@
 //! `kubectl drain`.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddrV4;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use ingest_e2e::cluster::{self, HOST_IP, eventually};
-use ingest_e2e::rtmp::{self, Origin};
+use ingest_e2e::cluster::{self, eventually};
+use ingest_e2e::rtmp::{self, HostOrigin};
+use ingest_e2e::system::{self, INGEST_IMAGE};
 use ingest_e2e::{Cluster, Image, Scenario};
 
 const PROBE_IMAGE: &str = "localhost/e2e-probe:dev";
-const INGEST_IMAGE: &str = "localhost/ingest-pod:dev";
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
@@ -104,8 +102,8 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 async fn ingest_publish_and_drain(c: Arc<Cluster>) -> Result<()> {
-    let origin = Origin::start(SocketAddrV4::new(HOST_IP, 1935))?;
-    c.load_image(&Image::new(INGEST_IMAGE, ingest_pod_binary()?)).await?;
+    let origin = HostOrigin::start()?;
+    c.load_image(&system::ingest_image()?).await?;
     let ns = c.namespace("smoke-ingest").await?;
     c.apply(&ingest_manifests(&ns, &origin.upstream_template())).await?;
     c.kubectl(&["-n", &ns, "rollout", "status", "deployment/ingest", "--timeout=180s"])
@@ -173,7 +171,7 @@ async fn ready_nodes(c: &Cluster, ns: &str, want: usize) -> Result<BTreeSet<Stri
 
 /// Waits until the origin holds `count` recordings of `smoke`, the newest
 /// with at least `seconds` of H.264 video.
-async fn recorded(origin: &Origin, count: usize, seconds: f64) -> Result<()> {
+async fn recorded(origin: &HostOrigin, count: usize, seconds: f64) -> Result<()> {
     eventually("the stream to reach the origin", Duration::from_secs(30), || async {
         let files = origin.recordings("smoke");
         let newest = files.last().context("no recording yet")?;
@@ -187,24 +185,6 @@ async fn recorded(origin: &Origin, count: usize, seconds: f64) -> Result<()> {
         Ok(())
     })
     .await
-}
-
-/// `INGEST_POD_BIN`, else the workspace's release build.
-fn ingest_pod_binary() -> Result<PathBuf> {
-    let path = std::env::var_os("INGEST_POD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-            target.join("release/ingest-pod")
-        });
-    ensure!(
-        path.is_file(),
-        "{} is missing: run `cargo build --release -p ingest-pod` first",
-        path.display()
-    );
-    Ok(path)
 }
 
 fn probe_image() -> Image {

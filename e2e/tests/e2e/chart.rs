@@ -1,0 +1,319 @@
+//! The chart on a real cluster (issue 8): `helm install --wait` into a
+//! namespace that enforces the `restricted` Pod Security level, the webhook
+//! holding an eviction until the operator drained the pod, `helm upgrade`
+//! keeping the generated secrets, `helm uninstall` leaving only the CRD.
+//! The operator claims of issue 7 that need the installed system run as
+//! steps of the same install (see `operator.rs`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+use kube::api::ListParams;
+
+use ingest_e2e::cluster::eventually;
+use ingest_e2e::rtmp::{BackgroundPublisher, HostOrigin};
+use ingest_e2e::system::{
+    self, CRD, INGEST_PODS, INSTANCE_LABEL, OPERATOR_PODS, RELEASE, RTMP_PORT, deployments_available,
+};
+use ingest_e2e::{Cluster, Scenario};
+
+use crate::operator;
+
+const NS: &str = "chart-e2e";
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![Scenario::new("chart_install_upgrade_uninstall", |c| async move {
+        // The chart puts objects outside its namespace (CRD, ClusterRoles, the
+        // webhook configuration): remove them before and after, also on failure.
+        system::purge(&c, NS).await?;
+        let result = install_upgrade_uninstall(c.clone()).await;
+        let purged = system::purge(&c, NS).await;
+        result.and(purged)
+    })
+    .timeout(Duration::from_secs(1200))]
+}
+
+async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
+    let origin = HostOrigin::start()?;
+    c.load_image(&system::ingest_image()?).await?;
+    c.load_image(&system::operator_image()?).await?;
+    c.namespace(NS).await?;
+    c.kubectl(&[
+        "label",
+        "namespace",
+        NS,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/enforce-version=latest",
+        "--overwrite",
+    ])
+    .await?;
+    let upstream = origin.upstream_template();
+
+    let t = Instant::now();
+    system::helm_install(&c, "install", NS, &upstream, &[]).await?;
+    println!("  helm install --wait: {:.1?}", t.elapsed());
+    every_deployment_available(&c).await?;
+    nothing_rejected_by_pod_security(&c).await?;
+    leader_lease_names_an_operator_pod(&c).await?;
+
+    let vip = system::ingest_vip(&c, NS).await?;
+    let publisher = BackgroundPublisher::start(&format!("rtmp://{vip}:{RTMP_PORT}/live/chart"))?;
+    eventually("the publisher to stream", Duration::from_secs(30), || async {
+        let p = publisher.progress();
+        ensure!(p.video_frames >= 60, "{p:?}");
+        Ok(())
+    })
+    .await?;
+
+    operator::eviction_held_until_drained(&c, NS, &publisher).await?;
+    operator::non_ingest_eviction_allowed(&c, NS).await?;
+    operator::status_and_printer_columns(&c, NS, &publisher).await?;
+    operator_has_no_forbidden_calls(&c).await?;
+
+    upgrade_keeps_secrets(&c, &upstream).await?;
+    operator_has_no_forbidden_calls(&c).await?;
+
+    operator::eviction_allowed_without_operator(&c, NS, &publisher).await?;
+
+    // Every move above (webhook + operator drain, selector drain, SIGTERM
+    // drain) was lossless for the capable publisher.
+    let report = publisher.stop().await?;
+    println!(
+        "  publisher: {} connections, {} signals, longest switch gap {:?}",
+        report.connections,
+        report.signals.len(),
+        report.max_switch_gap()
+    );
+    ensure!(
+        report.error.is_none(),
+        "the publisher stopped early: {:?}",
+        report.error
+    );
+    let audit = eventually("a lossless audit at the origin", Duration::from_secs(30), || async {
+        let audit = ingest_pod::audit::audit_dir(&report.stream, &report.sent, &origin.record_dir())?;
+        ensure!(audit.lossless(), "{audit}");
+        Ok(audit)
+    })
+    .await
+    .with_context(|| format!("origin log: {}", origin.error_log().display()))?;
+    println!("  audit: {audit}");
+
+    uninstall_leaves_only_the_crd(&c).await
+}
+
+async fn every_deployment_available(c: &Cluster) -> Result<()> {
+    let names = deployments_available(c, NS, Duration::from_secs(60)).await?;
+    let mut want = vec![system::ingest_name(), system::operator_name()];
+    want.sort();
+    let mut got = names.clone();
+    got.sort();
+    ensure!(got == want, "deployments {got:?}, want {want:?}");
+    println!("  Available: {}", names.join(", "));
+    Ok(())
+}
+
+/// The namespace enforces `restricted` (a violating pod is refused), and
+/// none of the chart's pods was: no FailedCreate event, no ReplicaFailure.
+async fn nothing_rejected_by_pod_security(c: &Cluster) -> Result<()> {
+    let violating = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: psa-control, namespace: {NS}}}\n\
+         spec: {{containers: [{{name: c, image: localhost/pause:local}}]}}\n"
+    );
+    match c
+        .kubectl_with_input(&["apply", "--dry-run=server", "-f", "-"], &violating)
+        .await
+    {
+        Ok(out) => bail!("{NS} does not enforce restricted: a root pod without a security context was accepted: {out}"),
+        Err(err) => ensure!(
+            format!("{err:#}").contains("violates PodSecurity \"restricted:latest\""),
+            "a violating pod was refused, but not by Pod Security admission: {err:#}"
+        ),
+    }
+    let events = Api::<Event>::namespaced(c.client(), NS)
+        .list(&ListParams::default())
+        .await?;
+    let rejected: Vec<String> = events
+        .items
+        .iter()
+        .filter(|e| {
+            let msg = e.message.as_deref().unwrap_or_default();
+            e.reason.as_deref() == Some("FailedCreate") || msg.contains("PodSecurity") || msg.contains("forbidden")
+        })
+        .map(|e| format!("{:?}: {}", e.reason, e.message.as_deref().unwrap_or_default()))
+        .collect();
+    ensure!(rejected.is_empty(), "pods were rejected: {rejected:#?}");
+    let replica_sets = Api::<ReplicaSet>::namespaced(c.client(), NS)
+        .list(&ListParams::default())
+        .await?;
+    for rs in replica_sets.items {
+        let failures: Vec<String> = rs
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.type_ == "ReplicaFailure")
+            .map(|c| c.message.unwrap_or_default())
+            .collect();
+        ensure!(
+            failures.is_empty(),
+            "ReplicaSet {} failed to create pods: {failures:?}",
+            rs.metadata.name.unwrap_or_default()
+        );
+    }
+    println!("  Pod Security restricted enforced; no pod rejected");
+    Ok(())
+}
+
+async fn leader_lease_names_an_operator_pod(c: &Cluster) -> Result<()> {
+    let leases: Api<Lease> = Api::namespaced(c.client(), NS);
+    let lease_name = system::operator_name();
+    let holder = eventually(
+        "the operator's leader Lease to name an operator pod",
+        Duration::from_secs(60),
+        || async {
+            let lease = leases
+                .get_opt(&lease_name)
+                .await?
+                .with_context(|| format!("no Lease {NS}/{lease_name}"))?;
+            let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+            let pods: Vec<String> = c.pods(NS, OPERATOR_PODS).await?.into_iter().map(|p| p.0).collect();
+            ensure!(pods.len() == 2, "operator pods {pods:?}, want 2");
+            ensure!(
+                pods.contains(&holder),
+                "Lease holder {holder:?} is none of the operator pods {pods:?}"
+            );
+            Ok(holder)
+        },
+    )
+    .await?;
+    println!("  leader: {holder}");
+    Ok(())
+}
+
+/// The operator runs with exactly the chart's RBAC (in-cluster, its
+/// ServiceAccount): its watches synced, the leader started its controllers,
+/// and the API server refused it nothing.
+async fn operator_has_no_forbidden_calls(c: &Cluster) -> Result<()> {
+    let logs = c
+        .kubectl(&["-n", NS, "logs", "-l", OPERATOR_PODS, "--tail=-1", "--prefix"])
+        .await?;
+    let forbidden: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.to_lowercase().contains("forbidden"))
+        .collect();
+    ensure!(forbidden.is_empty(), "the operator was refused by RBAC:\n{}", forbidden.join("\n"));
+    ensure!(
+        logs.matches("caches synced").count() == 2,
+        "not both operator replicas synced their caches:\n{logs}"
+    );
+    ensure!(
+        logs.contains("leading: starting the controllers"),
+        "no operator replica leads:\n{logs}"
+    );
+    println!("  operator logs: caches synced on both replicas, a leader, nothing forbidden");
+    Ok(())
+}
+
+/// `helm upgrade` with a changed value keeps the webhook's certificate (Secret
+/// and caBundle) and the control token, so the operator pods do not roll.
+async fn upgrade_keeps_secrets(c: &Cluster, upstream: &str) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(c.client(), NS);
+    let webhooks: Api<ValidatingWebhookConfiguration> = Api::all(c.client());
+    let snapshot = || async {
+        let tls = secrets.get(&system::webhook_tls_secret()).await?.data;
+        let token = secrets.get(&system::control_token_secret()).await?.data;
+        let ca = webhooks
+            .get(&system::webhook_name())
+            .await?
+            .webhooks
+            .unwrap_or_default()
+            .into_iter()
+            .map(|w| w.client_config.ca_bundle)
+            .collect::<Vec<_>>();
+        let mut operators: Vec<(String, String)> = system::all_pods(c, NS, OPERATOR_PODS)
+            .await?
+            .into_iter()
+            .map(|p| (p.metadata.name.unwrap_or_default(), p.metadata.uid.unwrap_or_default()))
+            .collect();
+        operators.sort();
+        anyhow::Ok((tls, token, ca, operators))
+    };
+    let (tls, token, ca, operators) = snapshot().await?;
+    ensure!(tls.is_some() && token.is_some(), "the chart made no TLS or token Secret");
+    ensure!(
+        ca.len() == 1 && ca[0].is_some(),
+        "webhook {} has no caBundle",
+        system::webhook_name()
+    );
+
+    let t = Instant::now();
+    system::helm_install(c, "upgrade", NS, upstream, &["ingest.replicaCount=2"]).await?;
+    println!("  helm upgrade --wait (ingest.replicaCount 3 -> 2): {:.1?}", t.elapsed());
+    let ingest = c
+        .kubectl(&["-n", NS, "get", "deployment", &system::ingest_name(), "-o", "jsonpath={.spec.replicas}"])
+        .await?;
+    ensure!(ingest == "2", "the upgrade did not apply ingest.replicaCount=2: replicas {ingest}");
+    deployments_available(c, NS, Duration::from_secs(120)).await?;
+
+    let (tls2, token2, ca2, operators2) = snapshot().await?;
+    ensure!(tls2 == tls, "helm upgrade replaced the webhook's TLS Secret");
+    ensure!(ca2 == ca, "helm upgrade changed the webhook's caBundle");
+    ensure!(token2 == token, "helm upgrade replaced the control token");
+    ensure!(
+        operators2 == operators,
+        "the operator pods rolled on an upgrade that changed neither certificate nor token: {operators:?} -> {operators2:?}"
+    );
+    println!("  upgrade kept the webhook certificate, caBundle and control token");
+    Ok(())
+}
+
+async fn uninstall_leaves_only_the_crd(c: &Cluster) -> Result<()> {
+    let t = Instant::now();
+    c.helm(&["uninstall", RELEASE, "--namespace", NS, "--wait", "--timeout", "180s"])
+        .await?;
+    println!("  helm uninstall --wait: {:.1?}", t.elapsed());
+    eventually("no pod left in the namespace", Duration::from_secs(120), || async {
+        let left: Vec<String> = system::all_pods(c, NS, "")
+            .await?
+            .into_iter()
+            .map(|p| p.metadata.name.unwrap_or_default())
+            .collect();
+        ensure!(left.is_empty(), "orphan pods: {left:?}");
+        Ok(())
+    })
+    .await?;
+
+    // Everything of any listable kind, cluster-wide, labelled with the release.
+    let kinds = c.kubectl(&["api-resources", "--verbs=list", "-o", "name"]).await?;
+    let kinds: Vec<&str> = kinds.lines().filter(|k| !k.is_empty() && *k != "events" && !k.starts_with("events.")).collect();
+    let selector = format!("{INSTANCE_LABEL}={RELEASE}");
+    let left = c
+        .kubectl(&["get", &kinds.join(","), "-A", "-l", &selector, "-o", "name"])
+        .await?;
+    let left: Vec<&str> = left.lines().filter(|l| !l.is_empty()).collect();
+    let crd = format!("customresourcedefinition.apiextensions.k8s.io/{CRD}");
+    ensure!(
+        left == [crd.as_str()],
+        "helm uninstall left {left:?} labelled {selector}; want only the CRD"
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client());
+    let kept = crds.get(CRD).await.context("the CRD is gone after uninstall")?;
+    ensure!(
+        kept.metadata.deletion_timestamp.is_none(),
+        "the CRD is being deleted after uninstall"
+    );
+    // Not the chart's: the Lease the operator made at run time stays with the namespace.
+    let leases = c.kubectl(&["-n", NS, "get", "leases", "-o", "name"]).await?;
+    println!(
+        "  uninstall left the CRD (kept) and, unlabelled, {}",
+        leases.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! The operator on the real API server (issue 7): the CRD's schema and CEL
+//! rules as `kubectl apply` reports them, and — as steps of the chart's
+//! install in `chart.rs`, so the operator runs in-cluster with exactly the
+//! chart's RBAC — the eviction gate, status by server-side apply and the
+//! printer columns, and failurePolicy Ignore with the operator stopped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{EvictParams, ListParams, PostParams};
+use kube::core::response::Status;
+use kube::{Api, ResourceExt};
+
+use ingest_e2e::cluster::eventually;
+use ingest_e2e::rtmp::BackgroundPublisher;
+use ingest_e2e::system::{self, CRD, OPERATOR_PODS, deployments_available};
+use ingest_e2e::{Cluster, Scenario};
+use ingest_operator::crd::{DrainPhase, IngestDrain, TRIGGER_LABEL};
+use ingest_operator::webhook;
+
+const CRD_NS: &str = "operator-crd";
+/// Columns `kubectl get ingestdrains` prints.
+const COLUMNS: [&str; 6] = ["NAME", "PHASE", "PODS", "DRAINED", "REMAINING", "AGE"];
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![Scenario::new("operator_crd_validation", |c| async move {
+        system::purge(&c, CRD_NS).await?;
+        let result = crd_validation(c.clone()).await;
+        let purged = system::purge(&c, CRD_NS).await;
+        result.and(purged)
+    })]
+}
+
+/// A bad IngestDrain, the kubectl flags it is applied with, and what the
+/// refusal must say.
+struct Bad {
+    what: &'static str,
+    spec: &'static str,
+    flags: &'static [&'static str],
+    says: &'static str,
+}
+
+const SELECTOR: &str = "selector: {matchLabels: {app: ingest}}";
+
+const BAD: [Bad; 6] = [
+    Bad {
+        what: "empty selector",
+        spec: "selector: {}",
+        flags: &[],
+        says: "selector must have matchLabels or matchExpressions",
+    },
+    Bad {
+        what: "negative rate",
+        spec: "rate: -1",
+        flags: &[],
+        says: "rate is signals per second and must not be negative",
+    },
+    Bad {
+        what: "redirect template that is not rtmp",
+        spec: "redirect: {urlTemplate: 'http://{pod}.ingest.example.com/live'}",
+        flags: &[],
+        says: "redirect.urlTemplate must start with rtmp:// or rtmps://",
+    },
+    Bad {
+        what: "deadlineSeconds 0",
+        spec: "deadlineSeconds: 0",
+        flags: &[],
+        says: "deadlineSeconds must be between 1 and 86400",
+    },
+    Bad {
+        what: "unknown incapablePolicy",
+        spec: "incapablePolicy: Sometimes",
+        flags: &[],
+        says: "Unsupported value: \"Sometimes\"",
+    },
+    Bad {
+        what: "unknown field",
+        spec: "colour: red",
+        flags: &["--validate=strict"],
+        says: "unknown field \"spec.colour\"",
+    },
+];
+
+fn drain_manifest(name: &str, spec_lines: &[&str]) -> String {
+    let spec: String = spec_lines.iter().map(|l| format!("  {l}\n")).collect();
+    format!(
+        "apiVersion: ingest.lossless.dev/v1alpha1\nkind: IngestDrain\nmetadata: {{name: {name}, namespace: {CRD_NS}}}\nspec:\n{spec}"
+    )
+}
+
+async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
+    let crd_file = system::workspace_root().join("crds").join(format!("{CRD}.yaml"));
+    let crd_file = crd_file.to_str().context("CRD path is not UTF-8")?;
+    let out = c.kubectl(&["apply", "-f", crd_file]).await?;
+    ensure!(out.contains("created"), "kubectl apply of the CRD: {out}");
+    c.kubectl(&["wait", "--for=condition=Established", &format!("crd/{CRD}"), "--timeout=60s"])
+        .await?;
+    c.namespace(CRD_NS).await?;
+
+    // A good one is accepted (once discovery knows the new kind).
+    let good = drain_manifest("good", &[SELECTOR, "deadlineSeconds: 60"]);
+    eventually("a valid IngestDrain to be accepted", Duration::from_secs(30), || {
+        c.kubectl_with_input(&["apply", "-f", "-"], &good)
+    })
+    .await?;
+    let table = c.kubectl(&["-n", CRD_NS, "get", "ingestdrains"]).await?;
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    ensure!(header == COLUMNS, "kubectl get ingestdrains prints {header:?}, want {COLUMNS:?}");
+
+    for (i, bad) in BAD.iter().enumerate() {
+        let name = format!("bad-{i}");
+        let spec = if bad.spec.starts_with("selector") {
+            drain_manifest(&name, &[bad.spec])
+        } else {
+            drain_manifest(&name, &[SELECTOR, bad.spec])
+        };
+        let mut args = vec!["apply"];
+        args.extend(bad.flags);
+        args.extend(["-f", "-"]);
+        let refusal = match c.kubectl_with_input(&args, &spec).await {
+            Ok(out) => bail!("the API server accepted an IngestDrain with {}: {out}\n{spec}", bad.what),
+            Err(err) => format!("{err:#}"),
+        };
+        ensure!(
+            refusal.contains(bad.says),
+            "an IngestDrain with {} was refused, but kubectl does not say {:?}:\n{refusal}",
+            bad.what,
+            bad.says
+        );
+        let exists = c
+            .kubectl(&["-n", CRD_NS, "get", "ingestdrain", &name, "--ignore-not-found", "-o", "name"])
+            .await?;
+        ensure!(exists.trim().is_empty(), "{name} ({}) exists after its refusal", bad.what);
+        let said = refusal
+            .lines()
+            .find(|l| l.contains(bad.says))
+            .unwrap_or_default()
+            .trim();
+        println!("  {}: {said}", bad.what);
+    }
+    Ok(())
+}
+
+/// An eviction through the API server: `None` if allowed, else the refusal.
+async fn evict(c: &Cluster, ns: &str, pod: &str, dry_run: bool) -> Result<Option<Box<Status>>> {
+    let params = EvictParams {
+        post_options: PostParams {
+            dry_run,
+            ..PostParams::default()
+        },
+        ..EvictParams::default()
+    };
+    match Api::<Pod>::namespaced(c.client(), ns).evict(pod, &params).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status)) => Ok(Some(status)),
+        Err(err) => Err(err).with_context(|| format!("evicting {ns}/{pod}")),
+    }
+}
+
+/// Waits until the publisher made `more` connections than in `before`
+/// (it moved pods) after being signalled.
+async fn publisher_moved(publisher: &BackgroundPublisher, connections_before: u32) -> Result<()> {
+    eventually("the publisher to reconnect elsewhere", Duration::from_secs(60), || async {
+        let p = publisher.progress();
+        ensure!(!p.done, "the publisher stopped: {p:?}");
+        ensure!(
+            p.connections > connections_before,
+            "still on connection {} of {connections_before}: {p:?}",
+            p.connections
+        );
+        Ok(())
+    })
+    .await
+}
+
+async fn gone(c: &Cluster, ns: &str, pod: &str, uid: &str, timeout: Duration) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(c.client(), ns);
+    eventually(&format!("pod {pod} to go"), timeout, || async {
+        match pods.get_opt(pod).await? {
+            Some(p) if p.uid().as_deref() == Some(uid) => bail!(
+                "{pod} is still there (terminating: {})",
+                p.metadata.deletion_timestamp.is_some()
+            ),
+            _ => Ok(()),
+        }
+    })
+    .await
+}
+
+/// The eviction gate, through the API server: an ingest pod with a capable
+/// publisher is held with 429 while the gate starts its drain (IngestDrain
+/// `evict-<pod>`), retries are held with the count of remaining publishers,
+/// the drain reaches Drained and the operator evicts the pod itself.
+pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &BackgroundPublisher) -> Result<()> {
+    let (pod, n) = system::pod_with_publishers(c, ns).await?;
+    let pods: Api<Pod> = Api::namespaced(c.client(), ns);
+    let uid = pods.get(&pod).await?.uid().unwrap_or_default();
+    let connections = publisher.progress().connections;
+
+    let t = Instant::now();
+    let first = evict(c, ns, &pod, false).await?.with_context(|| {
+        format!("the eviction of {pod}, which holds {n} publisher(s), was allowed at once")
+    })?;
+    ensure!(
+        first.code == 429 && first.reason == "TooManyRequests",
+        "the eviction of {pod} was refused with {} {} (want 429 TooManyRequests, which kubectl drain retries): {}",
+        first.code,
+        first.reason,
+        first.message
+    );
+    ensure!(first.message.contains(&pod), "the 429 does not name {pod}: {}", first.message);
+    println!("  evict {pod}: {} {}: {}", first.code, first.reason, first.message);
+
+    let drains: Api<IngestDrain> = Api::namespaced(c.client(), ns);
+    let name = webhook::drain_name(&pod);
+    let drain = eventually(&format!("IngestDrain {name}"), Duration::from_secs(30), || async {
+        drains.get_opt(&name).await?.with_context(|| format!("no IngestDrain {name}"))
+    })
+    .await?;
+    ensure!(
+        drain.labels().get(TRIGGER_LABEL).map(String::as_str) == Some("eviction"),
+        "{name} is not labelled {TRIGGER_LABEL}=eviction: {:?}",
+        drain.labels()
+    );
+    ensure!(
+        drain.spec.pod_names.as_deref() == Some(std::slice::from_ref(&pod)) && drain.spec.evict,
+        "{name} does not drain and evict exactly {pod}: {:?}",
+        drain.spec
+    );
+    ensure!(
+        drain
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "Pod" && o.name == pod && o.uid == uid),
+        "{name} is not owned by pod {pod}: {:?}",
+        drain.owner_references()
+    );
+
+    // Retries are held, naming the publishers still on the pod.
+    let want = format!("{n} publishers remain");
+    let held = eventually(
+        "a held eviction naming the remaining publishers",
+        Duration::from_secs(60),
+        || async {
+            Ok(match evict(c, ns, &pod, false).await? {
+                None => Err(anyhow!("the eviction of {pod} was allowed before the operator drained it")),
+                Some(s) if s.code != 429 => Err(anyhow!(
+                    "the eviction of {pod} was refused with {} (want 429): {}",
+                    s.code,
+                    s.message
+                )),
+                Some(s) if s.message.contains(&want) => Ok(s.message),
+                Some(s) => bail!("held, without {want:?}: {}", s.message),
+            })
+        },
+    )
+    .await??;
+    println!("  evict {pod} again: 429: {held}");
+
+    // The drain finishes. The pod owns it, so once the operator evicted the
+    // pod it may already be garbage collected: its Drained Event stays.
+    eventually(&format!("IngestDrain {name} Drained"), Duration::from_secs(120), || async {
+        if let Some(d) = drains.get_opt(&name).await? {
+            let status = d.status.unwrap_or_default();
+            ensure!(status.phase == DrainPhase::Drained, "phase {:?}: {:?}", status.phase, status.pods);
+            return Ok(());
+        }
+        let events = Api::<Event>::namespaced(c.client(), ns)
+            .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+            .await?;
+        ensure!(
+            events.items.iter().any(|e| e.reason.as_deref() == Some("Drained")),
+            "{name} is gone and never reported Drained"
+        );
+        Ok(())
+    })
+    .await?;
+    gone(c, ns, &pod, &uid, Duration::from_secs(120)).await?;
+    println!(
+        "  {pod} drained and evicted by the operator {:.1?} after the first eviction",
+        t.elapsed()
+    );
+    publisher_moved(publisher, connections).await?;
+    deployments_available(c, ns, Duration::from_secs(120)).await?;
+    Ok(())
+}
+
+/// A pod that is not an ingest pod, in the same (webhook-selected)
+/// namespace, is evicted at once.
+pub async fn non_ingest_eviction_allowed(c: &Cluster, ns: &str) -> Result<()> {
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: bystander, namespace: {ns}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext: {{runAsNonRoot: true, runAsUser: 65532, seccompProfile: {{type: RuntimeDefault}}}}
+  containers:
+  - name: pause
+    image: localhost/pause:local
+    imagePullPolicy: Never
+    securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
+"#
+    ))
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(c.client(), ns);
+    let uid = eventually("pod bystander Running", Duration::from_secs(60), || async {
+        let p = pods.get("bystander").await?;
+        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        ensure!(phase == "Running", "phase {phase}");
+        Ok(p.uid().unwrap_or_default())
+    })
+    .await?;
+    let t = Instant::now();
+    if let Some(s) = evict(c, ns, "bystander", false).await? {
+        bail!(
+            "the eviction of a non-ingest pod was refused with {} {}: {}",
+            s.code,
+            s.reason,
+            s.message
+        );
+    }
+    println!("  evict a non-ingest pod in {ns}: allowed in {:.1?}", t.elapsed());
+    gone(c, ns, "bystander", &uid, Duration::from_secs(60)).await
+}
+
+/// `kubectl get ingestdrains` once the row of `name` reads `want`
+/// (PHASE, PODS, DRAINED, REMAINING; AGE must be there too).
+async fn printed(c: &Cluster, ns: &str, name: &str, want: [&str; 4]) -> Result<String> {
+    let table = c.kubectl(&["-n", ns, "get", "ingestdrains"]).await?;
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    ensure!(header == COLUMNS, "columns {header:?}, want {COLUMNS:?}");
+    let row: Vec<&str> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.first() == Some(&name))
+        .with_context(|| format!("no row {name}:\n{table}"))?;
+    ensure!(
+        row.len() == COLUMNS.len() && row[1..5] == want && !row[5].is_empty(),
+        "row {row:?}, want {name} {want:?} AGE:\n{table}"
+    );
+    Ok(table)
+}
+
+/// A selector-based IngestDrain applied with kubectl: the operator writes
+/// its status by server-side apply, and `kubectl get ingestdrains` shows
+/// it Draining with the publisher still on the pod, then Drained.
+pub async fn status_and_printer_columns(c: &Cluster, ns: &str, publisher: &BackgroundPublisher) -> Result<()> {
+    let (pod, n) = system::pod_with_publishers(c, ns).await?;
+    let connections = publisher.progress().connections;
+    c.kubectl(&["-n", ns, "label", "pod", &pod, "lossless-ingest.e2e/drain=yes"])
+        .await?;
+    // The propagation delay keeps the publisher on the pod long enough to see it counted.
+    let manifest = format!(
+        r#"apiVersion: ingest.lossless.dev/v1alpha1
+kind: IngestDrain
+metadata: {{name: by-selector, namespace: {ns}}}
+spec:
+  selector:
+    matchLabels: {{app.kubernetes.io/component: ingest, lossless-ingest.e2e/drain: "yes"}}
+  deadlineSeconds: 120
+  propagationDelaySeconds: 15
+"#
+    );
+    c.kubectl_with_input(&["apply", "-f", "-"], &manifest).await?;
+    let n = n.to_string();
+    let draining = eventually(
+        "kubectl get ingestdrains to show by-selector Draining",
+        Duration::from_secs(30),
+        || printed(c, ns, "by-selector", ["Draining", "1", "0", &n]),
+    )
+    .await?;
+    println!("  $ kubectl get ingestdrains\n{}", indent(&draining));
+    let drained = eventually(
+        "kubectl get ingestdrains to show by-selector Drained",
+        Duration::from_secs(90),
+        || printed(c, ns, "by-selector", ["Drained", "1", "1", "0"]),
+    )
+    .await?;
+    println!("  $ kubectl get ingestdrains\n{}", indent(&drained));
+    let wide = c.kubectl(&["-n", ns, "get", "ingestdrains", "by-selector", "-o", "wide"]).await?;
+    let cols: Vec<Vec<&str>> = wide.lines().map(|l| l.split_whitespace().collect()).collect();
+    let migrated = cols
+        .first()
+        .and_then(|h| h.iter().position(|c| *c == "MIGRATED"))
+        .and_then(|i| cols.get(1)?.get(i).copied());
+    ensure!(migrated == Some(n.as_str()), "-o wide shows MIGRATED {migrated:?}, want {n}:\n{wide}");
+
+    let drain = Api::<IngestDrain>::namespaced(c.client(), ns).get("by-selector").await?;
+    let ssa = drain.managed_fields().iter().any(|m| {
+        m.manager.as_deref() == Some("ingest-operator")
+            && m.operation.as_deref() == Some("Apply")
+            && m.subresource.as_deref() == Some("status")
+    });
+    ensure!(
+        ssa,
+        "the status was not server-side applied by ingest-operator: {:?}",
+        drain.managed_fields()
+    );
+    let status = drain.status.clone().unwrap_or_default();
+    ensure!(
+        status.observed_generation == drain.metadata.generation
+            && status.completed_at.is_some()
+            && status.conditions.iter().any(|c| c.status == "True"),
+        "incomplete status: {status:?}"
+    );
+    publisher_moved(publisher, connections).await?;
+
+    // Back to a full tier: the drained pod stays unready until it goes.
+    c.kubectl(&["-n", ns, "delete", "ingestdrain", "by-selector", "--timeout=60s"])
+        .await?;
+    c.kubectl(&["-n", ns, "delete", "pod", &pod, "--wait=false"]).await?;
+    deployments_available(c, ns, Duration::from_secs(120)).await?;
+    Ok(())
+}
+
+/// With the operator scaled to zero, the webhook cannot answer and
+/// failurePolicy Ignore lets an ingest pod's eviction through; the pod's
+/// own SIGTERM drain still moves the publisher.
+pub async fn eviction_allowed_without_operator(c: &Cluster, ns: &str, publisher: &BackgroundPublisher) -> Result<()> {
+    c.kubectl(&["-n", ns, "scale", "deployment", &system::operator_name(), "--replicas=0"])
+        .await?;
+    eventually("no operator pod left", Duration::from_secs(90), || async {
+        let left = system::all_pods(c, ns, OPERATOR_PODS).await?;
+        ensure!(left.is_empty(), "{} operator pods left", left.len());
+        Ok(())
+    })
+    .await?;
+    let (pod, n) = system::pod_with_publishers(c, ns).await?;
+    let uid = Api::<Pod>::namespaced(c.client(), ns)
+        .get(&pod)
+        .await?
+        .uid()
+        .unwrap_or_default();
+    let connections = publisher.progress().connections;
+    let t = Instant::now();
+    if let Some(s) = evict(c, ns, &pod, false).await? {
+        bail!(
+            "with the operator at zero replicas the eviction of {pod} was refused ({} {}): {}; \
+             failurePolicy Ignore should let it through",
+            s.code,
+            s.reason,
+            s.message
+        );
+    }
+    println!(
+        "  operator at 0 replicas: evict {pod} ({n} publisher): allowed in {:.1?}",
+        t.elapsed()
+    );
+    publisher_moved(publisher, connections).await?;
+    gone(c, ns, &pod, &uid, Duration::from_secs(120)).await
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("    {l}\n")).collect()
+}
