@@ -130,7 +130,16 @@ pub async fn helm_install(c: &Cluster, verb: &str, ns: &str, upstream: &str, ext
 /// and cluster-scoped objects labelled with the release.
 pub async fn purge(c: &Cluster, ns: &str) -> Result<()> {
     let _ = c
-        .helm(&["uninstall", RELEASE, "--namespace", ns, "--ignore-not-found", "--wait", "--timeout", "120s"])
+        .helm(&[
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            ns,
+            "--ignore-not-found",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
         .await;
     if let Ok(names) = c.kubectl(&["get", "ingestdrains", "-A", "-o", "json"]).await {
         let list: Value = serde_json::from_str(&names)?;
@@ -161,9 +170,21 @@ pub async fn purge(c: &Cluster, ns: &str) -> Result<()> {
 /// The ingest Service's ClusterIP (reachable from the host through kube-proxy).
 pub async fn ingest_vip(c: &Cluster, ns: &str) -> Result<String> {
     let vip = c
-        .kubectl(&["-n", ns, "get", "service", &ingest_name(), "-o", "jsonpath={.spec.clusterIP}"])
+        .kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "service",
+            &ingest_name(),
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
         .await?;
-    ensure!(!vip.trim().is_empty(), "service {ns}/{} has no ClusterIP", ingest_name());
+    ensure!(
+        !vip.trim().is_empty(),
+        "service {ns}/{} has no ClusterIP",
+        ingest_name()
+    );
     Ok(vip.trim().to_owned())
 }
 
@@ -181,21 +202,17 @@ pub async fn publishers_on(c: &Cluster, ns: &str, pod: &str) -> Result<usize> {
 
 /// The one ingest pod (not being deleted) that holds publishers, and its publisher count.
 pub async fn pod_with_publishers(c: &Cluster, ns: &str) -> Result<(String, usize)> {
-    eventually(
-        "an ingest pod with a publisher",
-        Duration::from_secs(60),
-        || async {
-            let mut found = Vec::new();
-            for (name, _, _) in c.pods(ns, INGEST_PODS).await? {
-                let n = publishers_on(c, ns, &name).await.unwrap_or(0);
-                if n > 0 {
-                    found.push((name, n));
-                }
+    eventually("an ingest pod with a publisher", Duration::from_secs(60), || async {
+        let mut found = Vec::new();
+        for (name, _, _) in c.pods(ns, INGEST_PODS).await? {
+            let n = publishers_on(c, ns, &name).await.unwrap_or(0);
+            if n > 0 {
+                found.push((name, n));
             }
-            ensure!(found.len() == 1, "ingest pods with publishers: {found:?}");
-            Ok(found.remove(0))
-        },
-    )
+        }
+        ensure!(found.len() == 1, "ingest pods with publishers: {found:?}");
+        Ok(found.remove(0))
+    })
     .await
 }
 

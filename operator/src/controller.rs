@@ -378,7 +378,8 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
         {
             Ok(status) => {
                 *row = state::row_from_status(row, &status, &drain_id(drain), now.clone());
-                ctx.followers.follow(drain, &row.name, ip.clone(), ctx.args.control_port, token.clone());
+                ctx.followers
+                    .follow(drain, &row.name, ip.clone(), ctx.args.control_port, token.clone());
             }
             Err(err) => {
                 warn!(pod = %row.name, %err, "pod control API failed");

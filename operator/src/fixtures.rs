@@ -284,6 +284,7 @@ pub struct Step {
 }
 
 /// What the API server is asked, in order.
+#[allow(clippy::large_enum_variant, reason = "built once per test")]
 pub enum Scenario {
     /// A drain without the finalizer: the finalizer goes on, nothing else.
     FinalizerAdded(IngestDrain),

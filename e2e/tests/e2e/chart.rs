@@ -29,15 +29,17 @@ use crate::operator;
 const NS: &str = "chart-e2e";
 
 pub fn scenarios() -> Vec<Scenario> {
-    vec![Scenario::new("chart_install_upgrade_uninstall", |c| async move {
-        // The chart puts objects outside its namespace (CRD, ClusterRoles, the
-        // webhook configuration): remove them before and after, also on failure.
-        system::purge(&c, NS).await?;
-        let result = install_upgrade_uninstall(c.clone()).await;
-        let purged = system::purge(&c, NS).await;
-        result.and(purged)
-    })
-    .timeout(Duration::from_secs(1200))]
+    vec![
+        Scenario::new("chart_install_upgrade_uninstall", |c| async move {
+            // The chart puts objects outside its namespace (CRD, ClusterRoles, the
+            // webhook configuration): remove them before and after, also on failure.
+            system::purge(&c, NS).await?;
+            let result = install_upgrade_uninstall(c.clone()).await;
+            let purged = system::purge(&c, NS).await;
+            result.and(purged)
+        })
+        .timeout(Duration::from_secs(1200)),
+    ]
 }
 
 async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
@@ -78,6 +80,7 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     operator_has_no_forbidden_calls(&c).await?;
 
     upgrade_keeps_secrets(&c, &upstream).await?;
+    operator::dry_run_eviction_starts_nothing(&c, NS).await?;
     operator_has_no_forbidden_calls(&c).await?;
 
     operator::eviction_allowed_without_operator(&c, NS, &publisher).await?;
@@ -208,7 +211,11 @@ async fn operator_has_no_forbidden_calls(c: &Cluster) -> Result<()> {
         .lines()
         .filter(|l| l.to_lowercase().contains("forbidden"))
         .collect();
-    ensure!(forbidden.is_empty(), "the operator was refused by RBAC:\n{}", forbidden.join("\n"));
+    ensure!(
+        forbidden.is_empty(),
+        "the operator was refused by RBAC:\n{}",
+        forbidden.join("\n")
+    );
     ensure!(
         logs.matches("caches synced").count() == 2,
         "not both operator replicas synced their caches:\n{logs}"
@@ -246,7 +253,10 @@ async fn upgrade_keeps_secrets(c: &Cluster, upstream: &str) -> Result<()> {
         anyhow::Ok((tls, token, ca, operators))
     };
     let (tls, token, ca, operators) = snapshot().await?;
-    ensure!(tls.is_some() && token.is_some(), "the chart made no TLS or token Secret");
+    ensure!(
+        tls.is_some() && token.is_some(),
+        "the chart made no TLS or token Secret"
+    );
     ensure!(
         ca.len() == 1 && ca[0].is_some(),
         "webhook {} has no caBundle",
@@ -255,11 +265,25 @@ async fn upgrade_keeps_secrets(c: &Cluster, upstream: &str) -> Result<()> {
 
     let t = Instant::now();
     system::helm_install(c, "upgrade", NS, upstream, &["ingest.replicaCount=2"]).await?;
-    println!("  helm upgrade --wait (ingest.replicaCount 3 -> 2): {:.1?}", t.elapsed());
+    println!(
+        "  helm upgrade --wait (ingest.replicaCount 3 -> 2): {:.1?}",
+        t.elapsed()
+    );
     let ingest = c
-        .kubectl(&["-n", NS, "get", "deployment", &system::ingest_name(), "-o", "jsonpath={.spec.replicas}"])
+        .kubectl(&[
+            "-n",
+            NS,
+            "get",
+            "deployment",
+            &system::ingest_name(),
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ])
         .await?;
-    ensure!(ingest == "2", "the upgrade did not apply ingest.replicaCount=2: replicas {ingest}");
+    ensure!(
+        ingest == "2",
+        "the upgrade did not apply ingest.replicaCount=2: replicas {ingest}"
+    );
     deployments_available(c, NS, Duration::from_secs(120)).await?;
 
     let (tls2, token2, ca2, operators2) = snapshot().await?;
@@ -292,17 +316,29 @@ async fn uninstall_leaves_only_the_crd(c: &Cluster) -> Result<()> {
 
     // Everything of any listable kind, cluster-wide, labelled with the release.
     let kinds = c.kubectl(&["api-resources", "--verbs=list", "-o", "name"]).await?;
-    let kinds: Vec<&str> = kinds.lines().filter(|k| !k.is_empty() && *k != "events" && !k.starts_with("events.")).collect();
+    let kinds: Vec<&str> = kinds
+        .lines()
+        .filter(|k| !k.is_empty() && *k != "events" && !k.starts_with("events."))
+        .collect();
     let selector = format!("{INSTANCE_LABEL}={RELEASE}");
-    let left = c
-        .kubectl(&["get", &kinds.join(","), "-A", "-l", &selector, "-o", "name"])
-        .await?;
-    let left: Vec<&str> = left.lines().filter(|l| !l.is_empty()).collect();
+    let kinds = kinds.join(",");
     let crd = format!("customresourcedefinition.apiextensions.k8s.io/{CRD}");
-    ensure!(
-        left == [crd.as_str()],
-        "helm uninstall left {left:?} labelled {selector}; want only the CRD"
-    );
+    // Helm deletes in the background: ReplicaSets (labelled like their
+    // pods) go with their Deployment a moment later.
+    eventually(
+        "only the CRD left labelled with the release",
+        Duration::from_secs(60),
+        || async {
+            let left = c.kubectl(&["get", &kinds, "-A", "-l", &selector, "-o", "name"]).await?;
+            let left: Vec<&str> = left.lines().filter(|l| !l.is_empty()).collect();
+            ensure!(
+                left == [crd.as_str()],
+                "helm uninstall left {left:?} labelled {selector}; want only the CRD"
+            );
+            Ok(())
+        },
+    )
+    .await?;
     let crds: Api<CustomResourceDefinition> = Api::all(c.client());
     let kept = crds.get(CRD).await.context("the CRD is gone after uninstall")?;
     ensure!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{EvictParams, ListParams, PostParams};
-use kube::core::response::Status;
+use kube::core::Status;
 use kube::{Api, ResourceExt};
 
 use ingest_e2e::cluster::eventually;
@@ -95,8 +95,13 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
     let crd_file = crd_file.to_str().context("CRD path is not UTF-8")?;
     let out = c.kubectl(&["apply", "-f", crd_file]).await?;
     ensure!(out.contains("created"), "kubectl apply of the CRD: {out}");
-    c.kubectl(&["wait", "--for=condition=Established", &format!("crd/{CRD}"), "--timeout=60s"])
-        .await?;
+    c.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        &format!("crd/{CRD}"),
+        "--timeout=60s",
+    ])
+    .await?;
     c.namespace(CRD_NS).await?;
 
     // A good one is accepted (once discovery knows the new kind).
@@ -107,7 +112,10 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
     .await?;
     let table = c.kubectl(&["-n", CRD_NS, "get", "ingestdrains"]).await?;
     let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    ensure!(header == COLUMNS, "kubectl get ingestdrains prints {header:?}, want {COLUMNS:?}");
+    ensure!(
+        header == COLUMNS,
+        "kubectl get ingestdrains prints {header:?}, want {COLUMNS:?}"
+    );
 
     for (i, bad) in BAD.iter().enumerate() {
         let name = format!("bad-{i}");
@@ -120,7 +128,10 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
         args.extend(bad.flags);
         args.extend(["-f", "-"]);
         let refusal = match c.kubectl_with_input(&args, &spec).await {
-            Ok(out) => bail!("the API server accepted an IngestDrain with {}: {out}\n{spec}", bad.what),
+            Ok(out) => bail!(
+                "the API server accepted an IngestDrain with {}: {out}\n{spec}",
+                bad.what
+            ),
             Err(err) => format!("{err:#}"),
         };
         ensure!(
@@ -130,9 +141,22 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
             bad.says
         );
         let exists = c
-            .kubectl(&["-n", CRD_NS, "get", "ingestdrain", &name, "--ignore-not-found", "-o", "name"])
+            .kubectl(&[
+                "-n",
+                CRD_NS,
+                "get",
+                "ingestdrain",
+                &name,
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ])
             .await?;
-        ensure!(exists.trim().is_empty(), "{name} ({}) exists after its refusal", bad.what);
+        ensure!(
+            exists.trim().is_empty(),
+            "{name} ({}) exists after its refusal",
+            bad.what
+        );
         let said = refusal
             .lines()
             .find(|l| l.contains(bad.says))
@@ -162,16 +186,20 @@ async fn evict(c: &Cluster, ns: &str, pod: &str, dry_run: bool) -> Result<Option
 /// Waits until the publisher made `more` connections than in `before`
 /// (it moved pods) after being signalled.
 async fn publisher_moved(publisher: &BackgroundPublisher, connections_before: u32) -> Result<()> {
-    eventually("the publisher to reconnect elsewhere", Duration::from_secs(60), || async {
-        let p = publisher.progress();
-        ensure!(!p.done, "the publisher stopped: {p:?}");
-        ensure!(
-            p.connections > connections_before,
-            "still on connection {} of {connections_before}: {p:?}",
-            p.connections
-        );
-        Ok(())
-    })
+    eventually(
+        "the publisher to reconnect elsewhere",
+        Duration::from_secs(60),
+        || async {
+            let p = publisher.progress();
+            ensure!(!p.done, "the publisher stopped: {p:?}");
+            ensure!(
+                p.connections > connections_before,
+                "still on connection {} of {connections_before}: {p:?}",
+                p.connections
+            );
+            Ok(())
+        },
+    )
     .await
 }
 
@@ -200,9 +228,9 @@ pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &Back
     let connections = publisher.progress().connections;
 
     let t = Instant::now();
-    let first = evict(c, ns, &pod, false).await?.with_context(|| {
-        format!("the eviction of {pod}, which holds {n} publisher(s), was allowed at once")
-    })?;
+    let first = evict(c, ns, &pod, false)
+        .await?
+        .with_context(|| format!("the eviction of {pod}, which holds {n} publisher(s), was allowed at once"))?;
     ensure!(
         first.code == 429 && first.reason == "TooManyRequests",
         "the eviction of {pod} was refused with {} {} (want 429 TooManyRequests, which kubectl drain retries): {}",
@@ -210,13 +238,20 @@ pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &Back
         first.reason,
         first.message
     );
-    ensure!(first.message.contains(&pod), "the 429 does not name {pod}: {}", first.message);
+    ensure!(
+        first.message.contains(&pod),
+        "the 429 does not name {pod}: {}",
+        first.message
+    );
     println!("  evict {pod}: {} {}: {}", first.code, first.reason, first.message);
 
     let drains: Api<IngestDrain> = Api::namespaced(c.client(), ns);
     let name = webhook::drain_name(&pod);
     let drain = eventually(&format!("IngestDrain {name}"), Duration::from_secs(30), || async {
-        drains.get_opt(&name).await?.with_context(|| format!("no IngestDrain {name}"))
+        drains
+            .get_opt(&name)
+            .await?
+            .with_context(|| format!("no IngestDrain {name}"))
     })
     .await?;
     ensure!(
@@ -245,7 +280,9 @@ pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &Back
         Duration::from_secs(60),
         || async {
             Ok(match evict(c, ns, &pod, false).await? {
-                None => Err(anyhow!("the eviction of {pod} was allowed before the operator drained it")),
+                None => Err(anyhow!(
+                    "the eviction of {pod} was allowed before the operator drained it"
+                )),
                 Some(s) if s.code != 429 => Err(anyhow!(
                     "the eviction of {pod} was refused with {} (want 429): {}",
                     s.code,
@@ -261,21 +298,30 @@ pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &Back
 
     // The drain finishes. The pod owns it, so once the operator evicted the
     // pod it may already be garbage collected: its Drained Event stays.
-    eventually(&format!("IngestDrain {name} Drained"), Duration::from_secs(120), || async {
-        if let Some(d) = drains.get_opt(&name).await? {
-            let status = d.status.unwrap_or_default();
-            ensure!(status.phase == DrainPhase::Drained, "phase {:?}: {:?}", status.phase, status.pods);
-            return Ok(());
-        }
-        let events = Api::<Event>::namespaced(c.client(), ns)
-            .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-            .await?;
-        ensure!(
-            events.items.iter().any(|e| e.reason.as_deref() == Some("Drained")),
-            "{name} is gone and never reported Drained"
-        );
-        Ok(())
-    })
+    eventually(
+        &format!("IngestDrain {name} Drained"),
+        Duration::from_secs(120),
+        || async {
+            if let Some(d) = drains.get_opt(&name).await? {
+                let status = d.status.unwrap_or_default();
+                ensure!(
+                    status.phase == DrainPhase::Drained,
+                    "phase {:?}: {:?}",
+                    status.phase,
+                    status.pods
+                );
+                return Ok(());
+            }
+            let events = Api::<Event>::namespaced(c.client(), ns)
+                .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+                .await?;
+            ensure!(
+                events.items.iter().any(|e| e.reason.as_deref() == Some("Drained")),
+                "{name} is gone and never reported Drained"
+            );
+            Ok(())
+        },
+    )
     .await?;
     gone(c, ns, &pod, &uid, Duration::from_secs(120)).await?;
     println!(
@@ -284,6 +330,37 @@ pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &Back
     );
     publisher_moved(publisher, connections).await?;
     deployments_available(c, ns, Duration::from_secs(120)).await?;
+    Ok(())
+}
+
+/// A dry-run eviction (`sideEffects: NoneOnDryRun`) of an ingest pod gets
+/// the webhook's answer, 429, and starts nothing.
+pub async fn dry_run_eviction_starts_nothing(c: &Cluster, ns: &str) -> Result<()> {
+    let pod = c
+        .pods(ns, system::INGEST_PODS)
+        .await?
+        .into_iter()
+        .map(|p| p.0)
+        .next()
+        .context("no ingest pod")?;
+    let answer = evict(c, ns, &pod, true)
+        .await?
+        .with_context(|| format!("a dry-run eviction of ingest pod {pod} was allowed"))?;
+    ensure!(
+        answer.code == 429,
+        "a dry-run eviction of {pod} got {} (want the webhook's 429): {}",
+        answer.code,
+        answer.message
+    );
+    // The webhook starts a drain before it answers, so none may exist now.
+    let drain = Api::<IngestDrain>::namespaced(c.client(), ns)
+        .get_opt(&webhook::drain_name(&pod))
+        .await?;
+    ensure!(
+        drain.is_none(),
+        "a dry-run eviction of {pod} started a drain: {drain:?}"
+    );
+    println!("  dry-run evict {pod}: 429, no drain started");
     Ok(())
 }
 
@@ -380,15 +457,22 @@ spec:
     )
     .await?;
     println!("  $ kubectl get ingestdrains\n{}", indent(&drained));
-    let wide = c.kubectl(&["-n", ns, "get", "ingestdrains", "by-selector", "-o", "wide"]).await?;
+    let wide = c
+        .kubectl(&["-n", ns, "get", "ingestdrains", "by-selector", "-o", "wide"])
+        .await?;
     let cols: Vec<Vec<&str>> = wide.lines().map(|l| l.split_whitespace().collect()).collect();
     let migrated = cols
         .first()
         .and_then(|h| h.iter().position(|c| *c == "MIGRATED"))
         .and_then(|i| cols.get(1)?.get(i).copied());
-    ensure!(migrated == Some(n.as_str()), "-o wide shows MIGRATED {migrated:?}, want {n}:\n{wide}");
+    ensure!(
+        migrated == Some(n.as_str()),
+        "-o wide shows MIGRATED {migrated:?}, want {n}:\n{wide}"
+    );
 
-    let drain = Api::<IngestDrain>::namespaced(c.client(), ns).get("by-selector").await?;
+    let drain = Api::<IngestDrain>::namespaced(c.client(), ns)
+        .get("by-selector")
+        .await?;
     let ssa = drain.managed_fields().iter().any(|m| {
         m.manager.as_deref() == Some("ingest-operator")
             && m.operation.as_deref() == Some("Apply")
@@ -420,8 +504,15 @@ spec:
 /// failurePolicy Ignore lets an ingest pod's eviction through; the pod's
 /// own SIGTERM drain still moves the publisher.
 pub async fn eviction_allowed_without_operator(c: &Cluster, ns: &str, publisher: &BackgroundPublisher) -> Result<()> {
-    c.kubectl(&["-n", ns, "scale", "deployment", &system::operator_name(), "--replicas=0"])
-        .await?;
+    c.kubectl(&[
+        "-n",
+        ns,
+        "scale",
+        "deployment",
+        &system::operator_name(),
+        "--replicas=0",
+    ])
+    .await?;
     eventually("no operator pod left", Duration::from_secs(90), || async {
         let left = system::all_pods(c, ns, OPERATOR_PODS).await?;
         ensure!(left.is_empty(), "{} operator pods left", left.len());
