@@ -124,7 +124,9 @@ impl Cluster {
         let kubectl = path_of("kubectl")?;
         let helm = path_of("helm")?;
         let kc = Kubeconfig::read_from(&kubeconfig)?;
-        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        // Scenarios assert on 429s (held evictions); kube would retry them for minutes.
+        config.default_retry = false;
         let client = Client::try_from(config)?;
         Ok(Self {
             script,

@@ -147,7 +147,7 @@ pub struct Args {
 
     /// Wait between upstream attempts while the origin still has the stream
     /// from another pod (a handover).
-    #[arg(long, env = "INGEST_RELAY_BUSY_RETRY", default_value = "50ms", value_parser = parse_duration)]
+    #[arg(long, env = "INGEST_RELAY_BUSY_RETRY", default_value = "10ms", value_parser = parse_duration)]
     pub relay_busy_retry: Duration,
 }
 

@@ -300,6 +300,8 @@ impl Drainer {
         let mut last_refill = Instant::now();
         let mut next_redirect = 0usize;
         let mut deadline_applied = false;
+        // The deadline found publishers left: the drain timed out for good.
+        let mut timed_out = false;
         loop {
             let Some((spec, deadline_at)) = self.spec() else { return };
             // Refill the token bucket: a burst of up to one second of signals.
@@ -349,7 +351,11 @@ impl Drainer {
             if past_deadline && !deadline_applied {
                 deadline_applied = true;
                 let left = self.registry.connections();
-                warn!(remaining = left.len(), policy = ?spec.incapable, "drain deadline reached");
+                let empty = left.is_empty() && self.registry.relays_active() == 0;
+                timed_out = !empty;
+                if !empty {
+                    warn!(remaining = left.len(), policy = ?spec.incapable, "drain deadline reached");
+                }
                 if spec.incapable == IncapablePolicy::Disconnect {
                     for c in &left {
                         self.registry.command(
@@ -362,9 +368,10 @@ impl Drainer {
                 }
             }
             let empty = self.registry.connection_count() == 0 && self.registry.relays_active() == 0;
-            self.set_phase(match (empty, past_deadline) {
-                (_, true) => Phase::TimedOut,
-                (true, false) => Phase::Drained,
+            // A drain that emptied before its deadline stays Drained.
+            self.set_phase(match (timed_out, empty) {
+                (true, _) => Phase::TimedOut,
+                (false, true) => Phase::Drained,
                 (false, false) => Phase::Signalling,
             });
             // Sleep until something changes, the next token, or the deadline.
@@ -550,6 +557,18 @@ mod tests {
         assert!(reg.serving());
         assert_eq!(drainer.status().unwrap().phase, Phase::Cancelled);
         assert!(!drainer.active());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_pod_stays_drained_past_the_deadline() {
+        let (_reg, drainer) = setup();
+        drainer
+            .start(DrainSpec { deadline: Duration::from_secs(1), propagation_delay: Duration::from_millis(100), ..spec("e") })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(drainer.status().unwrap().phase, Phase::Drained);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(drainer.status().unwrap().phase, Phase::Drained);
     }
 
     #[tokio::test(start_paused = true)]

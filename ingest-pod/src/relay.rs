@@ -45,7 +45,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             buffer_bytes: 64 << 20,
-            busy_retry: Duration::from_millis(50),
+            busy_retry: Duration::from_millis(10),
             max_backoff: Duration::from_secs(5),
             flush_timeout: Duration::from_secs(30),
             step_timeout: Duration::from_secs(5),
@@ -310,6 +310,7 @@ async fn timed<T>(
 /// Waits for the reply to a command, answering pings on the way.
 async fn reply(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result<message::Command, Error> {
     loop {
+        reader.quick_ack();
         match reader.next().await? {
             None => return Err(Error::Closed),
             Some(Message::Command { command, .. }) if command.name == "_result" && command.transaction == txn => {
@@ -404,6 +405,7 @@ async fn session(
         .await?;
     timed(step, "waiting for the publish status", async {
         loop {
+            reader.quick_ack();
             match reader.next().await? {
                 None => return Err(Error::Closed),
                 Some(Message::Command { command, .. }) if command.name == "onStatus" => {

@@ -128,6 +128,11 @@ impl Session {
         let cfg = self.ctx.config.clone();
         let (mut reader, mut writer) = conn::accept(stream, cfg.handshake_timeout, cfg.limits).await?;
         loop {
+            // Until media flows, answer the publisher's command exchange
+            // without delayed ACKs (OBS writes with Nagle on).
+            if self.publishing.is_none() {
+                reader.quick_ack();
+            }
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(SessionCommand::Signal { kind, tc_url }) => self.signal(&mut writer, kind, tc_url).await?,

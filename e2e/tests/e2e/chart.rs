@@ -19,9 +19,7 @@ use kube::api::ListParams;
 
 use ingest_e2e::cluster::eventually;
 use ingest_e2e::rtmp::{BackgroundPublisher, HostOrigin};
-use ingest_e2e::system::{
-    self, CRD, INGEST_PODS, INSTANCE_LABEL, OPERATOR_PODS, RELEASE, RTMP_PORT, deployments_available,
-};
+use ingest_e2e::system::{self, CRD, INSTANCE_LABEL, OPERATOR_PODS, RELEASE, RTMP_PORT, deployments_available};
 use ingest_e2e::{Cluster, Scenario};
 
 use crate::operator;

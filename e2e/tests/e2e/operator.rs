@@ -157,11 +157,9 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
             "{name} ({}) exists after its refusal",
             bad.what
         );
-        let said = refusal
-            .lines()
-            .find(|l| l.contains(bad.says))
-            .unwrap_or_default()
-            .trim();
+        // kubectl's own words, without our "kubectl ... failed (exit status)" prefix.
+        let line = refusal.lines().find(|l| l.contains(bad.says)).unwrap_or_default();
+        let said = line.split_once("): ").map_or(line, |(_, said)| said).trim();
         println!("  {}: {said}", bad.what);
     }
     Ok(())
