@@ -563,7 +563,11 @@ mod tests {
     async fn a_drained_pod_stays_drained_past_the_deadline() {
         let (_reg, drainer) = setup();
         drainer
-            .start(DrainSpec { deadline: Duration::from_secs(1), propagation_delay: Duration::from_millis(100), ..spec("e") })
+            .start(DrainSpec {
+                deadline: Duration::from_secs(1),
+                propagation_delay: Duration::from_millis(100),
+                ..spec("e")
+            })
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(drainer.status().unwrap().phase, Phase::Drained);
