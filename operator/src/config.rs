@@ -105,6 +105,11 @@ pub struct Args {
     #[arg(long, env = "OPERATOR_REDIRECT_TEMPLATE")]
     pub redirect_template: Option<String>,
 
+    /// The operator's own API username (`system:serviceaccount:NS:NAME`):
+    /// its evictions of drained pods pass the eviction gate at once.
+    #[arg(long, env = "OPERATOR_USERNAME")]
+    pub username: Option<String>,
+
     /// Lease namespace for leader election (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
