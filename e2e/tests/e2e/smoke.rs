@@ -122,6 +122,7 @@ async fn ingest_publish_and_drain(c: Arc<Cluster>) -> Result<()> {
             "jsonpath={.spec.clusterIP}",
         ])
         .await?;
+    accepts(&vip).await?;
     rtmp::publish(&format!("rtmp://{vip}:1935/live/smoke"), 6).await?;
     recorded(&origin, 1, 4.0).await?;
 
@@ -150,10 +151,25 @@ async fn ingest_publish_and_drain(c: Arc<Cluster>) -> Result<()> {
     .await?;
 
     // The Service still takes publishers, now only on the surviving node.
+    accepts(&vip).await?;
     rtmp::publish(&format!("rtmp://{vip}:1935/live/smoke"), 4).await?;
     recorded(&origin, 2, 2.5)
         .await
         .with_context(|| format!("origin log: {}", origin.error_log().display()))
+}
+
+/// Waits until the Service VIP takes TCP connections: kube-proxy programs
+/// its rules a moment after the endpoints turn ready.
+async fn accepts(vip: &str) -> Result<()> {
+    eventually(
+        &format!("{vip}:1935 accepting connections"),
+        Duration::from_secs(30),
+        || async {
+            tokio::net::TcpStream::connect((vip, 1935)).await?;
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// Nodes of the ingest pods, once exactly `want` of them are Ready.
