@@ -116,7 +116,18 @@ fn values(upstream: &str, extra: &[&str]) -> Vec<String> {
 
 /// `helm install --wait` (or `upgrade`) of the chart into `ns` with the local images.
 pub async fn helm_install(c: &Cluster, verb: &str, ns: &str, upstream: &str, extra: &[&str]) -> Result<String> {
-    let chart = chart_dir();
+    helm_install_from(c, &chart_dir(), verb, ns, upstream, extra).await
+}
+
+/// [`helm_install`] of the chart at `chart` (a modified copy, for example).
+pub async fn helm_install_from(
+    c: &Cluster,
+    chart: &std::path::Path,
+    verb: &str,
+    ns: &str,
+    upstream: &str,
+    extra: &[&str],
+) -> Result<String> {
     let chart = chart.to_str().context("chart path is not UTF-8")?;
     let mut args = vec![verb, RELEASE, chart, "--namespace", ns, "--wait", "--timeout", "300s"];
     let values = values(upstream, extra);

@@ -19,7 +19,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -29,8 +28,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::media::{self, Kind};
 use crate::registry::SignalKind;
 use crate::rtmp::amf0::{self, Value};
-use crate::rtmp::conn::{self, OUTGOING_CHUNK_SIZE, Reader, Writer};
-use crate::rtmp::message::{Command, Message, UserControl};
+use crate::rtmp::client::{self, status_text};
+use crate::rtmp::conn::{self, Reader, Writer};
+use crate::rtmp::message::{Message, UserControl};
 use crate::rtmp::url::{self, RtmpUrl};
 
 /// AAC frames carry 1024 samples at this rate.
@@ -81,6 +81,18 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<client::Error> for Error {
+    fn from(e: client::Error) -> Self {
+        match e {
+            client::Error::Conn(e) => Error::Conn(e),
+            client::Error::Refused(why) => Error::Refused(why),
+            client::Error::Busy(why) => Error::Busy(why),
+            client::Error::Closed => Error::Closed,
+            client::Error::Timeout(what) => Error::Timeout(what),
+        }
+    }
+}
 
 /// What to publish, where, and which extensions to announce.
 #[derive(Debug, Clone)]
@@ -709,132 +721,26 @@ enum Event {
     Closed(String),
 }
 
-async fn timed<T>(limit: Duration, what: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .map_err(|_| Error::Timeout(what))?
-}
-
-fn status_text(command: &Command) -> (String, String) {
-    let info = command.args.iter().find(|v| v.get("code").is_some());
-    let field = |k| {
-        info.and_then(|i| i.get(k))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
-    (field("code"), field("description"))
-}
-
-/// Waits for the reply to a command, answering pings on the way.
-async fn reply(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result<Command> {
-    loop {
-        match reader.next().await? {
-            None => return Err(Error::Closed),
-            Some(Message::Command { command, .. }) if command.transaction == txn && command.name == "_result" => {
-                return Ok(command);
-            }
-            Some(Message::Command { command, .. }) if command.transaction == txn && command.name == "_error" => {
-                let (code, desc) = status_text(&command);
-                return Err(Error::Refused(format!("{code} {desc}")));
-            }
-            Some(Message::UserControl(UserControl::PingRequest(t))) => {
-                writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?
-            }
-            Some(_) => {}
-        }
-    }
-}
-
 /// Connects and publishes, announcing the configured capabilities.
 pub async fn open(url: &RtmpUrl, cfg: &PublisherConfig) -> Result<Link> {
-    let step = cfg.step_timeout;
-    let tcp = timed(step, "connecting", async {
-        Ok(TcpStream::connect(url.addr()).await.map_err(conn::Error::Io)?)
-    })
-    .await?;
-    tcp.set_nodelay(true).map_err(conn::Error::Io)?;
-    let (mut reader, mut writer) = conn::connect(tcp, step).await?;
-    writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
-    let mut object = vec![
-        ("app".to_owned(), Value::string(url.app.clone())),
-        ("type".to_owned(), Value::string("nonprivate")),
-        (
-            "flashVer".to_owned(),
-            Value::string("FMLE/3.0 (compatible; lossless-ingest-publisher)"),
-        ),
-        ("tcUrl".to_owned(), Value::string(url.tc_url())),
-    ];
+    let mut extra = Vec::new();
     if cfg.go_away {
-        object.push(("supportsGoAway".to_owned(), Value::Boolean(true)));
+        extra.push(("supportsGoAway".to_owned(), Value::Boolean(true)));
     }
     if cfg.reconnect {
-        object.push(("capsEx".to_owned(), Value::Number(1.0)));
+        extra.push(("capsEx".to_owned(), Value::Number(1.0)));
     }
-    writer.queue(&Message::command(0, "connect", 1.0, vec![Value::Object(object)]));
-    writer.flush().await?;
-    timed(
-        step,
-        "waiting for connect _result",
-        reply(&mut reader, &mut writer, 1.0),
+    let p = client::publish(
+        url,
+        "FMLE/3.0 (compatible; lossless-ingest-publisher)",
+        extra,
+        cfg.step_timeout,
     )
-    .await?;
-    let name = Value::string(url.stream.clone());
-    writer.queue(&Message::command(
-        0,
-        "releaseStream",
-        2.0,
-        vec![Value::Null, name.clone()],
-    ));
-    writer.queue(&Message::command(0, "FCPublish", 3.0, vec![Value::Null, name.clone()]));
-    writer.queue(&Message::command(0, "createStream", 4.0, vec![Value::Null]));
-    writer.flush().await?;
-    let created = timed(
-        step,
-        "waiting for createStream _result",
-        reply(&mut reader, &mut writer, 4.0),
-    )
-    .await?;
-    let stream_id = created
-        .args
-        .iter()
-        .find_map(Value::as_number)
-        .filter(|n| *n >= 0.0)
-        .unwrap_or(1.0) as u32;
-    writer
-        .send(&Message::command(
-            stream_id,
-            "publish",
-            5.0,
-            vec![Value::Null, name, Value::string("live")],
-        ))
-        .await?;
-    timed(step, "waiting for the publish status", async {
-        loop {
-            match reader.next().await? {
-                None => return Err(Error::Closed),
-                Some(Message::Command { command, .. }) if command.name == "onStatus" => {
-                    let (code, desc) = status_text(&command);
-                    if code == "NetStream.Publish.Start" {
-                        return Ok(());
-                    }
-                    if code.contains("BadName") || desc.to_lowercase().contains("already") {
-                        return Err(Error::Busy(format!("{code} {desc}")));
-                    }
-                    return Err(Error::Refused(format!("{code} {desc}")));
-                }
-                Some(Message::UserControl(UserControl::PingRequest(t))) => {
-                    writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?
-                }
-                Some(_) => {}
-            }
-        }
-    })
     .await?;
     Ok(Link {
-        reader,
-        writer,
-        stream_id,
+        reader: p.reader,
+        writer: p.writer,
+        stream_id: p.stream_id,
     })
 }
 
@@ -1390,6 +1296,7 @@ mod tests {
 
     use super::*;
     use crate::rtmp::chunk::Limits;
+    use crate::rtmp::message::Command;
 
     fn config(url: String, frames: u64) -> PublisherConfig {
         let mut cfg = PublisherConfig::new(url);

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +21,8 @@ use crate::metrics::Metrics;
 use crate::registry::RelayGuard;
 use crate::rtmp::amf0::Value;
 use crate::rtmp::chunk::RawMessage;
-use crate::rtmp::conn::{self, OUTGOING_CHUNK_SIZE, Reader, Writer};
+use crate::rtmp::client;
+use crate::rtmp::conn;
 use crate::rtmp::message::{self, CSID_AUDIO, CSID_DATA, CSID_VIDEO, Message, UserControl};
 use crate::rtmp::url::RtmpUrl;
 
@@ -224,6 +224,18 @@ enum Error {
     Timeout(&'static str),
 }
 
+impl From<client::Error> for Error {
+    fn from(e: client::Error) -> Self {
+        match e {
+            client::Error::Conn(e) => Error::Conn(e),
+            client::Error::Refused(why) => Error::Refused(why),
+            client::Error::Busy(why) => Error::Busy(why),
+            client::Error::Closed => Error::Closed,
+            client::Error::Timeout(what) => Error::Timeout(what),
+        }
+    }
+}
+
 /// Configuration (metadata, sequence headers) last delivered, re-sent at the
 /// start of every later upstream session.
 #[derive(Debug, Default)]
@@ -297,43 +309,8 @@ pub async fn run(
     }
 }
 
-async fn timed<T>(
-    limit: Duration,
-    what: &'static str,
-    fut: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .map_err(|_| Error::Timeout(what))?
-}
-
-/// Waits for the reply to a command, answering pings on the way.
-async fn reply(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result<message::Command, Error> {
-    loop {
-        reader.quick_ack();
-        match reader.next().await? {
-            None => return Err(Error::Closed),
-            Some(Message::Command { command, .. }) if command.name == "_result" && command.transaction == txn => {
-                return Ok(command);
-            }
-            Some(Message::Command { command, .. }) if command.name == "_error" && command.transaction == txn => {
-                return Err(Error::Refused(describe(&command)));
-            }
-            Some(Message::UserControl(UserControl::PingRequest(t))) => {
-                writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?
-            }
-            Some(_) => {}
-        }
-    }
-}
-
 fn describe(command: &message::Command) -> String {
-    let info = command.args.iter().find(|v| v.get("code").is_some());
-    let code = info.and_then(|i| i.get("code")).and_then(Value::as_str).unwrap_or("");
-    let desc = info
-        .and_then(|i| i.get("description"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let (code, desc) = client::status_text(command);
     format!("{code} {desc}").trim().to_owned()
 }
 
@@ -347,85 +324,16 @@ async fn session(
     delivered_any: &mut bool,
     stop: &CancellationToken,
 ) -> Result<(), Error> {
-    let step = cfg.step_timeout;
-    let stream = timed(step, "connecting to the origin", async {
-        Ok(TcpStream::connect(url.addr()).await.map_err(conn::Error::Io)?)
-    })
-    .await?;
-    stream.set_nodelay(true).map_err(conn::Error::Io)?;
-    let (mut reader, mut writer) = conn::connect(stream, step).await?;
-    writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
-    let tc_url = url.tc_url();
-    writer.queue(&Message::command(
-        0,
-        "connect",
-        1.0,
-        vec![Value::object([
-            ("app", Value::string(url.app.clone())),
-            ("type", Value::string("nonprivate")),
-            ("flashVer", Value::string("FMLE/3.0 (compatible; lossless-ingest)")),
-            ("tcUrl", Value::string(tc_url)),
-        ])],
-    ));
-    writer.flush().await?;
-    timed(
-        step,
-        "waiting for connect _result",
-        reply(&mut reader, &mut writer, 1.0),
+    let client::Publishing {
+        mut reader,
+        mut writer,
+        stream_id: sid,
+    } = client::publish(
+        url,
+        "FMLE/3.0 (compatible; lossless-ingest)",
+        Vec::new(),
+        cfg.step_timeout,
     )
-    .await?;
-    writer.queue(&Message::command(
-        0,
-        "releaseStream",
-        2.0,
-        vec![Value::Null, Value::string(url.stream.clone())],
-    ));
-    writer.queue(&Message::command(
-        0,
-        "FCPublish",
-        3.0,
-        vec![Value::Null, Value::string(url.stream.clone())],
-    ));
-    writer.queue(&Message::command(0, "createStream", 4.0, vec![Value::Null]));
-    writer.flush().await?;
-    let created = timed(
-        step,
-        "waiting for createStream _result",
-        reply(&mut reader, &mut writer, 4.0),
-    )
-    .await?;
-    let sid = created.args.iter().find_map(Value::as_number).unwrap_or(1.0) as u32;
-    writer
-        .send(&Message::command(
-            sid,
-            "publish",
-            0.0,
-            vec![Value::Null, Value::string(url.stream.clone()), Value::string("live")],
-        ))
-        .await?;
-    timed(step, "waiting for the publish status", async {
-        loop {
-            reader.quick_ack();
-            match reader.next().await? {
-                None => return Err(Error::Closed),
-                Some(Message::Command { command, .. }) if command.name == "onStatus" => {
-                    let text = describe(&command);
-                    if text.starts_with("NetStream.Publish.Start") {
-                        return Ok(());
-                    }
-                    // nginx-rtmp answers NetStream.Publish.BadName "Already publishing".
-                    if text.contains("BadName") || text.to_lowercase().contains("already") {
-                        return Err(Error::Busy(text));
-                    }
-                    return Err(Error::Refused(text));
-                }
-                Some(Message::UserControl(UserControl::PingRequest(t))) => {
-                    writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?;
-                }
-                Some(_) => {}
-            }
-        }
-    })
     .await?;
     info!(stream = %url.stream, origin = %url.addr(), "publishing to the origin");
 

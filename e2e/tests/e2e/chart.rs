@@ -40,6 +40,43 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
+/// A copy of the chart as an older release would have it: its CRD lacks
+/// the description of the Remaining printer column.
+fn older_chart() -> Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let chart = dir.path().join("lossless-ingest");
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(system::chart_dir())
+        .arg(&chart)
+        .status()?;
+    ensure!(status.success(), "copying the chart failed");
+    let crd = chart.join("files/crds/ingestdrains.ingest.lossless.dev.yaml");
+    let text = std::fs::read_to_string(&crd)?;
+    let described = "        - description: \"Publishers still on the pods\"\n          jsonPath: \".status.totals.remainingPublishers\"";
+    ensure!(
+        text.contains(described),
+        "the CRD's Remaining column is not where the test expects it"
+    );
+    std::fs::write(
+        &crd,
+        text.replace(described, "        - jsonPath: \".status.totals.remainingPublishers\""),
+    )?;
+    Ok((dir, chart))
+}
+
+/// The description of the live CRD's Remaining printer column.
+async fn remaining_description(c: &Cluster) -> Result<String> {
+    c.kubectl(&[
+        "get",
+        "crd",
+        "ingestdrains.ingest.lossless.dev",
+        "-o",
+        "jsonpath={.spec.versions[0].additionalPrinterColumns[?(@.name==\"Remaining\")].description}",
+    ])
+    .await
+}
+
 async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     let origin = HostOrigin::start()?;
     c.load_image(&system::ingest_image()?).await?;
@@ -56,9 +93,17 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     .await?;
     let upstream = origin.upstream_template();
 
+    // Install an older chart whose CRD differs (a column description),
+    // so the upgrade below must apply a changed CRD (Helm never upgrades a
+    // chart's crds/ folder; ours templates the CRD for that reason).
+    let (_older_dir, older) = older_chart()?;
     let t = Instant::now();
-    system::helm_install(&c, "install", NS, &upstream, &[]).await?;
-    println!("  helm install --wait: {:.1?}", t.elapsed());
+    system::helm_install_from(&c, &older, "install", NS, &upstream, &[]).await?;
+    println!("  helm install --wait (older CRD): {:.1?}", t.elapsed());
+    ensure!(
+        remaining_description(&c).await?.trim().is_empty(),
+        "the older chart's CRD was installed"
+    );
     every_deployment_available(&c).await?;
     nothing_rejected_by_pod_security(&c).await?;
     leader_lease_names_an_operator_pod(&c).await?;
@@ -78,6 +123,12 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     operator_has_no_forbidden_calls(&c).await?;
 
     upgrade_keeps_secrets(&c, &upstream).await?;
+    let description = remaining_description(&c).await?;
+    ensure!(
+        description.trim() == "Publishers still on the pods",
+        "helm upgrade did not apply the changed CRD: Remaining column description {description:?}"
+    );
+    println!("  helm upgrade applied the changed CRD");
     operator::dry_run_eviction_starts_nothing(&c, NS).await?;
     operator_has_no_forbidden_calls(&c).await?;
 
