@@ -164,6 +164,27 @@ impl Cluster {
         run_tool(&self.kubectl, &self.kubeconfig, args, None).await
     }
 
+    /// A kubectl command against this cluster, for callers that read its
+    /// output as it comes (`kubectl drain` prints each refused eviction).
+    pub fn kubectl_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// The kubectl binary (the cluster's version, from the build cache).
+    pub fn kubectl_path(&self) -> &Path {
+        &self.kubectl
+    }
+
+    /// Leaves the cluster running when this handle goes (the demo's `--keep`).
+    pub fn keep(&self) {
+        self.is_down.store(true, Ordering::SeqCst);
+    }
+
     /// Runs kubectl with `input` on its stdin (`apply -f -` as a user types it).
     pub async fn kubectl_with_input(&self, args: &[&str], input: &str) -> Result<String> {
         run_tool(&self.kubectl, &self.kubeconfig, args, Some(input)).await

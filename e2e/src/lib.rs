@@ -7,6 +7,7 @@
 //! restores the starting state between them and always tears down.
 
 pub mod cluster;
+pub mod lossless;
 pub mod rtmp;
 pub mod runner;
 pub mod system;

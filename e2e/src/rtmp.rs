@@ -4,10 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ingest_pod::origin::Origin;
 use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, PublisherReport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,6 +26,7 @@ use crate::cluster::HOST_IP;
 pub struct HostOrigin {
     // Declared first: nginx stops before its directory is removed.
     origin: Origin,
+    hooks: Option<Hooks>,
     dir: tempfile::TempDir,
 }
 
@@ -31,7 +36,32 @@ impl HostOrigin {
         ensure_tools()?;
         let dir = tempfile::Builder::new().prefix("lossless-ingest-origin-").tempdir()?;
         let origin = Origin::start(dir.path(), &HOST_IP.to_string()).context("starting the nginx-rtmp origin")?;
-        Ok(Self { origin, dir })
+        Ok(Self {
+            origin,
+            hooks: None,
+            dir,
+        })
+    }
+
+    /// [`HostOrigin::start`] with nginx-rtmp's publish notifications sent to
+    /// an HTTP endpoint of ours ([`Hooks`]), which times every upstream
+    /// publish: the handover stall at the origin.
+    pub async fn start_with_hooks() -> Result<Self> {
+        ensure_tools()?;
+        let hooks = Hooks::start().await?;
+        let dir = tempfile::Builder::new().prefix("lossless-ingest-origin-").tempdir()?;
+        let origin = Origin::start_with_hooks(dir.path(), &HOST_IP.to_string(), Some(&hooks.url()))
+            .context("starting the nginx-rtmp origin")?;
+        Ok(Self {
+            origin,
+            hooks: Some(hooks),
+            dir,
+        })
+    }
+
+    /// The publish notifications so far (empty without hooks).
+    pub fn notifications(&self) -> Vec<Notification> {
+        self.hooks.as_ref().map(Hooks::events).unwrap_or_default()
     }
 
     /// The upstream URL template ingest pods push to: `rtmp://HOST_IP:PORT/{app}/{stream}`.
@@ -138,9 +168,14 @@ pub struct BackgroundPublisher {
 impl BackgroundPublisher {
     /// Starts publishing a small 30 fps stream (a keyframe a second) to `url`.
     pub fn start(url: &str) -> Result<Self> {
+        Self::with_signals(url, true, true)
+    }
+
+    /// [`BackgroundPublisher::start`] announcing only the given signals.
+    pub fn with_signals(url: &str, go_away: bool, reconnect: bool) -> Result<Self> {
         let publisher = Publisher::new(PublisherConfig {
-            go_away: true,
-            reconnect: true,
+            go_away,
+            reconnect,
             fps: 30,
             gop: 30,
             video_bitrate_bps: 500_000,
@@ -167,6 +202,252 @@ impl BackgroundPublisher {
 }
 
 impl Drop for BackgroundPublisher {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One nginx-rtmp notification as our endpoint received it.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub at: Instant,
+    /// `publish` or `publish_done`.
+    pub call: String,
+    /// The stream name.
+    pub name: String,
+    /// nginx's id of the RTMP connection (one upstream publish attempt).
+    pub client: String,
+}
+
+/// A tiny HTTP endpoint on loopback for nginx-rtmp's `on_*` notifications:
+/// answers 200 to each POST and keeps what it was told, with the time.
+pub struct Hooks {
+    addr: std::net::SocketAddr,
+    events: Arc<Mutex<Vec<Notification>>>,
+    task: JoinHandle<()>,
+}
+
+/// The most a notification request may hold (nginx sends a few hundred bytes).
+const HOOK_REQUEST_LIMIT: usize = 16 * 1024;
+
+impl Hooks {
+    pub async fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    if let Ok(Some(n)) = serve_hook(stream).await
+                        && let Ok(mut events) = sink.lock()
+                    {
+                        events.push(n);
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, events, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/notify", self.addr)
+    }
+
+    pub fn events(&self) -> Vec<Notification> {
+        self.events.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Hooks {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one HTTP/1.x POST (headers, then Content-Length bytes of form
+/// body), answers 200 and returns the notification it carried.
+async fn serve_hook(mut stream: TcpStream) -> Result<Option<Notification>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let (head_end, length) = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (end + 4, length);
+        }
+        if buf.len() > HOOK_REQUEST_LIMIT {
+            bail!("notification headers over {HOOK_REQUEST_LIMIT} bytes");
+        }
+    };
+    let at = Instant::now();
+    if head_end + length > HOOK_REQUEST_LIMIT {
+        bail!("notification of {length} bytes");
+    }
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    stream
+        .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await?;
+    let body = String::from_utf8_lossy(&buf[head_end..buf.len().min(head_end + length)]).into_owned();
+    let field = |key: &str| {
+        body.split('&')
+            .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .map(percent_decode)
+            .unwrap_or_default()
+    };
+    Ok(Some(Notification {
+        at,
+        call: field("call"),
+        name: field("name"),
+        client: field("clientid"),
+    }))
+}
+
+/// Decodes `%XX` and `+` of a form value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Handover stalls of `stream` at the origin, replaying nginx-rtmp's own
+/// admission: a publish is admitted when no other publish of the stream is
+/// live (else nginx answers "already publishing" and the ingest relay
+/// retries), and it stays live until its `publish_done`. Each stall is the
+/// time from the end of one live publish to the admission of the next.
+/// nginx decides when our endpoint's answer reaches it, within a
+/// millisecond of the times kept here.
+pub fn stalls(events: &[Notification], stream: &str) -> Vec<Duration> {
+    let mut ordered: Vec<&Notification> = events.iter().filter(|e| e.name == stream).collect();
+    ordered.sort_by_key(|e| e.at);
+    let mut live: Option<&str> = None;
+    let mut ended: Option<Instant> = None;
+    let mut out = Vec::new();
+    for e in ordered {
+        match e.call.as_str() {
+            "publish" if live.is_none() => {
+                live = Some(e.client.as_str());
+                if let Some(t) = ended.take() {
+                    out.push(e.at.saturating_duration_since(t));
+                }
+            }
+            "publish_done" if live == Some(e.client.as_str()) => {
+                live = None;
+                ended = Some(e.at);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// ffmpeg publishing a synthetic stream in real time until stopped: the
+/// incapable publisher (it announces neither signal).
+pub struct FfmpegPublisher {
+    pub stream: String,
+    stop: CancellationToken,
+    task: JoinHandle<Result<FfmpegExit>>,
+}
+
+/// How and when an ffmpeg publisher ended.
+#[derive(Debug)]
+pub struct FfmpegExit {
+    pub status: std::process::ExitStatus,
+    pub at: Instant,
+    pub stderr: String,
+}
+
+impl FfmpegPublisher {
+    /// Starts ffmpeg publishing to `url` (`rtmp://.../live/<stream>`) for up to ten minutes.
+    pub fn start(url: &str) -> Result<Self> {
+        let stream = url.rsplit('/').next().unwrap_or_default().to_owned();
+        let mut child = Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+            .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
+            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+            .args([
+                "-t",
+                "600",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-pix_fmt",
+                "yuv420p",
+            ])
+            .args(["-g", "30", "-c:a", "aac", "-f", "flv", url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting ffmpeg")?;
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut stderr = child.stderr.take();
+            tokio::select! {
+                status = child.wait() => {
+                    let at = Instant::now();
+                    let mut text = String::new();
+                    if let Some(pipe) = stderr.as_mut() {
+                        let _ = pipe.read_to_string(&mut text).await;
+                    }
+                    Ok(FfmpegExit { status: status?, at, stderr: text })
+                }
+                _ = token.cancelled() => {
+                    let _ = child.kill().await;
+                    bail!("stopped")
+                }
+            }
+        });
+        Ok(Self { stream, stop, task })
+    }
+
+    /// Waits up to `timeout` for ffmpeg to end by itself.
+    pub async fn wait(mut self, timeout: Duration) -> Result<FfmpegExit> {
+        match tokio::time::timeout(timeout, &mut self.task).await {
+            Ok(joined) => joined.context("ffmpeg task")?,
+            Err(_) => bail!("ffmpeg ({}) still running after {timeout:?}", self.stream),
+        }
+    }
+}
+
+impl Drop for FfmpegPublisher {
     fn drop(&mut self) {
         self.stop.cancel();
     }

@@ -9,6 +9,8 @@ use ingest_e2e::runner;
 // Scenarios live in tests/e2e/ so cargo does not take them for test targets of their own.
 #[path = "e2e/chart.rs"]
 mod chart;
+#[path = "e2e/lossless.rs"]
+mod lossless;
 #[path = "e2e/operator.rs"]
 mod operator;
 #[path = "e2e/smoke.rs"]
@@ -18,5 +20,6 @@ fn main() -> ExitCode {
     let mut scenarios = smoke::scenarios();
     scenarios.extend(operator::scenarios());
     scenarios.extend(chart::scenarios());
+    scenarios.extend(lossless::scenarios());
     runner::main(2, scenarios)
 }

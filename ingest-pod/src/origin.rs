@@ -37,6 +37,14 @@ impl Origin {
     /// Starts nginx on `ip` (a free port) with one worker, recording the
     /// `live` application into `<dir>/rec` with `record all; record_unique on; record_append on;`.
     pub fn start(dir: &Path, ip: &str) -> Result<Self, Error> {
+        Self::start_with_hooks(dir, ip, None)
+    }
+
+    /// [`Origin::start`], and when `hook` is set (an `http://host:port/path`
+    /// URL), nginx-rtmp's `on_publish` and `on_publish_done` notifications are POSTed there (form fields `call`, `name`, `clientid`,
+    /// ...). The endpoint must answer 2xx or nginx refuses the publish; times of
+    /// arrival give the handover stall at the origin.
+    pub fn start_with_hooks(dir: &Path, ip: &str, hook: Option<&str>) -> Result<Self, Error> {
         if !Path::new(RTMP_MODULE).exists() {
             return Err(Error::NotInstalled(RTMP_MODULE.to_owned()));
         }
@@ -47,6 +55,9 @@ impl Origin {
         std::fs::create_dir_all(dir.join("rec"))?;
         std::fs::create_dir_all(dir.join("tmp"))?;
         let addr = free_port(ip)?;
+        let hooks = hook
+            .map(|url| format!("on_publish {url};\n            on_publish_done {url};"))
+            .unwrap_or_default();
         let conf = format!(
             r#"load_module {RTMP_MODULE};
 daemon off;
@@ -68,6 +79,7 @@ rtmp {{
             # the same second appends instead of truncating.
             record_append on;
             record_path {dir}/rec;
+            {hooks}
         }}
     }}
 }}

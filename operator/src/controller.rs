@@ -13,7 +13,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{EvictParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -63,6 +63,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub followers: Followers,
+    /// Every IngestDrain (the webhook's cache): whose drain a pod runs.
+    pub drains: Store<IngestDrain>,
 }
 
 /// WatchStatus followers: one task per (drain, pod) that wakes the drain's
@@ -340,6 +342,7 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
 
     let token = ctx.token()?;
     let redirects = redirect_targets(drain, &rows, &pods);
+    let others = live_others(drain, &ctx.drains);
     for row in rows.iter_mut().filter(|r| !r.state.is_done()) {
         let Some(pod) = pods.iter().find(|p| p.name_any() == row.name) else {
             *row = PodDrainStatus {
@@ -373,11 +376,17 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
             ctx.args.control_port,
             &token,
             start_request(drain, remaining, redirects.clone()),
+            |id| others.contains_key(id),
         )
         .await
         {
-            Ok(status) => {
-                *row = state::row_from_status(row, &status, &drain_id(drain), now.clone());
+            Ok((status, id)) => {
+                *row = state::row_from_status(row, &status, &id, now.clone());
+                if let Some(other) = others.get(&id) {
+                    row.message = Some(format!(
+                        "follows the drain of IngestDrain {other} already running on the pod"
+                    ));
+                }
                 ctx.followers
                     .follow(drain, &row.name, ip.clone(), ctx.args.control_port, token.clone());
             }
@@ -468,15 +477,47 @@ fn evictions_pending(drain: &IngestDrain, rows: &[PodDrainStatus]) -> bool {
 }
 
 /// StartDrain (idempotent by id) then GetStatus.
+/// Starts (or re-asserts) this drain on a pod, unless the pod already runs
+/// the drain of another live IngestDrain (`live_other` names it by drain
+/// id): then the pod is left alone and that drain is followed. Two drains
+/// covering one pod (a node drain and the eviction gate's, started a moment
+/// apart) would otherwise replace each other's drain on every reconcile.
+/// Returns the pod's status and the id of the drain it runs for us.
 async fn drive_pod(
     ip: &str,
     port: u16,
     token: &str,
     req: StartDrainRequest,
-) -> Result<ingest_proto::v1::PodStatus, crate::pods::Error> {
+    live_other: impl Fn(&str) -> bool,
+) -> Result<(ingest_proto::v1::PodStatus, String), crate::pods::Error> {
     let mut client = PodClient::connect(ip, port, token).await?;
+    let status = client.status().await?;
+    if let Some(running) = status.drain.as_ref()
+        && running.id != req.drain_id
+        && running.phase() != ingest_proto::v1::DrainPhase::Cancelled
+        && live_other(&running.id)
+    {
+        let id = running.id.clone();
+        return Ok((status, id));
+    }
+    let id = req.drain_id.clone();
     client.start_drain(req).await?;
-    client.status().await
+    Ok((client.status().await?, id))
+}
+
+/// Drain ids of the other IngestDrains of `drain`'s namespace that still
+/// run (not cancelled, not being deleted), with their names.
+fn live_others(drain: &IngestDrain, store: &Store<IngestDrain>) -> std::collections::HashMap<String, String> {
+    let ns = drain.namespace();
+    let own = drain_id(drain);
+    store
+        .state()
+        .iter()
+        .filter(|d| d.namespace() == ns && d.metadata.deletion_timestamp.is_none() && !d.spec.cancel)
+        .filter(|d| d.status.as_ref().is_none_or(|s| s.phase != DrainPhase::Cancelled))
+        .map(|d| (drain_id(d), d.name_any()))
+        .filter(|(id, _)| *id != own)
+        .collect()
 }
 
 async fn cancel_pods(drain: &IngestDrain, ctx: &Context, rows: &mut [PodDrainStatus], pods: &[Pod]) {
@@ -642,6 +683,55 @@ mod tests {
         assert_eq!(status["pods"][0]["uid"], json!("uid-ingest-0"));
         assert_eq!(status["pods"][0]["node"], json!("node-a"));
         assert_eq!(status["totals"]["pods"], json!(1));
+    }
+
+    #[tokio::test]
+    async fn a_pod_running_another_live_drain_is_followed_not_taken_over() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        // The node drain reached the pod first; the eviction gate's drain
+        // for the same pod comes a moment later.
+        let node = with_status(
+            with_finalizer(drain("node-node-a", json!({ "evict": true }))),
+            DrainPhase::Draining,
+            Duration::from_secs(2),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        let node_id = node.uid().expect("uid");
+        start_on_pod(&pod, &node_id, Duration::from_secs(30));
+        let gate = with_status(
+            with_finalizer(drain("evict-ingest-0", json!({ "evict": true }))),
+            DrainPhase::Pending,
+            Duration::from_secs(1),
+            vec![row("ingest-0", PodState::Pending)],
+        );
+        let (ctx, api_server) = Context::test_with_drains(control_port(&pod), token.path(), vec![node, gate.clone()]);
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: gate.clone(),
+            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
+            evicted: vec![],
+            evictions_refused: false,
+            event: Some(("Normal", "Draining")),
+            phase: DrainPhase::Draining,
+            rows: vec![("ingest-0", PodState::Draining)],
+        })]);
+
+        assert_eq!(reconcile_once(&ctx, &gate).await, Action::requeue(PROGRESS_REQUEUE));
+        let on_pod = pod.drainer.status().expect("the pod drains");
+        assert_eq!(
+            on_pod.spec.id, node_id,
+            "the second drain replaced the first on the pod"
+        );
+        assert_eq!(on_pod.phase, PodPhase::Propagating, "the pod's drain restarted");
+
+        drop(ctx);
+        let seen = within("verifier", verifier).await.expect("scenario");
+        let status = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
+        let message = status["pods"][0]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("node-node-a"),
+            "the row does not say whom it follows: {message}"
+        );
     }
 
     #[tokio::test]

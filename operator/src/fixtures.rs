@@ -220,7 +220,20 @@ fn mock_client() -> (Client, ApiServerVerifier) {
 impl Context {
     /// A context whose client talks to the returned verifier.
     pub fn test(control_port: u16, token_file: &Path) -> (Arc<Self>, ApiServerVerifier) {
+        Self::test_with_drains(control_port, token_file, Vec::new())
+    }
+
+    /// [`Context::test`] with `drains` in the cache of IngestDrains.
+    pub fn test_with_drains(
+        control_port: u16,
+        token_file: &Path,
+        drains: Vec<IngestDrain>,
+    ) -> (Arc<Self>, ApiServerVerifier) {
         let (client, verifier) = mock_client();
+        let (drain_store, mut drain_writer) = reflector::store::<IngestDrain>();
+        for d in drains {
+            drain_writer.apply_watcher_event(&watcher::Event::Apply(d));
+        }
         let reporter = Reporter {
             controller: "ingest-operator".into(),
             instance: None,
@@ -232,6 +245,7 @@ impl Context {
             metrics: Metrics::default(),
             // No controller runs here: the followers' wake-ups go nowhere.
             followers: crate::controller::Followers::new().0,
+            drains: drain_store,
         };
         (Arc::new(ctx), verifier)
     }

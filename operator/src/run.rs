@@ -104,7 +104,7 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         let gate = webhook::Gate {
             client: client.clone(),
             pods,
-            drains,
+            drains: drains.clone(),
             ingest,
             args: args.clone(),
             metrics: metrics.clone(),
@@ -159,6 +159,7 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
         followers,
+        drains: drains.clone(),
     });
     // Followers' wake-ups go to whichever controller runs now (leadership may come and go).
     let current: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<_>>>> = Arc::default();

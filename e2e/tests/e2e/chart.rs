@@ -1,9 +1,9 @@
 //! The chart on a real cluster (issue 8): `helm install --wait` into a
-//! namespace that enforces the `restricted` Pod Security level, the webhook
-//! holding an eviction until the operator drained the pod, `helm upgrade`
-//! keeping the generated secrets, `helm uninstall` leaving only the CRD.
-//! The operator claims of issue 7 that need the installed system run as
-//! steps of the same install (see `operator.rs`).
+//! namespace that enforces the `restricted` Pod Security level, the leader
+//! Lease, the operator's RBAC, `helm upgrade` keeping the generated secrets
+//! and applying a changed CRD, a dry-run eviction, `helm uninstall` leaving
+//! only the CRD. The eviction gate and the IngestDrain as users apply it
+//! run on their own installs in `lossless.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,9 +117,6 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     })
     .await?;
 
-    operator::eviction_held_until_drained(&c, NS, &publisher).await?;
-    operator::non_ingest_eviction_allowed(&c, NS).await?;
-    operator::status_and_printer_columns(&c, NS, &publisher).await?;
     operator_has_no_forbidden_calls(&c).await?;
 
     upgrade_keeps_secrets(&c, &upstream).await?;
@@ -132,10 +129,8 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     operator::dry_run_eviction_starts_nothing(&c, NS).await?;
     operator_has_no_forbidden_calls(&c).await?;
 
-    operator::eviction_allowed_without_operator(&c, NS, &publisher).await?;
-
-    // Every move above (webhook + operator drain, selector drain, SIGTERM
-    // drain) was lossless for the capable publisher.
+    // The publisher may have moved (the upgrade removed an ingest pod by its
+    // SIGTERM drain); whatever happened was lossless.
     let report = publisher.stop().await?;
     println!(
         "  publisher: {} connections, {} signals, longest switch gap {:?}",

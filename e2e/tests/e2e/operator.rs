@@ -83,10 +83,10 @@ const BAD: [Bad; 6] = [
     },
 ];
 
-fn drain_manifest(name: &str, spec_lines: &[&str]) -> String {
+fn drain_manifest(ns: &str, name: &str, spec_lines: &[&str]) -> String {
     let spec: String = spec_lines.iter().map(|l| format!("  {l}\n")).collect();
     format!(
-        "apiVersion: ingest.lossless.dev/v1alpha1\nkind: IngestDrain\nmetadata: {{name: {name}, namespace: {CRD_NS}}}\nspec:\n{spec}"
+        "apiVersion: ingest.lossless.dev/v1alpha1\nkind: IngestDrain\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
     )
 }
 
@@ -103,14 +103,20 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
     ])
     .await?;
     c.namespace(CRD_NS).await?;
+    bad_manifests_refused(&c, CRD_NS).await
+}
 
+/// A valid IngestDrain is accepted and listed with our printer columns;
+/// each bad one is refused by the API server (schema, CEL, strict field
+/// validation) with a message that says what is wrong, and not created.
+pub async fn bad_manifests_refused(c: &Cluster, ns: &str) -> Result<()> {
     // A good one is accepted (once discovery knows the new kind).
-    let good = drain_manifest("good", &[SELECTOR, "deadlineSeconds: 60"]);
+    let good = drain_manifest(ns, "good", &[SELECTOR, "deadlineSeconds: 60"]);
     eventually("a valid IngestDrain to be accepted", Duration::from_secs(30), || {
         c.kubectl_with_input(&["apply", "-f", "-"], &good)
     })
     .await?;
-    let table = c.kubectl(&["-n", CRD_NS, "get", "ingestdrains"]).await?;
+    let table = c.kubectl(&["-n", ns, "get", "ingestdrains"]).await?;
     let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
     ensure!(
         header == COLUMNS,
@@ -120,9 +126,9 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
     for (i, bad) in BAD.iter().enumerate() {
         let name = format!("bad-{i}");
         let spec = if bad.spec.starts_with("selector") {
-            drain_manifest(&name, &[bad.spec])
+            drain_manifest(ns, &name, &[bad.spec])
         } else {
-            drain_manifest(&name, &[SELECTOR, bad.spec])
+            drain_manifest(ns, &name, &[SELECTOR, bad.spec])
         };
         let mut args = vec!["apply"];
         args.extend(bad.flags);
@@ -143,7 +149,7 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
         let exists = c
             .kubectl(&[
                 "-n",
-                CRD_NS,
+                ns,
                 "get",
                 "ingestdrain",
                 &name,
@@ -162,6 +168,8 @@ async fn crd_validation(c: Arc<Cluster>) -> Result<()> {
         let said = line.split_once("): ").map_or(line, |(_, said)| said).trim();
         println!("  {}: {said}", bad.what);
     }
+    c.kubectl(&["-n", ns, "delete", "ingestdrain", "good", "--timeout=60s"])
+        .await?;
     Ok(())
 }
 
@@ -403,7 +411,7 @@ spec:
 
 /// `kubectl get ingestdrains` once the row of `name` reads `want`
 /// (PHASE, PODS, DRAINED, REMAINING; AGE must be there too).
-async fn printed(c: &Cluster, ns: &str, name: &str, want: [&str; 4]) -> Result<String> {
+pub async fn printed(c: &Cluster, ns: &str, name: &str, want: [&str; 4]) -> Result<String> {
     let table = c.kubectl(&["-n", ns, "get", "ingestdrains"]).await?;
     let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
     ensure!(header == COLUMNS, "columns {header:?}, want {COLUMNS:?}");
@@ -417,85 +425,6 @@ async fn printed(c: &Cluster, ns: &str, name: &str, want: [&str; 4]) -> Result<S
         "row {row:?}, want {name} {want:?} AGE:\n{table}"
     );
     Ok(table)
-}
-
-/// A selector-based IngestDrain applied with kubectl: the operator writes
-/// its status by server-side apply, and `kubectl get ingestdrains` shows
-/// it Draining with the publisher still on the pod, then Drained.
-pub async fn status_and_printer_columns(c: &Cluster, ns: &str, publisher: &BackgroundPublisher) -> Result<()> {
-    let (pod, n) = system::pod_with_publishers(c, ns).await?;
-    let connections = publisher.progress().connections;
-    c.kubectl(&["-n", ns, "label", "pod", &pod, "lossless-ingest.e2e/drain=yes"])
-        .await?;
-    // The propagation delay keeps the publisher on the pod long enough to see it counted.
-    let manifest = format!(
-        r#"apiVersion: ingest.lossless.dev/v1alpha1
-kind: IngestDrain
-metadata: {{name: by-selector, namespace: {ns}}}
-spec:
-  selector:
-    matchLabels: {{app.kubernetes.io/component: ingest, lossless-ingest.e2e/drain: "yes"}}
-  deadlineSeconds: 120
-  propagationDelaySeconds: 15
-"#
-    );
-    c.kubectl_with_input(&["apply", "-f", "-"], &manifest).await?;
-    let n = n.to_string();
-    let draining = eventually(
-        "kubectl get ingestdrains to show by-selector Draining",
-        Duration::from_secs(30),
-        || printed(c, ns, "by-selector", ["Draining", "1", "0", &n]),
-    )
-    .await?;
-    println!("  $ kubectl get ingestdrains\n{}", indent(&draining));
-    let drained = eventually(
-        "kubectl get ingestdrains to show by-selector Drained",
-        Duration::from_secs(90),
-        || printed(c, ns, "by-selector", ["Drained", "1", "1", "0"]),
-    )
-    .await?;
-    println!("  $ kubectl get ingestdrains\n{}", indent(&drained));
-    let wide = c
-        .kubectl(&["-n", ns, "get", "ingestdrains", "by-selector", "-o", "wide"])
-        .await?;
-    let cols: Vec<Vec<&str>> = wide.lines().map(|l| l.split_whitespace().collect()).collect();
-    let migrated = cols
-        .first()
-        .and_then(|h| h.iter().position(|c| *c == "MIGRATED"))
-        .and_then(|i| cols.get(1)?.get(i).copied());
-    ensure!(
-        migrated == Some(n.as_str()),
-        "-o wide shows MIGRATED {migrated:?}, want {n}:\n{wide}"
-    );
-
-    let drain = Api::<IngestDrain>::namespaced(c.client(), ns)
-        .get("by-selector")
-        .await?;
-    let ssa = drain.managed_fields().iter().any(|m| {
-        m.manager.as_deref() == Some("ingest-operator")
-            && m.operation.as_deref() == Some("Apply")
-            && m.subresource.as_deref() == Some("status")
-    });
-    ensure!(
-        ssa,
-        "the status was not server-side applied by ingest-operator: {:?}",
-        drain.managed_fields()
-    );
-    let status = drain.status.clone().unwrap_or_default();
-    ensure!(
-        status.observed_generation == drain.metadata.generation
-            && status.completed_at.is_some()
-            && status.conditions.iter().any(|c| c.status == "True"),
-        "incomplete status: {status:?}"
-    );
-    publisher_moved(publisher, connections).await?;
-
-    // Back to a full tier: the drained pod stays unready until it goes.
-    c.kubectl(&["-n", ns, "delete", "ingestdrain", "by-selector", "--timeout=60s"])
-        .await?;
-    c.kubectl(&["-n", ns, "delete", "pod", &pod, "--wait=false"]).await?;
-    deployments_available(c, ns, Duration::from_secs(120)).await?;
-    Ok(())
 }
 
 /// With the operator scaled to zero, the webhook cannot answer and
@@ -542,6 +471,6 @@ pub async fn eviction_allowed_without_operator(c: &Cluster, ns: &str, publisher:
     gone(c, ns, &pod, &uid, Duration::from_secs(120)).await
 }
 
-fn indent(s: &str) -> String {
+pub fn indent(s: &str) -> String {
     s.lines().map(|l| format!("    {l}\n")).collect()
 }
