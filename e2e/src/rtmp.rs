@@ -344,35 +344,42 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Handover stalls of `stream` at the origin, replaying nginx-rtmp's own
-/// admission: a publish is admitted when no other publish of the stream is
-/// live (else nginx answers "already publishing" and the ingest relay
-/// retries), and it stays live until its `publish_done`. Each stall is the
-/// time from the end of one live publish to the admission of the next.
-/// nginx decides when our endpoint's answer reaches it, within a
-/// millisecond of the times kept here.
+/// Shorter upstream publishes were refused by nginx ("already publishing":
+/// the ingest relay retries every few milliseconds and closes each refused
+/// attempt at once); a publish that carried media lasts seconds.
+const REFUSED_PUBLISH: Duration = Duration::from_millis(500);
+
+/// Handover stalls of `stream` at the origin: for consecutive upstream
+/// publishes that nginx admitted, the time from the older one's
+/// `publish_done` to the newer one's `publish`. nginx admits a publish when
+/// our endpoint's answer reaches it, and removes a closed publish before its
+/// `publish_done` goes out, so a newer `publish` may arrive first: that
+/// stall counts as zero (it was below the hooks' latency, about a millisecond).
 pub fn stalls(events: &[Notification], stream: &str) -> Vec<Duration> {
     let mut ordered: Vec<&Notification> = events.iter().filter(|e| e.name == stream).collect();
     ordered.sort_by_key(|e| e.at);
-    let mut live: Option<&str> = None;
-    let mut ended: Option<Instant> = None;
-    let mut out = Vec::new();
+    // (client, publish, done) per publish attempt.
+    let mut attempts: Vec<(&str, Instant, Option<Instant>)> = Vec::new();
     for e in ordered {
         match e.call.as_str() {
-            "publish" if live.is_none() => {
-                live = Some(e.client.as_str());
-                if let Some(t) = ended.take() {
-                    out.push(e.at.saturating_duration_since(t));
+            "publish" => attempts.push((e.client.as_str(), e.at, None)),
+            "publish_done" => {
+                if let Some(a) = attempts.iter_mut().rev().find(|a| a.0 == e.client && a.2.is_none()) {
+                    a.2 = Some(e.at);
                 }
-            }
-            "publish_done" if live == Some(e.client.as_str()) => {
-                live = None;
-                ended = Some(e.at);
             }
             _ => {}
         }
     }
-    out
+    let admitted: Vec<(Instant, Option<Instant>)> = attempts
+        .into_iter()
+        .filter(|a| a.2.is_none_or(|done| done.saturating_duration_since(a.1) >= REFUSED_PUBLISH))
+        .map(|a| (a.1, a.2))
+        .collect();
+    admitted
+        .windows(2)
+        .filter_map(|w| Some(w[1].0.saturating_duration_since(w[0].1?)))
+        .collect()
 }
 
 /// ffmpeg publishing a synthetic stream in real time until stopped: the

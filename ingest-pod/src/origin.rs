@@ -41,8 +41,9 @@ impl Origin {
     }
 
     /// [`Origin::start`], and when `hook` is set (an `http://host:port/path`
-    /// URL), nginx-rtmp's `on_publish` and `on_publish_done` notifications are POSTed there (form fields `call`, `name`, `clientid`,
-    /// ...). The endpoint must answer 2xx or nginx refuses the publish; times of
+    /// URL), nginx-rtmp's `on_publish` and `on_publish_done` notifications
+    /// are POSTed there (form fields `call`, `name`, `clientid`, ...). The
+    /// endpoint must answer 2xx or nginx refuses the publish; the times of
     /// arrival give the handover stall at the origin.
     pub fn start_with_hooks(dir: &Path, ip: &str, hook: Option<&str>) -> Result<Self, Error> {
         if !Path::new(RTMP_MODULE).exists() {

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::controller::MANAGER;
 use crate::crd::{GROUP, IngestDrain, TRIGGER_LABEL};
+use crate::pods::PodClient;
 use crate::state::{self, Verdict};
 use crate::telemetry::{DecisionLabel, Metrics};
 
@@ -129,11 +130,33 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
             {
                 warn!(pod = %req.name, %err, "cannot start the pod's drain");
             }
-            info!(pod = %req.name, %ns, dry_run = req.dry_run, "eviction held: drain started");
+            let message = match pod.as_deref() {
+                Some(pod) => match publishers_on(gate, pod).await {
+                    Some(n) => format!("pod {}: {n} publishers remain; starting its drain, retry shortly", req.name),
+                    None => message,
+                },
+                None => message,
+            };
+            info!(pod = %req.name, %ns, dry_run = req.dry_run, %message, "eviction held: drain started");
             too_many_requests(req, message)
         }
     }
 }
+
+/// The publishers on a pod, from its control API, if it answers within
+/// [`COUNT_TIMEOUT`] (the webhook must answer well within its own timeout).
+async fn publishers_on(gate: &Gate, pod: &Pod) -> Option<u32> {
+    let ip = pod.status.as_ref()?.pod_ip.clone()?;
+    let token = std::fs::read_to_string(&gate.args.control_token_file).ok()?;
+    let ask = async {
+        let mut client = PodClient::connect(&ip, gate.args.control_port, token.trim()).await.ok()?;
+        client.status().await.ok()?.counts.map(|c| c.total)
+    };
+    tokio::time::timeout(COUNT_TIMEOUT, ask).await.ok().flatten()
+}
+
+/// How long the webhook waits for a pod's publisher count.
+const COUNT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Creates (server-side apply, so every replica may race) a drain of one
 /// pod, owned by the pod: it goes when the pod goes.

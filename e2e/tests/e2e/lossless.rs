@@ -122,6 +122,8 @@ spec:
         || operator::printed(&c, ns, "maintenance", ["Drained", "1", "1", "0"]),
     )
     .await?;
+    // Let the watch (it polls twice a second) print the final row too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let seen = watch.stop().await;
     let phases: Vec<&str> = seen
         .iter()
@@ -425,10 +427,11 @@ spec:
 }
 
 /// Scenario 6: a node is cordoned (the operator drains its ingest pods in
-/// slow waves) and uncordoned mid-drain: the IngestDrain is Cancelled, the
+/// waves of one signal a second) and uncordoned mid-drain: the IngestDrain is Cancelled, the
 /// pods turn ready again and keep the publishers not yet signalled.
 async fn uncordon_mid_drain(c: Arc<Cluster>) -> Result<()> {
-    let stage = Stage::install(&c, UNCORDON_NS, &["operator.drain.rate=0.5"]).await?;
+    // One signal a second (helm's --set reads 0.5 as a string; whole numbers only here).
+    let stage = Stage::install(&c, UNCORDON_NS, &["operator.drain.rate=1"]).await?;
     let ns = UNCORDON_NS;
     let fleet = lossless::start_fleet(&stage, "unc", 12).await?;
     let pods = ingest_pods(&c, ns).await?;
