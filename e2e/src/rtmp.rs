@@ -173,7 +173,7 @@ impl BackgroundPublisher {
 
     /// [`BackgroundPublisher::start`] announcing only the given signals.
     pub fn with_signals(url: &str, go_away: bool, reconnect: bool) -> Result<Self> {
-        let publisher = Publisher::new(PublisherConfig {
+        Self::spawn(PublisherConfig {
             go_away,
             reconnect,
             fps: 30,
@@ -182,7 +182,26 @@ impl BackgroundPublisher {
             width: 320,
             height: 240,
             ..PublisherConfig::new(url)
-        })?;
+        })
+    }
+
+    /// A 15 fps, 100 kbit/s stream (a keyframe a second), both signals:
+    /// for benchmarks with hundreds of publishers.
+    pub fn low_bitrate(url: &str) -> Result<Self> {
+        Self::spawn(PublisherConfig {
+            go_away: true,
+            reconnect: true,
+            fps: 15,
+            gop: 15,
+            video_bitrate_bps: 100_000,
+            width: 160,
+            height: 120,
+            ..PublisherConfig::new(url)
+        })
+    }
+
+    fn spawn(cfg: PublisherConfig) -> Result<Self> {
+        let publisher = Publisher::new(cfg)?;
         let progress = publisher.progress();
         let stop = CancellationToken::new();
         let task = tokio::spawn(publisher.run(stop.clone()));
@@ -373,7 +392,9 @@ pub fn stalls(events: &[Notification], stream: &str) -> Vec<Duration> {
     }
     let admitted: Vec<(Instant, Option<Instant>)> = attempts
         .into_iter()
-        .filter(|a| a.2.is_none_or(|done| done.saturating_duration_since(a.1) >= REFUSED_PUBLISH))
+        .filter(|a| {
+            a.2.is_none_or(|done| done.saturating_duration_since(a.1) >= REFUSED_PUBLISH)
+        })
         .map(|a| (a.1, a.2))
         .collect();
     admitted

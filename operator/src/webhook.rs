@@ -132,7 +132,10 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
             }
             let message = match pod.as_deref() {
                 Some(pod) => match publishers_on(gate, pod).await {
-                    Some(n) => format!("pod {}: {n} publishers remain; starting its drain, retry shortly", req.name),
+                    Some(n) => format!(
+                        "pod {}: {n} publishers remain; starting its drain, retry shortly",
+                        req.name
+                    ),
                     None => message,
                 },
                 None => message,
@@ -149,7 +152,9 @@ async fn publishers_on(gate: &Gate, pod: &Pod) -> Option<u32> {
     let ip = pod.status.as_ref()?.pod_ip.clone()?;
     let token = std::fs::read_to_string(&gate.args.control_token_file).ok()?;
     let ask = async {
-        let mut client = PodClient::connect(&ip, gate.args.control_port, token.trim()).await.ok()?;
+        let mut client = PodClient::connect(&ip, gate.args.control_port, token.trim())
+            .await
+            .ok()?;
         client.status().await.ok()?.counts.map(|c| c.total)
     };
     tokio::time::timeout(COUNT_TIMEOUT, ask).await.ok().flatten()

@@ -116,6 +116,18 @@ spec:
         || operator::printed(&c, ns, "maintenance", ["Draining", "1", "0", &n_text]),
     )
     .await?;
+    // Before the first signal (the propagation delay), the row counts the
+    // pod's connections by capability.
+    let early = drain_status(&c, ns, "maintenance")
+        .await?
+        .context("maintenance is gone")?;
+    let conns = early["pods"][0]["connections"].clone();
+    let capable = conns["goAway"].as_i64().unwrap_or(0) + conns["reconnectRequest"].as_i64().unwrap_or(0);
+    ensure!(
+        capable == n as i64 && conns["incapable"].as_i64() == Some(0),
+        "the row of {} does not count its {n} capable publishers: {conns}",
+        target.name
+    );
     let drained = eventually(
         "kubectl get ingestdrains to show maintenance Drained",
         Duration::from_secs(120),
@@ -193,13 +205,8 @@ spec:
         .as_array()
         .and_then(|rows| rows.iter().find(|r| r["name"] == target.name.as_str()))
         .with_context(|| format!("no status row for {}: {status}", target.name))?;
-    let conns = &row["connections"];
-    let capable = conns["goAway"].as_i64().unwrap_or(0) + conns["reconnectRequest"].as_i64().unwrap_or(0);
     ensure!(
-        row["signalled"].as_i64() == Some(n as i64)
-            && row["migrated"].as_i64() == Some(n as i64)
-            && capable == n as i64
-            && conns["incapable"].as_i64() == Some(0),
+        row["signalled"].as_i64() == Some(n as i64) && row["migrated"].as_i64() == Some(n as i64),
         "the row of {} does not count its {n} capable publishers as signalled and migrated: {row}",
         target.name
     );

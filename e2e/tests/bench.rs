@@ -1,0 +1,362 @@
+//! Benchmarks on the real cluster, run by hand and reported, never in CI
+//! and never asserted as timings (correctness still is):
+//!
+//! - `operator_scale_100`: the operator with 100 ingest pods — webhook
+//!   latency (client side through the API server, and the operator's own
+//!   histogram), reconcile latency (histogram) and time to Drained of one
+//!   IngestDrain over all 100, operator RSS.
+//! - `node_drain_200`: 200 low-bitrate capable publishers on one node,
+//!   `kubectl drain` with a wave rate; 0 lost; the drain time next to
+//!   propagation delay + one GOP + publishers / rate.
+//!
+//! `cargo build --release -p ingest-pod -p ingest-operator && cargo test -p ingest-e2e --test bench -- [NAME]`
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use ingest_e2e::cluster::eventually;
+use ingest_e2e::lossless::{self, Capable, Stage, drain_status, percentile, say};
+use ingest_e2e::rtmp::BackgroundPublisher;
+use ingest_e2e::system::{self, INGEST_PODS, OPERATOR_PODS, deployments_available};
+use ingest_e2e::{Cluster, Scenario, runner};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{EvictParams, PostParams};
+
+fn main() -> ExitCode {
+    runner::main(
+        2,
+        vec![
+            Scenario::new("operator_scale_100", |c| async move {
+                let r = operator_scale(c.clone()).await;
+                let purged = system::purge(&c, SCALE_NS).await;
+                r.and(purged)
+            })
+            .timeout(Duration::from_secs(1800)),
+            Scenario::new("node_drain_200", |c| async move {
+                let r = node_drain_200(c.clone()).await;
+                let purged = system::purge(&c, DRAIN_NS).await;
+                r.and(purged)
+            })
+            .timeout(Duration::from_secs(1800)),
+        ],
+    )
+}
+
+const SCALE_NS: &str = "scale";
+const DRAIN_NS: &str = "drain-200";
+const SCALE_PODS: usize = 100;
+
+/// A histogram of the operators' `/metrics`, summed over the replicas.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// (upper bound, cumulative count)
+    buckets: Vec<(f64, f64)>,
+    count: f64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn parse_into(&mut self, text: &str, name: &str) {
+        let bucket = format!("{name}_bucket{{le=\"");
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix(&bucket) {
+                let Some((le, value)) = rest.split_once("\"} ") else {
+                    continue;
+                };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::NAN)
+                };
+                let value: f64 = value.trim().parse().unwrap_or(0.0);
+                match self.buckets.iter_mut().find(|b| b.0 == le) {
+                    Some(b) => b.1 += value,
+                    None => self.buckets.push((le, value)),
+                }
+            } else if let Some(v) = line.strip_prefix(&format!("{name}_count ")) {
+                self.count += v.trim().parse::<f64>().unwrap_or(0.0);
+            } else if let Some(v) = line.strip_prefix(&format!("{name}_sum ")) {
+                self.sum += v.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+
+    /// Prometheus' histogram_quantile: linear within the bucket.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.buckets.last()?.1;
+        if total == 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut lower = (0.0, 0.0);
+        for &(le, cum) in &self.buckets {
+            if cum >= rank {
+                if le.is_infinite() {
+                    return Some(lower.0);
+                }
+                let width = cum - lower.1;
+                let frac = if width > 0.0 { (rank - lower.1) / width } else { 1.0 };
+                return Some(lower.0 + (le - lower.0) * frac);
+            }
+            lower = (le, cum);
+        }
+        None
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "n {}, mean {:.2} ms, p50 {:.2} ms, p99 {:.2} ms",
+            self.count,
+            if self.count > 0.0 {
+                self.sum / self.count * 1000.0
+            } else {
+                0.0
+            },
+            self.quantile(0.5).unwrap_or(f64::NAN) * 1000.0,
+            self.quantile(0.99).unwrap_or(f64::NAN) * 1000.0
+        )
+    }
+}
+
+async fn operator_metrics(c: &Cluster, ns: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (pod, _, _) in c.pods(ns, OPERATOR_PODS).await? {
+        let path = format!("/api/v1/namespaces/{ns}/pods/{pod}:8080/proxy/metrics");
+        out.push(c.kubectl(&["get", "--raw", &path]).await?);
+    }
+    Ok(out)
+}
+
+fn histogram(metrics: &[String], name: &str) -> Histogram {
+    let mut h = Histogram::default();
+    for m in metrics {
+        h.parse_into(m, name);
+    }
+    h
+}
+
+/// VmRSS and VmHWM (kB) of every ingest-operator process on this machine
+/// (the containers run here).
+fn operator_rss() -> Vec<(u32, u64, u64)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let argv0 = cmd.split(|b| *b == 0).next().unwrap_or_default();
+        if !argv0.ends_with(b"ingest-operator") {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kb = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        out.push((pid, kb("VmRSS:"), kb("VmHWM:")));
+    }
+    out
+}
+
+async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
+    let replicas = format!("ingest.replicaCount={SCALE_PODS}");
+    let t = Instant::now();
+    let _stage = Stage::install(
+        &c,
+        SCALE_NS,
+        &[
+            &replicas,
+            "ingest.resources.requests.cpu=1m",
+            "ingest.resources.requests.memory=8Mi",
+            "ingest.podDisruptionBudget.enabled=false",
+        ],
+    )
+    .await?;
+    let pods = c.pods(SCALE_NS, INGEST_PODS).await?;
+    ensure!(pods.len() == SCALE_PODS, "{} ingest pods", pods.len());
+    let per_node = c
+        .nodes()
+        .iter()
+        .map(|n| (n.clone(), pods.iter().filter(|p| &p.1 == n).count()))
+        .collect::<Vec<_>>();
+    say(&format!(
+        "{SCALE_PODS} ingest pods ready in {:.1?}: {per_node:?}",
+        t.elapsed()
+    ));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = operator_rss();
+    say(&format!(
+        "operator RSS with {SCALE_PODS} ingest pods cached (pid, VmRSS kB, VmHWM kB): {idle:?}"
+    ));
+
+    // Webhook: dry-run evictions (answered, no side effect) of every pod, twice.
+    let api: Api<Pod> = Api::namespaced(c.client(), SCALE_NS);
+    let params = EvictParams {
+        post_options: PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        },
+        ..EvictParams::default()
+    };
+    let mut client_side = Vec::new();
+    for round in 0..2 {
+        for (pod, _, _) in &pods {
+            let t = Instant::now();
+            let answer = api.evict(pod, &params).await;
+            client_side.push(t.elapsed());
+            match answer {
+                Err(kube::Error::Api(s)) if s.code == 429 => {}
+                other => anyhow::bail!("round {round}: dry-run eviction of {pod}: {other:?}"),
+            }
+        }
+    }
+    client_side.sort();
+    let hook = histogram(
+        &operator_metrics(&c, SCALE_NS).await?,
+        "ingest_operator_webhook_duration_seconds",
+    );
+    say(&format!(
+        "webhook: {} dry-run evictions through the API server: client p50 {:.1?}, p99 {:.1?}; operator histogram {}",
+        client_side.len(),
+        percentile(&client_side, 0.5).unwrap_or_default(),
+        percentile(&client_side, 0.99).unwrap_or_default(),
+        hook.text()
+    ));
+
+    // Reconcile: one IngestDrain over all 100 pods.
+    let before = histogram(
+        &operator_metrics(&c, SCALE_NS).await?,
+        "ingest_operator_reconcile_duration_seconds",
+    );
+    let manifest = format!(
+        "apiVersion: ingest.lossless.dev/v1alpha1\nkind: IngestDrain\nmetadata: {{name: all, namespace: {SCALE_NS}}}\n\
+         spec:\n  selector: {{matchLabels: {{app.kubernetes.io/component: ingest}}}}\n  deadlineSeconds: 600\n  propagationDelaySeconds: 5\n"
+    );
+    let t = Instant::now();
+    c.kubectl_with_input(&["apply", "-f", "-"], &manifest).await?;
+    let listed = eventually("all 100 pods Draining", Duration::from_secs(300), || async {
+        let s = drain_status(&c, SCALE_NS, "all").await?.unwrap_or_default();
+        let draining = s["pods"]
+            .as_array()
+            .map(|r| r.iter().filter(|r| r["state"] != "Pending").count())
+            .unwrap_or(0);
+        ensure!(draining == SCALE_PODS, "{draining} pods started");
+        Ok(t.elapsed())
+    })
+    .await?;
+    let drained = eventually("all Drained", Duration::from_secs(600), || async {
+        let s = drain_status(&c, SCALE_NS, "all").await?.unwrap_or_default();
+        ensure!(s["phase"] == "Drained", "phase {}", s["phase"]);
+        Ok(t.elapsed())
+    })
+    .await?;
+    let after = histogram(
+        &operator_metrics(&c, SCALE_NS).await?,
+        "ingest_operator_reconcile_duration_seconds",
+    );
+    let busy = operator_rss();
+    say(&format!(
+        "IngestDrain over {SCALE_PODS} pods: every pod started in {listed:.1?}, Drained in {drained:.1?} (propagation 5 s)"
+    ));
+    say(&format!(
+        "reconciles: before the drain {}; after {}",
+        before.text(),
+        after.text()
+    ));
+    say(&format!(
+        "operator RSS after the drain (pid, VmRSS kB, VmHWM kB): {busy:?}"
+    ));
+    Ok(())
+}
+
+/// Scenario 8: 200 capable publishers of a low-bitrate stream on the ingest
+/// pod of one node, moved by `kubectl drain` at a wave rate.
+async fn node_drain_200(c: Arc<Cluster>) -> Result<()> {
+    const PUBLISHERS: usize = 200;
+    const RATE: u32 = 20;
+    let nodes = c.nodes().to_vec();
+    let (drained, other) = (nodes[0].clone(), nodes[1].clone());
+    // One ingest pod, on the node to drain.
+    c.kubectl(&["cordon", &other]).await?;
+    let rate = format!("operator.drain.rate={RATE}");
+    let stage = Stage::install(
+        &c,
+        DRAIN_NS,
+        &[
+            "ingest.replicaCount=1",
+            &rate,
+            "operator.drain.deadline=600s",
+            "operator.replicaCount=1",
+        ],
+    )
+    .await;
+    c.kubectl(&["uncordon", &other]).await?;
+    let stage = stage?;
+    let mut fleet = Vec::with_capacity(PUBLISHERS);
+    for i in 0..PUBLISHERS {
+        let stream = format!("many-{i:03}");
+        let publisher = BackgroundPublisher::low_bitrate(&stage.url(&stream))?;
+        fleet.push(Capable {
+            stream,
+            announces: lossless::Announces::Both,
+            publisher,
+        });
+    }
+    eventually("200 publishers streaming", Duration::from_secs(120), || async {
+        let slow = fleet
+            .iter()
+            .filter(|p| p.publisher.progress().video_frames < 30)
+            .count();
+        ensure!(slow == 0, "{slow} not streaming yet");
+        Ok(())
+    })
+    .await?;
+    // A second pod on the other node to take them.
+    c.kubectl(&[
+        "-n",
+        DRAIN_NS,
+        "scale",
+        &format!("deployment/{}", system::ingest_name()),
+        "--replicas=2",
+    ])
+    .await?;
+    deployments_available(&c, DRAIN_NS, Duration::from_secs(120)).await?;
+    let pods = lossless::ingest_pods(&c, DRAIN_NS).await?;
+    say(&format!("before:\n{}", lossless::placement(&pods).trim_end()));
+    let on_drained: usize = pods.iter().filter(|p| p.node == drained).map(|p| p.streams.len()).sum();
+    ensure!(on_drained == PUBLISHERS, "{on_drained} publishers on {drained}");
+
+    let node_drain = lossless::kubectl_drain(&c, &drained, Duration::from_secs(600)).await?;
+    let status = drain_status(&c, DRAIN_NS, &format!("node-{drained}"))
+        .await?
+        .context("no node drain")?;
+    let rows = lossless::stop_and_audit(&stage, fleet).await?;
+    ensure!(rows.iter().all(|r| r.connections >= 2), "a publisher did not move");
+    let gop = Duration::from_secs(1);
+    let model = Duration::from_secs(5) + gop + Duration::from_secs_f64(PUBLISHERS as f64 / f64::from(RATE));
+    let mut stalls: Vec<Duration> = rows.iter().flat_map(|r| r.stalls.iter().copied()).collect();
+    stalls.sort();
+    say(&format!(
+        "{PUBLISHERS} publishers, rate {RATE}/s: kubectl drain {:.1?}; IngestDrain {} ({} .. {}); model propagation 5 s + GOP 1 s + {PUBLISHERS}/{RATE} s = {model:.1?}",
+        node_drain.took, status["phase"], status["startedAt"], status["completedAt"]
+    ));
+    let lost: usize = rows.iter().map(|r| r.lost).sum();
+    let sent: usize = rows.iter().map(|r| r.sent).sum();
+    say(&format!(
+        "messages sent {sent}, lost {lost}; stall p50 {:.1?} p99 {:.1?} over {} moves",
+        percentile(&stalls, 0.5).unwrap_or_default(),
+        percentile(&stalls, 0.99).unwrap_or_default(),
+        stalls.len()
+    ));
+    Ok(())
+}
