@@ -85,6 +85,16 @@ impl Histogram {
         self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
 
+    /// The observations made after `earlier` was scraped.
+    fn since(&self, earlier: &Histogram) -> Histogram {
+        let before = |le: f64| earlier.buckets.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+        Histogram {
+            buckets: self.buckets.iter().map(|&(le, n)| (le, n - before(le))).collect(),
+            count: self.count - earlier.count,
+            sum: self.sum - earlier.sum,
+        }
+    }
+
     /// Prometheus' histogram_quantile: linear within the bucket.
     fn quantile(&self, q: f64) -> Option<f64> {
         let total = self.buckets.last()?.1;
@@ -268,11 +278,7 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
     say(&format!(
         "IngestDrain over {SCALE_PODS} pods: every pod started in {listed:.1?}, Drained in {drained:.1?} (propagation 5 s)"
     ));
-    say(&format!(
-        "reconciles: before the drain {}; after {}",
-        before.text(),
-        after.text()
-    ));
+    say(&format!("reconciles of the drain: {}", after.since(&before).text()));
     say(&format!(
         "operator RSS after the drain (pid, VmRSS kB, VmHWM kB): {busy:?}"
     ));

@@ -301,6 +301,9 @@ fn start_request(drain: &IngestDrain, remaining: Duration, redirects: Vec<String
     }
 }
 
+/// Pods of one drain contacted at once.
+const POD_CONCURRENCY: usize = 16;
+
 /// One step of a drain.
 async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
     let ns = drain.namespace().unwrap_or_default();
@@ -343,7 +346,9 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
     let token = ctx.token()?;
     let redirects = redirect_targets(drain, &rows, &pods);
     let others = live_others(drain, &ctx.drains);
-    for row in rows.iter_mut().filter(|r| !r.state.is_done()) {
+    // Rows whose pod can be asked, by index, with the pod's IP.
+    let mut targets = Vec::new();
+    for (i, row) in rows.iter_mut().enumerate().filter(|(_, r)| !r.state.is_done()) {
         let Some(pod) = pods.iter().find(|p| p.name_any() == row.name) else {
             *row = PodDrainStatus {
                 state: PodState::Gone,
@@ -362,24 +367,35 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
             };
             continue;
         }
-        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
-            row.state = if past_deadline {
-                PodState::TimedOut
-            } else {
-                PodState::Unreachable
-            };
-            row.message = Some("the pod has no IP".into());
-            continue;
-        };
-        match drive_pod(
-            &ip,
-            ctx.args.control_port,
-            &token,
-            start_request(drain, remaining, redirects.clone()),
-            |id| others.contains_key(id),
-        )
-        .await
-        {
+        match pod.status.as_ref().and_then(|s| s.pod_ip.clone()) {
+            Some(ip) => targets.push((i, ip)),
+            None => {
+                row.state = if past_deadline {
+                    PodState::TimedOut
+                } else {
+                    PodState::Unreachable
+                };
+                row.message = Some("the pod has no IP".into());
+            }
+        }
+    }
+    // The pods answer in parallel: one drain may cover a hundred of them.
+    let request = start_request(drain, remaining, redirects);
+    let port = ctx.args.control_port;
+    let driven: Vec<_> = futures::stream::iter(targets)
+        .map(|(i, ip)| {
+            let (request, token, others) = (request.clone(), &token, &others);
+            async move {
+                let result = drive_pod(&ip, port, token, request, |id| others.contains_key(id)).await;
+                (i, ip, result)
+            }
+        })
+        .buffer_unordered(POD_CONCURRENCY)
+        .collect()
+        .await;
+    for (i, ip, result) in driven {
+        let row = &mut rows[i];
+        match result {
             Ok((status, id)) => {
                 *row = state::row_from_status(row, &status, &id, now.clone());
                 if let Some(other) = others.get(&id) {
@@ -387,8 +403,7 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
                         "follows the drain of IngestDrain {other} already running on the pod"
                     ));
                 }
-                ctx.followers
-                    .follow(drain, &row.name, ip.clone(), ctx.args.control_port, token.clone());
+                ctx.followers.follow(drain, &row.name, ip, port, token.clone());
             }
             Err(err) => {
                 warn!(pod = %row.name, %err, "pod control API failed");
