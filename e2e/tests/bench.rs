@@ -9,7 +9,14 @@
 //!   `kubectl drain` with a wave rate; 0 lost; the drain time next to
 //!   propagation delay + one GOP + publishers / rate.
 //!
-//! `cargo build --release -p ingest-pod -p ingest-operator && cargo test -p ingest-e2e --test bench -- [NAME]`
+//! - `obs_node_drain_{1,2,3}`: Debian's OBS Studio 29 (Go Away client)
+//!   headless under Xvfb through a node drain, audited against its own
+//!   local recording (`ingest_e2e::obs`).
+//!
+//! Build it in release: the publishers hash every frame, and hundreds of
+//! them in a debug build starve the machine.
+//!
+//! `cargo build --release -p ingest-pod -p ingest-operator && cargo test --release -p ingest-e2e --test bench -- [NAME]`
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,7 +27,7 @@ use ingest_e2e::cluster::eventually;
 use ingest_e2e::lossless::{self, Capable, Stage, drain_status, percentile, say};
 use ingest_e2e::rtmp::BackgroundPublisher;
 use ingest_e2e::system::{self, INGEST_PODS, OPERATOR_PODS, deployments_available};
-use ingest_e2e::{Cluster, Scenario, runner};
+use ingest_e2e::{Cluster, Scenario, obs, runner};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{EvictParams, PostParams};
@@ -41,8 +48,22 @@ fn main() -> ExitCode {
                 r.and(purged)
             })
             .timeout(Duration::from_secs(1800)),
+            // OBS 29 has a rare reconnect race: run it more than once.
+            obs_run("obs_node_drain_1"),
+            obs_run("obs_node_drain_2"),
+            obs_run("obs_node_drain_3"),
         ],
     )
+}
+
+/// One run of Debian's OBS Studio through a node drain (scenario 9).
+fn obs_run(name: &'static str) -> Scenario {
+    Scenario::new(name, |c| async move {
+        let r = obs::obs_node_drain(c.clone()).await;
+        let purged = system::purge(&c, obs::OBS_NODE_DRAIN_NS).await;
+        r.and(purged)
+    })
+    .timeout(Duration::from_secs(900))
 }
 
 const SCALE_NS: &str = "scale";
@@ -281,6 +302,31 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
     say(&format!("reconciles of the drain: {}", after.since(&before).text()));
     say(&format!(
         "operator RSS after the drain (pid, VmRSS kB, VmHWM kB): {busy:?}"
+    ));
+
+    // The webhook once the pods are drained: it allows (a dry run evicts nothing).
+    let before = histogram(
+        &operator_metrics(&c, SCALE_NS).await?,
+        "ingest_operator_webhook_duration_seconds",
+    );
+    let mut allowed = Vec::new();
+    for (pod, _, _) in &pods {
+        let t = Instant::now();
+        let answer = api.evict(pod, &params).await;
+        allowed.push(t.elapsed());
+        ensure!(answer.is_ok(), "dry-run eviction of drained {pod}: {answer:?}");
+    }
+    allowed.sort();
+    let after = histogram(
+        &operator_metrics(&c, SCALE_NS).await?,
+        "ingest_operator_webhook_duration_seconds",
+    );
+    say(&format!(
+        "webhook, drained pods (allow): {} dry-run evictions: client p50 {:.1?}, p99 {:.1?}; operator histogram {}",
+        allowed.len(),
+        percentile(&allowed, 0.5).unwrap_or_default(),
+        percentile(&allowed, 0.99).unwrap_or_default(),
+        after.since(&before).text()
     ));
     Ok(())
 }

@@ -6,6 +6,9 @@
 //! them), so they are only counted. Timestamps are judged within each
 //! upstream publish session; across a handover only the publisher's own
 //! timeline counts, since it restarts RTMP time at 0 on each connection.
+//!
+//! A real encoder is audited against its own local recording
+//! ([`sent_from_recording`]), matched with [`Matching::ENCODER_RECORDING`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -178,8 +181,167 @@ pub fn read_recordings(paths: &[PathBuf]) -> Result<Vec<Recording>> {
         .collect()
 }
 
+/// Configuration rather than media: sequence headers, and the video
+/// end-of-sequence marker a recording muxer writes last (libavformat's
+/// FLV muxer does), which no encoder produced as a frame.
+fn is_config(kind: Kind, payload: &[u8]) -> bool {
+    media::is_sequence_header(kind, payload) || (kind == Kind::Video && is_video_sequence_end(payload))
+}
+
+/// An AVC/HEVC end of sequence (packet type 2) or an Enhanced RTMP SequenceEnd.
+fn is_video_sequence_end(payload: &[u8]) -> bool {
+    match payload.first() {
+        Some(&b0) if b0 & 0x80 != 0 => b0 & 0x0f == 2,
+        Some(&b0) => matches!(b0 & 0x0f, 7 | 12) && payload.get(1) == Some(&2),
+        None => false,
+    }
+}
+
+/// Which bytes of a payload identify it in the audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PayloadKey {
+    /// The whole payload ([`media::payload_hash`]): what the test publisher logs.
+    #[default]
+    Exact,
+    /// The payload with a video packet's 24-bit composition time offset
+    /// zeroed. An encoder's recording muxer and its RTMP muxer may round
+    /// that offset to milliseconds differently (OBS: libavformat against
+    /// its own flv-mux), while the coded picture is the same.
+    WithoutCompositionTime,
+}
+
+impl PayloadKey {
+    /// The audit's identity of an audio/video payload.
+    pub fn hash(self, kind: Kind, payload: &[u8]) -> String {
+        match (self, kind, composition_time_range(payload)) {
+            (PayloadKey::WithoutCompositionTime, Kind::Video, Some(range)) => {
+                let mut masked = payload.to_vec();
+                masked[range].fill(0);
+                media::payload_hash(&masked)
+            }
+            _ => media::payload_hash(payload),
+        }
+    }
+}
+
+/// Where a video payload carries its composition time offset: legacy
+/// AVC/HEVC NALU packets after the packet type byte, Enhanced RTMP
+/// CodedFrames after the FourCC.
+fn composition_time_range(payload: &[u8]) -> Option<std::ops::Range<usize>> {
+    let &b0 = payload.first()?;
+    let range = if b0 & 0x80 != 0 {
+        // Enhanced RTMP: packet type 1 = CodedFrames (with the offset).
+        (b0 & 0x0f == 1).then_some(5..8)?
+    } else {
+        // Codec 7 (AVC) or 12 (HEVC), AVCPacketType 1 = NALU.
+        (matches!(b0 & 0x0f, 7 | 12) && payload.get(1) == Some(&1)).then_some(2..5)?
+    };
+    (payload.len() >= range.end).then_some(range)
+}
+
+/// How the audit matches received messages to sent ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Matching {
+    pub key: PayloadKey,
+    /// Judge order and timeline per track. Set when the sent list comes
+    /// from a recording, whose muxer may interleave audio and video
+    /// differently from the wire (ties and near-ties of timestamps).
+    pub per_track_order: bool,
+}
+
+impl Matching {
+    /// The test publisher's log: exact payloads, wire order.
+    pub const EXACT: Matching = Matching {
+        key: PayloadKey::Exact,
+        per_track_order: false,
+    };
+    /// An encoder's local recording (see [`sent_from_recording`]).
+    pub const ENCODER_RECORDING: Matching = Matching {
+        key: PayloadKey::WithoutCompositionTime,
+        per_track_order: true,
+    };
+}
+
+/// The audio/video messages of a publisher's own recording of what it
+/// streamed (for example OBS recording "same as stream" to FLV), as the
+/// list [`audit_with`] compares the origin's recordings against: sequence
+/// headers, end-of-sequence markers and metadata left out as the audit
+/// leaves them out, `pts` the recording's timeline, one connection.
+pub fn sent_from_recording(tags: &[flv::Tag], key: PayloadKey) -> Vec<SentFrame> {
+    let mut sent = Vec::new();
+    for tag in tags {
+        let kind = match tag.tag_type {
+            TAG_AUDIO => Kind::Audio,
+            TAG_VIDEO => Kind::Video,
+            _ => continue,
+        };
+        if is_config(kind, &tag.data) {
+            continue;
+        }
+        sent.push(SentFrame {
+            seq: sent.len() as u64,
+            kind,
+            keyframe: kind == Kind::Video && media::is_video_keyframe(&tag.data),
+            pts: u64::from(tag.timestamp),
+            conn: 0,
+            conn_ts: tag.timestamp,
+            size: tag.data.len(),
+            hash: key.hash(kind, &tag.data),
+            sent_at_ms: 0,
+        });
+    }
+    sent
+}
+
+/// Audits the recordings of `stream` in `record_dir` against a publisher's
+/// local FLV recording `local` ([`Matching::ENCODER_RECORDING`]).
+pub fn audit_local_recording(stream: &str, local: &Path, record_dir: &Path) -> Result<AuditReport> {
+    let local = read_recordings(&[local.to_owned()])?;
+    let sent = sent_from_recording(
+        local.first().map_or(&[][..], |r| &r.tags[..]),
+        Matching::ENCODER_RECORDING.key,
+    );
+    let recordings = read_recordings(&find_recordings(record_dir, stream)?)?;
+    Ok(audit_with(stream, &sent, &recordings, Matching::ENCODER_RECORDING))
+}
+
 /// Compares the frames a publisher sent with the recordings, in order.
 pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> AuditReport {
+    audit_with(stream, sent, recordings, Matching::EXACT)
+}
+
+/// Sent frames by identity. A payload sent more than once (an encoder's
+/// silence or a repeated frame) is matched to its copies in order, so
+/// each copy must arrive once.
+struct SentIndex<'a> {
+    copies: HashMap<&'a str, (Vec<usize>, usize)>,
+}
+
+impl<'a> SentIndex<'a> {
+    fn new(sent: &'a [SentFrame]) -> Self {
+        let mut copies: HashMap<&str, (Vec<usize>, usize)> = HashMap::with_capacity(sent.len());
+        for (i, f) in sent.iter().enumerate() {
+            copies.entry(f.hash.as_str()).or_default().0.push(i);
+        }
+        Self { copies }
+    }
+
+    /// The next copy of `hash` not yet received, or the first copy again
+    /// when all were (a duplicate); `None` if never sent.
+    fn take(&mut self, hash: &str) -> Option<usize> {
+        let (indices, next) = self.copies.get_mut(hash)?;
+        match indices.get(*next) {
+            Some(&i) => {
+                *next += 1;
+                Some(i)
+            }
+            None => indices.first().copied(),
+        }
+    }
+}
+
+/// [`audit`] with a choice of payload identity and order.
+pub fn audit_with(stream: &str, sent: &[SentFrame], recordings: &[Recording], matching: Matching) -> AuditReport {
     let mut report = AuditReport {
         stream: stream.to_owned(),
         // nginx-rtmp opens a file for a publish it then refuses ("already
@@ -187,14 +349,13 @@ pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> Audi
         recordings: recordings.iter().filter(|r| !r.tags.is_empty()).count(),
         ..Default::default()
     };
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(sent.len());
-    for (i, f) in sent.iter().enumerate() {
-        index.entry(f.hash.as_str()).or_insert(i);
-    }
+    let mut index = SentIndex::new(sent);
     report.sent = sent.len();
     let mut seen = vec![0u32; sent.len()];
-    let mut highest: Option<usize> = None;
-    let mut last_pts: Option<u64> = None;
+    // Highest sent index and last publisher pts so far, per track when
+    // order is judged per track (slot 0 otherwise).
+    let mut highest: [Option<usize>; 2] = [None; 2];
+    let mut last_pts: [Option<u64>; 2] = [None; 2];
     for rec in recordings {
         // nginx-rtmp leaves an empty file for a publish it refused.
         if rec.tags.is_empty() {
@@ -212,7 +373,7 @@ pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> Audi
                     continue;
                 }
             };
-            if media::is_sequence_header(kind, &tag.data) {
+            if is_config(kind, &tag.data) {
                 report.config_messages += 1;
                 // Configuration after media in one file: an appended next session.
                 if session_media > 0 {
@@ -228,7 +389,7 @@ pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> Audi
                 report.timestamp_violations += 1;
             }
             last_ts = Some(tag.timestamp);
-            let Some(&i) = index.get(media::payload_hash(&tag.data).as_str()) else {
+            let Some(i) = index.take(&matching.key.hash(kind, &tag.data)) else {
                 report.unknown += 1;
                 continue;
             };
@@ -237,15 +398,16 @@ pub fn audit(stream: &str, sent: &[SentFrame], recordings: &[Recording]) -> Audi
                 report.duplicated += 1;
                 continue;
             }
-            if highest.is_some_and(|h| i < h) {
+            let track = usize::from(matching.per_track_order && kind == Kind::Video);
+            if highest[track].is_some_and(|h| i < h) {
                 report.out_of_order += 1;
             } else {
-                highest = Some(i);
+                highest[track] = Some(i);
             }
-            if last_pts.is_some_and(|p| sent[i].pts < p) {
+            if last_pts[track].is_some_and(|p| sent[i].pts < p) {
                 report.timeline_violations += 1;
             }
-            last_pts = Some(sent[i].pts);
+            last_pts[track] = Some(sent[i].pts);
         }
     }
     for (i, n) in seen.iter().enumerate() {
@@ -375,7 +537,7 @@ mod tests {
 
     use super::*;
     use crate::flv::{FlvWriter, TAG_SCRIPT};
-    use crate::publisher::{MediaGenerator, PublisherConfig, Sample};
+    use crate::publisher::{AAC_SEQUENCE_HEADER, MediaGenerator, PublisherConfig, Sample};
 
     fn samples(stream: &str, frames: u64) -> (MediaGenerator, Vec<Sample>) {
         let mut cfg = PublisherConfig::new(format!("rtmp://h/live/{stream}"));
@@ -524,6 +686,154 @@ mod tests {
         assert_eq!((r.sessions, r.timestamp_violations), (1, 1));
         assert!(!r.lossless());
         Ok(())
+    }
+
+    /// An AVC NALU packet: frame type, packet type 1, composition time, data.
+    fn avc(key: bool, cts: u32, n: u32) -> Vec<u8> {
+        let mut p = vec![if key { 0x17 } else { 0x27 }, 1];
+        p.extend_from_slice(&cts.to_be_bytes()[1..]);
+        p.extend_from_slice(&[0, 0, 0, 5, 0x41]);
+        p.extend_from_slice(&n.to_be_bytes());
+        p
+    }
+
+    /// An AAC raw frame; equal `n` give equal payloads (silence repeats).
+    fn aac(n: u32) -> Vec<u8> {
+        let mut p = vec![0xaf, 1];
+        p.extend_from_slice(&n.to_be_bytes());
+        p
+    }
+
+    /// Media of an encoder: (tag type, timestamp, payload), video every
+    /// 33 ms with a keyframe every 10 frames, audio every 23 ms.
+    fn encoder_media(cts_shift: u32) -> Vec<(u8, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        for n in 0..40u32 {
+            out.push((TAG_VIDEO, n * 33, avc(n % 10 == 0, 67 + cts_shift, n)));
+        }
+        for n in 0..57u32 {
+            // Silence at the start: the first three frames are equal.
+            out.push((TAG_AUDIO, n * 23, aac(n.saturating_sub(2))));
+        }
+        // Video first on a tie; a recording muxer may break ties the other way.
+        out.sort_by_key(|(t, ts, _)| (*ts, *t == TAG_AUDIO));
+        out
+    }
+
+    fn flv_tags(config: bool, media: &[(u8, u32, Vec<u8>)], base: u32) -> anyhow::Result<Vec<flv::Tag>> {
+        let mut buf = Vec::new();
+        {
+            let mut w = FlvWriter::new(&mut buf, true, true)?;
+            if config {
+                w.write_tag(TAG_SCRIPT, 0, b"onMetaData")?;
+                w.write_tag(TAG_VIDEO, 0, &[0x17, 0, 0, 0, 0, 1, 0x64])?;
+                w.write_tag(TAG_AUDIO, 0, &AAC_SEQUENCE_HEADER)?;
+            }
+            for (t, ts, p) in media {
+                w.write_tag(*t, ts - base, p)?;
+            }
+        }
+        Ok(flv::read_tags(&buf[..])?)
+    }
+
+    #[test]
+    fn audits_an_encoder_against_its_local_recording() -> anyhow::Result<()> {
+        // The local recording: rounded one way, audio first on ties.
+        let mut local_media = encoder_media(1);
+        local_media.sort_by_key(|(t, ts, _)| (*ts, *t == TAG_VIDEO));
+        // libavformat ends the file with an AVC end of sequence.
+        local_media.push((TAG_VIDEO, 39 * 33, vec![0x17, 2, 0, 0, 0]));
+        let local = flv_tags(true, &local_media, 0)?;
+        let sent = sent_from_recording(&local, PayloadKey::WithoutCompositionTime);
+        assert_eq!(sent.len(), 97, "sequence headers, its end and metadata are left out");
+        assert_eq!(
+            (sent[0].kind, sent[1].kind, sent[1].keyframe),
+            (Kind::Audio, Kind::Video, true)
+        );
+        assert_eq!(sent.iter().filter(|f| f.keyframe).count(), 4);
+        assert_eq!(sent.iter().map(|f| f.pts).max(), Some(56 * 23));
+
+        // The stream: rounded the other way, video first on ties, one
+        // handover at a keyframe (time restarts at 0), and a second of
+        // media the recording does not hold (started earlier).
+        let wire = encoder_media(0);
+        let split = wire
+            .iter()
+            .position(|(t, ts, p)| *t == TAG_VIDEO && *ts > 500 && p[0] == 0x17)
+            .context("no keyframe")?;
+        let base = wire[split].1;
+        let mut early = vec![(TAG_VIDEO, 0, avc(true, 0, 999))];
+        early.extend(wire[..split].iter().map(|(t, ts, p)| (*t, ts + 1, p.clone())));
+        let origin = [
+            Recording {
+                path: "one".into(),
+                tags: flv_tags(true, &early, 0)?,
+            },
+            Recording {
+                path: "two".into(),
+                tags: flv_tags(true, &wire[split..], base)?,
+            },
+        ];
+        let r = audit_with("obs", &sent, &origin, Matching::ENCODER_RECORDING);
+        assert!(r.lossless(), "{r}");
+        assert_eq!((r.received, r.unknown, r.sessions), (98, 1, 2));
+        // Exact payloads differ in the composition time, and wire order in ties.
+        let r = audit_with("obs", &sent, &origin, Matching::EXACT);
+        assert_eq!((r.lost, r.unknown), (40, 41));
+        let exact = sent_from_recording(&local, PayloadKey::Exact);
+        let r = audit_with(
+            "obs",
+            &exact,
+            &origin,
+            Matching {
+                key: PayloadKey::Exact,
+                per_track_order: false,
+            },
+        );
+        assert!(r.lost > 0 && !r.lossless(), "{r}");
+
+        // A repeated payload must arrive as often as it was sent.
+        let mut cut = origin.clone();
+        let silence = cut[0]
+            .tags
+            .iter()
+            .position(|t| t.tag_type == TAG_AUDIO && t.data[..] == aac(0)[..])
+            .context("no silence")?;
+        cut[0].tags.remove(silence);
+        let r = audit_with("obs", &sent, &cut, Matching::ENCODER_RECORDING);
+        assert_eq!((r.lost, r.duplicated), (1, 0), "{r}");
+        cut[1].tags.push(cut[0].tags[silence].clone());
+        cut[1].tags.push(cut[0].tags[silence].clone());
+        let r = audit_with("obs", &sent, &cut, Matching::ENCODER_RECORDING);
+        assert_eq!((r.lost, r.duplicated), (0, 1), "{r}");
+        Ok(())
+    }
+
+    #[test]
+    fn composition_time_is_masked_only_where_it_is() {
+        let key = PayloadKey::WithoutCompositionTime;
+        assert_eq!(
+            key.hash(Kind::Video, &avc(false, 1, 7)),
+            key.hash(Kind::Video, &avc(false, 2, 7))
+        );
+        assert_ne!(
+            key.hash(Kind::Video, &avc(false, 1, 7)),
+            key.hash(Kind::Video, &avc(false, 1, 8))
+        );
+        assert_ne!(
+            PayloadKey::Exact.hash(Kind::Video, &avc(false, 1, 7)),
+            PayloadKey::Exact.hash(Kind::Video, &avc(false, 2, 7))
+        );
+        // Enhanced RTMP CodedFrames ('avc1'): the offset follows the FourCC.
+        let ex = |cts: u8| [0x91, b'a', b'v', b'c', b'1', 0, 0, cts, 9, 9];
+        assert_eq!(key.hash(Kind::Video, &ex(1)), key.hash(Kind::Video, &ex(2)));
+        // Sequence headers, audio and short payloads are hashed whole.
+        assert_eq!(composition_time_range(&[0x17, 0, 0, 0, 1]), None);
+        assert_eq!(composition_time_range(&[0x17, 1, 0]), None);
+        assert_eq!(composition_time_range(&[0x90, b'a', b'v', b'c', b'1']), None);
+        assert!(is_config(Kind::Video, &[0x17, 2, 0, 0, 0]) && is_config(Kind::Video, &[0x92, b'a', b'v', b'c', b'1']));
+        assert!(!is_config(Kind::Video, &avc(true, 0, 1)) && !is_config(Kind::Audio, &[0xaf, 2]));
+        assert_eq!(key.hash(Kind::Audio, &aac(3)), media::payload_hash(&aac(3)));
     }
 
     #[test]

@@ -145,10 +145,23 @@ pub struct Args {
     #[arg(long, env = "INGEST_RELAY_FLUSH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub relay_flush_timeout: Duration,
 
-    /// Wait between upstream attempts while the origin still has the stream
-    /// from another pod (a handover).
+    /// First wait between upstream attempts while the origin still has the
+    /// stream from another pod (a handover); each further busy answer waits
+    /// half as long again, up to --relay-busy-retry-max.
     #[arg(long, env = "INGEST_RELAY_BUSY_RETRY", default_value = "10ms", value_parser = parse_duration)]
     pub relay_busy_retry: Duration,
+
+    /// Longest wait between upstream attempts while the origin is busy with
+    /// the stream: bounds the load hundreds of simultaneous handovers put on
+    /// the origin.
+    #[arg(long, env = "INGEST_RELAY_BUSY_RETRY_MAX", default_value = "200ms", value_parser = parse_duration)]
+    pub relay_busy_retry_max: Duration,
+
+    /// Close a signalled publisher's connection once it sent no audio or
+    /// video for this long: it moved, even if the encoder left the socket
+    /// open (OBS's recording helper keeps a copy of it).
+    #[arg(long, env = "INGEST_SIGNALLED_QUIET_CLOSE", default_value = "3s", value_parser = parse_duration)]
+    pub signalled_quiet_close: Duration,
 }
 
 impl Args {
@@ -169,10 +182,12 @@ impl Args {
             relay: RelayConfig {
                 buffer_bytes: self.relay_buffer_bytes,
                 busy_retry: self.relay_busy_retry,
+                busy_retry_max: self.relay_busy_retry_max,
                 flush_timeout: self.relay_flush_timeout,
                 ..RelayConfig::default()
             },
             record_dir: self.record_dir.clone(),
+            signalled_quiet: self.signalled_quiet_close,
         }
     }
 

@@ -31,8 +31,12 @@ use crate::rtmp::url::RtmpUrl;
 pub struct RelayConfig {
     /// Most media bytes one relay holds while the origin is unavailable.
     pub buffer_bytes: usize,
-    /// Wait between attempts while the origin says the stream is busy.
+    /// First wait between attempts while the origin says the stream is busy
+    /// (another pod still publishes it: a handover).
     pub busy_retry: Duration,
+    /// Longest such wait: the wait grows by half after each busy answer, so
+    /// a long handover (or hundreds at once) does not flood the origin.
+    pub busy_retry_max: Duration,
     /// Longest wait between attempts after failures.
     pub max_backoff: Duration,
     /// How long a relay whose publisher left keeps trying to deliver.
@@ -46,6 +50,7 @@ impl Default for RelayConfig {
         Self {
             buffer_bytes: 64 << 20,
             busy_retry: Duration::from_millis(10),
+            busy_retry_max: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
             flush_timeout: Duration::from_secs(30),
             step_timeout: Duration::from_secs(5),
@@ -272,6 +277,7 @@ pub async fn run(
     let mut config = Config::default();
     let mut delivered_any = false;
     let mut backoff = cfg.busy_retry;
+    let mut busy_wait = cfg.busy_retry;
     let mut closed_since: Option<Instant> = None;
     let mut attempt = 0u64;
     loop {
@@ -290,13 +296,15 @@ pub async fn run(
             }
             Err(Error::Busy(why)) => {
                 metrics.relay_retries.inc();
-                debug!(stream = %url.stream, attempt, %why, "origin busy with this stream, retrying");
-                backoff = cfg.busy_retry;
+                debug!(stream = %url.stream, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
+                backoff = busy_wait;
+                busy_wait = (busy_wait * 3 / 2).min(cfg.busy_retry_max.max(cfg.busy_retry));
             }
             Err(err) => {
                 metrics.relay_retries.inc();
+                busy_wait = cfg.busy_retry;
+                backoff = (backoff * 2).clamp(cfg.busy_retry, cfg.max_backoff);
                 warn!(stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
-                backoff = (backoff * 2).min(cfg.max_backoff);
             }
         }
         tokio::select! {

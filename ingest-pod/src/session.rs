@@ -42,6 +42,11 @@ pub struct SessionConfig {
     pub relay: RelayConfig,
     /// Directory for one FLV file per publish session.
     pub record_dir: Option<PathBuf>,
+    /// A signalled publisher that sends no media for this long has moved:
+    /// its connection is closed. An encoder may leave it open after moving
+    /// (OBS's recording helper inherits the socket), which would hold the
+    /// drain, and the new pod's upstream publish, until the deadline.
+    pub signalled_quiet: Duration,
 }
 
 /// What a session needs from its pod.
@@ -105,6 +110,9 @@ struct Session {
     caps: Caps,
     next_stream_id: u32,
     publishing: Option<Publishing>,
+    /// When the last audio/video message arrived (or the signal went out, if later).
+    last_media: tokio::time::Instant,
+    signalled: bool,
 }
 
 impl Session {
@@ -117,6 +125,8 @@ impl Session {
             caps: Caps::default(),
             next_stream_id: 1,
             publishing: None,
+            last_media: tokio::time::Instant::now(),
+            signalled: false,
         }
     }
 
@@ -133,9 +143,18 @@ impl Session {
             if self.publishing.is_none() {
                 reader.quick_ack();
             }
+            let quiet_since = self.last_media;
+            let watch_quiet = self.signalled && self.publishing.is_some();
             tokio::select! {
+                () = tokio::time::sleep_until(quiet_since + cfg.signalled_quiet), if watch_quiet => {
+                    return Ok("signalled publisher sent no media since: it moved");
+                }
                 cmd = commands.recv() => match cmd {
-                    Some(SessionCommand::Signal { kind, tc_url }) => self.signal(&mut writer, kind, tc_url).await?,
+                    Some(SessionCommand::Signal { kind, tc_url }) => {
+                        self.signal(&mut writer, kind, tc_url).await?;
+                        self.signalled = true;
+                        self.last_media = tokio::time::Instant::now();
+                    }
                     Some(SessionCommand::Disconnect { reason }) => return Ok(reason),
                     None => return Ok("registry gone"),
                 },
@@ -383,6 +402,9 @@ impl Session {
 
     fn media(&mut self, type_id: u8, timestamp: u32, payload: Bytes) {
         let Some(p) = self.publishing.as_mut() else { return };
+        if type_id != message::DATA_AMF0 {
+            self.last_media = tokio::time::Instant::now();
+        }
         if let Some(rec) = p.recorder.as_mut()
             && let Err(err) = rec.write_tag(type_id, timestamp, &payload)
         {

@@ -283,3 +283,68 @@ async fn sigterm_applies_the_incapable_policy_to_ffmpeg() {
         drop(origin);
     }
 }
+
+/// An encoder that leaves its old connection open after moving (OBS's
+/// recording helper inherits the socket) but sends nothing on it: the pod
+/// closes it after `--signalled-quiet-close` and drains long before the
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signalled_publisher_that_goes_quiet_is_closed_well_before_the_deadline() {
+    use ingest_pod::rtmp::amf0::Value;
+    use ingest_pod::rtmp::client;
+    use ingest_pod::rtmp::message::Message;
+    use ingest_pod::rtmp::url::RtmpUrl;
+
+    let lab = lab(&["--signalled-quiet-close", "1s"]).await;
+    let pod = &lab.pods[0];
+    let url = RtmpUrl::parse(&format!("rtmp://{}/live/quiet", pod.rtmp)).expect("url");
+    let extra = vec![("supportsGoAway".to_owned(), Value::Boolean(true))];
+    let mut publishing = client::publish(&url, "FMLE/3.0", extra, Duration::from_secs(5))
+        .await
+        .expect("publish");
+    for i in 0..10u32 {
+        // An AVC NAL unit packet (keyframe first), enough for the pod to relay.
+        let mut payload = vec![if i == 0 { 0x17 } else { 0x27 }, 1, 0, 0, 0];
+        payload.extend_from_slice(&i.to_be_bytes());
+        publishing.writer.queue(&Message::Video {
+            stream_id: publishing.stream_id,
+            timestamp: i * 33,
+            payload: payload.into(),
+        });
+    }
+    publishing.writer.flush().await.expect("send");
+    until("the pod counts the publisher", 10, || {
+        pod.registry.connection_count() == 1
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    pod.drainer
+        .start(DrainSpec {
+            id: "quiet".into(),
+            deadline: Duration::from_secs(20),
+            rate: 0.0,
+            max_in_flight: 0,
+            incapable: IncapablePolicy::Disconnect,
+            redirects: vec![],
+            propagation_delay: Duration::from_millis(100),
+        })
+        .expect("drain");
+    // The connection stays open on our side, silent, as OBS's helper keeps it.
+    let registry = pod.registry.clone();
+    until("the quiet connection closed by the pod", 10, || {
+        registry.connection_count() == 0
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "closed after {took:?}: at the deadline, not when it went quiet"
+    );
+    let status = pod.drainer.status().expect("drain status");
+    assert_eq!(
+        status.migrated, 1,
+        "a quiet signalled publisher counts as moved: {status:?}"
+    );
+    drop(publishing);
+}

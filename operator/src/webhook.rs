@@ -123,21 +123,24 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
                 .webhook_decisions
                 .get_or_create(&DecisionLabel { decision: "start" })
                 .inc();
-            // A dry run only answers (sideEffects: NoneOnDryRun).
-            if !req.dry_run
-                && let Some(pod) = pod.as_deref()
-                && let Err(err) = start_drain(gate, pod).await
-            {
-                warn!(pod = %req.name, %err, "cannot start the pod's drain");
-            }
-            let message = match pod.as_deref() {
-                Some(pod) => match publishers_on(gate, pod).await {
-                    Some(n) => format!(
-                        "pod {}: {n} publishers remain; starting its drain, retry shortly",
-                        req.name
-                    ),
-                    None => message,
-                },
+            let Some(pod) = pod.as_deref() else {
+                return too_many_requests(req, message);
+            };
+            // Start the drain (a dry run only answers: sideEffects
+            // NoneOnDryRun) while the pod tells how many publishers it has.
+            let start = async {
+                if !req.dry_run
+                    && let Err(err) = start_drain(gate, pod).await
+                {
+                    warn!(pod = %req.name, %err, "cannot start the pod's drain");
+                }
+            };
+            let ((), count) = tokio::join!(start, publishers_on(gate, pod));
+            let message = match count {
+                Some(n) => format!(
+                    "pod {}: {n} publishers remain; starting its drain, retry shortly",
+                    req.name
+                ),
                 None => message,
             };
             info!(pod = %req.name, %ns, dry_run = req.dry_run, %message, "eviction held: drain started");
