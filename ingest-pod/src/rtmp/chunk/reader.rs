@@ -239,8 +239,10 @@ impl ChunkReader {
             state.type_id = type_id;
             state.stream_id = stream_id;
             state.extended = extended;
-            // Grow with the chunks, never by the peer's announced length alone.
-            state.partial = Some(BytesMut::with_capacity(want));
+            // Sized by the bytes that are here already, never by the peer's
+            // announced length alone: a frame that came in one read is
+            // gathered without reallocating.
+            state.partial = Some(BytesMut::with_capacity((length as usize).min(data.len() - pos)));
             self.pending_bytes += length as usize;
         }
         buf.advance(pos);
