@@ -37,9 +37,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// and ffmpeg use); fewer headers per media message than the default 128.
 pub const OUTGOING_CHUNK_SIZE: u32 = 4096;
 
-/// Free space the reader offers each read: a 2.5 Mbit/s video frame and the
-/// audio that arrived with it come in with one syscall.
+/// Free space the server side offers each read: a 2.5 Mbit/s video frame
+/// and the audio that arrived with it come in with one syscall.
 pub const READ_BUFFER_SIZE: usize = 16 * 1024;
+/// Free space the client side offers each read: a publishing client gets
+/// only control messages and command replies back.
+pub const CLIENT_READ_BUFFER_SIZE: usize = 4 * 1024;
 
 fn now_ms() -> u32 {
     SystemTime::now()
@@ -71,7 +74,7 @@ pub async fn accept(mut stream: TcpStream, limit: Duration, limits: Limits) -> R
     let mut c2 = vec![0u8; handshake::HANDSHAKE_SIZE];
     timed(limit, "waiting for C2", stream.read_exact(&mut c2)).await?;
     handshake::check_c2(&c2)?;
-    Ok(split(stream, limits))
+    Ok(split(stream, limits, READ_BUFFER_SIZE))
 }
 
 /// Client side of the handshake, then the split transport.
@@ -82,10 +85,10 @@ pub async fn connect(mut stream: TcpStream, limit: Duration) -> Result<(Reader, 
     timed(limit, "waiting for S0/S1/S2", stream.read_exact(&mut s)).await?;
     let c2 = handshake::client_ack(&s)?;
     timed(limit, "sending C2", stream.write_all(&c2)).await?;
-    Ok(split(stream, Limits::default()))
+    Ok(split(stream, Limits::default(), CLIENT_READ_BUFFER_SIZE))
 }
 
-fn split(stream: TcpStream, limits: Limits) -> (Reader, Writer) {
+fn split(stream: TcpStream, limits: Limits, read_size: usize) -> (Reader, Writer) {
     let (r, w) = stream.into_split();
     (
         Reader {
@@ -95,6 +98,7 @@ fn split(stream: TcpStream, limits: Limits) -> (Reader, Writer) {
             bytes_in: 0,
             window: 0,
             acked: 0,
+            read_size,
             idle: None,
         },
         Writer {
@@ -117,6 +121,8 @@ pub struct Reader {
     /// The peer's acknowledgement window (0: none asked for).
     window: u32,
     acked: u64,
+    /// Free space offered to each read.
+    read_size: usize,
     idle: Option<Idle>,
 }
 
@@ -128,10 +134,11 @@ struct Idle {
     deadline: Pin<Box<Sleep>>,
 }
 
-/// One read into the spare capacity of `buf` (cancel safe).
-async fn read_some(io: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
-    // Reuses the allocation once the parser has consumed everything.
-    buf.reserve(READ_BUFFER_SIZE);
+/// One read into `buf`, which is made to hold `size` bytes (cancel safe).
+async fn read_some(io: &mut OwnedReadHalf, buf: &mut BytesMut, size: usize) -> std::io::Result<usize> {
+    // Capacity `size` in all: the leftover of a partial chunk moves to the
+    // front of the same allocation instead of doubling it.
+    buf.reserve(size.saturating_sub(buf.len()).max(1));
     io.read_buf(buf).await
 }
 
@@ -144,7 +151,7 @@ impl Reader {
             if let Some(msg) = self.try_next()? {
                 return Ok(Some(msg));
             }
-            let n = read_some(&mut self.io, &mut self.buf).await?;
+            let n = read_some(&mut self.io, &mut self.buf, self.read_size).await?;
             if !self.record_read(n) {
                 return self.eof();
             }
@@ -167,7 +174,7 @@ impl Reader {
             };
             let n = tokio::select! {
                 biased;
-                n = read_some(&mut self.io, &mut self.buf) => n?,
+                n = read_some(&mut self.io, &mut self.buf, self.read_size) => n?,
                 () = idle.deadline.as_mut() => return Err(Error::Timeout(limit, "waiting for the peer")),
             };
             if !self.record_read(n) {
@@ -302,7 +309,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (reader, _writer) = split(accepted.unwrap().0, Limits::default());
+        let (reader, _writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
         (reader, client.unwrap())
     }
 
