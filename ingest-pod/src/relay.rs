@@ -58,6 +58,9 @@ impl Default for RelayConfig {
     }
 }
 
+/// Most media bytes the relay writes to the origin with one syscall.
+const MAX_WRITE_BYTES: usize = 256 * 1024;
+
 /// A message waiting for the origin.
 #[derive(Debug, Clone)]
 pub struct Item {
@@ -114,13 +117,26 @@ impl Queue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a message. Never blocks: over the limit, whole GOPs are dropped
-    /// from the front (logged once per episode, counted in a metric).
-    pub fn push(&self, item: Item) {
+    /// Adds messages in order and wakes the relay once. Never blocks: over
+    /// the limit, whole GOPs are dropped from the front (logged once per
+    /// episode, counted in a metric).
+    pub fn push(&self, items: impl IntoIterator<Item = Item>) {
         let mut q = self.lock();
         if q.closed {
             return;
         }
+        let mut added = false;
+        for item in items {
+            added = true;
+            self.push_one(&mut q, item);
+        }
+        drop(q);
+        if added {
+            self.notify.notify_one();
+        }
+    }
+
+    fn push_one(&self, q: &mut QueueInner, item: Item) {
         let len = item.payload.len();
         q.bytes += len;
         q.items.push_back(item);
@@ -150,8 +166,6 @@ impl Queue {
         } else if q.overflowing && q.bytes < self.limit / 2 {
             q.overflowing = false;
         }
-        drop(q);
-        self.notify.notify_one();
     }
 
     /// No more messages will come (the publisher left).
@@ -160,15 +174,14 @@ impl Queue {
         self.notify.notify_one();
     }
 
-    /// Takes up to `max_bytes` of messages, waiting while the queue is empty.
-    /// An empty result means the queue is closed and drained.
-    async fn take(&self, max_bytes: usize) -> Vec<Item> {
+    /// Moves up to `max_bytes` of messages (at least one) into `out`, waiting
+    /// while the queue is empty. Nothing moved means the queue is closed and drained.
+    async fn take(&self, max_bytes: usize, out: &mut Vec<Item>) {
         loop {
             let notified = self.notify.notified();
             {
                 let mut q = self.lock();
                 if !q.items.is_empty() {
-                    let mut out = Vec::new();
                     let mut taken = 0;
                     while let Some(front) = q.items.front() {
                         if taken > 0 && taken + front.payload.len() > max_bytes {
@@ -179,20 +192,20 @@ impl Queue {
                     }
                     q.bytes -= taken;
                     self.metrics.relay_buffer_bytes.dec_by(taken as i64);
-                    return out;
+                    return;
                 }
                 if q.closed {
-                    return Vec::new();
+                    return;
                 }
             }
             notified.await;
         }
     }
 
-    /// Puts messages back at the front (after a failed write).
-    fn unget(&self, items: Vec<Item>) {
+    /// Puts messages back at the front (after a failed write), leaving `items` empty.
+    fn unget(&self, items: &mut Vec<Item>) {
         let mut q = self.lock();
-        for item in items.into_iter().rev() {
+        for item in items.drain(..).rev() {
             q.bytes += item.payload.len();
             self.metrics.relay_buffer_bytes.inc_by(item.payload.len() as i64);
             q.items.push_front(item);
@@ -351,6 +364,10 @@ async fn session(
             writer.queue_raw(&raw(item, sid));
         }
     }
+    let mut items = Vec::new();
+    // Registered once: a fresh `cancelled()` per message costs a lock each time.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
@@ -365,7 +382,7 @@ async fn session(
                 }
                 Some(_) => {}
             },
-            items = queue.take(256 * 1024) => {
+            () = queue.take(MAX_WRITE_BYTES, &mut items) => {
                 if items.is_empty() {
                     writer.queue(&Message::command(0, "FCUnpublish", 5.0, vec![Value::Null, Value::string(url.stream.clone())]));
                     writer.queue(&Message::command(0, "deleteStream", 6.0, vec![Value::Null, Value::Number(f64::from(sid))]));
@@ -379,17 +396,18 @@ async fn session(
                 }
                 if let Err(err) = writer.flush().await {
                     // Nothing of this batch is known to have arrived: keep it for the next session.
-                    queue.unget(items);
+                    queue.unget(&mut items);
                     metrics.relay_reconnects.inc();
                     return Err(err.into());
                 }
                 for item in &items {
                     config.remember(item);
                 }
+                items.clear();
                 *delivered_any = true;
                 metrics.bytes_relayed.inc_by(bytes);
             }
-            () = stop.cancelled() => return Err(Error::Closed),
+            () = &mut stopped => return Err(Error::Closed),
         }
     }
 }
@@ -427,34 +445,36 @@ mod tests {
     async fn overflow_drops_whole_gops_from_the_front() {
         let metrics = Metrics::default();
         let q = Queue::new(1000, metrics.clone());
-        q.push(video(true, 300));
-        q.push(video(false, 300));
-        q.push(video(false, 300));
-        q.push(video(true, 300)); // 1200 > 1000: the first GOP goes
+        q.push([video(true, 300), video(false, 300)]);
+        q.push([video(false, 300)]);
+        q.push([video(true, 300)]); // 1200 > 1000: the first GOP goes
         assert_eq!(q.bytes(), 300);
         assert_eq!(metrics.relay_dropped_bytes.get(), 900);
-        let items = q.take(usize::MAX).await;
+        let mut items = Vec::new();
+        q.take(usize::MAX, &mut items).await;
         assert_eq!(items.len(), 1);
         assert!(media::is_video_keyframe(&items[0].payload));
         q.close();
-        assert!(q.take(usize::MAX).await.is_empty());
+        items.clear();
+        q.take(usize::MAX, &mut items).await;
+        assert!(items.is_empty());
         assert_eq!(metrics.relay_buffer_bytes.get(), 0);
     }
 
     #[tokio::test]
     async fn unget_restores_order() {
         let q = Queue::new(10_000, Metrics::default());
-        for i in 0..3u8 {
-            q.push(Item {
-                type_id: message::AUDIO,
-                timestamp: u32::from(i),
-                payload: Bytes::from(vec![0xaf, 1, i]),
-            });
-        }
-        let first = q.take(3).await;
+        q.push((0..3u8).map(|i| Item {
+            type_id: message::AUDIO,
+            timestamp: u32::from(i),
+            payload: Bytes::from(vec![0xaf, 1, i]),
+        }));
+        let mut first = Vec::new();
+        q.take(3, &mut first).await;
         assert_eq!(first.len(), 1);
-        q.unget(first);
-        let all = q.take(usize::MAX).await;
+        q.unget(&mut first);
+        let mut all = Vec::new();
+        q.take(usize::MAX, &mut all).await;
         assert_eq!(all.iter().map(|i| i.timestamp).collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 }

@@ -99,6 +99,8 @@ struct Publishing {
     stream: String,
     stream_id: u32,
     queue: Option<Arc<Queue>>,
+    /// Media of the current read, handed to the relay at once.
+    pending: Vec<Item>,
     recorder: Option<FlvWriter<BufWriter<File>>>,
 }
 
@@ -162,9 +164,15 @@ impl Session {
                     let Some(msg) = msg? else { return Ok("peer closed") };
                     let before = self.guard.stats().bytes_in.swap(reader.bytes_in(), Ordering::Relaxed);
                     self.ctx.registry.metrics().bytes_in.inc_by(reader.bytes_in() - before);
-                    if let Some(done) = self.handle(&mut writer, msg).await? {
-                        return Ok(done);
+                    // Everything the last read brought, then one hand-off to the relay.
+                    let mut next = Some(msg);
+                    while let Some(msg) = next {
+                        if let Some(done) = self.handle(&mut writer, msg).await? {
+                            return Ok(done);
+                        }
+                        next = reader.try_next()?;
                     }
+                    self.hand_off();
                     if let Some(ack) = reader.ack_due() {
                         writer.queue(&ack);
                     }
@@ -396,6 +404,7 @@ impl Session {
             stream,
             stream_id,
             queue,
+            pending: Vec::new(),
             recorder,
         });
     }
@@ -411,8 +420,8 @@ impl Session {
             warn!(%err, "recording failed; stopping it");
             p.recorder = None;
         }
-        if let Some(q) = &p.queue {
-            q.push(Item {
+        if p.queue.is_some() {
+            p.pending.push(Item {
                 type_id,
                 timestamp,
                 payload,
@@ -420,8 +429,22 @@ impl Session {
         }
     }
 
+    /// Hands the media gathered since the last call to the relay.
+    fn hand_off(&mut self) {
+        if let Some(Publishing {
+            queue: Some(q),
+            pending,
+            ..
+        }) = &mut self.publishing
+            && !pending.is_empty()
+        {
+            q.push(pending.drain(..));
+        }
+    }
+
     /// Ends the publish session (teardown or disconnect); the relay flushes on its own.
     fn end_publish(&mut self, teardown: bool) {
+        self.hand_off();
         let Some(mut p) = self.publishing.take() else { return };
         if let Some(q) = p.queue.take() {
             q.close();

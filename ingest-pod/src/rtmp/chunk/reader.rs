@@ -1,8 +1,6 @@
 //! Chunk reader: bytes in, whole messages out, never more memory than the
 //! limits allow.
 
-use std::collections::HashMap;
-
 use bytes::{Buf, BytesMut};
 use thiserror::Error;
 
@@ -69,7 +67,9 @@ struct StreamState {
 pub struct ChunkReader {
     chunk_size: u32,
     limits: Limits,
-    streams: HashMap<u32, StreamState>,
+    /// State per chunk stream id. A few streams in practice and at most
+    /// `max_chunk_streams`: a linear search beats hashing on every chunk.
+    streams: Vec<(u32, StreamState)>,
     pending_bytes: usize,
 }
 
@@ -84,7 +84,7 @@ impl ChunkReader {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
             limits,
-            streams: HashMap::new(),
+            streams: Vec::new(),
             pending_bytes: 0,
         }
     }
@@ -104,11 +104,15 @@ impl ChunkReader {
 
     /// Applies the peer's Abort Message: drops the partial message of `csid`.
     pub fn abort(&mut self, csid: u32) {
-        if let Some(state) = self.streams.get_mut(&csid)
-            && state.partial.take().is_some()
+        if let Some(i) = self.index(csid)
+            && self.streams[i].1.partial.take().is_some()
         {
-            self.pending_bytes -= state.length as usize;
+            self.pending_bytes -= self.streams[i].1.length as usize;
         }
+    }
+
+    fn index(&self, csid: u32) -> Option<usize> {
+        self.streams.iter().position(|(id, _)| *id == csid)
     }
 
     /// Reads chunks from `buf` until a message is complete (returned) or the
@@ -145,16 +149,16 @@ impl ChunkReader {
         if data.len() < pos + header_len {
             return Ok(Step::Incomplete);
         }
-        if !self.streams.contains_key(&csid) && self.streams.len() >= self.limits.max_chunk_streams {
+        let index = self.index(csid);
+        if index.is_none() && self.streams.len() >= self.limits.max_chunk_streams {
             return Err(Error::TooManyChunkStreams {
                 max: self.limits.max_chunk_streams,
             });
         }
-        let known = self.streams.contains_key(&csid);
-        if !known && fmt == 3 {
+        if index.is_none() && fmt == 3 {
             return Err(Error::NoPreviousHeader { fmt, csid });
         }
-        let prev = self.streams.get(&csid);
+        let prev = index.map(|i| &self.streams[i].1);
         let in_message = prev.is_some_and(|s| s.partial.is_some());
 
         // Decode the message header fields, still without consuming anything.
@@ -214,7 +218,11 @@ impl ChunkReader {
         }
 
         // The whole chunk is here: commit.
-        let state = self.streams.entry(csid).or_default();
+        let i = index.unwrap_or_else(|| {
+            self.streams.push((csid, StreamState::default()));
+            self.streams.len() - 1
+        });
+        let state = &mut self.streams[i].1;
         if !in_message {
             match fmt {
                 0 => {
@@ -231,8 +239,10 @@ impl ChunkReader {
             state.type_id = type_id;
             state.stream_id = stream_id;
             state.extended = extended;
-            // Grow with the chunks, never by the peer's announced length alone.
-            state.partial = Some(BytesMut::with_capacity(want));
+            // Sized by the bytes that are here already, never by the peer's
+            // announced length alone: a frame that came in one read is
+            // gathered without reallocating.
+            state.partial = Some(BytesMut::with_capacity((length as usize).min(data.len() - pos)));
             self.pending_bytes += length as usize;
         }
         buf.advance(pos);

@@ -1,8 +1,6 @@
 //! Chunk writer: messages in, chunk bytes out, headers compressed the way
 //! ffmpeg and librtmp do it.
 
-use std::collections::HashMap;
-
 use bytes::{BufMut, BytesMut};
 
 use super::{DEFAULT_CHUNK_SIZE, EXTENDED_TIMESTAMP, RawMessage};
@@ -19,14 +17,15 @@ struct Last {
 #[derive(Debug)]
 pub struct ChunkWriter {
     chunk_size: u32,
-    last: HashMap<u32, Last>,
+    /// Last header per chunk stream id (a handful: searched, not hashed).
+    last: Vec<(u32, Last)>,
 }
 
 impl Default for ChunkWriter {
     fn default() -> Self {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
-            last: HashMap::new(),
+            last: Vec::new(),
         }
     }
 }
@@ -45,7 +44,8 @@ impl ChunkWriter {
     /// Appends the chunks of `msg` to `out`.
     pub fn write(&mut self, msg: &RawMessage, out: &mut BytesMut) {
         let len = msg.payload.len() as u32;
-        let prev = self.last.get(&msg.csid).copied();
+        let index = self.last.iter().position(|(id, _)| *id == msg.csid);
+        let prev = index.map(|i| self.last[i].1);
         let (fmt, field) = match prev {
             Some(p) if p.stream_id == msg.stream_id && msg.timestamp >= p.timestamp => {
                 let delta = msg.timestamp - p.timestamp;
@@ -95,16 +95,17 @@ impl ChunkWriter {
                 out.put_u32(field);
             }
         }
-        self.last.insert(
-            msg.csid,
-            Last {
-                timestamp: msg.timestamp,
-                delta: field,
-                length: len,
-                type_id: msg.type_id,
-                stream_id: msg.stream_id,
-            },
-        );
+        let last = Last {
+            timestamp: msg.timestamp,
+            delta: field,
+            length: len,
+            type_id: msg.type_id,
+            stream_id: msg.stream_id,
+        };
+        match index {
+            Some(i) => self.last[i].1 = last,
+            None => self.last.push((msg.csid, last)),
+        }
     }
 }
 
