@@ -98,24 +98,7 @@ pub fn ensure_tools() -> Result<()> {
 /// Publishes `seconds` of a synthetic test stream (H.264 with a keyframe every
 /// 30 frames, AAC) to `url` with ffmpeg, in real time.
 pub async fn publish(url: &str, seconds: u32) -> Result<()> {
-    let t = seconds.to_string();
-    let out = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args([
-            "-t",
-            &t,
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-            "-g",
-            "30",
-        ])
-        .args(["-c:a", "aac", "-f", "flv", url])
+    let out = ffmpeg_test_stream(url, seconds)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -129,6 +112,28 @@ pub async fn publish(url: &str, seconds: u32) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// ffmpeg publishing `seconds` of a synthetic test stream (H.264 with a
+/// keyframe every 30 frames, AAC) to `url` in real time.
+fn ffmpeg_test_stream(url: &str, seconds: u32) -> Command {
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", &seconds.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-pix_fmt",
+            "yuv420p",
+            "-g",
+            "30",
+        ])
+        .args(["-c:a", "aac", "-f", "flv", url]);
+    cmd
 }
 
 /// Duration in seconds of the video stream ffprobe finds in `path`.
@@ -423,21 +428,7 @@ impl FfmpegPublisher {
     /// Starts ffmpeg publishing to `url` (`rtmp://.../live/<stream>`) for up to ten minutes.
     pub fn start(url: &str) -> Result<Self> {
         let stream = url.rsplit('/').next().unwrap_or_default().to_owned();
-        let mut child = Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
-            .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
-            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-            .args([
-                "-t",
-                "600",
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-pix_fmt",
-                "yuv420p",
-            ])
-            .args(["-g", "30", "-c:a", "aac", "-f", "flv", url])
+        let mut child = ffmpeg_test_stream(url, 600)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
