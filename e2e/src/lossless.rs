@@ -37,7 +37,6 @@ pub struct Stage {
     pub origin: HostOrigin,
     /// ClusterIP of the ingest Service (publishers connect here).
     pub vip: String,
-    pub upstream: String,
 }
 
 impl Stage {
@@ -63,7 +62,6 @@ impl Stage {
             ns: ns.to_owned(),
             origin,
             vip,
-            upstream,
         })
     }
 
@@ -206,7 +204,7 @@ pub async fn start_fleet(stage: &Stage, prefix: &str, n: usize) -> Result<Vec<Ca
 #[derive(Debug, Clone)]
 pub struct Row {
     pub stream: String,
-    pub announces: &'static str,
+    pub announces: Announces,
     pub connections: u32,
     pub signals: Vec<SignalKind>,
     pub sent: usize,
@@ -254,7 +252,7 @@ pub async fn stop_and_audit(stage: &Stage, fleet: Vec<Capable>) -> Result<Vec<Ro
         .zip(audits)
         .map(|((announces, report), audit)| Row {
             stream: report.stream.clone(),
-            announces: announces.label(),
+            announces: *announces,
             connections: report.connections,
             signals: report.signals.iter().map(|s| s.0).collect(),
             sent: audit.sent,
@@ -282,7 +280,7 @@ pub fn report(rows: &[Row]) -> String {
         out.push_str(&format!(
             "    {:<16} {:<10} {:>5} {:>7} {:>8} {:>10} {:>5} {:>5} {:>10}\n",
             r.stream,
-            r.announces,
+            r.announces.label(),
             r.connections.saturating_sub(1),
             r.signals.len(),
             r.sent,
@@ -624,6 +622,13 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
                 r.connections >= 2 && !r.signals.is_empty(),
                 "{} was on {drained} but did not move: {r:?}",
                 r.stream
+            );
+            ensure!(
+                r.signals.iter().all(|k| *k == r.announces.expected()),
+                "{} announces {:?} and was sent {:?}",
+                r.stream,
+                r.announces,
+                r.signals
             );
         } else {
             ensure!(

@@ -760,6 +760,13 @@ pub async fn loopback_drain(timing: LoopbackTiming) -> Result<LoopbackRun> {
 /// the node of the pod it lands on is drained with `kubectl drain`, OBS
 /// follows the Go Away to another pod, and the origin's recordings hold
 /// every packet of OBS's local recording exactly once, in order.
+/// Stops OBS after a failed step; the error, with the end of OBS's log.
+async fn give_up(obs: ObsPublisher, err: anyhow::Error) -> anyhow::Error {
+    let tail = obs.log_tail();
+    let _ = obs.stop().await;
+    err.context(tail)
+}
+
 pub async fn obs_node_drain(c: Arc<Cluster>) -> Result<()> {
     let stage = Stage::install(&c, OBS_NODE_DRAIN_NS, &[]).await?;
     let stream = "obs";
@@ -779,11 +786,7 @@ pub async fn obs_node_drain(c: Arc<Cluster>) -> Result<()> {
     .await;
     let pod = match found {
         Ok(p) => p,
-        Err(e) => {
-            let tail = obs.log_tail();
-            let _ = obs.stop().await;
-            return Err(e.context(tail));
-        }
+        Err(e) => return Err(give_up(obs, e).await),
     };
     say(&format!("OBS is on {} ({})", pod.name, pod.node));
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -791,11 +794,7 @@ pub async fn obs_node_drain(c: Arc<Cluster>) -> Result<()> {
     let uncordon = c.kubectl(&["uncordon", &pod.node]).await;
     let node_drain = match drained {
         Ok(d) => d,
-        Err(e) => {
-            let tail = obs.log_tail();
-            let _ = obs.stop().await;
-            return Err(e.context(tail));
-        }
+        Err(e) => return Err(give_up(obs, e).await),
     };
     uncordon?;
     say(&format!(

@@ -162,13 +162,17 @@ async fn operator_metrics(c: &Cluster, ns: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn histogram(metrics: &[String], name: &str) -> Histogram {
+/// The histogram `name` of the operators' `/metrics` now, summed over replicas.
+async fn scrape(c: &Cluster, name: &str) -> Result<Histogram> {
     let mut h = Histogram::default();
-    for m in metrics {
-        h.parse_into(m, name);
+    for m in operator_metrics(c, SCALE_NS).await? {
+        h.parse_into(&m, name);
     }
-    h
+    Ok(h)
 }
+
+const WEBHOOK_SECONDS: &str = "ingest_operator_webhook_duration_seconds";
+const RECONCILE_SECONDS: &str = "ingest_operator_reconcile_duration_seconds";
 
 /// VmRSS and VmHWM (kB) of every ingest-operator process on this machine
 /// (the containers run here).
@@ -252,10 +256,7 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         }
     }
     client_side.sort();
-    let hook = histogram(
-        &operator_metrics(&c, SCALE_NS).await?,
-        "ingest_operator_webhook_duration_seconds",
-    );
+    let hook = scrape(&c, WEBHOOK_SECONDS).await?;
     say(&format!(
         "webhook: {} dry-run evictions through the API server: client p50 {:.1?}, p99 {:.1?}; operator histogram {}",
         client_side.len(),
@@ -265,10 +266,7 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
     ));
 
     // Reconcile: one IngestDrain over all 100 pods.
-    let before = histogram(
-        &operator_metrics(&c, SCALE_NS).await?,
-        "ingest_operator_reconcile_duration_seconds",
-    );
+    let before = scrape(&c, RECONCILE_SECONDS).await?;
     let manifest = format!(
         "apiVersion: ingest.lossless.dev/v1alpha1\nkind: IngestDrain\nmetadata: {{name: all, namespace: {SCALE_NS}}}\n\
          spec:\n  selector: {{matchLabels: {{app.kubernetes.io/component: ingest}}}}\n  deadlineSeconds: 600\n  propagationDelaySeconds: 5\n"
@@ -291,10 +289,7 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         Ok(t.elapsed())
     })
     .await?;
-    let after = histogram(
-        &operator_metrics(&c, SCALE_NS).await?,
-        "ingest_operator_reconcile_duration_seconds",
-    );
+    let after = scrape(&c, RECONCILE_SECONDS).await?;
     let busy = operator_rss();
     say(&format!(
         "IngestDrain over {SCALE_PODS} pods: every pod started in {listed:.1?}, Drained in {drained:.1?} (propagation 5 s)"
@@ -305,10 +300,7 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
     ));
 
     // The webhook once the pods are drained: it allows (a dry run evicts nothing).
-    let before = histogram(
-        &operator_metrics(&c, SCALE_NS).await?,
-        "ingest_operator_webhook_duration_seconds",
-    );
+    let before = scrape(&c, WEBHOOK_SECONDS).await?;
     let mut allowed = Vec::new();
     for (pod, _, _) in &pods {
         let t = Instant::now();
@@ -317,10 +309,7 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         ensure!(answer.is_ok(), "dry-run eviction of drained {pod}: {answer:?}");
     }
     allowed.sort();
-    let after = histogram(
-        &operator_metrics(&c, SCALE_NS).await?,
-        "ingest_operator_webhook_duration_seconds",
-    );
+    let after = scrape(&c, WEBHOOK_SECONDS).await?;
     say(&format!(
         "webhook, drained pods (allow): {} dry-run evictions: client p50 {:.1?}, p99 {:.1?}; operator histogram {}",
         allowed.len(),

@@ -112,9 +112,9 @@ struct Session {
     caps: Caps,
     next_stream_id: u32,
     publishing: Option<Publishing>,
-    /// When the last audio/video message arrived (or the signal went out, if later).
-    last_media: tokio::time::Instant,
-    signalled: bool,
+    /// Once signalled: when the last audio/video arrived, or the signal
+    /// went out if no media came since. `None` before any signal.
+    quiet_since: Option<tokio::time::Instant>,
 }
 
 impl Session {
@@ -127,8 +127,7 @@ impl Session {
             caps: Caps::default(),
             next_stream_id: 1,
             publishing: None,
-            last_media: tokio::time::Instant::now(),
-            signalled: false,
+            quiet_since: None,
         }
     }
 
@@ -145,17 +144,15 @@ impl Session {
             if self.publishing.is_none() {
                 reader.quick_ack();
             }
-            let quiet_since = self.last_media;
-            let watch_quiet = self.signalled && self.publishing.is_some();
+            let quiet = self.quiet_since.filter(|_| self.publishing.is_some());
             tokio::select! {
-                () = tokio::time::sleep_until(quiet_since + cfg.signalled_quiet), if watch_quiet => {
+                () = tokio::time::sleep_until(quiet.unwrap_or_else(tokio::time::Instant::now) + cfg.signalled_quiet), if quiet.is_some() => {
                     return Ok("signalled publisher sent no media since: it moved");
                 }
                 cmd = commands.recv() => match cmd {
                     Some(SessionCommand::Signal { kind, tc_url }) => {
                         self.signal(&mut writer, kind, tc_url).await?;
-                        self.signalled = true;
-                        self.last_media = tokio::time::Instant::now();
+                        self.quiet_since = Some(tokio::time::Instant::now());
                     }
                     Some(SessionCommand::Disconnect { reason }) => return Ok(reason),
                     None => return Ok("registry gone"),
@@ -411,8 +408,10 @@ impl Session {
 
     fn media(&mut self, type_id: u8, timestamp: u32, payload: Bytes) {
         let Some(p) = self.publishing.as_mut() else { return };
-        if type_id != message::DATA_AMF0 {
-            self.last_media = tokio::time::Instant::now();
+        if type_id != message::DATA_AMF0
+            && let Some(since) = self.quiet_since.as_mut()
+        {
+            *since = tokio::time::Instant::now();
         }
         if let Some(rec) = p.recorder.as_mut()
             && let Err(err) = rec.write_tag(type_id, timestamp, &payload)

@@ -492,8 +492,8 @@ fn evictions_pending(drain: &IngestDrain, rows: &[PodDrainStatus]) -> bool {
 }
 
 /// StartDrain (idempotent by id) then GetStatus.
-/// Starts (or re-asserts) this drain on a pod, unless the pod already runs
-/// the drain of another live IngestDrain (`live_other` names it by drain
+/// Starts this drain on a pod unless the pod runs it already, or runs the
+/// drain of another live IngestDrain (`live_other` names it by drain
 /// id): then the pod is left alone and that drain is followed. Two drains
 /// covering one pod (a node drain and the eviction gate's, started a moment
 /// apart) would otherwise replace each other's drain on every reconcile.
@@ -508,10 +508,11 @@ async fn drive_pod(
     let mut client = PodClient::connect(ip, port, token).await?;
     let status = client.status().await?;
     if let Some(running) = status.drain.as_ref()
-        && running.id != req.drain_id
         && running.phase() != ingest_proto::v1::DrainPhase::Cancelled
-        && live_other(&running.id)
+        && (running.id == req.drain_id || live_other(&running.id))
     {
+        // Ours already (StartDrain with the same id changes nothing), or
+        // another live drain's: nothing to start.
         let id = running.id.clone();
         return Ok((status, id));
     }
