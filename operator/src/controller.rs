@@ -936,6 +936,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deleting_a_running_drain_cancels_its_pods_then_releases_it() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let mut d = with_status(
+            with_finalizer(drain("manual", json!({}))),
+            DrainPhase::Draining,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        d.metadata.deletion_timestamp = Some(now());
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
+        assert!(!pod.registry.serving());
+        let verifier = api_server.run(vec![Scenario::Deleted {
+            drain: d.clone(),
+            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
+        }]);
+
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::await_change());
+        assert!(pod.registry.serving(), "the deleted drain's pod serves again");
+        assert_eq!(pod.drainer.status().map(|s| s.phase), Some(PodPhase::Cancelled));
+
+        drop(ctx);
+        within("verifier", verifier).await.expect("scenario");
+    }
+
+    #[tokio::test]
     async fn restart_mid_drain_resumes_without_a_second_start() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();

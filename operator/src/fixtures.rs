@@ -305,6 +305,9 @@ pub enum Scenario {
     /// One reconcile of a drain that holds the finalizer; a terminal phase
     /// also takes the finalizer off.
     Step(Step),
+    /// A drain deleted while it runs: its pods listed (to cancel their
+    /// drains), then the finalizer taken off.
+    Deleted { drain: IngestDrain, pods: Vec<Pod> },
     /// A signalled node: its drains listed by node label, its ingest pods
     /// listed, one IngestDrain applied per namespace in `applied`.
     NodeDrains {
@@ -369,6 +372,12 @@ impl Verifier {
         match scenario {
             Scenario::FinalizerAdded(d) => self.finalizer_patch(&d, true).await,
             Scenario::Step(step) => self.step(step).await,
+            Scenario::Deleted { drain, pods } => {
+                let (seen, send) = self.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/pods")).await;
+                assert_eq!(seen.query["labelSelector"], INGEST_SELECTOR);
+                reply(send, StatusCode::OK, &list("v1", "PodList", &pods));
+                self.finalizer_patch(&drain, false).await;
+            }
             Scenario::NodeDrains {
                 node,
                 existing,
