@@ -257,6 +257,7 @@ async fn eviction_gate(c: Arc<Cluster>) -> Result<()> {
     let publisher = &fleet[0].publisher;
     operator::eviction_held_until_drained(&c, GATE_NS, publisher).await?;
     operator::non_ingest_eviction_allowed(&c, GATE_NS).await?;
+    operator_metrics_counted_it(&c, GATE_NS).await?;
     operator::eviction_allowed_without_operator(&c, GATE_NS, publisher).await?;
     let rows = lossless::stop_and_audit(&stage, fleet).await?;
     ensure!(
@@ -265,6 +266,65 @@ async fn eviction_gate(c: Arc<Cluster>) -> Result<()> {
         rows[0]
     );
     say(&format!("audit at the origin:\n{}", lossless::report(&rows).trim_end()));
+    Ok(())
+}
+
+/// The sum over the operator replicas of every sample of `metric` whose
+/// labels contain `labels` (their `/metrics`, through the API server).
+fn sum_of(pages: &[String], metric: &str, labels: &str) -> f64 {
+    pages
+        .iter()
+        .flat_map(|p| p.lines())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(name, _)| {
+            let (base, rest) = name.split_once('{').unwrap_or((name, ""));
+            base == metric && rest.contains(labels)
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
+/// The operators' `/metrics` counted what the gate and the drain did:
+/// webhook decisions (start, hold, allow) and their latency, reconciles,
+/// the finished drain, its duration and the migrated publisher.
+async fn operator_metrics_counted_it(c: &Cluster, ns: &str) -> Result<()> {
+    let mut pages = Vec::new();
+    for (pod, _, _) in c.pods(ns, OPERATOR_PODS).await? {
+        let path = format!("/api/v1/namespaces/{ns}/pods/{pod}:8080/proxy/metrics");
+        pages.push(c.kubectl(&["get", "--raw", &path]).await?);
+    }
+    let want = [
+        ("ingest_operator_webhook_decisions_total", r#"decision="start""#),
+        ("ingest_operator_webhook_decisions_total", r#"decision="hold""#),
+        ("ingest_operator_webhook_decisions_total", r#"decision="allow""#),
+        ("ingest_operator_webhook_duration_seconds_count", ""),
+        ("ingest_operator_reconciles_total", ""),
+        ("ingest_operator_reconcile_duration_seconds_count", ""),
+        ("ingest_operator_drain_duration_seconds_count", ""),
+        ("ingest_operator_publishers_migrated_total", ""),
+        ("ingest_operator_leader", ""),
+    ];
+    for (metric, labels) in want {
+        let v = sum_of(&pages, metric, labels);
+        ensure!(v >= 1.0, "{metric}{{{labels}}} is {v} on the operators' /metrics");
+    }
+    // Drains by phase is a gauge recounted from the cache (the gate's drain
+    // went with its evicted pod): it must be exported, whatever its value.
+    ensure!(
+        pages.iter().any(|p| p
+            .lines()
+            .any(|l| l.starts_with(r#"ingest_operator_drains{phase="Drained"}"#))),
+        "the operators' /metrics have no drains-by-phase gauge"
+    );
+    say(&format!(
+        "operator /metrics: webhook start {} hold {} allow {}, reconciles {}, migrated {}",
+        sum_of(&pages, "ingest_operator_webhook_decisions_total", r#"decision="start""#),
+        sum_of(&pages, "ingest_operator_webhook_decisions_total", r#"decision="hold""#),
+        sum_of(&pages, "ingest_operator_webhook_decisions_total", r#"decision="allow""#),
+        sum_of(&pages, "ingest_operator_reconciles_total", ""),
+        sum_of(&pages, "ingest_operator_publishers_migrated_total", "")
+    ));
     Ok(())
 }
 
