@@ -565,9 +565,39 @@ async fn uncordon_mid_drain(c: Arc<Cluster>) -> Result<()> {
         "ingest pods after the uncordon:\n{}",
         placement(&after).trim_end()
     ));
+    // A pod whose publishers had all left before the cancel took effect was
+    // released (node drains evict), and its replacement may start anywhere;
+    // every other pod stays.
+    let rows_at_cancel = status["pods"].as_array().cloned().unwrap_or_default();
+    let released: Vec<&str> = rows_at_cancel
+        .iter()
+        .filter(|r| matches!(r["state"].as_str(), Some("Drained" | "Evicted")))
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    for r in &rows_at_cancel {
+        if released.contains(&r["name"].as_str().unwrap_or_default()) {
+            ensure!(
+                r["remaining"].as_i64() == Some(0),
+                "a pod was released with publishers left: {r}"
+            );
+        }
+    }
     ensure!(
-        after.iter().map(|p| &p.name).collect::<Vec<_>>() == pods.iter().map(|p| &p.name).collect::<Vec<_>>(),
-        "the ingest pods changed: {pods:?} -> {after:?}"
+        rows_at_cancel.iter().any(|r| r["state"] == "Cancelled"),
+        "no pod's drain was cancelled: {status}"
+    );
+    let kept_pods: Vec<&str> = pods
+        .iter()
+        .map(|p| p.name.as_str())
+        .filter(|name| !released.contains(name))
+        .collect();
+    let missing: Vec<&&str> = kept_pods
+        .iter()
+        .filter(|name| !after.iter().any(|p| p.name == **name))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "ingest pods not drained at the cancel went away: {missing:?}; {pods:?} -> {after:?}; released {released:?}"
     );
 
     let rows = lossless::stop_and_audit(&stage, fleet).await?;
