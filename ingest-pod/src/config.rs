@@ -162,6 +162,20 @@ pub struct Args {
     /// open (OBS's recording helper keeps a copy of it).
     #[arg(long, env = "INGEST_SIGNALLED_QUIET_CLOSE", default_value = "3s", value_parser = parse_duration)]
     pub signalled_quiet_close: Duration,
+
+    /// Once a publisher's media flows, read its connection on this clock
+    /// (shared by all connections) instead of on every packet: one wake-up
+    /// per interval serves every publisher, and each stream costs one read
+    /// and one relay write per interval. Adds up to this much latency on
+    /// the way to the origin; 0 reads on every packet.
+    #[arg(long, env = "INGEST_MEDIA_READ_INTERVAL", default_value = "40ms", value_parser = parse_duration)]
+    pub media_read_interval: Duration,
+
+    /// Threads that run connections, relays and the control API. One
+    /// thread relays hundreds of streams (see the throughput benchmark) and
+    /// spares the wake-ups between threads; more let one pod use more cores.
+    #[arg(long, env = "INGEST_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: u16,
 }
 
 impl Args {
@@ -188,6 +202,7 @@ impl Args {
             },
             record_dir: self.record_dir.clone(),
             signalled_quiet: self.signalled_quiet_close,
+            media_read_interval: self.media_read_interval,
         }
     }
 

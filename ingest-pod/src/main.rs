@@ -2,11 +2,19 @@ use clap::Parser;
 use ingest_pod::config::Args;
 use ingest_pod::server::{self, Server};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    server::init_tracing();
-    let server = Server::bind(args).await?;
-    server.run(server::shutdown_signal()).await?;
-    Ok(())
+    let runtime = match args.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(n))
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(async {
+        server::init_tracing();
+        let server = Server::bind(args).await?;
+        server.run(server::shutdown_signal()).await?;
+        Ok(())
+    })
 }

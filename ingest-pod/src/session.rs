@@ -47,6 +47,9 @@ pub struct SessionConfig {
     /// (OBS's recording helper inherits the socket), which would hold the
     /// drain, and the new pod's upstream publish, until the deadline.
     pub signalled_quiet: Duration,
+    /// Once media flows, read each publisher on this clock instead of on
+    /// every packet (see [`conn::clocked`]); zero: on every packet.
+    pub media_read_interval: Duration,
 }
 
 /// What a session needs from its pod.
@@ -139,6 +142,9 @@ impl Session {
         let cfg = self.ctx.config.clone();
         let (mut reader, mut writer) = conn::accept(stream, cfg.handshake_timeout, cfg.limits).await?;
         loop {
+            if self.publishing.is_some() && !cfg.media_read_interval.is_zero() && !reader.is_clocked() {
+                (reader, writer) = conn::clocked(reader, writer, cfg.media_read_interval)?;
+            }
             // Until media flows, answer the publisher's command exchange
             // without delayed ACKs (OBS writes with Nagle on).
             if self.publishing.is_none() {

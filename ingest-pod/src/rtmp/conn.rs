@@ -1,7 +1,10 @@
 //! The async RTMP transport: handshake, then a message reader and writer on
 //! the two halves of one TCP connection.
 
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -9,7 +12,7 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::chunk::{self, ChunkReader, ChunkWriter, Limits, RawMessage};
 use super::handshake;
@@ -43,6 +46,13 @@ pub const READ_BUFFER_SIZE: usize = 16 * 1024;
 /// Free space the client side offers each read: a publishing client gets
 /// only control messages and command replies back.
 pub const CLIENT_READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Free space each read offers on a clocked connection, which reads
+/// everything that arrived during one interval: reads that fill it are
+/// followed by another at once.
+pub const CLOCKED_READ_SIZE: usize = 16 * 1024;
+/// Longest a clocked connection waits for the peer to take what we send
+/// (control messages only: a few bytes now and then).
+pub const CLOCKED_WRITE_STALL: Duration = Duration::from_secs(10);
 
 fn now_ms() -> u32 {
     SystemTime::now()
@@ -92,7 +102,7 @@ fn split(stream: TcpStream, limits: Limits, read_size: usize) -> (Reader, Writer
     let (r, w) = stream.into_split();
     (
         Reader {
-            io: r,
+            io: ReadIo::Ready(r),
             buf: BytesMut::new(),
             chunks: ChunkReader::new(limits),
             bytes_in: 0,
@@ -102,7 +112,7 @@ fn split(stream: TcpStream, limits: Limits, read_size: usize) -> (Reader, Writer
             idle: None,
         },
         Writer {
-            io: w,
+            io: WriteIo::Ready(w),
             chunks: ChunkWriter::default(),
             buf: BytesMut::with_capacity(8192),
             bytes_out: 0,
@@ -110,11 +120,83 @@ fn split(stream: TcpStream, limits: Limits, read_size: usize) -> (Reader, Writer
     )
 }
 
+/// Switches a connection from reading on readiness to reading on a clock:
+/// every `interval`, on a grid shared by all connections of the process,
+/// it reads everything that arrived since.
+///
+/// The socket leaves the event loop, so a media packet no longer wakes the
+/// process: one wake-up per interval serves every clocked connection, and
+/// each connection makes one read (and its relay one write) per interval
+/// instead of one per frame. The price is up to `interval` of added
+/// latency. Writes (acknowledgements, pings, signals) go out at once.
+pub fn clocked(reader: Reader, writer: Writer, interval: Duration) -> Result<(Reader, Writer)> {
+    let (ReadIo::Ready(r), WriteIo::Ready(w)) = (reader.io, writer.io) else {
+        return Err(Error::Io(std::io::Error::other("connection is clocked already")));
+    };
+    let stream = r
+        .reunite(w)
+        .map_err(|_| std::io::Error::other("halves of different connections"))?;
+    // Leaves the event loop; the socket stays non-blocking.
+    let stream = Arc::new(stream.into_std()?);
+    let mut tick = tokio::time::interval_at(next_on_grid(interval), interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    Ok((
+        Reader {
+            io: ReadIo::Clocked {
+                stream: stream.clone(),
+                tick,
+                more: true,
+            },
+            read_size: CLOCKED_READ_SIZE,
+            ..reader
+        },
+        Writer {
+            io: WriteIo::Clocked(stream),
+            ..writer
+        },
+    ))
+}
+
+/// The next instant after now on the grid of `interval` steps shared by the
+/// process, so clocked connections wake together.
+fn next_on_grid(interval: Duration) -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let step = interval.as_nanos().max(1);
+    let since = Instant::now().duration_since(origin).as_nanos();
+    let next = (since / step + 1) * step;
+    origin + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX))
+}
+
+thread_local! {
+    /// Where clocked connections read into (initialised once per thread).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; CLOCKED_READ_SIZE]);
+}
+
+#[derive(Debug)]
+enum ReadIo {
+    /// Read when the event loop says the socket is readable.
+    Ready(OwnedReadHalf),
+    /// Read on a clock (see [`clocked`]).
+    Clocked {
+        stream: Arc<std::net::TcpStream>,
+        tick: Interval,
+        /// The last read filled the buffer: read again before the next tick.
+        more: bool,
+    },
+}
+
+#[derive(Debug)]
+enum WriteIo {
+    Ready(OwnedWriteHalf),
+    Clocked(Arc<std::net::TcpStream>),
+}
+
 /// Reading half: messages in, with the chunk-level control messages
 /// (Set Chunk Size, Abort, Window Acknowledgement Size) applied.
 #[derive(Debug)]
 pub struct Reader {
-    io: OwnedReadHalf,
+    io: ReadIo,
     buf: BytesMut,
     chunks: ChunkReader,
     bytes_in: u64,
@@ -135,11 +217,38 @@ struct Idle {
 }
 
 /// One read into `buf`, which is made to hold `size` bytes (cancel safe).
-async fn read_some(io: &mut OwnedReadHalf, buf: &mut BytesMut, size: usize) -> std::io::Result<usize> {
-    // Capacity `size` in all: the leftover of a partial chunk moves to the
-    // front of the same allocation instead of doubling it.
-    buf.reserve(size.saturating_sub(buf.len()).max(1));
-    io.read_buf(buf).await
+async fn read_some(io: &mut ReadIo, buf: &mut BytesMut, size: usize) -> std::io::Result<usize> {
+    match io {
+        ReadIo::Ready(io) => {
+            // Capacity `size` in all: the leftover of a partial chunk moves to the
+            // front of the same allocation instead of doubling it.
+            buf.reserve(size.saturating_sub(buf.len()).max(1));
+            io.read_buf(buf).await
+        }
+        ReadIo::Clocked { stream, tick, more } => loop {
+            let size = size.min(CLOCKED_READ_SIZE);
+            if !*more {
+                tick.tick().await;
+            }
+            // Nothing awaits from here on: a cancelled call loses no bytes.
+            // Read into the thread's scratch, then copy what came: zeroing
+            // `size` bytes of `buf` for each read would cost more.
+            let read = SCRATCH.with_borrow_mut(|scratch| {
+                let n = (&**stream).read(&mut scratch[..size])?;
+                buf.extend_from_slice(&scratch[..n]);
+                Ok::<_, std::io::Error>(n)
+            });
+            match read {
+                Ok(n) => {
+                    *more = n == size;
+                    return Ok(n);
+                }
+                Err(err) if err.kind() == ErrorKind::WouldBlock => *more = false,
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        },
+    }
 }
 
 impl Reader {
@@ -239,15 +348,23 @@ impl Reader {
     pub fn quick_ack(&self) {
         #[cfg(target_os = "linux")]
         {
-            let _ = socket2::SockRef::from(self.io.as_ref()).set_tcp_quickack(true);
+            let _ = match &self.io {
+                ReadIo::Ready(io) => socket2::SockRef::from(io.as_ref()).set_tcp_quickack(true),
+                ReadIo::Clocked { stream, .. } => socket2::SockRef::from(&**stream).set_tcp_quickack(true),
+            };
         }
+    }
+
+    /// Reads on a clock (see [`clocked`]).
+    pub fn is_clocked(&self) -> bool {
+        matches!(self.io, ReadIo::Clocked { .. })
     }
 }
 
 /// Writing half: queue messages, then flush.
 #[derive(Debug)]
 pub struct Writer {
-    io: OwnedWriteHalf,
+    io: WriteIo,
     chunks: ChunkWriter,
     buf: BytesMut,
     bytes_out: u64,
@@ -274,7 +391,10 @@ impl Writer {
 
     pub async fn flush(&mut self) -> Result<()> {
         if !self.buf.is_empty() {
-            self.io.write_all(&self.buf).await?;
+            match &mut self.io {
+                WriteIo::Ready(io) => io.write_all(&self.buf).await?,
+                WriteIo::Clocked(stream) => write_clocked(stream, &self.buf).await?,
+            }
             self.bytes_out += self.buf.len() as u64;
             self.buf.clear();
         }
@@ -293,13 +413,39 @@ impl Writer {
     /// Closes the sending direction (the peer reads EOF).
     pub async fn shutdown(&mut self) -> Result<()> {
         self.flush().await?;
-        self.io.shutdown().await?;
+        match &mut self.io {
+            WriteIo::Ready(io) => io.shutdown().await?,
+            WriteIo::Clocked(stream) => stream.shutdown(Shutdown::Write)?,
+        }
         Ok(())
     }
 }
 
+/// Writes all of `data` to a socket outside the event loop, retrying while
+/// the send buffer is full (the peer reads too slowly) for at most
+/// [`CLOCKED_WRITE_STALL`].
+async fn write_clocked(stream: &std::net::TcpStream, mut data: &[u8]) -> Result<()> {
+    let deadline = Instant::now() + CLOCKED_WRITE_STALL;
+    while !data.is_empty() {
+        match (&*stream).write(data) {
+            Ok(0) => return Err(Error::Io(ErrorKind::WriteZero.into())),
+            Ok(n) => data = &data[n..],
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout(CLOCKED_WRITE_STALL, "the peer to read what we sent"));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use tokio::net::TcpListener;
 
     use super::*;
@@ -350,5 +496,46 @@ mod tests {
         let silent = reader.next_within(limit).await;
         assert!(matches!(silent, Err(Error::Timeout(..))), "{silent:?}");
         assert!(started.elapsed() >= limit / 2, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_clocked_connection_reads_all_that_came_in_order_and_still_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut peer = client.unwrap();
+        let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
+        let (mut reader, mut writer) = clocked(reader, writer, Duration::from_millis(20)).unwrap();
+        assert!(reader.is_clocked());
+
+        // More than one read's worth arrives within one interval.
+        let big = Message::Video {
+            stream_id: 1,
+            timestamp: 40,
+            payload: Bytes::from(vec![0x27; 3 * CLOCKED_READ_SIZE + 17]),
+        };
+        let mut w = ChunkWriter::default();
+        let sent = [Message::Acknowledgement(1), big.clone(), Message::Acknowledgement(2)];
+        peer.write_all(&chunks(&mut w, &sent)).await.unwrap();
+        for want in &sent {
+            let got = reader.next_within(Duration::from_secs(5)).await.unwrap();
+            assert_eq!(got.as_ref(), Some(want));
+        }
+
+        // Writing is not clocked: the peer reads it at once.
+        writer.send(&Message::Acknowledgement(9)).await.unwrap();
+        let mut back = ChunkReader::new(Limits::default());
+        let mut buf = BytesMut::new();
+        let raw = loop {
+            if let Some(raw) = back.read(&mut buf).unwrap() {
+                break raw;
+            }
+            assert!(peer.read_buf(&mut buf).await.unwrap() > 0, "connection closed");
+        };
+        assert_eq!(Message::decode(raw).unwrap(), Message::Acknowledgement(9));
+
+        // The peer closing ends the stream cleanly.
+        drop(peer);
+        assert_eq!(reader.next_within(Duration::from_secs(5)).await.unwrap(), None);
     }
 }
