@@ -18,6 +18,7 @@ use crate::drain::Drainer;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, SessionCommand};
+use crate::rtmp::conn;
 use crate::session::{self, Context};
 
 #[derive(Debug, Error)]
@@ -136,6 +137,9 @@ impl Server {
             config: Arc::new(args.session_config()),
             relays: relays.clone(),
             stop: stop.clone(),
+            media_clock: Some(args.media_read_interval)
+                .filter(|i| !i.is_zero())
+                .map(conn::Clock::start),
         };
         info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
             upstream = args.upstream.as_deref().unwrap_or("none"), go_away = args.signal_go_away,

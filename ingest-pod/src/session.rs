@@ -47,9 +47,6 @@ pub struct SessionConfig {
     /// (OBS's recording helper inherits the socket), which would hold the
     /// drain, and the new pod's upstream publish, until the deadline.
     pub signalled_quiet: Duration,
-    /// Once media flows, read each publisher on this clock instead of on
-    /// every packet (see [`conn::clocked`]); zero: on every packet.
-    pub media_read_interval: Duration,
 }
 
 /// What a session needs from its pod.
@@ -61,6 +58,8 @@ pub struct Context {
     pub relays: TaskTracker,
     /// Cancelled when the pod must stop at once (grace period over).
     pub stop: CancellationToken,
+    /// Publishing connections are read on this clock; `None`: on every packet.
+    pub media_clock: Option<conn::Clock>,
 }
 
 /// Serves one connection until it closes. Errors are logged here.
@@ -142,8 +141,10 @@ impl Session {
         let cfg = self.ctx.config.clone();
         let (mut reader, mut writer) = conn::accept(stream, cfg.handshake_timeout, cfg.limits).await?;
         loop {
-            if self.publishing.is_some() && !cfg.media_read_interval.is_zero() && !reader.is_clocked() {
-                (reader, writer) = conn::clocked(reader, writer, cfg.media_read_interval)?;
+            if let Some(clock) = self.ctx.media_clock.as_ref().filter(|_| self.publishing.is_some())
+                && !reader.is_clocked()
+            {
+                (reader, writer) = conn::clocked(reader, writer, clock.clone())?;
             }
             // Until media flows, answer the publisher's command exchange
             // without delayed ACKs (OBS writes with Nagle on).

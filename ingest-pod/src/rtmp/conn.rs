@@ -4,7 +4,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -12,9 +12,10 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
-use super::chunk::{self, ChunkReader, ChunkWriter, Limits, RawMessage};
+use super::chunk::{self, ChunkReader, ChunkWriter, Limits, Parts, RawMessage};
 use super::handshake;
 use super::message::{self, Message};
 
@@ -49,7 +50,7 @@ pub const CLIENT_READ_BUFFER_SIZE: usize = 4 * 1024;
 /// Free space each read offers on a clocked connection, which reads
 /// everything that arrived during one interval: reads that fill it are
 /// followed by another at once.
-pub const CLOCKED_READ_SIZE: usize = 16 * 1024;
+pub const CLOCKED_READ_SIZE: usize = 64 * 1024;
 /// Longest a clocked connection waits for the peer to take what we send
 /// (control messages only: a few bytes now and then).
 pub const CLOCKED_WRITE_STALL: Duration = Duration::from_secs(10);
@@ -114,22 +115,62 @@ fn split(stream: TcpStream, limits: Limits, read_size: usize) -> (Reader, Writer
         Writer {
             io: WriteIo::Ready(w),
             chunks: ChunkWriter::default(),
-            buf: BytesMut::with_capacity(8192),
+            parts: Parts::default(),
             bytes_out: 0,
         },
     )
 }
 
-/// Switches a connection from reading on readiness to reading on a clock:
-/// every `interval`, on a grid shared by all connections of the process,
-/// it reads everything that arrived since.
+/// The clock clocked connections read on (see [`clocked`]): one timer for
+/// all of them, so one wake-up serves every connection. Copies share it;
+/// it stops when the last copy is dropped.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    ticks: watch::Receiver<u64>,
+    interval: Duration,
+}
+
+impl Clock {
+    /// Starts a clock on the current runtime.
+    pub fn start(interval: Duration) -> Self {
+        let (tx, ticks) = watch::channel(0u64);
+        tokio::spawn(async move {
+            let mut timer = tokio::time::interval(interval);
+            timer.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            let mut n = 0u64;
+            loop {
+                timer.tick().await;
+                n += 1;
+                if tx.send(n).is_err() {
+                    return; // every connection and the server are gone
+                }
+            }
+        });
+        Self { ticks, interval }
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Waits for the next tick.
+    async fn tick(&mut self) {
+        if self.ticks.changed().await.is_err() {
+            // The clock's runtime is shutting down: keep time alone.
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+}
+
+/// Switches a connection from reading on readiness to reading on `clock`:
+/// at every tick it reads everything that arrived since.
 ///
 /// The socket leaves the event loop, so a media packet no longer wakes the
-/// process: one wake-up per interval serves every clocked connection, and
-/// each connection makes one read (and its relay one write) per interval
-/// instead of one per frame. The price is up to `interval` of added
-/// latency. Writes (acknowledgements, pings, signals) go out at once.
-pub fn clocked(reader: Reader, writer: Writer, interval: Duration) -> Result<(Reader, Writer)> {
+/// process: one wake-up per tick serves every clocked connection, and each
+/// connection makes one read (and its relay one write) per tick instead of
+/// one per frame. The price is up to one interval of added latency. Writes
+/// (acknowledgements, pings, signals) go out at once.
+pub fn clocked(reader: Reader, writer: Writer, mut clock: Clock) -> Result<(Reader, Writer)> {
     let (ReadIo::Ready(r), WriteIo::Ready(w)) = (reader.io, writer.io) else {
         return Err(Error::Io(std::io::Error::other("connection is clocked already")));
     };
@@ -138,13 +179,12 @@ pub fn clocked(reader: Reader, writer: Writer, interval: Duration) -> Result<(Re
         .map_err(|_| std::io::Error::other("halves of different connections"))?;
     // Leaves the event loop; the socket stays non-blocking.
     let stream = Arc::new(stream.into_std()?);
-    let mut tick = tokio::time::interval_at(next_on_grid(interval), interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    clock.ticks.mark_unchanged();
     Ok((
         Reader {
             io: ReadIo::Clocked {
                 stream: stream.clone(),
-                tick,
+                clock,
                 more: true,
             },
             read_size: CLOCKED_READ_SIZE,
@@ -155,17 +195,6 @@ pub fn clocked(reader: Reader, writer: Writer, interval: Duration) -> Result<(Re
             ..writer
         },
     ))
-}
-
-/// The next instant after now on the grid of `interval` steps shared by the
-/// process, so clocked connections wake together.
-fn next_on_grid(interval: Duration) -> Instant {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    let origin = *ORIGIN.get_or_init(Instant::now);
-    let step = interval.as_nanos().max(1);
-    let since = Instant::now().duration_since(origin).as_nanos();
-    let next = (since / step + 1) * step;
-    origin + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX))
 }
 
 thread_local! {
@@ -180,7 +209,7 @@ enum ReadIo {
     /// Read on a clock (see [`clocked`]).
     Clocked {
         stream: Arc<std::net::TcpStream>,
-        tick: Interval,
+        clock: Clock,
         /// The last read filled the buffer: read again before the next tick.
         more: bool,
     },
@@ -225,10 +254,10 @@ async fn read_some(io: &mut ReadIo, buf: &mut BytesMut, size: usize) -> std::io:
             buf.reserve(size.saturating_sub(buf.len()).max(1));
             io.read_buf(buf).await
         }
-        ReadIo::Clocked { stream, tick, more } => loop {
+        ReadIo::Clocked { stream, clock, more } => loop {
             let size = size.min(CLOCKED_READ_SIZE);
             if !*more {
-                tick.tick().await;
+                clock.tick().await;
             }
             // Nothing awaits from here on: a cancelled call loses no bytes.
             // Read into the thread's scratch, then copy what came: zeroing
@@ -361,42 +390,63 @@ impl Reader {
     }
 }
 
-/// Writing half: queue messages, then flush.
+/// Writing half: queue messages, then flush. Payloads are not copied:
+/// queued chunks reference them, and a flush writes them with vectored I/O.
 #[derive(Debug)]
 pub struct Writer {
     io: WriteIo,
     chunks: ChunkWriter,
-    buf: BytesMut,
+    parts: Parts,
     bytes_out: u64,
 }
 
 impl Writer {
-    /// Encodes `msg` into the output buffer. A Set Chunk Size takes effect
-    /// for the messages queued after it.
+    /// Encodes `msg` for the next flush. A Set Chunk Size takes effect for
+    /// the messages queued after it.
     pub fn queue(&mut self, msg: &Message) {
-        self.chunks.write(&msg.encode(), &mut self.buf);
+        self.chunks.write_parts(&msg.encode(), &mut self.parts);
         if let Message::SetChunkSize(n) = msg {
             self.chunks.set_chunk_size(*n);
         }
     }
 
     pub fn queue_raw(&mut self, raw: &RawMessage) {
-        self.chunks.write(raw, &mut self.buf);
+        self.chunks.write_parts(raw, &mut self.parts);
     }
 
     /// Bytes queued and not yet flushed.
     pub fn queued(&self) -> usize {
-        self.buf.len()
+        self.parts.len()
     }
 
+    /// Writes everything queued.
     pub async fn flush(&mut self) -> Result<()> {
-        if !self.buf.is_empty() {
-            match &mut self.io {
-                WriteIo::Ready(io) => io.write_all(&self.buf).await?,
-                WriteIo::Clocked(stream) => write_clocked(stream, &self.buf).await?,
+        let mut stalled_since: Option<Instant> = None;
+        while !self.parts.is_empty() {
+            let slices = self.parts.slices();
+            let written = match &mut self.io {
+                WriteIo::Ready(io) => io.write_vectored(&slices).await,
+                WriteIo::Clocked(stream) => (&**stream).write_vectored(&slices),
+            };
+            drop(slices);
+            match written {
+                Ok(0) => return Err(Error::Io(ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    self.parts.advance(n);
+                    self.bytes_out += n as u64;
+                    stalled_since = None;
+                }
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                // Only a clocked socket, outside the event loop, says this:
+                // the peer reads too slowly; look again shortly.
+                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                    if stalled_since.get_or_insert_with(Instant::now).elapsed() >= CLOCKED_WRITE_STALL {
+                        return Err(Error::Timeout(CLOCKED_WRITE_STALL, "the peer to read what we sent"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(err) => return Err(err.into()),
             }
-            self.bytes_out += self.buf.len() as u64;
-            self.buf.clear();
         }
         Ok(())
     }
@@ -419,28 +469,6 @@ impl Writer {
         }
         Ok(())
     }
-}
-
-/// Writes all of `data` to a socket outside the event loop, retrying while
-/// the send buffer is full (the peer reads too slowly) for at most
-/// [`CLOCKED_WRITE_STALL`].
-async fn write_clocked(stream: &std::net::TcpStream, mut data: &[u8]) -> Result<()> {
-    let deadline = Instant::now() + CLOCKED_WRITE_STALL;
-    while !data.is_empty() {
-        match (&*stream).write(data) {
-            Ok(0) => return Err(Error::Io(ErrorKind::WriteZero.into())),
-            Ok(n) => data = &data[n..],
-            Err(err) if err.kind() == ErrorKind::Interrupted => {}
-            Err(err) if err.kind() == ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(Error::Timeout(CLOCKED_WRITE_STALL, "the peer to read what we sent"));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -505,7 +533,7 @@ mod tests {
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         let mut peer = client.unwrap();
         let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
-        let (mut reader, mut writer) = clocked(reader, writer, Duration::from_millis(20)).unwrap();
+        let (mut reader, mut writer) = clocked(reader, writer, Clock::start(Duration::from_millis(20))).unwrap();
         assert!(reader.is_clocked());
 
         // More than one read's worth arrives within one interval.

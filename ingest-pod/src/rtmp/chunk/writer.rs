@@ -1,7 +1,10 @@
 //! Chunk writer: messages in, chunk bytes out, headers compressed the way
 //! ffmpeg and librtmp do it.
 
-use bytes::{BufMut, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::{DEFAULT_CHUNK_SIZE, EXTENDED_TIMESTAMP, RawMessage};
 
@@ -43,6 +46,16 @@ impl ChunkWriter {
 
     /// Appends the chunks of `msg` to `out`.
     pub fn write(&mut self, msg: &RawMessage, out: &mut BytesMut) {
+        self.encode(msg, out);
+    }
+
+    /// Appends the chunks of `msg` to `out` without copying its payload.
+    pub fn write_parts(&mut self, msg: &RawMessage, out: &mut Parts) {
+        self.encode(msg, out);
+        out.seal();
+    }
+
+    fn encode(&mut self, msg: &RawMessage, out: &mut impl Sink) {
         let len = msg.payload.len() as u32;
         let index = self.last.iter().position(|(id, _)| *id == msg.csid);
         let prev = index.map(|i| self.last[i].1);
@@ -60,16 +73,17 @@ impl ChunkWriter {
             _ => (0, msg.timestamp),
         };
         let extended = field >= EXTENDED_TIMESTAMP;
-        write_basic_header(out, fmt, msg.csid);
+        let h = out.headers();
+        write_basic_header(h, fmt, msg.csid);
         if fmt <= 2 {
-            out.put_uint(u64::from(field.min(EXTENDED_TIMESTAMP)), 3);
+            h.put_uint(u64::from(field.min(EXTENDED_TIMESTAMP)), 3);
         }
         if fmt <= 1 {
-            out.put_uint(u64::from(len), 3);
-            out.put_u8(msg.type_id);
+            h.put_uint(u64::from(len), 3);
+            h.put_u8(msg.type_id);
         }
         if fmt == 0 {
-            out.put_u32_le(msg.stream_id);
+            h.put_u32_le(msg.stream_id);
         }
         // A format-3 header inherits "extended" from the previous header.
         let ext_on_every_chunk = if fmt == 3 {
@@ -78,21 +92,23 @@ impl ChunkWriter {
             extended
         };
         if ext_on_every_chunk {
-            out.put_u32(field);
+            h.put_u32(field);
         }
-        let mut rest = &msg.payload[..];
         let size = self.chunk_size as usize;
-        out.reserve(rest.len() + rest.len() / size * 5);
+        let total = msg.payload.len();
+        out.reserve(total + total / size * 5);
+        let mut at = 0;
         loop {
-            let n = rest.len().min(size);
-            out.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
-            if rest.is_empty() {
+            let n = (total - at).min(size);
+            out.payload(&msg.payload, at, n);
+            at += n;
+            if at == total {
                 break;
             }
-            write_basic_header(out, 3, msg.csid);
+            let h = out.headers();
+            write_basic_header(h, 3, msg.csid);
             if ext_on_every_chunk {
-                out.put_u32(field);
+                h.put_u32(field);
             }
         }
         let last = Last {
@@ -105,6 +121,101 @@ impl ChunkWriter {
         match index {
             Some(i) => self.last[i].1 = last,
             None => self.last.push((msg.csid, last)),
+        }
+    }
+}
+
+/// Where encoded chunks go.
+trait Sink {
+    /// Header bytes are appended here.
+    fn headers(&mut self) -> &mut BytesMut;
+    /// `len` payload bytes from `at` follow the headers written so far.
+    fn payload(&mut self, payload: &Bytes, at: usize, len: usize);
+    fn reserve(&mut self, _additional: usize) {}
+}
+
+impl Sink for BytesMut {
+    fn headers(&mut self) -> &mut BytesMut {
+        self
+    }
+
+    fn payload(&mut self, payload: &Bytes, at: usize, len: usize) {
+        self.extend_from_slice(&payload[at..at + len]);
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        BytesMut::reserve(self, additional);
+    }
+}
+
+/// Chunks as a list of header bytes and payload slices, written with
+/// vectored I/O: payloads are referenced, not copied, and no buffer grows
+/// to the size of the largest burst.
+#[derive(Debug, Default)]
+pub struct Parts {
+    headers: BytesMut,
+    parts: VecDeque<Bytes>,
+    len: usize,
+}
+
+/// Most slices handed to one vectored write.
+const MAX_SLICES: usize = 64;
+
+impl Parts {
+    /// Bytes not yet written.
+    pub fn len(&self) -> usize {
+        self.len + self.headers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ends the current run of header bytes.
+    fn seal(&mut self) {
+        if !self.headers.is_empty() {
+            let h = self.headers.split().freeze();
+            self.len += h.len();
+            self.parts.push_back(h);
+        }
+    }
+
+    /// The next bytes to write, for one vectored write.
+    pub fn slices(&self) -> Vec<IoSlice<'_>> {
+        self.parts.iter().take(MAX_SLICES).map(|p| IoSlice::new(p)).collect()
+    }
+
+    /// Drops the first `n` bytes (written).
+    pub fn advance(&mut self, mut n: usize) {
+        self.len -= n.min(self.len);
+        while n > 0 {
+            let Some(front) = self.parts.front_mut() else { break };
+            if front.len() > n {
+                front.advance(n);
+                break;
+            }
+            n -= front.len();
+            self.parts.pop_front();
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.parts.clear();
+        self.headers.clear();
+        self.len = 0;
+    }
+}
+
+impl Sink for Parts {
+    fn headers(&mut self) -> &mut BytesMut {
+        &mut self.headers
+    }
+
+    fn payload(&mut self, payload: &Bytes, at: usize, len: usize) {
+        self.seal();
+        if len > 0 {
+            self.len += len;
+            self.parts.push_back(payload.slice(at..at + len));
         }
     }
 }
@@ -158,5 +269,36 @@ mod tests {
         for f in frames {
             assert_eq!(r.read(&mut buf).unwrap(), Some(f));
         }
+    }
+
+    #[test]
+    fn parts_hold_the_same_bytes_as_a_buffer_and_advance_across_them() {
+        let msgs: Vec<RawMessage> = [0usize, 5, 128, 129, 300, 1000]
+            .iter()
+            .enumerate()
+            .map(|(i, len)| RawMessage {
+                csid: 4 + (i as u32 % 2),
+                timestamp: i as u32 * 40 + if i == 5 { EXTENDED_TIMESTAMP } else { 0 },
+                type_id: 8,
+                stream_id: 1,
+                payload: Bytes::from((0..*len).map(|b| b as u8).collect::<Vec<u8>>()),
+            })
+            .collect();
+        let (mut a, mut b) = (ChunkWriter::default(), ChunkWriter::default());
+        let mut buf = BytesMut::new();
+        let mut parts = Parts::default();
+        for m in &msgs {
+            a.write(m, &mut buf);
+            b.write_parts(m, &mut parts);
+        }
+        assert_eq!(parts.len(), buf.len());
+        // Written in uneven pieces, as short writes do.
+        let mut out = Vec::new();
+        while !parts.is_empty() {
+            let first: Vec<u8> = parts.slices().iter().flat_map(|s| s.iter().copied()).take(7).collect();
+            out.extend_from_slice(&first);
+            parts.advance(first.len());
+        }
+        assert_eq!(out, buf.to_vec());
     }
 }
