@@ -168,7 +168,7 @@ pub struct Args {
     /// per interval serves every publisher, and each stream costs one read
     /// and one relay write per interval. Adds up to this much latency on
     /// the way to the origin; 0 reads on every packet.
-    #[arg(long, env = "INGEST_MEDIA_READ_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
+    #[arg(long, env = "INGEST_MEDIA_READ_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     pub media_read_interval: Duration,
 
     /// Threads that run connections, relays and the control API. One

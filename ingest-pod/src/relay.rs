@@ -14,7 +14,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Span, debug, info, warn};
 
 use crate::media::{self, Kind};
 use crate::metrics::Metrics;
@@ -261,6 +261,8 @@ struct Config {
     metadata: Option<Item>,
     video: Option<Item>,
     audio: Option<Item>,
+    /// Some media reached the origin in an earlier session.
+    delivered_any: bool,
 }
 
 impl Config {
@@ -279,6 +281,9 @@ impl Config {
 }
 
 /// Runs one relay until its queue is closed and delivered (or given up).
+///
+/// Its log lines go to `span`. The relay is not instrumented with it: that
+/// would enter and leave the span on every poll, once per media tick.
 pub async fn run(
     url: RtmpUrl,
     queue: Arc<Queue>,
@@ -286,9 +291,9 @@ pub async fn run(
     metrics: Metrics,
     stop: CancellationToken,
     _guard: RelayGuard,
+    span: Span,
 ) {
     let mut config = Config::default();
-    let mut delivered_any = false;
     let mut backoff = cfg.busy_retry;
     let mut busy_wait = cfg.busy_retry;
     let mut closed_since: Option<Instant> = None;
@@ -297,19 +302,19 @@ pub async fn run(
         if queue.is_closed() {
             let since = *closed_since.get_or_insert_with(Instant::now);
             if since.elapsed() > cfg.flush_timeout {
-                warn!(%url.stream, pending_bytes = queue.bytes(), "giving up delivering to the origin after the publisher left");
+                warn!(parent: &span, %url.stream, pending_bytes = queue.bytes(), "giving up delivering to the origin after the publisher left");
                 return;
             }
         }
         attempt += 1;
-        match session(&url, &queue, &cfg, &metrics, &mut config, &mut delivered_any, &stop).await {
+        match session(&url, &queue, &cfg, &metrics, &mut config, &stop, &span).await {
             Ok(()) => {
-                info!(stream = %url.stream, "relay finished: everything delivered");
+                info!(parent: &span, stream = %url.stream, "relay finished: everything delivered");
                 return;
             }
             Err(Error::Busy(why)) => {
                 metrics.relay_retries.inc();
-                debug!(stream = %url.stream, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
+                debug!(parent: &span, stream = %url.stream, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
                 backoff = busy_wait;
                 busy_wait = (busy_wait * 3 / 2).min(cfg.busy_retry_max.max(cfg.busy_retry));
             }
@@ -317,13 +322,13 @@ pub async fn run(
                 metrics.relay_retries.inc();
                 busy_wait = cfg.busy_retry;
                 backoff = (backoff * 2).clamp(cfg.busy_retry, cfg.max_backoff);
-                warn!(stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
+                warn!(parent: &span, stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
             }
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = stop.cancelled() => {
-                warn!(stream = %url.stream, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
+                warn!(parent: &span, stream = %url.stream, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
                 return;
             }
         }
@@ -342,8 +347,8 @@ async fn session(
     cfg: &RelayConfig,
     metrics: &Metrics,
     config: &mut Config,
-    delivered_any: &mut bool,
     stop: &CancellationToken,
+    span: &Span,
 ) -> Result<(), Error> {
     let client::Publishing {
         mut reader,
@@ -356,9 +361,9 @@ async fn session(
         cfg.step_timeout,
     )
     .await?;
-    info!(stream = %url.stream, origin = %url.addr(), "publishing to the origin");
+    info!(parent: span, stream = %url.stream, origin = %url.addr(), "publishing to the origin");
 
-    if *delivered_any {
+    if config.delivered_any {
         // A later session: the origin needs the configuration again before media.
         for item in config.items() {
             writer.queue_raw(&raw(item, sid));
@@ -404,7 +409,7 @@ async fn session(
                     config.remember(item);
                 }
                 items.clear();
-                *delivered_any = true;
+                config.delivered_any = true;
                 metrics.bytes_relayed.inc_by(bytes);
             }
             () = &mut stopped => return Err(Error::Closed),

@@ -361,17 +361,15 @@ impl Session {
                     let q = Queue::new(self.ctx.config.relay.buffer_bytes, self.ctx.registry.metrics().clone());
                     let relay_guard = self.ctx.registry.relay_started();
                     let span = info_span!("relay", stream = %stream, conn = self.guard.id());
-                    self.ctx.relays.spawn(
-                        relay::run(
-                            u,
-                            q.clone(),
-                            self.ctx.config.relay.clone(),
-                            self.ctx.registry.metrics().clone(),
-                            self.ctx.stop.clone(),
-                            relay_guard,
-                        )
-                        .instrument(span),
-                    );
+                    self.ctx.relays.spawn(relay::run(
+                        u,
+                        q.clone(),
+                        self.ctx.config.relay.clone(),
+                        self.ctx.registry.metrics().clone(),
+                        self.ctx.stop.clone(),
+                        relay_guard,
+                        span,
+                    ));
                     Some(q)
                 }
                 Err(err) => {

@@ -264,7 +264,13 @@ async fn read_some(io: &mut ReadIo, buf: &mut BytesMut, size: usize) -> std::io:
             // `size` bytes of `buf` for each read would cost more.
             let read = SCRATCH.with_borrow_mut(|scratch| {
                 let n = (&**stream).read(&mut scratch[..size])?;
-                buf.extend_from_slice(&scratch[..n]);
+                if buf.is_empty() {
+                    // An allocation of what came: a burst leaves no large
+                    // buffer behind (payloads cut from it free it once relayed).
+                    *buf = BytesMut::from(&scratch[..n]);
+                } else {
+                    buf.extend_from_slice(&scratch[..n]);
+                }
                 Ok::<_, std::io::Error>(n)
             });
             match read {
