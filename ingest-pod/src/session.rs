@@ -27,6 +27,10 @@ use crate::rtmp::url::{self, RtmpUrl};
 
 /// Window we ask publishers to acknowledge by (they never wait for us).
 pub const WINDOW_ACK_SIZE: u32 = 2_500_000;
+/// How long a publish is read per packet before it moves to the pod's
+/// media clock: a handover (the origin still holding the stream for the
+/// previous pod) is over by then.
+pub const CLOCK_AFTER: Duration = Duration::from_secs(2);
 /// Body of the Go Away message: OBS 27.2–29.x ignores an empty one.
 pub const GO_AWAY_BODY: [u8; 4] = [0; 4];
 
@@ -100,6 +104,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Context) {
 struct Publishing {
     stream: String,
     stream_id: u32,
+    since: tokio::time::Instant,
     queue: Option<Arc<Queue>>,
     /// Media of the current read, handed to the relay at once.
     pending: Vec<Item>,
@@ -141,10 +146,21 @@ impl Session {
         let cfg = self.ctx.config.clone();
         let (mut reader, mut writer) = conn::accept(stream, cfg.handshake_timeout, cfg.limits).await?;
         loop {
-            if let Some(clock) = self.ctx.media_clock.as_ref().filter(|_| self.publishing.is_some())
-                && !reader.is_clocked()
-            {
-                (reader, writer) = conn::clocked(reader, writer, clock.clone())?;
+            // Steady media is read on the pod's clock. A handover is not:
+            // the first seconds of a publish (another pod may still hold the
+            // stream at the origin) and a signalled publisher's last media
+            // and goodbye are read as they come, so the stream moves as fast
+            // as with per-packet reads.
+            let steady = self
+                .publishing
+                .as_ref()
+                .is_some_and(|p| p.since.elapsed() >= CLOCK_AFTER && self.quiet_since.is_none());
+            match &self.ctx.media_clock {
+                Some(clock) if steady && !reader.is_clocked() => {
+                    (reader, writer) = conn::clocked(reader, writer, clock.clone())?;
+                }
+                _ if !steady && reader.is_clocked() => (reader, writer) = conn::unclocked(reader, writer)?,
+                _ => {}
             }
             // Until media flows, answer the publisher's command exchange
             // without delayed ACKs (OBS writes with Nagle on).
@@ -405,6 +421,7 @@ impl Session {
         self.publishing = Some(Publishing {
             stream,
             stream_id,
+            since: tokio::time::Instant::now(),
             queue,
             pending: Vec::new(),
             recorder,

@@ -197,6 +197,28 @@ pub fn clocked(reader: Reader, writer: Writer, mut clock: Clock) -> Result<(Read
     ))
 }
 
+/// Switches a clocked connection back to reading on readiness.
+pub fn unclocked(reader: Reader, writer: Writer) -> Result<(Reader, Writer)> {
+    let (ReadIo::Clocked { stream, .. }, WriteIo::Clocked(other)) = (reader.io, writer.io) else {
+        return Err(Error::Io(std::io::Error::other("connection is not clocked")));
+    };
+    drop(other);
+    let stream = Arc::try_unwrap(stream).map_err(|_| std::io::Error::other("socket still shared"))?;
+    // Back into the event loop of the current runtime.
+    let (r, w) = TcpStream::from_std(stream)?.into_split();
+    Ok((
+        Reader {
+            io: ReadIo::Ready(r),
+            read_size: READ_BUFFER_SIZE,
+            ..reader
+        },
+        Writer {
+            io: WriteIo::Ready(w),
+            ..writer
+        },
+    ))
+}
+
 thread_local! {
     /// Where clocked connections read into (initialised once per thread).
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; CLOCKED_READ_SIZE]);
@@ -533,7 +555,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_clocked_connection_reads_all_that_came_in_order_and_still_writes() {
+    async fn a_clocked_connection_reads_all_that_came_in_order_writes_at_once_and_unclocks() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -567,6 +589,17 @@ mod tests {
             assert!(peer.read_buf(&mut buf).await.unwrap() > 0, "connection closed");
         };
         assert_eq!(Message::decode(raw).unwrap(), Message::Acknowledgement(9));
+
+        // Back on readiness, the connection goes on where it was.
+        let (mut reader, _writer) = unclocked(reader, writer).unwrap();
+        assert!(!reader.is_clocked());
+        peer.write_all(&chunks(&mut w, &[Message::Acknowledgement(3)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            reader.next_within(Duration::from_secs(5)).await.unwrap(),
+            Some(Message::Acknowledgement(3))
+        );
 
         // The peer closing ends the stream cleanly.
         drop(peer);
