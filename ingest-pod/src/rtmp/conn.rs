@@ -149,10 +149,6 @@ impl Clock {
         Self { ticks, interval }
     }
 
-    pub fn interval(&self) -> Duration {
-        self.interval
-    }
-
     /// Waits for the next tick.
     async fn tick(&mut self) {
         if self.ticks.changed().await.is_err() {

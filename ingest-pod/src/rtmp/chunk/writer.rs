@@ -198,12 +198,6 @@ impl Parts {
             self.parts.pop_front();
         }
     }
-
-    pub fn clear(&mut self) {
-        self.parts.clear();
-        self.headers.clear();
-        self.len = 0;
-    }
 }
 
 impl Sink for Parts {
