@@ -27,7 +27,7 @@ use crate::publisher::{LogLine, SentFrame};
 /// seconds has 10 digits), so `<stream>-1-<time>.flv` of a stream named
 /// `<stream>-1` is not taken for `<stream>`.
 const MIN_TIME_DIGITS: usize = 9;
-/// Lost sequence numbers kept in a report, for diagnosis.
+/// Lost sequence numbers a report prints.
 const LOST_SAMPLES: usize = 10;
 
 #[derive(Debug, Error)]
@@ -87,7 +87,7 @@ pub struct AuditReport {
     pub timestamp_violations: usize,
     /// Times the publisher's timeline went back across the concatenation.
     pub timeline_violations: usize,
-    /// The first lost sequence numbers.
+    /// Sequence numbers of the lost messages, in order.
     pub lost_seqs: Vec<u64>,
 }
 
@@ -124,7 +124,11 @@ impl fmt::Display for AuditReport {
             self.timeline_violations,
         )?;
         if !self.lost_seqs.is_empty() {
-            write!(f, " first-lost {:?}", self.lost_seqs)?;
+            write!(
+                f,
+                " first-lost {:?}",
+                &self.lost_seqs[..self.lost_seqs.len().min(LOST_SAMPLES)]
+            )?;
         }
         Ok(())
     }
@@ -413,9 +417,7 @@ pub fn audit_with(stream: &str, sent: &[SentFrame], recordings: &[Recording], ma
     for (i, n) in seen.iter().enumerate() {
         if *n == 0 {
             report.lost += 1;
-            if report.lost_seqs.len() < LOST_SAMPLES {
-                report.lost_seqs.push(sent[i].seq);
-            }
+            report.lost_seqs.push(sent[i].seq);
         }
     }
     report

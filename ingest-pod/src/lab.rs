@@ -1,15 +1,18 @@
 //! A local lab on loopback: in-process ingest pods, a readiness-aware TCP
-//! balancer standing in for a Service, for the demo, tests and benchmarks.
+//! balancer standing in for a Service, a link that can be cut, for the
+//! demo, tests and benchmarks.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use crate::config::Args;
 use crate::drain::Drainer;
@@ -143,5 +146,114 @@ impl Balancer {
 impl Drop for Balancer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A TCP forwarder to one address that can be cut, like a network outage
+/// between a pod and its origin: [`Link::cut`] resets every open connection
+/// and, until [`Link::restore`], resets new ones as soon as they arrive.
+pub struct Link {
+    pub addr: SocketAddr,
+    state: Arc<LinkState>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    up: AtomicBool,
+    forwarded: AtomicU64,
+    refused: AtomicU64,
+    open: Mutex<Vec<(CancellationToken, JoinHandle<()>)>>,
+}
+
+/// Closes with a reset (RST), as a crashed peer or a broken path does,
+/// rather than an orderly FIN.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+impl Link {
+    /// Forwards connections on a free loopback port to `target`.
+    pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(LinkState::default());
+        state.up.store(true, Ordering::SeqCst);
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !shared.up.load(Ordering::SeqCst) {
+                    shared.refused.fetch_add(1, Ordering::SeqCst);
+                    reset(client);
+                    continue;
+                }
+                let Ok(upstream) = TcpStream::connect(target).await else {
+                    reset(client);
+                    continue;
+                };
+                shared.forwarded.fetch_add(1, Ordering::SeqCst);
+                let cancel = CancellationToken::new();
+                let conn = tokio::spawn(forward(client, upstream, cancel.clone()));
+                let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
+                open.retain(|(_, task)| !task.is_finished());
+                open.push((cancel, conn));
+            }
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    /// Resets every forwarded connection (both ends) and returns once they
+    /// are closed; new connections are reset until [`Link::restore`].
+    pub async fn cut(&self) {
+        self.state.up.store(false, Ordering::SeqCst);
+        let open = std::mem::take(&mut *self.state.open.lock().unwrap_or_else(|e| e.into_inner()));
+        let count = open.len();
+        for (cancel, task) in open {
+            cancel.cancel();
+            let _ = task.await;
+        }
+        info!(link = %self.addr, connections = count, "link cut");
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.state.up.store(true, Ordering::SeqCst);
+        info!(link = %self.addr, "link restored");
+    }
+
+    /// Connections forwarded so far.
+    pub fn forwarded(&self) -> u64 {
+        self.state.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// Connections reset on arrival while the link was cut.
+    pub fn refused(&self) -> u64 {
+        self.state.refused.load(Ordering::SeqCst)
+    }
+}
+
+async fn forward(mut client: TcpStream, mut upstream: TcpStream, cancel: CancellationToken) {
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let cut = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => false,
+        () = cancel.cancelled() => true,
+    };
+    if cut {
+        reset(client);
+        reset(upstream);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+        for (cancel, _) in self.state.open.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            cancel.cancel();
+        }
     }
 }

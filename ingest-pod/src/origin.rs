@@ -26,6 +26,7 @@ pub struct Origin {
     child: Child,
     addr: SocketAddr,
     dir: PathBuf,
+    nginx: &'static str,
 }
 
 /// Picks a free TCP port on `ip`.
@@ -89,29 +90,58 @@ rtmp {{
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
-        let child = Command::new(nginx)
-            .arg("-p")
-            .arg(dir.join("tmp"))
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let origin = Self {
-            child,
+        let mut origin = Self {
+            child: spawn(nginx, dir)?,
             addr,
             dir: dir.to_owned(),
+            nginx,
         };
+        origin.wait_listening()?;
+        Ok(origin)
+    }
+
+    fn wait_listening(&mut self) -> Result<(), Error> {
         let start = Instant::now();
-        while std::net::TcpStream::connect(addr).is_err() {
-            if start.elapsed() > Duration::from_secs(10) {
-                return Err(Error::NotListening(addr, origin.dir.join("error.log")));
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            if start.elapsed() > Duration::from_secs(10) || matches!(self.child.try_wait(), Ok(Some(_))) {
+                return Err(Error::NotListening(self.addr, self.dir.join("error.log")));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(origin)
+        Ok(())
+    }
+
+    /// The origin crashes (SIGKILL to nginx's master and workers) and comes
+    /// back on the same address with the same configuration. Blocks until
+    /// the new one listens. Recordings keep every tag nginx wrote.
+    pub fn crash_and_restart(&mut self) -> Result<(), Error> {
+        let workers = children(self.child.id());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_all(workers);
+        self.child = spawn(self.nginx, &self.dir)?;
+        self.wait_listening()
+    }
+
+    /// Asks nginx to quit gracefully (SIGQUIT lets it finish writing
+    /// recordings), then kills the master and workers still there.
+    fn stop(&mut self) {
+        let workers = children(self.child.id());
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        let mut exited = false;
+        while !exited && start.elapsed() < Duration::from_secs(3) {
+            exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !exited {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        // A worker outliving its master would keep the port.
+        kill_all(workers);
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -135,19 +165,65 @@ rtmp {{
 
 impl Drop for Origin {
     fn drop(&mut self) {
-        // SIGQUIT lets nginx finish writing recordings; then make sure it is gone.
-        let _ = Command::new("kill")
-            .arg("-QUIT")
-            .arg(self.child.id().to_string())
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(3) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+/// Starts nginx with `<dir>/nginx.conf`.
+fn spawn(nginx: &'static str, dir: &Path) -> std::io::Result<Child> {
+    Command::new(nginx)
+        .arg("-p")
+        .arg(dir.join("tmp"))
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
+/// Sends SIGKILL to those of `pids` still running, and waits until they are gone.
+fn kill_all(pids: Vec<u32>) {
+    let pids: Vec<u32> = pids.into_iter().filter(|&p| running(p)).collect();
+    if pids.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(pids.iter().map(u32::to_string))
+        .stderr(Stdio::null())
+        .status();
+    let start = Instant::now();
+    while pids.iter().any(|&p| running(p)) && start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold
+/// spaces and parentheses): state, ppid, ...
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The process exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    stat_fields(&pid.to_string()).is_some_and(|f| f.first().is_some_and(|state| state != "Z"))
+}
+
+/// Processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let child: u32 = name.to_str()?.parse().ok()?;
+            let ppid: u32 = stat_fields(name.to_str()?)?.get(1)?.parse().ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
 }

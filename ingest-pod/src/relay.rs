@@ -263,6 +263,8 @@ struct Config {
     audio: Option<Item>,
     /// Some media reached the origin in an earlier session.
     delivered_any: bool,
+    /// The origin accepted the publish of the latest session.
+    published: bool,
 }
 
 impl Config {
@@ -321,6 +323,11 @@ pub async fn run(
             Err(err) => {
                 metrics.relay_retries.inc();
                 busy_wait = cfg.busy_retry;
+                if config.published {
+                    // The origin worked until now: a new outage starts from the shortest wait.
+                    metrics.relay_reconnects.inc();
+                    backoff = cfg.busy_retry;
+                }
                 backoff = (backoff * 2).clamp(cfg.busy_retry, cfg.max_backoff);
                 warn!(parent: &span, stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
             }
@@ -350,6 +357,7 @@ async fn session(
     stop: &CancellationToken,
     span: &Span,
 ) -> Result<(), Error> {
+    config.published = false;
     let client::Publishing {
         mut reader,
         mut writer,
@@ -361,6 +369,7 @@ async fn session(
         cfg.step_timeout,
     )
     .await?;
+    config.published = true;
     info!(parent: span, stream = %url.stream, origin = %url.addr(), "publishing to the origin");
 
     if config.delivered_any {
@@ -402,7 +411,6 @@ async fn session(
                 if let Err(err) = writer.flush().await {
                     // Nothing of this batch is known to have arrived: keep it for the next session.
                     queue.unget(&mut items);
-                    metrics.relay_reconnects.inc();
                     return Err(err.into());
                 }
                 for item in &items {

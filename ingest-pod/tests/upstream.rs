@@ -1,0 +1,192 @@
+//! The origin hiccups: the path to it breaks, then it crashes and comes
+//! back. The publisher's one connection to the pod is never cut; the relay
+//! reconnects with backoff and delivers in order everything it buffered
+//! meanwhile.
+//!
+//! What the origin may lack: messages on the wire when it went away, and
+//! video frames that start a new upstream publish in the middle of a GOP,
+//! which nginx-rtmp's recorder skips until the next keyframe ("record:
+//! skipping until keyframe"): they cannot be decoded without the keyframe
+//! that went to the previous publish.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ingest_pod::audit;
+use ingest_pod::lab::{Link, LocalPod};
+use ingest_pod::media::Kind;
+use ingest_pod::origin::Origin;
+use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, SentFrame};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// Waits until `n` more video frames went out.
+async fn frames_more(progress: &mut watch::Receiver<Progress>, n: u64) {
+    let target = progress.borrow().video_frames + n;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        progress.wait_for(|p| p.video_frames >= target || p.done),
+    )
+    .await
+    .expect("the publisher keeps streaming")
+    .expect("publisher alive");
+}
+
+/// A wall-clock window (Unix ms) in which the origin went away.
+struct Outage {
+    what: &'static str,
+    began_ms: u64,
+    over_ms: u64,
+}
+
+impl Outage {
+    /// How far back before an outage a frame may still have been in flight:
+    /// one media read interval, one relay write, socket buffers.
+    const IN_FLIGHT_MS: u64 = 1000;
+
+    /// `sent[i]` may be missing at the origin because of this outage: it
+    /// was on the wire, or it is a video frame after the outage that came
+    /// before the next keyframe.
+    fn may_lose(&self, sent: &[SentFrame], i: usize) -> bool {
+        let frame = &sent[i];
+        let in_flight = frame.sent_at_ms + Self::IN_FLIGHT_MS >= self.began_ms && frame.sent_at_ms <= self.over_ms;
+        let before_next_keyframe = frame.kind == Kind::Video
+            && !frame.keyframe
+            && frame.sent_at_ms + Self::IN_FLIGHT_MS >= self.began_ms
+            && !sent[..i].iter().any(|f| f.keyframe && f.sent_at_ms >= self.began_ms);
+        in_flight || before_next_keyframe
+    }
+
+    fn describe(outages: &[Outage]) -> String {
+        outages
+            .iter()
+            .map(|o| format!("{} {}..{}", o.what, o.began_ms, o.over_ms))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_outages_never_cut_the_publisher() {
+    ingest_pod::server::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
+    let link = Link::start(origin.addr()).await.expect("link");
+    let template = format!("rtmp://{}/live/{{stream}}", link.addr);
+    let pod = LocalPod::start("pod", &["--upstream", &template]).await.expect("pod");
+    let cfg = PublisherConfig {
+        fps: 30,
+        gop: 30,
+        video_bitrate_bps: 1_000_000,
+        width: 320,
+        height: 240,
+        ..PublisherConfig::new(format!("rtmp://{}/live/outage", pod.rtmp))
+    };
+    let publisher = Publisher::new(cfg).expect("publisher");
+    let mut progress = publisher.progress();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(publisher.run(stop.clone()));
+    frames_more(&mut progress, 90).await;
+    assert_eq!(link.forwarded(), 1, "one upstream connection so far");
+    let metrics = pod.registry.metrics().clone();
+    let mut outages = Vec::new();
+
+    // 1. The path to the origin breaks for 1.5 s: both ends are reset and
+    // new connections are reset as they arrive.
+    let began_ms = now_ms();
+    link.cut().await;
+    outages.push(Outage {
+        what: "link cut",
+        began_ms,
+        over_ms: now_ms(),
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let attempts = link.refused();
+    link.restore();
+    // Back-off doubling from 20 ms tries about 6 times in 1.5 s; a fixed
+    // 10 ms retry would try about 150 times.
+    assert!(
+        (2..=12).contains(&attempts),
+        "{attempts} attempts while the origin was unreachable for 1.5 s"
+    );
+    frames_more(&mut progress, 90).await;
+    assert_eq!(link.forwarded(), 2, "the relay reconnected once the path was back");
+
+    // 2. The origin crashes; a new nginx listens on the same port.
+    let began_ms = now_ms();
+    tokio::task::block_in_place(|| origin.crash_and_restart()).expect("nginx restarted");
+    outages.push(Outage {
+        what: "origin crash",
+        began_ms,
+        over_ms: now_ms(),
+    });
+    frames_more(&mut progress, 90).await;
+    assert!(link.forwarded() >= 3, "the relay reconnected to the new origin");
+
+    stop.cancel();
+    let report = task.await.expect("join").expect("publisher");
+    let registry = pod.registry.clone();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while registry.relays_active() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the relay flushed after the publisher left");
+
+    // The publisher never noticed.
+    assert_eq!(report.error, None);
+    assert_eq!(report.connections, 1, "the publisher's one connection was never cut");
+    assert_eq!(report.unplanned_reconnects, 0);
+    assert!(report.signals.is_empty());
+    assert_eq!(pod.registry.totals().ended, 1, "one publish, ended by the publisher");
+    assert_eq!(metrics.relay_reconnects.get(), 2, "one reconnect per outage");
+    assert!(metrics.relay_retries.get() > attempts, "every refused attempt counted");
+    assert_eq!(metrics.relay_dropped_bytes.get(), 0, "nothing dropped from the buffer");
+
+    let record_dir = origin.record_dir();
+    drop(origin); // nginx closes its recordings
+    let result = audit::audit_dir(&report.stream, &report.sent, &record_dir).expect("audit");
+    println!("{result}");
+    assert!(
+        result.sessions >= 3,
+        "one upstream publish before and after each outage: {result}"
+    );
+    assert_eq!(
+        (
+            result.duplicated,
+            result.out_of_order,
+            result.unknown,
+            result.timestamp_violations,
+            result.timeline_violations
+        ),
+        (0, 0, 0, 0, 0),
+        "{result}"
+    );
+    // What the origin lacks went missing in an outage; everything the pod
+    // buffered meanwhile arrived.
+    let mut lost = 0;
+    for (i, frame) in report.sent.iter().enumerate() {
+        if result.lost_seqs.binary_search(&frame.seq).is_err() {
+            continue;
+        }
+        lost += 1;
+        assert!(
+            outages.iter().any(|o| o.may_lose(&report.sent, i)),
+            "{:?} frame {} (keyframe: {}) sent at {} went missing outside any outage ({})",
+            frame.kind,
+            frame.seq,
+            frame.keyframe,
+            frame.sent_at_ms,
+            Outage::describe(&outages)
+        );
+    }
+    assert_eq!(lost, result.lost);
+    println!("{lost} messages missing at the origin, all explained by the outages");
+}
