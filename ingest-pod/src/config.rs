@@ -147,7 +147,9 @@ pub struct Args {
 
     /// First wait between upstream attempts while the origin still has the
     /// stream from another pod (a handover); each further busy answer waits
-    /// half as long again, up to --relay-busy-retry-max.
+    /// half as long again, up to --relay-busy-retry-max. The first media of
+    /// a publisher that moved make-before-break (Reconnect Request) means it
+    /// has just left the old pod: the waits start over then.
     #[arg(long, env = "INGEST_RELAY_BUSY_RETRY", default_value = "10ms", value_parser = parse_duration)]
     pub relay_busy_retry: Duration,
 

@@ -92,6 +92,8 @@ struct QueueInner {
     bytes: usize,
     closed: bool,
     overflowing: bool,
+    /// An audio or video message (not configuration) has arrived.
+    media_seen: bool,
 }
 
 /// The bounded queue between a session and its relay.
@@ -99,6 +101,7 @@ struct QueueInner {
 pub struct Queue {
     inner: Mutex<QueueInner>,
     notify: Notify,
+    first_media: Notify,
     limit: usize,
     metrics: Metrics,
 }
@@ -108,6 +111,7 @@ impl Queue {
         Arc::new(Self {
             inner: Mutex::new(QueueInner::default()),
             notify: Notify::new(),
+            first_media: Notify::new(),
             limit,
             metrics,
         })
@@ -125,14 +129,20 @@ impl Queue {
         if q.closed {
             return;
         }
+        let had_media = q.media_seen;
         let mut added = false;
         for item in items {
             added = true;
+            q.media_seen |= !item.is_config();
             self.push_one(&mut q, item);
         }
+        let first_media = !had_media && q.media_seen;
         drop(q);
         if added {
             self.notify.notify_one();
+        }
+        if first_media {
+            self.first_media.notify_waiters();
         }
     }
 
@@ -214,6 +224,22 @@ impl Queue {
 
     fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+
+    fn media_seen(&self) -> bool {
+        self.lock().media_seen
+    }
+
+    /// Resolves once the first audio or video message has arrived.
+    async fn media_arrived(&self) {
+        loop {
+            // Registered before the check: a push in between still wakes it.
+            let notified = self.first_media.notified();
+            if self.media_seen() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -309,6 +335,8 @@ pub async fn run(
             }
         }
         attempt += 1;
+        let media_before = queue.media_seen();
+        let mut wait_for_media = false;
         match session(&url, &queue, &cfg, &metrics, &mut config, &stop, &span).await {
             Ok(()) => {
                 info!(parent: &span, stream = %url.stream, "relay finished: everything delivered");
@@ -319,6 +347,10 @@ pub async fn run(
                 debug!(parent: &span, stream = %url.stream, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
                 backoff = busy_wait;
                 busy_wait = (busy_wait * 3 / 2).min(cfg.busy_retry_max.max(cfg.busy_retry));
+                // A publisher moving make-before-break (Reconnect Request)
+                // sends its first media here as it leaves its old pod, which
+                // then releases the stream within milliseconds.
+                wait_for_media = !media_before;
             }
             Err(err) => {
                 metrics.relay_retries.inc();
@@ -332,8 +364,20 @@ pub async fn run(
                 warn!(parent: &span, stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
             }
         }
+        let media_arrived = async {
+            if wait_for_media {
+                queue.media_arrived().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
+            () = media_arrived => {
+                debug!(parent: &span, stream = %url.stream, "first media while the origin is busy: retrying soon");
+                busy_wait = cfg.busy_retry;
+                tokio::time::sleep(cfg.busy_retry).await;
+            }
             () = stop.cancelled() => {
                 warn!(parent: &span, stream = %url.stream, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
                 return;
@@ -489,5 +533,42 @@ mod tests {
         let mut all = Vec::new();
         q.take(usize::MAX, &mut all).await;
         assert_eq!(all.iter().map(|i| i.timestamp).collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn the_first_media_wakes_a_waiter_and_configuration_does_not() {
+        let q = Queue::new(10_000, Metrics::default());
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.media_arrived().await }
+        });
+        tokio::task::yield_now().await;
+        // Metadata and sequence headers come before media on a new connection.
+        q.push([
+            Item {
+                type_id: message::DATA_AMF0,
+                timestamp: 0,
+                payload: Bytes::from_static(b"meta"),
+            },
+            // An AVC sequence header.
+            Item {
+                type_id: message::VIDEO,
+                timestamp: 0,
+                payload: Bytes::from_static(&[0x17, 0, 0, 0, 0]),
+            },
+        ]);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "configuration is not media");
+        assert!(!q.media_seen());
+        q.push([video(false, 10)]);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the first media")
+            .expect("join");
+        assert!(q.media_seen());
+        // Later waits resolve at once.
+        tokio::time::timeout(Duration::from_secs(5), q.media_arrived())
+            .await
+            .expect("already seen");
     }
 }
