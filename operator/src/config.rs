@@ -79,6 +79,11 @@ pub struct Args {
     #[arg(long, env = "OPERATOR_WEBHOOK_KEY")]
     pub webhook_key: Option<PathBuf>,
 
+    /// How often the webhook's certificate and key files are read again: a
+    /// changed pair (a renewal) is served without a restart. 0: never.
+    #[arg(long, env = "OPERATOR_WEBHOOK_CERT_RELOAD", default_value = "60s", value_parser = parse_duration)]
+    pub webhook_cert_reload: Duration,
+
     /// Watch nodes and drain the ingest pods of cordoned or tainted ones.
     #[arg(long, env = "OPERATOR_NODE_DRAINS", default_value_t = true, action = clap::ArgAction::Set)]
     pub node_drains: bool,

@@ -10,6 +10,7 @@ pub mod pods;
 pub mod run;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod webhook;
 pub mod yaml;
 

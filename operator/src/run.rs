@@ -19,7 +19,7 @@ use crate::config::Args;
 use crate::controller::{self, Context};
 use crate::crd::IngestDrain;
 use crate::telemetry::{self, Health, Metrics};
-use crate::{leader, nodes, state, webhook};
+use crate::{leader, nodes, state, tls, webhook};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -98,9 +98,16 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
 
     if let (Some(cert), Some(key)) = (&args.webhook_cert, &args.webhook_key) {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-            .await
-            .map_err(Error::Tls)?;
+        let serving = tls::ServingCert::load(tls::CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+        .await
+        .map_err(Error::Tls)?;
+        let tls = serving.config();
+        if !args.webhook_cert_reload.is_zero() {
+            tasks.spawn(serving.keep_current(args.webhook_cert_reload, stop.clone()));
+        }
         let gate = webhook::Gate {
             client: client.clone(),
             pods,
