@@ -253,7 +253,7 @@ pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[Ing
     covering.sort_by_key(|(_, s, _)| s.phase.is_terminal());
     let Some((drain, status, row)) = covering.into_iter().next() else {
         return Verdict::StartAndHold(format!(
-            "pod {name} has live publishers: starting its drain; retry shortly"
+            "pod {name} may have live publishers: starting its drain; retry shortly"
         ));
     };
     match row {
