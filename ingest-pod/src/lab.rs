@@ -96,6 +96,13 @@ impl Drop for LocalPod {
     }
 }
 
+/// An accept error (out of file descriptors, say) is logged and waited
+/// out briefly rather than retried in a busy loop.
+async fn accept_failed(what: &str, err: std::io::Error) {
+    warn!(%err, "{what}: accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// One balancer target: a pod's RTMP address and its readiness.
 #[derive(Clone)]
 pub struct Backend {
@@ -118,8 +125,12 @@ impl Balancer {
         let next = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, peer)) = listener.accept().await else {
-                    continue;
+                let (client, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        accept_failed("balancer", err).await;
+                        continue;
+                    }
                 };
                 let ready: Vec<&Backend> = backends.iter().filter(|b| b.registry.serving()).collect();
                 if ready.is_empty() {
@@ -183,8 +194,12 @@ impl Link {
         let shared = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    continue;
+                let client = match listener.accept().await {
+                    Ok((client, _)) => client,
+                    Err(err) => {
+                        accept_failed("link", err).await;
+                        continue;
+                    }
                 };
                 if !shared.up.load(Ordering::SeqCst) {
                     shared.refused.fetch_add(1, Ordering::SeqCst);
