@@ -93,7 +93,7 @@ pub struct Args {
     pub node_taints: Vec<String>,
 
     /// Deadline of drains the operator creates (node drains, evictions).
-    #[arg(long, env = "OPERATOR_DRAIN_DEADLINE", default_value = "300s", value_parser = parse_duration)]
+    #[arg(long, env = "OPERATOR_DRAIN_DEADLINE", default_value = "90s", value_parser = parse_duration)]
     pub drain_deadline: Duration,
 
     /// Signals per second of drains the operator creates (0: no limit).

@@ -556,7 +556,12 @@ async fn cancel_pods(drain: &IngestDrain, ctx: &Context, rows: &mut [PodDrainSta
         let Some(ip) = ip else { continue };
         match PodClient::connect(&ip, ctx.args.control_port, &token).await {
             Ok(mut c) => match c.cancel_drain(&id).await {
-                Ok(_) => row.state = PodState::Cancelled,
+                Ok(None) => row.state = PodState::Cancelled,
+                // Not ours any more, or the pod is terminating: it drains on.
+                Ok(Some(reason)) => {
+                    info!(pod = %row.name, %reason, "the pod keeps draining");
+                    row.message = Some(format!("not cancelled: {reason}"));
+                }
                 Err(err) => row.message = Some(format!("cancel failed: {err}")),
             },
             Err(err) => row.message = Some(format!("cancel failed: {err}")),

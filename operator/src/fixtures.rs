@@ -272,6 +272,7 @@ impl Gate {
             ingest: crate::state::parse_selector(&args.ingest_selector).expect("ingest selector"),
             args,
             metrics: Metrics::default(),
+            first_holds: Default::default(),
         };
         (gate, verifier)
     }

@@ -103,14 +103,19 @@ impl PodClient {
             .map_err(|s| self.err(s))
     }
 
-    pub async fn cancel_drain(&mut self, drain_id: &str) -> Result<bool, Error> {
+    /// Cancels the pod's drain `drain_id`: `Ok(None)` if cancelled, else
+    /// the pod's reason (a pod that got SIGTERM refuses every cancel).
+    pub async fn cancel_drain(&mut self, drain_id: &str) -> Result<Option<String>, Error> {
         let r = self.request(CancelDrainRequest {
             drain_id: drain_id.to_owned(),
         });
         self.inner
             .cancel_drain(r)
             .await
-            .map(|r| r.into_inner().cancelled)
+            .map(|r| {
+                let r = r.into_inner();
+                (!r.cancelled).then_some(r.reason)
+            })
             .map_err(|s| self.err(s))
     }
 }

@@ -115,6 +115,7 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
             ingest,
             args: args.clone(),
             metrics: metrics.clone(),
+            first_holds: webhook::FirstHolds::default(),
         };
         let handle = axum_server::Handle::new();
         let stopper = handle.clone();

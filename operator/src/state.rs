@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use ingest_proto::v1::{DrainPhase as PodPhase, PodStatus};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use crate::crd::{
@@ -219,8 +220,18 @@ pub enum Verdict {
     StartAndHold(String),
 }
 
+/// How long past a drain's deadline the gate still holds its pods: time
+/// for the controller to time the drain out and evict them itself. After
+/// it, the gate lets the eviction through whatever the status says.
+pub const HOLD_GRACE: SignedDuration = SignedDuration::from_secs(15);
+
 /// The eviction gate's decision for `pod` given the drains of its namespace.
-pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[IngestDrain]) -> Verdict {
+///
+/// Every hold ends: a drain covers a pod only through a row for it (or
+/// before it listed its pods at all), and only until its deadline, counted
+/// from its start (its creation if no status was ever written) plus
+/// [`HOLD_GRACE`]. Neither depends on the controller writing status.
+pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[IngestDrain], now: Timestamp) -> Verdict {
     let Some(pod) = pod else {
         return Verdict::Allow("pod not found".into());
     };
@@ -228,27 +239,9 @@ pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[Ing
         return Verdict::Allow("not an ingest pod".into());
     }
     let name = pod.name_any();
-    let uid = pod.uid().unwrap_or_default();
     let mut covering = drains
         .iter()
-        .filter(|d| !d.spec.cancel && d.metadata.deletion_timestamp.is_none())
-        .filter_map(|d| {
-            let status = d.status.clone().unwrap_or_default();
-            if status.phase == DrainPhase::Cancelled {
-                return None;
-            }
-            let row = status
-                .pods
-                .iter()
-                .find(|r| r.name == name && (r.uid.is_empty() || r.uid == uid))
-                .cloned();
-            match row {
-                Some(r) => Some((d, status, Some(r))),
-                // A drain that has not listed its pods yet but will take this one.
-                None if status.pods.is_empty() && pod_selected(&d.spec, pod) => Some((d, status, None)),
-                None => None,
-            }
-        })
+        .filter_map(|d| covers(d, pod).map(|(status, row)| (d, status, row)))
         .collect::<Vec<_>>();
     covering.sort_by_key(|(_, s, _)| s.phase.is_terminal());
     let Some((drain, status, row)) = covering.into_iter().next() else {
@@ -256,21 +249,73 @@ pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[Ing
             "pod {name} may have live publishers: starting its drain; retry shortly"
         ));
     };
-    match row {
-        Some(r) if r.state.releases_pod() => Verdict::Allow(format!("pod {name} is {:?}", r.state)),
-        _ if status.phase == DrainPhase::TimedOut => Verdict::Allow(format!("drain {} timed out", drain.name_any())),
-        Some(r) => Verdict::Hold(format!(
-            "pod {name} is draining (IngestDrain {}): {} publishers remain ({} signalled, {} migrated)",
+    if let Some(r) = row.as_ref().filter(|r| r.state.releases_pod()) {
+        return Verdict::Allow(format!("pod {name} is {:?}", r.state));
+    }
+    if status.phase == DrainPhase::TimedOut {
+        return Verdict::Allow(format!("drain {} timed out", drain.name_any()));
+    }
+    let Some(end) = hold_end(drain) else {
+        return Verdict::Allow(format!("drain {} has no start time", drain.name_any()));
+    };
+    if now >= end {
+        return Verdict::Allow(format!(
+            "drain {} passed its deadline ({} s) and grace",
+            drain.name_any(),
+            drain.spec.deadline_seconds
+        ));
+    }
+    let left = end.duration_since(now).as_secs();
+    Verdict::Hold(match row {
+        Some(r) => format!(
+            "pod {name} is draining (IngestDrain {}): {} publishers remain ({} signalled, {} migrated); released within {left} s",
             drain.name_any(),
             r.remaining,
             r.signalled,
             r.migrated
-        )),
-        None => Verdict::Hold(format!(
-            "pod {name} is about to drain (IngestDrain {})",
+        ),
+        None => format!(
+            "pod {name} is about to drain (IngestDrain {}); released within {left} s",
             drain.name_any()
-        )),
+        ),
+    })
+}
+
+/// Whether the live drain `d` holds `pod`: its status, and the pod's row
+/// if it has one yet. A drain that listed its pods without this one does
+/// not (it froze its rows before the pod landed in its scope).
+fn covers(d: &IngestDrain, pod: &Pod) -> Option<(IngestDrainStatus, Option<PodDrainStatus>)> {
+    if d.spec.cancel || d.metadata.deletion_timestamp.is_some() {
+        return None;
     }
+    let status = d.status.clone().unwrap_or_default();
+    if status.phase == DrainPhase::Cancelled {
+        return None;
+    }
+    let (name, uid) = (pod.name_any(), pod.uid().unwrap_or_default());
+    let row = status
+        .pods
+        .iter()
+        .find(|r| r.name == name && (r.uid.is_empty() || r.uid == uid))
+        .cloned();
+    match row {
+        Some(r) => Some((status, Some(r))),
+        None if status.started_at.is_none() && status.pods.is_empty() && pod_selected(&d.spec, pod) => {
+            Some((status, None))
+        }
+        None => None,
+    }
+}
+
+/// When the gate stops holding `d`'s pods: the deadline from the drain's
+/// start (its creation before a status was written) plus [`HOLD_GRACE`].
+pub fn hold_end(d: &IngestDrain) -> Option<Timestamp> {
+    let start = d
+        .status
+        .as_ref()
+        .and_then(|s| s.started_at.as_ref())
+        .or(d.metadata.creation_timestamp.as_ref())?;
+    Some(start.0 + SignedDuration::from_secs(d.spec.deadline_seconds.max(0)) + HOLD_GRACE)
 }
 
 /// Status conditions from the rows and phase.
@@ -558,15 +603,76 @@ mod tests {
         );
     }
 
+    /// A drain that listed its pods without this one (applied before the
+    /// pod landed on its node, or while the pod was terminating) does not
+    /// hold the pod: the gate starts the pod's own drain instead.
+    #[test]
+    fn a_drain_without_a_row_for_the_pod_does_not_hold_it() {
+        let ingest = parse_selector("app=ingest").unwrap();
+        let p = pod("i-1", "node-b", &[("app", "ingest")]);
+        let mut s = spec("app=ingest");
+        s.node_name = Some("node-b".into());
+        let mut d = IngestDrain::new("pre-node-b", s);
+        d.status = Some(IngestDrainStatus {
+            phase: DrainPhase::Drained,
+            pods: vec![],
+            started_at: Some(Time(Timestamp::now())),
+            ..Default::default()
+        });
+        match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d), Timestamp::now()) {
+            Verdict::StartAndHold(_) => {}
+            other => panic!("a drain with no row for i-1 still covers it: {other:?}"),
+        }
+    }
+
+    /// Every hold ends at the drain's deadline from its start (its
+    /// creation, when no status was ever written) plus a grace, whatever
+    /// the controller did.
+    #[test]
+    fn a_drain_whose_status_is_never_written_holds_only_until_its_deadline() {
+        let ingest = parse_selector("app=ingest").unwrap();
+        let p = pod("i-1", "node-a", &[("app", "ingest")]);
+        let mut d = IngestDrain::new("evict-i-1", spec("app=ingest"));
+        let created = Timestamp::now() - SignedDuration::from_secs(600);
+        d.metadata.creation_timestamp = Some(Time(created));
+        match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d), Timestamp::now()) {
+            Verdict::Allow(_) => {}
+            other => panic!("a drain created 600 s ago with a 60 s deadline still holds: {other:?}"),
+        }
+        // A status that stopped being written: started 600 s ago, still Draining.
+        d.status = Some(IngestDrainStatus {
+            phase: DrainPhase::Draining,
+            pods: vec![PodDrainStatus {
+                name: "i-1".into(),
+                uid: "uid-i-1".into(),
+                state: PodState::Draining,
+                remaining: 2,
+                ..Default::default()
+            }],
+            started_at: Some(Time(created)),
+            ..Default::default()
+        });
+        match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d), Timestamp::now()) {
+            Verdict::Allow(_) => {}
+            other => panic!("a drain started 600 s ago with a 60 s deadline still holds: {other:?}"),
+        }
+    }
+
     #[test]
     fn eviction_verdicts() {
         let ingest = parse_selector("app=ingest").unwrap();
         let p = pod("i-1", "node-a", &[("app", "ingest")]);
         let web = pod("web", "node-a", &[("app", "web")]);
-        assert!(matches!(eviction_verdict(None, &ingest, &[]), Verdict::Allow(_)));
-        assert!(matches!(eviction_verdict(Some(&web), &ingest, &[]), Verdict::Allow(_)));
         assert!(matches!(
-            eviction_verdict(Some(&p), &ingest, &[]),
+            eviction_verdict(None, &ingest, &[], Timestamp::now()),
+            Verdict::Allow(_)
+        ));
+        assert!(matches!(
+            eviction_verdict(Some(&web), &ingest, &[], Timestamp::now()),
+            Verdict::Allow(_)
+        ));
+        assert!(matches!(
+            eviction_verdict(Some(&p), &ingest, &[], Timestamp::now()),
             Verdict::StartAndHold(_)
         ));
 
@@ -582,27 +688,28 @@ mod tests {
                 migrated: 1,
                 ..Default::default()
             }],
+            started_at: Some(Time(Timestamp::now())),
             ..Default::default()
         });
-        match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)) {
+        match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d), Timestamp::now()) {
             Verdict::Hold(msg) => assert!(msg.contains("4 publishers remain"), "{msg}"),
             other => panic!("{other:?}"),
         }
         d.status.as_mut().unwrap().pods[0].state = PodState::Drained;
         assert!(matches!(
-            eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)),
+            eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d), Timestamp::now()),
             Verdict::Allow(_)
         ));
         d.status.as_mut().unwrap().pods[0].state = PodState::Draining;
         d.status.as_mut().unwrap().phase = DrainPhase::TimedOut;
         assert!(matches!(
-            eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d)),
+            eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d), Timestamp::now()),
             Verdict::Allow(_)
         ));
         // A cancelled drain does not cover the pod any more.
         d.spec.cancel = true;
         assert!(matches!(
-            eviction_verdict(Some(&p), &ingest, &[d]),
+            eviction_verdict(Some(&p), &ingest, &[d], Timestamp::now()),
             Verdict::StartAndHold(_)
         ));
     }

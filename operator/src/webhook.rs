@@ -3,8 +3,9 @@
 //! 429 (which kubectl drain, cluster-autoscaler and Karpenter retry) until
 //! the pod is drained, starting its drain if none runs.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -36,6 +37,33 @@ pub struct Gate {
     pub ingest: LabelSelector,
     pub args: crate::config::Args,
     pub metrics: Metrics,
+    /// When this replica first held each pod (by uid) with no drain covering it.
+    pub first_holds: FirstHolds,
+}
+
+/// The backstop of a hold no drain covers (its drain cannot be created, or
+/// does not take the pod): this replica lets the eviction through once it
+/// has held the pod for a drain deadline plus [`state::HOLD_GRACE`].
+#[derive(Clone, Default)]
+pub struct FirstHolds(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl FirstHolds {
+    /// How long `uid` has been held, counting from this first call.
+    fn held_for(&self, uid: &str, forget_after: Duration) -> Duration {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // Pods evicted long ago are forgotten: the map stays small.
+        map.retain(|_, first| now.duration_since(*first) < forget_after);
+        now.duration_since(*map.entry(uid.to_owned()).or_insert(now))
+    }
+
+    #[cfg(test)]
+    pub fn set(&self, uid: &str, first: Instant) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.to_owned(), first);
+    }
 }
 
 pub fn router(gate: Gate) -> Router {
@@ -108,7 +136,12 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
         .filter(|d| d.namespace().as_deref() == Some(ns.as_str()))
         .map(|d| (**d).clone())
         .collect();
-    match state::eviction_verdict(pod.as_deref(), &gate.ingest, &drains) {
+    match state::eviction_verdict(
+        pod.as_deref(),
+        &gate.ingest,
+        &drains,
+        k8s_openapi::jiff::Timestamp::now(),
+    ) {
         Verdict::Allow(why) => allow(&why),
         Verdict::Hold(message) => {
             gate.metrics
@@ -126,6 +159,12 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
             let Some(pod) = pod.as_deref() else {
                 return too_many_requests(req, message);
             };
+            let limit = gate.args.drain_deadline + state::HOLD_GRACE.unsigned_abs();
+            let held = gate.first_holds.held_for(&pod.uid().unwrap_or_default(), 4 * limit);
+            if held >= limit {
+                warn!(pod = %req.name, %ns, ?held, "no drain took the pod over: eviction allowed");
+                return allow("held for a drain deadline without a drain covering it");
+            }
             // Start the drain (a dry run only answers: sideEffects
             // NoneOnDryRun) while the pod tells how many publishers it has.
             let start = async {
@@ -164,7 +203,7 @@ async fn publishers_on(gate: &Gate, pod: &Pod) -> Option<u32> {
 }
 
 /// How long the webhook waits for a pod's publisher count.
-const COUNT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+const COUNT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Creates (server-side apply, so every replica may race) a drain of one
 /// pod, owned by the pod: it goes when the pod goes.
@@ -198,8 +237,6 @@ async fn start_drain(gate: &Gate, pod: &Pod) -> Result<(), kube::Error> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use kube::core::admission::AdmissionReview;
 
     use super::*;
@@ -312,9 +349,12 @@ mod tests {
         )
         .await;
         assert_held(&resp);
-        assert_eq!(
-            resp.result.message,
-            "pod ingest-0 is draining (IngestDrain node-node-a): 3 publishers remain (2 signalled, 1 migrated)"
+        let msg = &resp.result.message;
+        assert!(
+            msg.starts_with(
+                "pod ingest-0 is draining (IngestDrain node-node-a): 3 publishers remain (2 signalled, 1 migrated); released within "
+            ),
+            "{msg}"
         );
     }
 
@@ -354,6 +394,24 @@ mod tests {
             "{}",
             resp.result.message
         );
+    }
+
+    /// A pod held with no drain covering it for a whole drain deadline
+    /// (its drain could not be created, or does not take it) is let go.
+    #[tokio::test]
+    async fn a_hold_without_a_covering_drain_ends_after_a_deadline() {
+        let pod = ingest_pod("ingest-0", NS, "node-a");
+        let (gate, api_server) = Gate::test(vec![pod], vec![]);
+        let long_ago = Instant::now()
+            .checked_sub(gate.args.drain_deadline + Duration::from_secs(20))
+            .expect("an instant in the past");
+        gate.first_holds.set("uid-ingest-0", long_ago);
+        let resp = within("webhook", decide(&gate, &eviction("ingest-0", false))).await;
+        drop(gate);
+        within("verifier", api_server.run(vec![Scenario::NoRequest]))
+            .await
+            .expect("no API request");
+        assert!(resp.allowed, "held again: {}", resp.result.message);
     }
 
     #[tokio::test]
