@@ -806,7 +806,7 @@ async fn one_move(
     .await?;
     stop.cancel();
     let report = join_publisher(publisher).await?;
-    pod.drainer.cancel(); // serve again for the next move
+    pod.drainer.cancel().expect("a drain runs"); // serve again for the next move
     for pod in pods {
         let r = pod.registry.clone();
         until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::drain::{DrainSpec, DrainStatus, Drainer, IncapablePolicy, Phase};
+use crate::drain::{CancelRefused, DrainSpec, DrainStatus, Drainer, IncapablePolicy, Phase};
 use crate::registry::{Registry, SignalKind};
 
 /// Default and floor of WatchStatus's `min_interval`.
@@ -278,19 +278,32 @@ impl IngestControl for ControlService {
     async fn cancel_drain(&self, req: Request<CancelDrainRequest>) -> Result<Response<CancelDrainResponse>, Status> {
         let want = req.into_inner().drain_id;
         let current = self.drainer.status().filter(|d| d.phase != Phase::Cancelled);
-        let matches = current.as_ref().is_some_and(|d| want.is_empty() || d.spec.id == want);
-        if !matches {
-            return Ok(Response::new(CancelDrainResponse {
+        let refuse = |reason: String| {
+            info!(drain = %want, %reason, "CancelDrain refused");
+            Ok(Response::new(CancelDrainResponse {
                 drain: current.as_ref().map(drain_view),
                 cancelled: false,
-            }));
+                reason,
+            }))
+        };
+        match &current {
+            None => return refuse(CancelRefused::NoDrain.to_string()),
+            Some(d) if !want.is_empty() && d.spec.id != want => {
+                return refuse(format!("the pod runs drain {}, not {want}", d.spec.id));
+            }
+            Some(_) => {}
         }
-        let cancelled = self.drainer.cancel();
-        info!(drain = %want, "CancelDrain");
-        Ok(Response::new(CancelDrainResponse {
-            drain: cancelled.as_ref().map(drain_view),
-            cancelled: true,
-        }))
+        match self.drainer.cancel() {
+            Ok(cancelled) => {
+                info!(drain = %want, "CancelDrain");
+                Ok(Response::new(CancelDrainResponse {
+                    drain: Some(drain_view(&cancelled)),
+                    cancelled: true,
+                    reason: String::new(),
+                }))
+            }
+            Err(refused) => refuse(refused.to_string()),
+        }
     }
 }
 

@@ -94,6 +94,15 @@ pub struct DrainStatus {
     pub relays_active: u64,
 }
 
+/// Why a CancelDrain did not cancel.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CancelRefused {
+    #[error("no drain runs")]
+    NoDrain,
+    #[error("the pod got SIGTERM: its drain always finishes, a cancel cannot bring it back")]
+    Terminating,
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum Error {
     #[error("deadline must be positive")]
@@ -109,9 +118,29 @@ struct Current {
     cancel: CancellationToken,
     /// Monotonic start, for the deadline.
     started: Instant,
+    /// Set by SIGTERM: the latest the deadline may be (within the grace
+    /// period), whatever a replacing StartDrain asks.
+    deadline_cap: Option<Instant>,
     /// Totals when the drain started; the drain reports the difference.
     base_signalled: u64,
     base_migrated: u64,
+}
+
+impl Current {
+    /// The monotonic deadline: from the start, within the SIGTERM cap.
+    fn deadline(&self) -> Instant {
+        let own = self.started + self.status.spec.deadline;
+        self.deadline_cap.map_or(own, |cap| own.min(cap))
+    }
+
+    /// Brings `spec.deadline` (and the reported deadline) within the cap.
+    fn apply_cap(&mut self) {
+        let deadline = self.deadline();
+        self.status.spec.deadline = deadline
+            .saturating_duration_since(self.started)
+            .max(Duration::from_millis(1));
+        self.status.deadline_at = self.status.started_at + self.status.spec.deadline;
+    }
 }
 
 /// Starts, replaces and cancels drains of one pod.
@@ -120,6 +149,8 @@ pub struct Drainer {
     signals: SignalsEnabled,
     tracker: TaskTracker,
     current: Mutex<Option<Current>>,
+    /// SIGTERM arrived: the pod is going whatever the control API says.
+    terminating: std::sync::atomic::AtomicBool,
 }
 
 impl Drainer {
@@ -129,6 +160,7 @@ impl Drainer {
             signals,
             tracker,
             current: Mutex::new(None),
+            terminating: Default::default(),
         })
     }
 
@@ -162,8 +194,8 @@ impl Drainer {
         {
             if c.status.spec.id != spec.id {
                 info!(old = %c.status.spec.id, new = %spec.id, "drain replaced");
-                c.status.deadline_at = c.status.started_at + spec.deadline;
                 c.status.spec = spec;
+                c.apply_cap();
                 drop(current);
                 self.registry.notify();
                 return Ok(self.status().expect("a drain is running"));
@@ -191,6 +223,7 @@ impl Drainer {
             status,
             cancel: cancel.clone(),
             started: Instant::now(),
+            deadline_cap: None,
             base_signalled: totals.signalled,
             base_migrated: totals.migrated,
         });
@@ -204,12 +237,34 @@ impl Drainer {
         Ok(self.status().expect("a drain was just started"))
     }
 
+    /// What SIGTERM does: the running drain (an operator's) goes on with
+    /// its deadline brought within `sigterm.deadline` from now, or the
+    /// SIGTERM drain starts. From now on no cancel is accepted.
+    pub fn terminate(self: &Arc<Self>, sigterm: DrainSpec) -> Result<DrainStatus, Error> {
+        self.terminating.store(true, std::sync::atomic::Ordering::SeqCst);
+        {
+            let mut current = self.lock();
+            if let Some(c) = current.as_mut().filter(|c| c.status.phase != Phase::Cancelled) {
+                c.deadline_cap = Some(Instant::now() + sigterm.deadline);
+                c.apply_cap();
+                info!(id = %c.status.spec.id, deadline = ?c.status.spec.deadline, "SIGTERM: the running drain goes on");
+                drop(current);
+                self.registry.notify();
+                return Ok(self.status().expect("a drain is running"));
+            }
+        }
+        self.start(sigterm)
+    }
+
     /// Cancels the drain: the pod serves again. Publishers already
-    /// signalled may still leave. Returns the cancelled drain, if any.
-    pub fn cancel(&self) -> Option<DrainStatus> {
+    /// signalled may still leave. Refused once the pod got SIGTERM.
+    pub fn cancel(&self) -> Result<DrainStatus, CancelRefused> {
+        if self.terminating.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CancelRefused::Terminating);
+        }
         let cancelled = {
             let mut current = self.lock();
-            let c = current.as_mut()?;
+            let c = current.as_mut().ok_or(CancelRefused::NoDrain)?;
             if c.status.phase != Phase::Cancelled {
                 c.cancel.cancel();
                 c.status.phase = Phase::Cancelled;
@@ -221,7 +276,7 @@ impl Drainer {
         self.registry.metrics().draining.set(0);
         self.export_phase(Phase::Cancelled);
         self.registry.notify();
-        Some(cancelled)
+        Ok(cancelled)
     }
 
     /// Stops the drain task at process exit, leaving the state as it is.
@@ -282,9 +337,7 @@ impl Drainer {
     }
 
     fn spec(&self) -> Option<(DrainSpec, Instant)> {
-        self.lock()
-            .as_ref()
-            .map(|c| (c.status.spec.clone(), c.started + c.status.spec.deadline))
+        self.lock().as_ref().map(|c| (c.status.spec.clone(), c.deadline()))
     }
 
     async fn run(self: Arc<Self>, cancel: CancellationToken) {
@@ -459,6 +512,47 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn sigterm_keeps_the_running_drain_within_its_deadline_and_refuses_cancels() {
+        let (reg, drainer) = setup();
+        let (a, mut rx) = reg.register(addr());
+        a.connected("live", Caps::default());
+        assert!(a.publish("live", "a"));
+        let mut operator = spec("op");
+        operator.deadline = Duration::from_secs(300);
+        drainer.start(operator.clone()).unwrap();
+        let mut sigterm = spec("sigterm");
+        sigterm.deadline = Duration::from_secs(10);
+        let st = drainer.terminate(sigterm).unwrap();
+        assert_eq!((st.spec.id.as_str(), st.spec.deadline), ("op", Duration::from_secs(10)));
+        // A replacing StartDrain cannot push the deadline past SIGTERM's.
+        operator.id = "op-2".into();
+        operator.deadline = Duration::from_secs(600);
+        let st = drainer.start(operator).unwrap();
+        assert_eq!(
+            (st.spec.id.as_str(), st.spec.deadline),
+            ("op-2", Duration::from_secs(10))
+        );
+        assert_eq!(drainer.cancel(), Err(CancelRefused::Terminating));
+        assert!(!reg.serving() && drainer.active());
+        // The incapable policy applies at the capped deadline.
+        tokio::time::sleep(Duration::from_millis(10_100)).await;
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            SessionCommand::Disconnect {
+                reason: "drain deadline"
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sigterm_without_a_drain_starts_its_own() {
+        let (reg, drainer) = setup();
+        let st = drainer.terminate(spec("sigterm")).unwrap();
+        assert_eq!((st.spec.id.as_str(), st.phase), ("sigterm", Phase::Propagating));
+        assert!(!reg.serving());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn same_id_is_a_no_op_and_another_id_replaces() {
         let (_reg, drainer) = setup();
         let first = drainer.start(spec("d1")).unwrap();
@@ -553,7 +647,7 @@ mod tests {
             }
         );
         assert_eq!(drainer.status().unwrap().phase, Phase::TimedOut);
-        drainer.cancel();
+        drainer.cancel().expect("a drain runs");
         assert!(reg.serving());
         assert_eq!(drainer.status().unwrap().phase, Phase::Cancelled);
         assert!(!drainer.active());

@@ -185,10 +185,9 @@ impl Server {
         shutdown.await;
         let grace_end = tokio::time::Instant::now() + args.grace_period;
         info!(grace = ?args.grace_period, "SIGTERM: draining");
-        // A drain already under way (from the operator) goes on as it is.
-        if !drainer.active()
-            && let Err(err) = drainer.start(args.sigterm_drain())
-        {
+        // A drain already under way (from the operator) goes on, within the
+        // SIGTERM deadline; from now on no CancelDrain stops it.
+        if let Err(err) = drainer.terminate(args.sigterm_drain()) {
             error!(%err, "cannot start the SIGTERM drain");
         }
         let mut changes = registry.subscribe();

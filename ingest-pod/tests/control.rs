@@ -482,3 +482,80 @@ async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
         assert_eq!(report.unplanned_reconnects, 0);
     }
 }
+
+/// A pod that got SIGTERM drains to the end whatever the operator says
+/// afterwards: an uncordon's CancelDrain is refused with a reason, and every
+/// publisher is signalled and moves before the grace period ends (none is
+/// cut at grace end because the cancel stopped the waves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_outlives_a_cancel() {
+    use ingest_pod::lab::Balancer;
+    use ingest_pod::publisher::{Publisher, PublisherConfig};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
+    let grace = ["--grace-period", "12s", "--drain-deadline", "10s"];
+    let mut a = pod("term-a", &origin, &grace).await;
+    let b = pod("term-b", &origin, &[]).await;
+    b.registry.set_serving(false);
+    let balancer = Balancer::start(vec![a.backend(), b.backend()]).await.expect("balancer");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let cfg = PublisherConfig {
+            go_away: true,
+            reconnect: false,
+            fps: 25,
+            gop: 10,
+            video_bitrate_bps: 200_000,
+            width: 160,
+            height: 120,
+            ..PublisherConfig::new(format!("rtmp://{}/live/term{i}", balancer.addr))
+        };
+        tasks.push(tokio::spawn(Publisher::new(cfg).expect("publisher").run(stop.clone())));
+    }
+    let reg = a.registry.clone();
+    wait_for("4 publishers on pod a", || {
+        reg.connections()
+            .iter()
+            .filter(|c| c.publishing_since.is_some())
+            .count()
+            == 4
+    })
+    .await;
+    b.registry.set_serving(true);
+
+    // The operator's drain, one signal a second; then the rollout's SIGTERM.
+    let mut c = client(&a, Some(TOKEN)).await;
+    let mut req = drain_req("node-drain", Duration::from_secs(60), IncapablePolicy::Disconnect);
+    req.rate = 1.0;
+    req.propagation_delay = Some(Duration::from_millis(100).try_into().expect("d"));
+    c.start_drain(req).await.expect("start");
+    a.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The uncordon arrives: the drain stays.
+    let resp = c
+        .cancel_drain(CancelDrainRequest {
+            drain_id: "node-drain".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert!(!resp.cancelled, "a SIGTERM drain was cancelled: {resp:?}");
+    assert!(resp.reason.contains("SIGTERM"), "the refusal says why: {resp:?}");
+    assert!(!a.registry.serving(), "the terminating pod serves again");
+
+    tokio::time::timeout(Duration::from_secs(20), a.wait())
+        .await
+        .expect("the pod exits within its grace period")
+        .expect("clean exit");
+    let totals = a.registry.totals();
+    assert_eq!((totals.signalled, totals.migrated), (4, 4), "{totals:?}");
+    stop.cancel();
+    for t in tasks {
+        let report = t.await.expect("join").expect("report");
+        assert_eq!(report.unplanned_reconnects, 0, "{}: cut at grace end", report.stream);
+        assert_eq!(report.signals.len(), 1, "{}: signalled exactly once", report.stream);
+    }
+}

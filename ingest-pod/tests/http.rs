@@ -58,6 +58,6 @@ async fn readiness_follows_the_drain_and_metrics_are_exported() {
     let v: serde_json::Value = serde_json::from_str(&status).expect("json");
     assert_eq!(v["serving"], false);
     assert_eq!(v["drain"]["id"], "h");
-    pod.drainer.cancel();
+    pod.drainer.cancel().expect("a drain runs");
     assert_eq!(get(pod.http, "/readyz").await.0, 200, "ready again after cancel");
 }
