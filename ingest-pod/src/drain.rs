@@ -200,6 +200,12 @@ impl Drainer {
                 self.registry.notify();
                 return Ok(self.status().expect("a drain is running"));
             }
+            if c.status.spec.redirects != spec.redirects {
+                // The same drain with fresh targets: the operator excludes
+                // pods that started draining since, for the next wave.
+                info!(id = %spec.id, redirects = spec.redirects.len(), "redirect targets refreshed");
+                c.status.spec.redirects = spec.redirects;
+            }
             drop(current);
             return Ok(self.status().expect("a drain is running"));
         }
@@ -336,12 +342,18 @@ impl Drainer {
         }
     }
 
-    fn spec(&self) -> Option<(DrainSpec, Instant)> {
-        self.lock().as_ref().map(|c| (c.status.spec.clone(), c.deadline()))
+    /// The spec, the deadline, and until when a publisher whose relay has
+    /// not caught up is held back (half-way to the deadline).
+    fn spec(&self) -> Option<(DrainSpec, Instant, Instant)> {
+        self.lock().as_ref().map(|c| {
+            let deadline = c.deadline();
+            let patience = c.started + deadline.saturating_duration_since(c.started) / 2;
+            (c.status.spec.clone(), deadline, patience)
+        })
     }
 
     async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let Some((spec, _)) = self.spec() else { return };
+        let Some((spec, ..)) = self.spec() else { return };
         tokio::select! {
             () = tokio::time::sleep(spec.propagation_delay) => {}
             () = cancel.cancelled() => return,
@@ -356,7 +368,9 @@ impl Drainer {
         // The deadline found publishers left: the drain timed out for good.
         let mut timed_out = false;
         loop {
-            let Some((spec, deadline_at)) = self.spec() else { return };
+            let Some((spec, deadline_at, patience)) = self.spec() else {
+                return;
+            };
             // Refill the token bucket: a burst of up to one second of signals.
             let now = Instant::now();
             if spec.rate > 0.0 {
@@ -366,9 +380,17 @@ impl Drainer {
             let conns = self.registry.connections();
             let in_flight = conns.iter().filter(|c| c.signalled.is_some()).count() as u32;
             let mut sent = 0u32;
+            // A publisher is signalled once its relay holds the stream at the
+            // origin with its backlog delivered: its next pod's relay then
+            // waits for this one ("already publishing"), so a publisher
+            // moved twice in quick succession reaches the origin in order.
+            // Not past half the deadline: an origin outage must not turn a
+            // move into a cut.
+            let impatient = now >= patience;
             for c in conns
                 .iter()
                 .filter(|c| c.signalled.is_none() && c.publishing_since.is_some())
+                .filter(|c| c.relay_caught_up || impatient)
             {
                 let Some(kind) = self.signals.choose(c.caps) else {
                     continue;
@@ -449,6 +471,8 @@ impl Drainer {
 mod tests {
     use std::net::SocketAddr;
 
+    use std::sync::atomic::Ordering;
+
     use super::*;
     use crate::metrics::Metrics;
     use crate::registry::{Caps, SignalKind};
@@ -491,6 +515,7 @@ mod tests {
             },
         );
         assert!(a.publish("live", "a"));
+        a.stats().relay_caught_up.store(true, Ordering::Relaxed);
         let st = drainer.start(spec("d1")).unwrap();
         assert_eq!(st.phase, Phase::Propagating);
         assert!(!reg.serving());
@@ -517,6 +542,7 @@ mod tests {
         let (a, mut rx) = reg.register(addr());
         a.connected("live", Caps::default());
         assert!(a.publish("live", "a"));
+        a.stats().relay_caught_up.store(true, Ordering::Relaxed);
         let mut operator = spec("op");
         operator.deadline = Duration::from_secs(300);
         drainer.start(operator.clone()).unwrap();
@@ -545,6 +571,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_publisher_is_signalled_once_its_relay_caught_up_or_half_way_to_the_deadline() {
+        let (reg, drainer) = setup();
+        let (a, mut rx) = reg.register(addr());
+        a.connected(
+            "live",
+            Caps {
+                go_away: true,
+                reconnect: false,
+            },
+        );
+        assert!(a.publish("live", "a"));
+        let (b, mut rx_b) = reg.register(addr());
+        b.connected(
+            "live",
+            Caps {
+                go_away: true,
+                reconnect: false,
+            },
+        );
+        assert!(b.publish("live", "b"));
+        drainer.start(spec("d")).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(rx.try_recv().is_err(), "a's relay does not hold the stream yet");
+        assert!(rx_b.try_recv().is_err(), "b's relay does not hold the stream yet");
+        a.stats().relay_caught_up.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(matches!(rx.try_recv(), Ok(SessionCommand::Signal { .. })));
+        assert!(rx_b.try_recv().is_err());
+        // Past half the 30 s deadline: b goes anyway (its origin may be down).
+        tokio::time::sleep(Duration::from_secs(13)).await;
+        assert!(matches!(rx_b.try_recv(), Ok(SessionCommand::Signal { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn sigterm_without_a_drain_starts_its_own() {
         let (reg, drainer) = setup();
         let st = drainer.terminate(spec("sigterm")).unwrap();
@@ -558,6 +618,16 @@ mod tests {
         let first = drainer.start(spec("d1")).unwrap();
         let again = drainer.start(spec("d1")).unwrap();
         assert_eq!(first.started_at, again.started_at);
+        // The same id with other redirect targets refreshes them, nothing else.
+        let mut fresh = spec("d1");
+        fresh.redirects = vec!["rtmp://pod-c/live".into()];
+        fresh.deadline = Duration::from_secs(999);
+        let refreshed = drainer.start(fresh).unwrap();
+        assert_eq!(refreshed.spec.redirects, ["rtmp://pod-c/live"]);
+        assert_eq!(
+            (refreshed.started_at, refreshed.deadline_at),
+            (first.started_at, first.deadline_at)
+        );
         let mut other = spec("d2");
         other.deadline = Duration::from_secs(5);
         let replaced = drainer.start(other).unwrap();
@@ -595,6 +665,7 @@ mod tests {
                 },
             );
             assert!(g.publish("live", &format!("k{i}")));
+            g.stats().relay_caught_up.store(true, Ordering::Relaxed);
             guards.push(g);
             rxs.push(rx);
         }
@@ -630,6 +701,7 @@ mod tests {
         let (g, mut rx) = reg.register(addr());
         g.connected("live", Caps::default());
         assert!(g.publish("live", "ffmpeg"));
+        g.stats().relay_caught_up.store(true, Ordering::Relaxed);
         drainer
             .start(DrainSpec {
                 deadline: Duration::from_secs(3),
@@ -675,6 +747,7 @@ mod tests {
         let (g, mut rx) = reg.register(addr());
         g.connected("live", Caps::default());
         assert!(g.publish("live", "ffmpeg"));
+        g.stats().relay_caught_up.store(true, Ordering::Relaxed);
         let s = DrainSpec {
             deadline: Duration::from_secs(1),
             incapable: IncapablePolicy::Wait,
@@ -702,6 +775,7 @@ mod tests {
                 },
             );
             assert!(g.publish("live", &format!("k{i}")));
+            g.stats().relay_caught_up.store(true, Ordering::Relaxed);
             guards.push((g, rx));
         }
         drainer

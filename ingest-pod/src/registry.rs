@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -67,6 +67,11 @@ pub enum SessionCommand {
 #[derive(Debug, Default)]
 pub struct ConnStats {
     pub bytes_in: AtomicU64,
+    /// The publish's relay holds the stream at the origin and has delivered
+    /// its backlog (or the pod relays nowhere). Until then the drain does
+    /// not signal the publisher: its next pod's relay would race this one
+    /// for the stream, and the origin could get the media out of order.
+    pub relay_caught_up: AtomicBool,
 }
 
 /// A connection as the status API shows it.
@@ -81,6 +86,8 @@ pub struct ConnInfo {
     pub publishing_since: Option<SystemTime>,
     pub bytes_in: u64,
     pub signalled: Option<(SystemTime, SignalKind)>,
+    /// See [`ConnStats::relay_caught_up`].
+    pub relay_caught_up: bool,
 }
 
 #[derive(Debug)]
@@ -170,6 +177,7 @@ impl Registry {
                 publishing_since: None,
                 bytes_in: 0,
                 signalled: None,
+                relay_caught_up: false,
             };
             inner.conns.insert(
                 id,
@@ -250,6 +258,7 @@ impl Registry {
             .values()
             .map(|e| ConnInfo {
                 bytes_in: e.stats.bytes_in.load(Ordering::Relaxed),
+                relay_caught_up: e.stats.relay_caught_up.load(Ordering::Relaxed),
                 ..e.info.clone()
             })
             .collect()
@@ -317,7 +326,7 @@ impl ConnGuard {
         self.id
     }
 
-    pub fn stats(&self) -> &ConnStats {
+    pub fn stats(&self) -> &Arc<ConnStats> {
         &self.stats
     }
 

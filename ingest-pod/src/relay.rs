@@ -6,7 +6,8 @@
 //! queue and retries until the origin accepts, then flushes in order.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use tracing::{Span, debug, info, warn};
 
 use crate::media::{self, Kind};
 use crate::metrics::Metrics;
-use crate::registry::RelayGuard;
+use crate::registry::{ConnStats, RelayGuard};
 use crate::rtmp::amf0::Value;
 use crate::rtmp::chunk::RawMessage;
 use crate::rtmp::client;
@@ -104,6 +105,8 @@ pub struct Queue {
     first_media: Notify,
     limit: usize,
     metrics: Metrics,
+    /// Where the relay says it holds the stream and caught up.
+    report: OnceLock<Arc<ConnStats>>,
 }
 
 impl Queue {
@@ -114,7 +117,25 @@ impl Queue {
             first_media: Notify::new(),
             limit,
             metrics,
+            report: OnceLock::new(),
         })
+    }
+
+    /// Makes the relay report to `stats` whether it holds the stream at the
+    /// origin with its backlog delivered ([`ConnStats::relay_caught_up`]).
+    pub fn report_to(&self, stats: Arc<ConnStats>) {
+        stats.relay_caught_up.store(false, Ordering::Relaxed);
+        let _ = self.report.set(stats);
+    }
+
+    fn set_caught_up(&self, yes: bool) {
+        if let Some(stats) = self.report.get() {
+            stats.relay_caught_up.store(yes, Ordering::Relaxed);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueInner> {
@@ -337,7 +358,9 @@ pub async fn run(
         attempt += 1;
         let media_before = queue.media_seen();
         let mut wait_for_media = false;
-        match session(&url, &queue, &cfg, &metrics, &mut config, &stop, &span).await {
+        let result = session(&url, &queue, &cfg, &metrics, &mut config, &stop, &span).await;
+        queue.set_caught_up(false);
+        match result {
             Ok(()) => {
                 info!(parent: &span, stream = %url.stream, "relay finished: everything delivered");
                 return;
@@ -463,6 +486,9 @@ async fn session(
                 items.clear();
                 config.delivered_any = true;
                 metrics.bytes_relayed.inc_by(bytes);
+                if queue.is_empty() {
+                    queue.set_caught_up(true);
+                }
             }
             () = &mut stopped => return Err(Error::Closed),
         }

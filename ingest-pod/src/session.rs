@@ -375,6 +375,7 @@ impl Session {
             match RtmpUrl::parse(&target) {
                 Ok(u) => {
                     let q = Queue::new(self.ctx.config.relay.buffer_bytes, self.ctx.registry.metrics().clone());
+                    q.report_to(self.guard.stats().clone());
                     let relay_guard = self.ctx.registry.relay_started();
                     let span = info_span!("relay", stream = %stream, conn = self.guard.id());
                     self.ctx.relays.spawn(relay::run(
@@ -394,6 +395,10 @@ impl Session {
                 }
             }
         });
+        if queue.is_none() {
+            // Nothing relays this stream: nothing to wait for before a signal.
+            self.guard.stats().relay_caught_up.store(true, Ordering::Relaxed);
+        }
         let recorder = self.ctx.config.record_dir.as_ref().and_then(|dir| {
             let ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

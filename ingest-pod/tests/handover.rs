@@ -348,3 +348,63 @@ async fn a_signalled_publisher_that_goes_quiet_is_closed_well_before_the_deadlin
     );
     drop(publishing);
 }
+
+/// A publisher moved twice in quick succession, A→B→C: B is drained the
+/// moment the publisher lands on it, while A's relay still holds the
+/// stream at the origin. B's backlog must reach the origin before C's
+/// media: B signals the publisher only once B's relay holds the stream
+/// upstream and has delivered its backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_move_keeps_order() {
+    let mut lab = lab(&[]).await;
+    let c = LocalPod::start(
+        "pod-c",
+        &["--upstream", &lab.origin.as_ref().expect("origin").template()],
+    )
+    .await
+    .expect("pod c");
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    let url = format!("rtmp://{}/live/chain", a.rtmp);
+    let to = |pod: &LocalPod| format!("rtmp://{}/live", pod.rtmp);
+    let spec = |id: &str, redirect: String| DrainSpec {
+        id: id.into(),
+        deadline: Duration::from_secs(20),
+        rate: 0.0,
+        max_in_flight: 0,
+        incapable: IncapablePolicy::Disconnect,
+        redirects: vec![redirect],
+        propagation_delay: Duration::ZERO,
+    };
+    let publisher = Publisher::new(config(url, false, true)).expect("publisher");
+    let progress = publisher.progress();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(publisher.run(stop.clone()));
+    let p = progress.clone();
+    until("2 s of media on pod a", 20, || p.borrow().video_frames >= 60).await;
+    a.drainer.start(spec("a", to(b))).expect("drain a");
+    let reg = b.registry.clone();
+    until("the publisher on pod b", 20, || {
+        reg.connections().iter().any(|c| c.publishing_since.is_some())
+    })
+    .await;
+    b.drainer.start(spec("b", to(&c))).expect("drain b");
+    let p = progress.clone();
+    until("the publisher on pod c", 20, || p.borrow().connections >= 3).await;
+    for pod in [a, b] {
+        let r = pod.registry.clone();
+        until("pods a and b emptied and flushed", 30, || {
+            r.connection_count() == 0 && r.relays_active() == 0
+        })
+        .await;
+    }
+    let p = progress.clone();
+    let moved_at = p.borrow().video_frames;
+    until("1 s more on pod c", 20, || p.borrow().video_frames >= moved_at + 30).await;
+    stop.cancel();
+    let report = task.await.expect("join").expect("publisher");
+    let r = c.registry.clone();
+    until("pod c's relay finished", 20, || r.relays_active() == 0).await;
+    assert_eq!((report.connections, report.unplanned_reconnects), (3, 0), "{report:?}");
+    let result = audit(&mut lab, &report);
+    assert!(result.lossless(), "{result}");
+}

@@ -2,6 +2,7 @@
 //! follow its drain, write the status by server-side apply, evict drained
 //! pods when asked, and cancel the pods' drains when the resource goes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -268,17 +269,22 @@ fn drain_id(drain: &IngestDrain) -> String {
     drain.uid().unwrap_or_else(|| drain.name_any())
 }
 
-/// Healthy targets for Reconnect Request: ready pods of the selector that
-/// this drain does not hold and that are not being deleted.
-fn redirect_targets(drain: &IngestDrain, rows: &[PodDrainStatus], pods: &[Pod]) -> Vec<String> {
-    let Some(template) = drain.spec.redirect.as_ref().map(|r| r.url_template.as_str()) else {
-        return Vec::new();
-    };
-    pods.iter()
-        .filter(|p| state::selector_matches(&drain.spec.selector, p.labels()))
-        .filter(|p| state::pod_ready(p) && p.metadata.deletion_timestamp.is_none())
-        .filter(|p| !rows.iter().any(|r| r.name == p.name_any()))
-        .map(|p| state::render_redirect(template, p))
+/// Pods of `drain`'s namespace that any live drain (this one included)
+/// still drains: no redirect target may be one of them.
+fn draining_pods(drain: &IngestDrain, rows: &[PodDrainStatus], store: &Store<IngestDrain>) -> HashSet<String> {
+    let ns = drain.namespace();
+    let others = store
+        .state()
+        .iter()
+        .filter(|d| d.namespace() == ns && d.metadata.deletion_timestamp.is_none() && !d.spec.cancel)
+        .filter_map(|d| d.status.clone())
+        .filter(|s| !s.phase.is_terminal())
+        .flat_map(|s| s.pods)
+        .collect::<Vec<_>>();
+    rows.iter()
+        .chain(&others)
+        .filter(|r| !r.state.is_done() || r.state == PodState::Drained)
+        .map(|r| r.name.clone())
         .collect()
 }
 
@@ -344,7 +350,9 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
     }
 
     let token = ctx.token()?;
-    let redirects = redirect_targets(drain, &rows, &pods);
+    // Computed on every reconcile (every wave): a pod that started
+    // draining since, for any drain or its own SIGTERM, is no target.
+    let redirects = state::redirect_targets(drain, &pods, &draining_pods(drain, &rows, &ctx.drains));
     let others = live_others(drain, &ctx.drains);
     // Rows whose pod can be asked, by index, with the pod's IP.
     let mut targets = Vec::new();
@@ -511,9 +519,15 @@ async fn drive_pod(
         && running.phase() != ingest_proto::v1::DrainPhase::Cancelled
         && (running.id == req.drain_id || live_other(&running.id))
     {
-        // Ours already (StartDrain with the same id changes nothing), or
-        // another live drain's: nothing to start.
         let id = running.id.clone();
+        let stale = running.spec.as_ref().map(|s| &s.redirect_tc_urls) != Some(&req.redirect_tc_urls);
+        if id == req.drain_id && stale {
+            // Ours, with targets that changed: StartDrain with the same id
+            // refreshes them for the next wave, and changes nothing else.
+            client.start_drain(req).await?;
+            return Ok((client.status().await?, id));
+        }
+        // Ours already, or another live drain's: nothing to start.
         return Ok((status, id));
     }
     let id = req.drain_id.clone();

@@ -201,6 +201,25 @@ pub fn render_redirect(template: &str, pod: &Pod) -> String {
         )
 }
 
+/// Targets for Reconnect Request, rendered from the drain's template:
+/// ready pods of its selector, not being deleted, and not in `draining`
+/// (pods any live drain still holds).
+pub fn redirect_targets(
+    drain: &IngestDrain,
+    pods: &[Pod],
+    draining: &std::collections::HashSet<String>,
+) -> Vec<String> {
+    let Some(template) = drain.spec.redirect.as_ref().map(|r| r.url_template.as_str()) else {
+        return Vec::new();
+    };
+    pods.iter()
+        .filter(|p| selector_matches(&drain.spec.selector, p.labels()))
+        .filter(|p| pod_ready(p) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| !draining.contains(&p.name_any()))
+        .map(|p| render_redirect(template, p))
+        .collect()
+}
+
 /// True if the pod is Ready.
 pub fn pod_ready(pod: &Pod) -> bool {
     pod.status
@@ -583,6 +602,42 @@ mod tests {
             ..Taint::default()
         }]);
         assert_eq!(node_signal(&node, &taints), None);
+    }
+
+    #[test]
+    fn redirect_targets_skip_draining_unready_and_deleted_pods() {
+        let ready = |name: &str| {
+            let mut p = pod(name, "node-a", &[("app", "ingest")]);
+            p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            });
+            p
+        };
+        let mut deleted = ready("i-deleted");
+        deleted.metadata.deletion_timestamp = Some(now());
+        let pods = vec![
+            ready("i-1"),
+            ready("i-2"),
+            pod("i-unready", "node-a", &[("app", "ingest")]),
+            deleted,
+        ];
+        let mut s = spec("app=ingest");
+        s.redirect = Some(crate::crd::Redirect {
+            url_template: "rtmp://{pod}/live".into(),
+        });
+        let d = IngestDrain::new("d", s);
+        let none = std::collections::HashSet::new();
+        assert_eq!(
+            redirect_targets(&d, &pods, &none),
+            ["rtmp://i-1/live", "rtmp://i-2/live"]
+        );
+        let draining = std::collections::HashSet::from(["i-1".to_owned()]);
+        assert_eq!(redirect_targets(&d, &pods, &draining), ["rtmp://i-2/live"]);
     }
 
     #[test]
