@@ -141,6 +141,13 @@ pub struct Args {
     #[arg(long, env = "INGEST_RELAY_BUFFER_BYTES", default_value_t = 64 << 20)]
     pub relay_buffer_bytes: usize,
 
+    /// Bytes every relay buffer of the pod may hold together (per-message
+    /// overhead counted); over it the streams holding most lose their
+    /// oldest GOPs. Default: half the container's memory limit, or 512 MiB
+    /// when none can be read.
+    #[arg(long, env = "INGEST_RELAY_MEMORY_BUDGET")]
+    pub relay_memory_budget: Option<usize>,
+
     /// How long a relay keeps delivering after its publisher left.
     #[arg(long, env = "INGEST_RELAY_FLUSH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub relay_flush_timeout: Duration,

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub relay_retries: Counter,
     pub relay_reconnects: Counter,
     pub relay_dropped_bytes: Counter,
+    pub relay_budget_bytes: Gauge,
+    pub relay_refused: Counter,
     pub relays_active: Gauge,
     pub draining: Gauge,
     pub drain_phase: Family<PhaseLabel, Gauge>,
@@ -86,7 +88,7 @@ impl Metrics {
         );
         r.register(
             "relay_buffer_bytes",
-            "Media bytes waiting for the upstream origin",
+            "Bytes waiting for the upstream origin, per-message overhead included",
             self.relay_buffer_bytes.clone(),
         );
         r.register(
@@ -101,8 +103,18 @@ impl Metrics {
         );
         r.register(
             "relay_dropped_bytes",
-            "Media bytes dropped because a relay buffer was full",
+            "Media bytes dropped (whole GOPs) because a relay buffer or the pod's budget was full",
             self.relay_dropped_bytes.clone(),
+        );
+        r.register(
+            "relay_budget_bytes",
+            "The pod-wide budget of every relay buffer (--relay-memory-budget)",
+            self.relay_budget_bytes.clone(),
+        );
+        r.register(
+            "relay_refused",
+            "Publishes ended because the origin refused the stream (not busy) too often",
+            self.relay_refused.clone(),
         );
         r.register(
             "relays_active",

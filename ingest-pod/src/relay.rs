@@ -5,6 +5,8 @@
 //! origin ("already publishing"). The relay keeps everything in a bounded
 //! queue and retries until the origin accepts, then flushes in order.
 
+mod budget;
+
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -26,6 +28,8 @@ use crate::rtmp::client;
 use crate::rtmp::conn;
 use crate::rtmp::message::{self, CSID_AUDIO, CSID_DATA, CSID_VIDEO, Message, UserControl};
 use crate::rtmp::url::RtmpUrl;
+
+pub use budget::{Budget, default_budget};
 
 /// Settings shared by every relay of a pod.
 #[derive(Debug, Clone)]
@@ -59,6 +63,10 @@ impl Default for RelayConfig {
     }
 }
 
+/// Refusals in a row (not "already publishing") after which a relay gives
+/// up and its publisher is told and closed.
+const REFUSALS: u32 = 5;
+
 /// Most media bytes the relay writes to the origin with one syscall.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
 
@@ -90,11 +98,19 @@ impl Item {
 #[derive(Debug, Default)]
 struct QueueInner {
     items: VecDeque<Item>,
+    /// What the items cost: payloads plus [`budget::ITEM_OVERHEAD`] each.
     bytes: usize,
     closed: bool,
     overflowing: bool,
     /// An audio or video message (not configuration) has arrived.
     media_seen: bool,
+    /// The relay gave up (the origin refuses the stream): why.
+    failed: Option<String>,
+}
+
+/// What `item` costs in a buffer.
+fn cost(item: &Item) -> usize {
+    item.payload.len() + budget::ITEM_OVERHEAD
 }
 
 /// The bounded queue between a session and its relay.
@@ -105,27 +121,42 @@ pub struct Queue {
     first_media: Notify,
     limit: usize,
     metrics: Metrics,
+    budget: Arc<Budget>,
     /// Where the relay says it holds the stream and caught up.
     report: OnceLock<Arc<ConnStats>>,
+    /// The stream, for logs written from other streams' tasks (the budget).
+    stream: OnceLock<String>,
 }
 
 impl Queue {
+    /// A queue of at most `limit` bytes under a budget of its own.
     pub fn new(limit: usize, metrics: Metrics) -> Arc<Self> {
-        Arc::new(Self {
+        Self::with_budget(limit, metrics, &Budget::new(usize::MAX))
+    }
+
+    /// A queue of at most `limit` bytes that also counts against the
+    /// pod-wide `budget` (which may shed its oldest GOPs).
+    pub fn with_budget(limit: usize, metrics: Metrics, budget: &Arc<Budget>) -> Arc<Self> {
+        let queue = Arc::new(Self {
             inner: Mutex::new(QueueInner::default()),
             notify: Notify::new(),
             first_media: Notify::new(),
             limit,
             metrics,
+            budget: budget.clone(),
             report: OnceLock::new(),
-        })
+            stream: OnceLock::new(),
+        });
+        budget.register(&queue);
+        queue
     }
 
     /// Makes the relay report to `stats` whether it holds the stream at the
     /// origin with its backlog delivered ([`ConnStats::relay_caught_up`]).
-    pub fn report_to(&self, stats: Arc<ConnStats>) {
+    pub fn report_to(&self, stream: &str, stats: Arc<ConnStats>) {
         stats.relay_caught_up.store(false, Ordering::Relaxed);
         let _ = self.report.set(stats);
+        let _ = self.stream.set(stream.to_owned());
     }
 
     fn set_caught_up(&self, yes: bool) {
@@ -143,12 +174,17 @@ impl Queue {
     }
 
     /// Adds messages in order and wakes the relay once. Never blocks: over
-    /// the limit, whole GOPs are dropped from the front (logged once per
-    /// episode, counted in a metric).
-    pub fn push(&self, items: impl IntoIterator<Item = Item>) {
+    /// the stream's limit or the pod's budget, whole GOPs are dropped from
+    /// the front (configuration is kept; logged once per episode, counted
+    /// in a metric). `Err` says why the relay gave up: the origin refuses
+    /// the stream, and the publisher should be told and closed.
+    pub fn push(&self, items: impl IntoIterator<Item = Item>) -> Result<(), String> {
         let mut q = self.lock();
+        if let Some(why) = &q.failed {
+            return Err(why.clone());
+        }
         if q.closed {
-            return;
+            return Ok(());
         }
         let had_media = q.media_seen;
         let mut added = false;
@@ -165,38 +201,85 @@ impl Queue {
         if first_media {
             self.first_media.notify_waiters();
         }
+        if self.budget.used() > self.budget.limit() {
+            self.budget.shed();
+        }
+        Ok(())
     }
 
     fn push_one(&self, q: &mut QueueInner, item: Item) {
-        let len = item.payload.len();
-        q.bytes += len;
+        let c = cost(&item);
+        q.bytes += c;
         q.items.push_back(item);
-        self.metrics.relay_buffer_bytes.inc_by(len as i64);
-        if q.bytes > self.limit {
+        self.metrics.relay_buffer_bytes.inc_by(c as i64);
+        self.budget.charge(c);
+        while q.bytes > self.limit {
+            if self.drop_gop(q, "relay buffer full") == 0 {
+                break;
+            }
+        }
+    }
+
+    /// What the queue holds, overhead included.
+    fn cost(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Drops the oldest GOP (for the pod's budget). Returns the bytes freed.
+    fn drop_oldest_gop(&self, why: &str) -> usize {
+        self.drop_gop(&mut self.lock(), why)
+    }
+
+    /// Drops the media of the oldest GOP: from the front up to the next
+    /// video keyframe (all of it for audio-only streams). Configuration
+    /// (metadata, sequence headers) stays, the latest of each kind, so the
+    /// origin can still decode what follows. Returns the bytes freed.
+    fn drop_gop(&self, q: &mut QueueInner, why: &str) -> usize {
+        let keyframe = |i: &Item| i.kind() == Some(Kind::Video) && media::is_video_keyframe(&i.payload);
+        let mut kept: Vec<Item> = Vec::new();
+        let (mut freed, mut media) = (0usize, false);
+        while let Some(front) = q.items.front() {
+            if media && !front.is_config() && keyframe(front) {
+                break;
+            }
+            let Some(item) = q.items.pop_front() else { break };
+            if item.is_config() {
+                // A newer one of the same kind replaces an older one.
+                if let Some(old) = kept.iter_mut().find(|k| k.type_id == item.type_id) {
+                    freed += cost(old);
+                    *old = item;
+                } else {
+                    kept.push(item);
+                }
+            } else {
+                media = true;
+                freed += cost(&item);
+            }
+        }
+        for item in kept.into_iter().rev() {
+            q.items.push_front(item);
+        }
+        if freed > 0 {
             if !q.overflowing {
+                // Once per episode: until the relay has caught up again.
+                let stream = self.stream.get().map_or("", String::as_str);
                 warn!(
-                    limit = self.limit,
-                    "relay buffer full: dropping the oldest media until the next keyframe"
+                    why,
+                    stream, "dropping the oldest media of a stream until its next keyframe"
                 );
                 q.overflowing = true;
             }
-            let mut dropped = 0usize;
-            // Drop until under the limit, then on to the next GOP start.
-            let gop_start =
-                |i: &Item| i.is_config() || (i.kind() == Some(Kind::Video) && media::is_video_keyframe(&i.payload));
-            while q.bytes > self.limit || q.items.front().is_some_and(|i| !gop_start(i)) {
-                let Some(front) = q.items.pop_front() else { break };
-                q.bytes -= front.payload.len();
-                dropped += front.payload.len();
-                if q.items.is_empty() {
-                    break;
-                }
-            }
-            self.metrics.relay_dropped_bytes.inc_by(dropped as u64);
-            self.metrics.relay_buffer_bytes.dec_by(dropped as i64);
-        } else if q.overflowing && q.bytes < self.limit / 2 {
-            q.overflowing = false;
+            q.bytes -= freed;
+            self.budget.release(freed);
+            self.metrics.relay_dropped_bytes.inc_by(freed as u64);
+            self.metrics.relay_buffer_bytes.dec_by(freed as i64);
         }
+        freed
+    }
+
+    /// The relay gives up: the next push tells the session why.
+    fn fail(&self, why: String) {
+        self.lock().failed = Some(why);
     }
 
     /// No more messages will come (the publisher left).
@@ -213,16 +296,19 @@ impl Queue {
             {
                 let mut q = self.lock();
                 if !q.items.is_empty() {
-                    let mut taken = 0;
+                    let (mut taken, mut freed) = (0, 0);
                     while let Some(front) = q.items.front() {
                         if taken > 0 && taken + front.payload.len() > max_bytes {
                             break;
                         }
                         taken += front.payload.len();
+                        freed += cost(front);
                         out.extend(q.items.pop_front());
                     }
-                    q.bytes -= taken;
-                    self.metrics.relay_buffer_bytes.dec_by(taken as i64);
+                    q.bytes -= freed;
+                    q.overflowing &= !q.items.is_empty();
+                    self.budget.release(freed);
+                    self.metrics.relay_buffer_bytes.dec_by(freed as i64);
                     return;
                 }
                 if q.closed {
@@ -237,8 +323,10 @@ impl Queue {
     fn unget(&self, items: &mut Vec<Item>) {
         let mut q = self.lock();
         for item in items.drain(..).rev() {
-            q.bytes += item.payload.len();
-            self.metrics.relay_buffer_bytes.inc_by(item.payload.len() as i64);
+            let c = cost(&item);
+            q.bytes += c;
+            self.budget.charge(c);
+            self.metrics.relay_buffer_bytes.inc_by(c as i64);
             q.items.push_front(item);
         }
     }
@@ -272,6 +360,7 @@ impl Drop for Queue {
     fn drop(&mut self) {
         let q = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         self.metrics.relay_buffer_bytes.dec_by(q.bytes as i64);
+        self.budget.release(q.bytes);
     }
 }
 
@@ -347,6 +436,7 @@ pub async fn run(
     let mut busy_wait = cfg.busy_retry;
     let mut closed_since: Option<Instant> = None;
     let mut attempt = 0u64;
+    let mut refusals = 0u32;
     loop {
         if queue.is_closed() {
             let since = *closed_since.get_or_insert_with(Instant::now);
@@ -375,7 +465,19 @@ pub async fn run(
                 // then releases the stream within milliseconds.
                 wait_for_media = !media_before;
             }
+            Err(Error::Refused(why)) if refusals + 1 >= REFUSALS => {
+                // A rejected key, a missing app: retrying will not help.
+                warn!(parent: &span, stream = %url.stream, %why, refusals = REFUSALS, "the origin refuses the stream: giving up");
+                metrics.relay_refused.inc();
+                queue.fail(format!("the origin refuses the stream: {why}"));
+                return;
+            }
             Err(err) => {
+                if matches!(err, Error::Refused(_)) {
+                    refusals += 1;
+                } else {
+                    refusals = 0;
+                }
                 metrics.relay_retries.inc();
                 busy_wait = cfg.busy_retry;
                 if config.published {
@@ -524,15 +626,26 @@ mod tests {
         }
     }
 
+    const O: usize = budget::ITEM_OVERHEAD;
+
+    fn audio_header() -> Item {
+        // An AAC sequence header.
+        Item {
+            type_id: message::AUDIO,
+            timestamp: 0,
+            payload: Bytes::from_static(&[0xaf, 0, 0x12, 0x10]),
+        }
+    }
+
     #[tokio::test]
     async fn overflow_drops_whole_gops_from_the_front() {
         let metrics = Metrics::default();
-        let q = Queue::new(1000, metrics.clone());
-        q.push([video(true, 300), video(false, 300)]);
-        q.push([video(false, 300)]);
-        q.push([video(true, 300)]); // 1200 > 1000: the first GOP goes
-        assert_eq!(q.bytes(), 300);
-        assert_eq!(metrics.relay_dropped_bytes.get(), 900);
+        let q = Queue::new(1000 + 3 * O, metrics.clone());
+        q.push([video(true, 300), video(false, 300)]).expect("alive");
+        q.push([video(false, 300)]).expect("alive");
+        q.push([video(true, 300)]).expect("alive"); // over the limit: the first GOP goes
+        assert_eq!(q.bytes(), 300 + O);
+        assert_eq!(metrics.relay_dropped_bytes.get(), 900 + 3 * O as u64);
         let mut items = Vec::new();
         q.take(usize::MAX, &mut items).await;
         assert_eq!(items.len(), 1);
@@ -551,7 +664,8 @@ mod tests {
             type_id: message::AUDIO,
             timestamp: u32::from(i),
             payload: Bytes::from(vec![0xaf, 1, i]),
-        }));
+        }))
+        .expect("alive");
         let mut first = Vec::new();
         q.take(3, &mut first).await;
         assert_eq!(first.len(), 1);
@@ -582,11 +696,12 @@ mod tests {
                 timestamp: 0,
                 payload: Bytes::from_static(&[0x17, 0, 0, 0, 0]),
             },
-        ]);
+        ])
+        .expect("alive");
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "configuration is not media");
         assert!(!q.media_seen());
-        q.push([video(false, 10)]);
+        q.push([video(false, 10)]).expect("alive");
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("woken by the first media")
@@ -596,5 +711,64 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), q.media_arrived())
             .await
             .expect("already seen");
+    }
+
+    #[tokio::test]
+    async fn configuration_survives_overflow_and_empty_messages_count() {
+        let metrics = Metrics::default();
+        let q = Queue::new(2000, metrics.clone());
+        q.push([audio_header(), video(true, 300)]).expect("alive");
+        // A flood of empty audio messages: each costs its overhead.
+        q.push((0..100).map(|_| Item {
+            type_id: message::AUDIO,
+            timestamp: 0,
+            payload: Bytes::new(),
+        }))
+        .expect("alive");
+        assert!(q.bytes() <= 2000, "{} bytes held over a 2000 limit", q.bytes());
+        let mut items = Vec::new();
+        q.close();
+        q.take(usize::MAX, &mut items).await;
+        assert!(
+            items[0].is_config(),
+            "the sequence header is kept first: {:?}",
+            items[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_pod_budget_sheds_the_stream_holding_most() {
+        let metrics = Metrics::default();
+        let budget = Budget::new(3000 + 8 * O);
+        let big = Queue::with_budget(1 << 20, metrics.clone(), &budget);
+        let small = Queue::with_budget(1 << 20, metrics.clone(), &budget);
+        big.push([audio_header(), video(true, 1000), video(false, 500), video(true, 1000)])
+            .expect("alive");
+        small.push([video(true, 400)]).expect("alive");
+        assert_eq!(metrics.relay_dropped_bytes.get(), 0, "within the budget");
+        // Over the budget: the big stream loses its first GOP, the small one nothing.
+        small.push([video(false, 400)]).expect("alive");
+        assert!(
+            budget.used() <= budget.limit(),
+            "{} > {}",
+            budget.used(),
+            budget.limit()
+        );
+        assert_eq!(small.bytes(), 800 + 2 * O);
+        assert_eq!(metrics.relay_dropped_bytes.get(), 1500 + 2 * O as u64);
+        let mut items = Vec::new();
+        big.take(usize::MAX, &mut items).await;
+        assert!(items[0].is_config() && media::is_video_keyframe(&items[1].payload));
+        drop((big, small));
+        items.clear();
+        assert_eq!(budget.used(), 0, "every byte given back");
+    }
+
+    #[tokio::test]
+    async fn a_failed_relay_refuses_the_next_push() {
+        let q = Queue::new(10_000, Metrics::default());
+        q.fail("the origin refuses the stream: NetStream.Publish.BadName".into());
+        let err = q.push([video(true, 10)]).expect_err("failed");
+        assert!(err.contains("BadName"), "{err}");
     }
 }

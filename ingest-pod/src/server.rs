@@ -18,6 +18,7 @@ use crate::drain::Drainer;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, SessionCommand};
+use crate::relay;
 use crate::rtmp::conn;
 use crate::session::{self, Context};
 
@@ -132,6 +133,8 @@ impl Server {
         } = self;
         let stop = CancellationToken::new();
         let relays = TaskTracker::new();
+        let budget = args.relay_memory_budget.unwrap_or_else(relay::default_budget);
+        registry.metrics().relay_budget_bytes.set(budget as i64);
         let ctx = Context {
             registry: registry.clone(),
             config: Arc::new(args.session_config()),
@@ -140,6 +143,7 @@ impl Server {
             media_clock: Some(args.media_read_interval)
                 .filter(|i| !i.is_zero())
                 .map(conn::Clock::start),
+            budget: relay::Budget::new(budget),
         };
         info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
             upstream = args.upstream.as_deref().unwrap_or("none"), go_away = args.signal_go_away,

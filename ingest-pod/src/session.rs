@@ -64,6 +64,8 @@ pub struct Context {
     pub stop: CancellationToken,
     /// Publishing connections are read on this clock; `None`: on every packet.
     pub media_clock: Option<conn::Clock>,
+    /// The pod-wide budget of relay buffers.
+    pub budget: Arc<relay::Budget>,
 }
 
 /// Serves one connection until it closes. Errors are logged here.
@@ -192,7 +194,15 @@ impl Session {
                         }
                         next = reader.try_next()?;
                     }
-                    self.hand_off();
+                    if let Err(why) = self.hand_off() {
+                        // Tell the encoder, which shows the failure, instead of
+                        // letting it stream into a buffer for ever.
+                        warn!(%why, "the origin refuses this stream: closing the publisher");
+                        let sid = self.publishing.as_ref().map_or(1, |p| p.stream_id);
+                        writer.queue(&publish_failed(sid, &why));
+                        writer.flush().await?;
+                        return Ok("the origin refuses the stream");
+                    }
                     if let Some(ack) = reader.ack_due() {
                         writer.queue(&ack);
                     }
@@ -374,8 +384,12 @@ impl Session {
             let target = url::render(template, app, &stream);
             match RtmpUrl::parse(&target) {
                 Ok(u) => {
-                    let q = Queue::new(self.ctx.config.relay.buffer_bytes, self.ctx.registry.metrics().clone());
-                    q.report_to(self.guard.stats().clone());
+                    let q = Queue::with_budget(
+                        self.ctx.config.relay.buffer_bytes,
+                        self.ctx.registry.metrics().clone(),
+                        &self.ctx.budget,
+                    );
+                    q.report_to(&stream, self.guard.stats().clone());
                     let relay_guard = self.ctx.registry.relay_started();
                     let span = info_span!("relay", stream = %stream, conn = self.guard.id());
                     self.ctx.relays.spawn(relay::run(
@@ -455,8 +469,9 @@ impl Session {
         }
     }
 
-    /// Hands the media gathered since the last call to the relay.
-    fn hand_off(&mut self) {
+    /// Hands the media gathered since the last call to the relay. `Err`:
+    /// the relay gave up because the origin refuses the stream.
+    fn hand_off(&mut self) -> Result<(), String> {
         if let Some(Publishing {
             queue: Some(q),
             pending,
@@ -464,13 +479,15 @@ impl Session {
         }) = &mut self.publishing
             && !pending.is_empty()
         {
-            q.push(pending.drain(..));
+            return q.push(pending.drain(..));
         }
+        Ok(())
     }
 
     /// Ends the publish session (teardown or disconnect); the relay flushes on its own.
     fn end_publish(&mut self, teardown: bool) {
-        self.hand_off();
+        // A refused stream ends here anyway.
+        let _ = self.hand_off();
         let Some(mut p) = self.publishing.take() else { return };
         if let Some(q) = p.queue.take() {
             q.close();
@@ -483,4 +500,21 @@ impl Session {
         }
         debug!(stream = %p.stream, stream_id = p.stream_id, teardown, "publish ended");
     }
+}
+
+/// `onStatus` NetStream.Publish.Failed: the origin refuses the stream.
+fn publish_failed(stream_id: u32, why: &str) -> Message {
+    Message::command(
+        stream_id,
+        "onStatus",
+        0.0,
+        vec![
+            Value::Null,
+            Value::object([
+                ("level", Value::string("error")),
+                ("code", Value::string("NetStream.Publish.Failed")),
+                ("description", Value::string(why)),
+            ]),
+        ],
+    )
 }

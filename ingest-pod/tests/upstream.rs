@@ -190,3 +190,70 @@ async fn origin_outages_never_cut_the_publisher() {
     assert_eq!(lost, result.lost);
     println!("{lost} messages missing at the origin, all explained by the outages");
 }
+
+/// An origin that refuses the stream (here: an application it does not
+/// have) is not retried for ever: after a few refusals the relay gives up,
+/// and the publisher gets `NetStream.Publish.Failed` and is closed, so its
+/// encoder shows the failure instead of streaming into a buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_ends_with_an_error_to_the_publisher() {
+    use bytes::Bytes;
+    use ingest_pod::rtmp::client;
+    use ingest_pod::rtmp::message::Message;
+    use ingest_pod::rtmp::url::RtmpUrl;
+
+    ingest_pod::server::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
+    let template = format!("rtmp://{}/nosuchapp/{{stream}}", origin.addr());
+    let pod = LocalPod::start("pod", &["--upstream", &template]).await.expect("pod");
+    let url = RtmpUrl::parse(&format!("rtmp://{}/live/refused", pod.rtmp)).expect("url");
+    let client::Publishing {
+        mut reader,
+        mut writer,
+        stream_id,
+    } = client::publish(&url, "test", Vec::new(), Duration::from_secs(5))
+        .await
+        .expect("the pod accepts the publish");
+    let ended = async {
+        let mut ts = 0u32;
+        loop {
+            let key = ts % 1000 == 0;
+            let mut body = vec![if key { 0x17 } else { 0x27 }, 1, 0, 0, 0];
+            body.resize(2000, 0);
+            let video = Message::Video {
+                stream_id,
+                timestamp: ts,
+                payload: Bytes::from(body),
+            };
+            if writer.send(&video).await.is_err() {
+                return None;
+            }
+            ts += 40;
+            match tokio::time::timeout(Duration::from_millis(40), reader.next()).await {
+                Ok(Ok(Some(Message::Command { command, .. }))) if command.name == "onStatus" => {
+                    return Some(client::status_text(&command));
+                }
+                Ok(Ok(None) | Err(_)) => return None,
+                _ => {}
+            }
+        }
+    };
+    let status = tokio::time::timeout(Duration::from_secs(30), ended)
+        .await
+        .expect("the publisher is told within 30 s");
+    let (code, desc) = status.expect("an onStatus before the close");
+    assert_eq!(code, "NetStream.Publish.Failed", "{desc}");
+    assert!(desc.contains("origin refuses"), "{desc}");
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match reader.next().await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the pod closes the connection after the error");
+    assert_eq!(pod.registry.metrics().relay_refused.get(), 1);
+}

@@ -79,6 +79,17 @@ pub async fn reply(reader: &mut Reader, writer: &mut Writer, txn: f64) -> Result
 /// Connects to `url` and publishes its stream. `connect_extra` goes into
 /// the connect command object after app, type, flashVer and tcUrl
 /// (`supportsGoAway`, `capsEx`). Each step may take `step`.
+/// A server that completed the handshake and then closes the connection
+/// instead of answering `connect` or `publish` refuses us: nginx-rtmp does
+/// so for an application it does not have or an `on_publish` hook that
+/// denies the stream.
+fn closed_means_refused(e: Error, step: &str) -> Error {
+    match e {
+        Error::Closed => Error::Refused(format!("the server closed the connection instead of answering {step}")),
+        e => e,
+    }
+}
+
 pub async fn publish(
     url: &RtmpUrl,
     flash_ver: &str,
@@ -106,7 +117,8 @@ pub async fn publish(
         "waiting for connect _result",
         reply(&mut reader, &mut writer, 1.0),
     )
-    .await?;
+    .await
+    .map_err(|e| closed_means_refused(e, "connect"))?;
     let name = Value::string(url.stream.clone());
     writer.queue(&Message::command(
         0,
@@ -159,7 +171,8 @@ pub async fn publish(
             }
         }
     })
-    .await?;
+    .await
+    .map_err(|e| closed_means_refused(e, "publish"))?;
     Ok(Publishing {
         reader,
         writer,
