@@ -218,7 +218,7 @@ async fn a_refused_stream_ends_with_an_error_to_the_publisher() {
     let ended = async {
         let mut ts = 0u32;
         loop {
-            let key = ts % 1000 == 0;
+            let key = ts.is_multiple_of(1000);
             let mut body = vec![if key { 0x17 } else { 0x27 }, 1, 0, 0, 0];
             body.resize(2000, 0);
             let video = Message::Video {
