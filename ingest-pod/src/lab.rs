@@ -212,7 +212,28 @@ fn reset(stream: TcpStream) {
 impl Link {
     /// Forwards connections on a free loopback port to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve(TcpListener::bind("127.0.0.1:0").await?, target)
+    }
+
+    /// [`Link::start`] with a narrow path towards the link: a small
+    /// segment size and receive window, as on a WAN connection before its
+    /// buffers grow. Loopback lets the sender's kernel take megabytes in
+    /// one write; here it takes a large write only in parts, so a reset can
+    /// land in the middle of one.
+    pub async fn start_narrow(target: SocketAddr) -> std::io::Result<Self> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        // Both are inherited by accepted connections; the segment size is
+        // announced to the sender in the handshake.
+        socket.set_tcp_mss(1000)?;
+        socket.set_recv_buffer_size(4096)?;
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        socket.listen(128)?;
+        socket.set_nonblocking(true)?;
+        Self::serve(TcpListener::from_std(socket.into())?, target)
+    }
+
+    fn serve(listener: TcpListener, target: SocketAddr) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(LinkState::default());
         state.up.store(true, Ordering::SeqCst);
