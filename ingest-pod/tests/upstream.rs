@@ -334,11 +334,22 @@ async fn a_silent_origin_is_noticed_and_the_relay_reconnects() {
         );
     };
     lab.link.restore();
-    let outage = Outage {
-        what: "origin silent",
-        began_ms,
-        over_ms: now_ms(),
-    };
+    let over_ms = now_ms();
+    let outages = [
+        // What the relay wrote into the silence is gone.
+        Outage {
+            what: "origin silent",
+            began_ms,
+            over_ms,
+        },
+        // The publish after it starts mid-GOP: the recorder skips video
+        // until the next keyframe.
+        Outage {
+            what: "reconnect",
+            began_ms: over_ms,
+            over_ms,
+        },
+    ];
     frames_more(&mut lab.progress, 90).await;
     let forwarded = lab.link.forwarded();
     let (report, result, metrics) = lab.finish().await;
@@ -346,7 +357,7 @@ async fn a_silent_origin_is_noticed_and_the_relay_reconnects() {
     assert_eq!(metrics.relay_reconnects.get(), 1, "one reconnect for one silence");
     assert!(forwarded >= 2, "the relay published again once the origin was back");
     assert!(result.sessions >= 2, "{result}");
-    assert_only_outage_losses(&report, &result, &[outage]);
+    assert_only_outage_losses(&report, &result, &outages);
 }
 
 /// A relay whose publisher left while the origin takes nothing (its writes
@@ -427,4 +438,19 @@ async fn a_reset_in_the_middle_of_a_burst_duplicates_nothing() {
     assert!(forwarded >= 3, "a connection before, during and after the reset");
     assert_eq!(metrics_after.relay_reconnects.get(), 2, "the cut and the reset");
     assert_only_outage_losses(&report, &result, &outages);
+}
+
+/// A healthy origin is never taken for a silent one, even when the stream
+/// is too slow to fill an acknowledgement window within the I/O timeout:
+/// its answers to pings keep the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_origin_is_never_taken_for_silent() {
+    let mut lab = Lab::start("healthy", 100_000, &["--relay-io-timeout", "1s"]).await;
+    // Six seconds: several I/O timeouts, no acknowledgement window filled.
+    frames_more(&mut lab.progress, 180).await;
+    let forwarded = lab.link.forwarded();
+    let (_, result, metrics) = lab.finish().await;
+    assert_eq!(metrics.relay_reconnects.get(), 0, "no reconnect from a healthy origin");
+    assert_eq!(forwarded, 1, "one upstream connection");
+    assert!(result.lossless(), "{result}");
 }
