@@ -32,6 +32,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a positive duration"))
 }
 
+/// [`parse_duration`], refusing zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err(format!("{s:?}: must be more than zero")),
+        d => Ok(d),
+    }
+}
+
 /// RTMP ingest that moves its publishers to other pods without losing media.
 ///
 /// Publishers that announce Facebook's Go Away (`supportsGoAway`) or
@@ -160,6 +168,14 @@ pub struct Args {
     #[arg(long, env = "INGEST_RELAY_BUSY_RETRY", default_value = "10ms", value_parser = parse_duration)]
     pub relay_busy_retry: Duration,
 
+    /// Give up an upstream connection, and reconnect, when a write to the
+    /// origin takes longer than this, or when the origin has said nothing
+    /// for this long since it was sent media (no acknowledgement, no answer
+    /// to a ping): a dead node or a partition sends no reset. An idle
+    /// stream expects no answer.
+    #[arg(long, env = "INGEST_RELAY_IO_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub relay_io_timeout: Duration,
+
     /// Longest wait between upstream attempts while the origin is busy with
     /// the stream: bounds the load hundreds of simultaneous handovers put on
     /// the origin.
@@ -207,6 +223,7 @@ impl Args {
                 busy_retry: self.relay_busy_retry,
                 busy_retry_max: self.relay_busy_retry_max,
                 flush_timeout: self.relay_flush_timeout,
+                io_timeout: self.relay_io_timeout,
                 ..RelayConfig::default()
             },
             record_dir: self.record_dir.clone(),
@@ -257,5 +274,7 @@ mod tests {
         assert!(a.signals().reconnect_request);
         assert_eq!(a.sigterm_drain().redirects.len(), 2);
         assert!(Args::try_parse_from(["ingest-pod", "--idle-timeout", "forever"]).is_err());
+        assert_eq!(a.session_config().relay.io_timeout, Duration::from_secs(10));
+        assert!(Args::try_parse_from(["ingest-pod", "--relay-io-timeout", "0s"]).is_err());
     }
 }

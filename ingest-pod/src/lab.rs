@@ -160,9 +160,13 @@ impl Drop for Balancer {
     }
 }
 
-/// A TCP forwarder to one address that can be cut, like a network outage
-/// between a pod and its origin: [`Link::cut`] resets every open connection
-/// and, until [`Link::restore`], resets new ones as soon as they arrive.
+/// A TCP forwarder to one address that can fail like a network does:
+/// [`Link::cut`] resets every open connection and, until [`Link::restore`],
+/// resets new ones as soon as they arrive; [`Link::blackhole`] swallows
+/// everything silently (a dead node); [`Link::stall`] stops carrying
+/// anything, so what is sent piles up in socket buffers (a partition, a
+/// hung origin); [`Link::reset_after`] resets the next connection in the
+/// middle of what it carries.
 pub struct Link {
     pub addr: SocketAddr,
     state: Arc<LinkState>,
@@ -172,9 +176,30 @@ pub struct Link {
 #[derive(Default)]
 struct LinkState {
     up: AtomicBool,
+    /// Bytes are read and dropped both ways, nothing is answered, nothing reset.
+    blackhole: AtomicBool,
+    /// Nothing is read on either side: writes block once the buffers are full.
+    stalled: AtomicBool,
+    /// Client-to-target bytes the next forwarded connection carries before
+    /// it is reset (0: no limit).
+    reset_after: AtomicU64,
     forwarded: AtomicU64,
     refused: AtomicU64,
+    swallowed: AtomicU64,
+    resets_mid_stream: AtomicU64,
     open: Mutex<Vec<(CancellationToken, JoinHandle<()>)>>,
+}
+
+impl LinkState {
+    fn open(&self) -> std::sync::MutexGuard<'_, Vec<(CancellationToken, JoinHandle<()>)>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn track(&self, cancel: CancellationToken, conn: JoinHandle<()>) {
+        let mut open = self.open();
+        open.retain(|(_, task)| !task.is_finished());
+        open.push((cancel, conn));
+    }
 }
 
 /// Closes with a reset (RST), as a crashed peer or a broken path does,
@@ -187,37 +212,32 @@ fn reset(stream: TcpStream) {
 impl Link {
     /// Forwards connections on a free loopback port to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve(TcpListener::bind("127.0.0.1:0").await?, target)
+    }
+
+    /// [`Link::start`] with a narrow path towards the link: a small
+    /// segment size and receive window, as on a WAN connection before its
+    /// buffers grow. Loopback lets the sender's kernel take megabytes in
+    /// one write; here it takes a large write only in parts, so a reset can
+    /// land in the middle of one.
+    pub async fn start_narrow(target: SocketAddr) -> std::io::Result<Self> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        // Both are inherited by accepted connections; the segment size is
+        // announced to the sender in the handshake.
+        socket.set_tcp_mss(1000)?;
+        socket.set_recv_buffer_size(4096)?;
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        socket.listen(128)?;
+        socket.set_nonblocking(true)?;
+        Self::serve(TcpListener::from_std(socket.into())?, target)
+    }
+
+    fn serve(listener: TcpListener, target: SocketAddr) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(LinkState::default());
         state.up.store(true, Ordering::SeqCst);
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let client = match listener.accept().await {
-                    Ok((client, _)) => client,
-                    Err(err) => {
-                        accept_failed("link", err).await;
-                        continue;
-                    }
-                };
-                if !shared.up.load(Ordering::SeqCst) {
-                    shared.refused.fetch_add(1, Ordering::SeqCst);
-                    reset(client);
-                    continue;
-                }
-                let Ok(upstream) = TcpStream::connect(target).await else {
-                    reset(client);
-                    continue;
-                };
-                shared.forwarded.fetch_add(1, Ordering::SeqCst);
-                let cancel = CancellationToken::new();
-                let conn = tokio::spawn(forward(client, upstream, cancel.clone()));
-                let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
-                open.retain(|(_, task)| !task.is_finished());
-                open.push((cancel, conn));
-            }
-        });
+        let task = tokio::spawn(accept_loop(listener, target, state.clone()));
         Ok(Self { addr, state, task })
     }
 
@@ -225,7 +245,7 @@ impl Link {
     /// are closed; new connections are reset until [`Link::restore`].
     pub async fn cut(&self) {
         self.state.up.store(false, Ordering::SeqCst);
-        let open = std::mem::take(&mut *self.state.open.lock().unwrap_or_else(|e| e.into_inner()));
+        let open = std::mem::take(&mut *self.state.open());
         let count = open.len();
         for (cancel, task) in open {
             cancel.cancel();
@@ -234,8 +254,39 @@ impl Link {
         info!(link = %self.addr, connections = count, "link cut");
     }
 
-    /// Forwards new connections again.
+    /// The far side goes silent without a reset: bytes on open connections
+    /// are read and dropped in both directions and nothing comes back; new
+    /// connections are accepted and swallowed the same way.
+    pub fn blackhole(&self) {
+        self.state.blackhole.store(true, Ordering::SeqCst);
+        info!(link = %self.addr, "link blackholed");
+    }
+
+    /// Nothing is carried any more, nothing answered, nothing reset: the
+    /// sender's writes block once the socket buffers on the way are full.
+    pub fn stall(&self) {
+        self.state.stalled.store(true, Ordering::SeqCst);
+        info!(link = %self.addr, "link stalled");
+    }
+
+    /// The next forwarded connection carries `bytes` from the client to the
+    /// target, then both ends are reset: a reset in the middle of a write.
+    pub fn reset_after(&self, bytes: u64) {
+        self.state.reset_after.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Forwards new connections again. Stalled connections go on where
+    /// they were (a partition heals). After a blackhole the connections it
+    /// swallowed are reset: what they carried is gone, so they cannot
+    /// resume (like a node that comes back after a reboot).
     pub fn restore(&self) {
+        self.state.stalled.store(false, Ordering::SeqCst);
+        if self.state.blackhole.load(Ordering::SeqCst) {
+            for (cancel, _) in std::mem::take(&mut *self.state.open()) {
+                cancel.cancel();
+            }
+            self.state.blackhole.store(false, Ordering::SeqCst);
+        }
         self.state.up.store(true, Ordering::SeqCst);
         info!(link = %self.addr, "link restored");
     }
@@ -249,16 +300,142 @@ impl Link {
     pub fn refused(&self) -> u64 {
         self.state.refused.load(Ordering::SeqCst)
     }
+
+    /// Connections accepted while blackholed (never forwarded).
+    pub fn swallowed(&self) -> u64 {
+        self.state.swallowed.load(Ordering::SeqCst)
+    }
+
+    /// Connections reset by [`Link::reset_after`].
+    pub fn resets_mid_stream(&self) -> u64 {
+        self.state.resets_mid_stream.load(Ordering::SeqCst)
+    }
 }
 
-async fn forward(mut client: TcpStream, mut upstream: TcpStream, cancel: CancellationToken) {
+async fn accept_loop(listener: TcpListener, target: SocketAddr, state: Arc<LinkState>) {
+    loop {
+        let client = match listener.accept().await {
+            Ok((client, _)) => client,
+            Err(err) => {
+                accept_failed("link", err).await;
+                continue;
+            }
+        };
+        if !state.up.load(Ordering::SeqCst) {
+            state.refused.fetch_add(1, Ordering::SeqCst);
+            reset(client);
+            continue;
+        }
+        let cancel = CancellationToken::new();
+        if state.blackhole.load(Ordering::SeqCst) {
+            state.swallowed.fetch_add(1, Ordering::SeqCst);
+            let conn = tokio::spawn(swallow(client, cancel.clone()));
+            state.track(cancel, conn);
+            continue;
+        }
+        let Ok(upstream) = TcpStream::connect(target).await else {
+            reset(client);
+            continue;
+        };
+        state.forwarded.fetch_add(1, Ordering::SeqCst);
+        let limit = state.reset_after.swap(0, Ordering::SeqCst);
+        let conn = tokio::spawn(forward(client, upstream, cancel.clone(), state.clone(), limit));
+        state.track(cancel, conn);
+    }
+}
+
+/// Reads and drops what `client` sends until cancelled (then resets it).
+async fn swallow(mut client: TcpStream, cancel: CancellationToken) {
+    let mut sink = tokio::io::sink();
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => reset(client),
+        _ = tokio::io::copy(&mut client, &mut sink) => {}
+    }
+}
+
+/// How one direction of a forwarded connection ended.
+enum Ended {
+    /// End of stream or an error: the other direction may go on.
+    Closed,
+    /// The byte budget of [`Link::reset_after`] is spent.
+    Budget,
+}
+
+/// Copies `from` to `to`, reading nothing while the link is stalled and
+/// dropping the bytes while it is blackholed; stops after `budget` bytes
+/// when one is set.
+async fn pump<R, W>(mut from: R, mut to: W, state: &LinkState, mut budget: Option<u64>) -> Ended
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while state.stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return Ended::Closed;
+            }
+            Ok(n) => n,
+        };
+        if state.blackhole.load(Ordering::SeqCst) {
+            continue;
+        }
+        let n = budget.map_or(n, |b| n.min(usize::try_from(b).unwrap_or(usize::MAX)));
+        if to.write_all(&buf[..n]).await.is_err() {
+            return Ended::Closed;
+        }
+        if let Some(b) = &mut budget {
+            *b -= n as u64;
+            if *b == 0 {
+                return Ended::Budget;
+            }
+        }
+    }
+}
+
+async fn forward(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    cancel: CancellationToken,
+    state: Arc<LinkState>,
+    limit: u64,
+) {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let cut = tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => false,
-        () = cancel.cancelled() => true,
+    let budget = (limit > 0).then_some(limit);
+    let reset_both = {
+        let (client_rx, client_tx) = client.split();
+        let (upstream_rx, upstream_tx) = upstream.split();
+        let up = pump(client_rx, upstream_tx, &state, budget);
+        let down = pump(upstream_rx, client_tx, &state, None);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                // Checked first: once cancelled, nothing more is forwarded.
+                biased;
+                () = cancel.cancelled() => break true,
+                ended = &mut up, if !up_done => match ended {
+                    Ended::Budget => {
+                        state.resets_mid_stream.fetch_add(1, Ordering::SeqCst);
+                        break true;
+                    }
+                    Ended::Closed => up_done = true,
+                },
+                _ = &mut down, if !down_done => down_done = true,
+            }
+            if up_done && down_done {
+                break false;
+            }
+        }
     };
-    if cut {
+    if reset_both {
         reset(client);
         reset(upstream);
     }

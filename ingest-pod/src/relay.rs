@@ -4,6 +4,10 @@
 //! During a handover the previous pod may still hold the stream at the
 //! origin ("already publishing"). The relay keeps everything in a bounded
 //! queue and retries until the origin accepts, then flushes in order.
+//!
+//! An origin that goes silent without a reset (a dead node, a partition)
+//! is given up after `io_timeout`: a write that does not complete, or media
+//! sent and neither acknowledged nor followed by an answer to a ping.
 
 mod budget;
 
@@ -15,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::Notify;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, warn};
 
@@ -25,7 +29,7 @@ use crate::registry::{ConnStats, RelayGuard};
 use crate::rtmp::amf0::Value;
 use crate::rtmp::chunk::RawMessage;
 use crate::rtmp::client;
-use crate::rtmp::conn;
+use crate::rtmp::conn::{self, Reader, Writer};
 use crate::rtmp::message::{self, CSID_AUDIO, CSID_DATA, CSID_VIDEO, Message, UserControl};
 use crate::rtmp::url::RtmpUrl;
 
@@ -48,6 +52,10 @@ pub struct RelayConfig {
     pub flush_timeout: Duration,
     /// Timeout of each step of connecting and publishing.
     pub step_timeout: Duration,
+    /// An upstream connection is given up when a write to it takes longer,
+    /// or when the origin has said nothing for this long since it was sent
+    /// media (no acknowledgement, no answer to a ping).
+    pub io_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -59,6 +67,7 @@ impl Default for RelayConfig {
             max_backoff: Duration::from_secs(5),
             flush_timeout: Duration::from_secs(30),
             step_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -69,6 +78,11 @@ const REFUSALS: u32 = 5;
 
 /// Most media bytes the relay writes to the origin with one syscall.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
+
+/// Acknowledgement window the relay asks of the origin: nginx-rtmp then
+/// acknowledges every this many bytes, a sign of life while media flows
+/// (pings cover slower streams).
+const ACK_WINDOW: u32 = 256 * 1024;
 
 /// A message waiting for the origin.
 #[derive(Debug, Clone)]
@@ -106,6 +120,8 @@ struct QueueInner {
     media_seen: bool,
     /// The relay gave up (the origin refuses the stream): why.
     failed: Option<String>,
+    /// When the publisher left.
+    closed_at: Option<Instant>,
 }
 
 /// What `item` costs in a buffer.
@@ -119,6 +135,7 @@ pub struct Queue {
     inner: Mutex<QueueInner>,
     notify: Notify,
     first_media: Notify,
+    closing: Notify,
     limit: usize,
     metrics: Metrics,
     budget: Arc<Budget>,
@@ -141,6 +158,7 @@ impl Queue {
             inner: Mutex::new(QueueInner::default()),
             notify: Notify::new(),
             first_media: Notify::new(),
+            closing: Notify::new(),
             limit,
             metrics,
             budget: budget.clone(),
@@ -284,8 +302,27 @@ impl Queue {
 
     /// No more messages will come (the publisher left).
     pub fn close(&self) {
-        self.lock().closed = true;
+        {
+            let mut q = self.lock();
+            q.closed = true;
+            q.closed_at.get_or_insert_with(Instant::now);
+        }
         self.notify.notify_one();
+        self.closing.notify_waiters();
+    }
+
+    /// Resolves `timeout` after the publisher left.
+    async fn flush_deadline(&self, timeout: Duration) {
+        loop {
+            // Registered before the check: a close in between still wakes it.
+            let closing = self.closing.notified();
+            let closed_at = self.lock().closed_at;
+            if let Some(at) = closed_at {
+                tokio::time::sleep_until(at + timeout).await;
+                return;
+            }
+            closing.await;
+        }
     }
 
     /// Moves up to `max_bytes` of messages (at least one) into `out`, waiting
@@ -331,10 +368,6 @@ impl Queue {
         }
     }
 
-    fn is_closed(&self) -> bool {
-        self.lock().closed
-    }
-
     fn media_seen(&self) -> bool {
         self.lock().media_seen
     }
@@ -376,6 +409,8 @@ enum Error {
     Closed,
     #[error("timed out {0}")]
     Timeout(&'static str),
+    #[error("origin silent for {0:?}: no acknowledgement, no answer to a ping")]
+    Silent(Duration),
 }
 
 impl From<client::Error> for Error {
@@ -418,7 +453,8 @@ impl Config {
     }
 }
 
-/// Runs one relay until its queue is closed and delivered (or given up).
+/// Runs one relay until its queue is closed and delivered, or given up
+/// `flush_timeout` after the publisher left.
 ///
 /// Its log lines go to `span`. The relay is not instrumented with it: that
 /// would enter and leave the span on every poll, once per media tick.
@@ -431,33 +467,44 @@ pub async fn run(
     _guard: RelayGuard,
     span: Span,
 ) {
+    // Bounds the whole flush, a wedged upstream session included: a drain
+    // waits on this relay no longer.
+    tokio::select! {
+        () = deliver(&url, &queue, &cfg, &metrics, &stop, &span) => {}
+        () = queue.flush_deadline(cfg.flush_timeout) => {
+            warn!(parent: &span, stream = %url.stream, pending_bytes = queue.bytes(), "giving up delivering to the origin after the publisher left");
+        }
+    }
+}
+
+/// Upstream sessions with retries, until delivered or stopped.
+async fn deliver(
+    url: &RtmpUrl,
+    queue: &Queue,
+    cfg: &RelayConfig,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+    span: &Span,
+) {
     let mut config = Config::default();
     let mut backoff = cfg.busy_retry;
     let mut busy_wait = cfg.busy_retry;
-    let mut closed_since: Option<Instant> = None;
     let mut attempt = 0u64;
     let mut refusals = 0u32;
     loop {
-        if queue.is_closed() {
-            let since = *closed_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > cfg.flush_timeout {
-                warn!(parent: &span, %url.stream, pending_bytes = queue.bytes(), "giving up delivering to the origin after the publisher left");
-                return;
-            }
-        }
         attempt += 1;
         let media_before = queue.media_seen();
         let mut wait_for_media = false;
-        let result = session(&url, &queue, &cfg, &metrics, &mut config, &stop, &span).await;
+        let result = session(url, queue, cfg, metrics, &mut config, stop, span).await;
         queue.set_caught_up(false);
         match result {
             Ok(()) => {
-                info!(parent: &span, stream = %url.stream, "relay finished: everything delivered");
+                info!(parent: span, stream = %url.stream, "relay finished: everything delivered");
                 return;
             }
             Err(Error::Busy(why)) => {
                 metrics.relay_retries.inc();
-                debug!(parent: &span, stream = %url.stream, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
+                debug!(parent: span, stream = %url.stream, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
                 backoff = busy_wait;
                 busy_wait = (busy_wait * 3 / 2).min(cfg.busy_retry_max.max(cfg.busy_retry));
                 // A publisher moving make-before-break (Reconnect Request)
@@ -467,7 +514,7 @@ pub async fn run(
             }
             Err(Error::Refused(why)) if refusals + 1 >= REFUSALS => {
                 // A rejected key, a missing app: retrying will not help.
-                warn!(parent: &span, stream = %url.stream, %why, refusals = REFUSALS, "the origin refuses the stream: giving up");
+                warn!(parent: span, stream = %url.stream, %why, refusals = REFUSALS, "the origin refuses the stream: giving up");
                 metrics.relay_refused.inc();
                 queue.fail(format!("the origin refuses the stream: {why}"));
                 return;
@@ -486,7 +533,7 @@ pub async fn run(
                     backoff = cfg.busy_retry;
                 }
                 backoff = (backoff * 2).clamp(cfg.busy_retry, cfg.max_backoff);
-                warn!(parent: &span, stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
+                warn!(parent: span, stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
             }
         }
         let media_arrived = async {
@@ -499,12 +546,12 @@ pub async fn run(
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = media_arrived => {
-                debug!(parent: &span, stream = %url.stream, "first media while the origin is busy: retrying soon");
+                debug!(parent: span, stream = %url.stream, "first media while the origin is busy: retrying soon");
                 busy_wait = cfg.busy_retry;
                 tokio::time::sleep(cfg.busy_retry).await;
             }
             () = stop.cancelled() => {
-                warn!(parent: &span, stream = %url.stream, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
+                warn!(parent: span, stream = %url.stream, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
                 return;
             }
         }
@@ -528,9 +575,9 @@ async fn session(
 ) -> Result<(), Error> {
     config.published = false;
     let client::Publishing {
-        mut reader,
-        mut writer,
-        stream_id: sid,
+        reader,
+        writer,
+        stream_id,
     } = client::publish(
         url,
         "FMLE/3.0 (compatible; lossless-ingest)",
@@ -540,60 +587,233 @@ async fn session(
     .await?;
     config.published = true;
     info!(parent: span, stream = %url.stream, origin = %url.addr(), "publishing to the origin");
-
+    let mut up = Upstream {
+        reader,
+        writer,
+        sid: stream_id,
+        live: Liveness::new(cfg.io_timeout),
+        started: Instant::now(),
+    };
+    // Acknowledgements while media flows, and the answer to this first
+    // ping, show that the origin's silence can be trusted later.
+    up.writer.queue(&Message::WindowAckSize(ACK_WINDOW));
+    up.ping().await?;
     if config.delivered_any {
         // A later session: the origin needs the configuration again before media.
         for item in config.items() {
-            writer.queue_raw(&raw(item, sid));
+            up.writer.queue_raw(&raw(item, stream_id));
         }
     }
+    pump(&mut up, url, queue, metrics, config, stop).await
+}
+
+/// Sends the queue's messages as they come and answers the origin, until
+/// the queue is closed and empty, the origin fails or goes silent.
+async fn pump(
+    up: &mut Upstream,
+    url: &RtmpUrl,
+    queue: &Queue,
+    metrics: &Metrics,
+    config: &mut Config,
+    stop: &CancellationToken,
+) -> Result<(), Error> {
     let mut items = Vec::new();
+    let mut tick = tokio::time::interval(up.live.tick());
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Registered once: a fresh `cancelled()` per message costs a lock each time.
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
-            incoming = reader.next() => match incoming? {
-                None => return Err(Error::Closed),
-                Some(Message::UserControl(UserControl::PingRequest(t))) => writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?,
-                Some(Message::Command { command, .. }) if command.name == "onStatus" => {
-                    let text = describe(&command);
-                    if text.contains("Error") || text.contains("Failed") || text.contains("BadName") {
-                        return Err(Error::Refused(text));
-                    }
-                }
-                Some(_) => {}
-            },
+            incoming = up.reader.next() => {
+                let msg = incoming?.ok_or(Error::Closed)?;
+                up.live.heard(&msg);
+                up.answer(msg).await?;
+            }
             () = queue.take(MAX_WRITE_BYTES, &mut items) => {
                 if items.is_empty() {
-                    writer.queue(&Message::command(0, "FCUnpublish", 5.0, vec![Value::Null, Value::string(url.stream.clone())]));
-                    writer.queue(&Message::command(0, "deleteStream", 6.0, vec![Value::Null, Value::Number(f64::from(sid))]));
-                    writer.shutdown().await?;
-                    return Ok(());
+                    return up.finish(url).await;
                 }
+                let (written, result) = up.write_batch(&items).await;
                 let mut bytes = 0u64;
-                for item in &items {
-                    writer.queue_raw(&raw(item, sid));
+                for item in items.drain(..written) {
+                    config.remember(&item);
                     bytes += item.payload.len() as u64;
                 }
-                if let Err(err) = writer.flush().await {
-                    // Nothing of this batch is known to have arrived: keep it for the next session.
-                    queue.unget(&mut items);
-                    return Err(err.into());
-                }
-                for item in &items {
-                    config.remember(item);
-                }
-                items.clear();
-                config.delivered_any = true;
+                config.delivered_any |= written > 0;
                 metrics.bytes_relayed.inc_by(bytes);
+                if let Err(err) = result {
+                    // Only what did not leave whole goes back: resending what
+                    // the origin may have recorded would duplicate it. A
+                    // message cut short is resent whole; nginx-rtmp drops a
+                    // message it got part of when the connection ends.
+                    queue.unget(&mut items);
+                    return Err(err);
+                }
                 if queue.is_empty() {
                     queue.set_caught_up(true);
                 }
             }
+            _ = tick.tick() => match up.live.check(Instant::now()) {
+                Check::Fine => {}
+                Check::Probe => up.ping().await?,
+                Check::Silent => return Err(Error::Silent(up.live.limit)),
+            },
             () = &mut stopped => return Err(Error::Closed),
         }
+    }
+}
+
+/// One upstream connection that publishes stream `sid`.
+struct Upstream {
+    reader: Reader,
+    writer: Writer,
+    sid: u32,
+    live: Liveness,
+    started: Instant,
+}
+
+impl Upstream {
+    /// Writes what is queued, failing when a write takes longer than the
+    /// I/O timeout (an origin that stopped reading).
+    async fn flush(&mut self) -> Result<(), Error> {
+        let written_before = self.writer.bytes_out();
+        let result = match tokio::time::timeout(self.live.limit, self.writer.flush()).await {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::Timeout("writing to the origin")),
+        };
+        if self.writer.bytes_out() > written_before {
+            self.live.wrote(Instant::now());
+        }
+        result
+    }
+
+    /// Queues `items` after what is queued already and flushes; returns how
+    /// many of them were written whole, and how the flush ended.
+    async fn write_batch(&mut self, items: &[Item]) -> (usize, Result<(), Error>) {
+        let base = self.writer.bytes_out();
+        let mut ends = Vec::with_capacity(items.len());
+        for item in items {
+            self.writer.queue_raw(&raw(item, self.sid));
+            ends.push(base + self.writer.queued() as u64);
+        }
+        let result = self.flush().await;
+        (written_whole(&ends, self.writer.bytes_out()), result)
+    }
+
+    /// Sends a ping now: the origin's answer proves it still reads.
+    async fn ping(&mut self) -> Result<(), Error> {
+        let t = self.started.elapsed().as_millis() as u32;
+        self.writer.queue(&Message::UserControl(UserControl::PingRequest(t)));
+        self.flush().await
+    }
+
+    /// Acts on a message from the origin.
+    async fn answer(&mut self, msg: Message) -> Result<(), Error> {
+        match msg {
+            Message::UserControl(UserControl::PingRequest(t)) => {
+                self.writer.queue(&Message::UserControl(UserControl::PingResponse(t)));
+                self.flush().await
+            }
+            Message::Command { command, .. } if command.name == "onStatus" => {
+                let text = describe(&command);
+                if text.contains("Error") || text.contains("Failed") || text.contains("BadName") {
+                    return Err(Error::Refused(text));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Ends the publish cleanly: everything was delivered.
+    async fn finish(&mut self, url: &RtmpUrl) -> Result<(), Error> {
+        let stream = Value::string(url.stream.clone());
+        let sid = Value::Number(f64::from(self.sid));
+        self.writer
+            .queue(&Message::command(0, "FCUnpublish", 5.0, vec![Value::Null, stream]));
+        self.writer
+            .queue(&Message::command(0, "deleteStream", 6.0, vec![Value::Null, sid]));
+        self.flush().await?;
+        match tokio::time::timeout(self.live.limit, self.writer.shutdown()).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Error::Timeout("closing the upstream connection")),
+        }
+    }
+}
+
+/// How many messages ending at `ends` (positions in the connection's
+/// output, in order) are complete once `bytes_out` bytes went out.
+fn written_whole(ends: &[u64], bytes_out: u64) -> usize {
+    ends.partition_point(|&end| end <= bytes_out)
+}
+
+/// What the origin's silence means: media went out and nothing came back.
+#[derive(Debug)]
+struct Liveness {
+    limit: Duration,
+    /// The first write since the origin last said anything.
+    unanswered_since: Option<Instant>,
+    /// A ping went out during the current silence.
+    probed: bool,
+    /// The origin has acknowledged or answered a ping on this connection.
+    /// One that does neither can be judged only by its writes: its
+    /// silence alone is no sign of failure.
+    answers: bool,
+}
+
+/// What to do about the origin's silence now.
+#[derive(Debug, PartialEq, Eq)]
+enum Check {
+    Fine,
+    /// Silent for half the limit: ask with a ping.
+    Probe,
+    /// Silent for the whole limit: give the connection up.
+    Silent,
+}
+
+impl Liveness {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            unanswered_since: None,
+            probed: false,
+            answers: false,
+        }
+    }
+
+    /// How often to check: silence is noticed within 1¼ limits.
+    fn tick(&self) -> Duration {
+        (self.limit / 4).max(Duration::from_millis(10))
+    }
+
+    fn heard(&mut self, msg: &Message) {
+        self.unanswered_since = None;
+        self.probed = false;
+        self.answers |= matches!(
+            msg,
+            Message::Acknowledgement(_) | Message::UserControl(UserControl::PingResponse(_))
+        );
+    }
+
+    fn wrote(&mut self, now: Instant) {
+        self.unanswered_since.get_or_insert(now);
+    }
+
+    fn check(&mut self, now: Instant) -> Check {
+        let Some(since) = self.unanswered_since else {
+            return Check::Fine;
+        };
+        let quiet = now.saturating_duration_since(since);
+        if quiet >= self.limit && self.answers {
+            return Check::Silent;
+        }
+        if quiet >= self.limit / 2 && !self.probed {
+            self.probed = true;
+            return Check::Probe;
+        }
+        Check::Fine
     }
 }
 
@@ -673,6 +893,84 @@ mod tests {
         let mut all = Vec::new();
         q.take(usize::MAX, &mut all).await;
         assert_eq!(all.iter().map(|i| i.timestamp).collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn only_messages_that_went_out_whole_count_as_written() {
+        // Three messages of 100 bytes on the wire after 40 bytes queued before them.
+        let ends = [140, 240, 340];
+        assert_eq!(written_whole(&ends, 0), 0);
+        assert_eq!(written_whole(&ends, 139), 0, "the first one cut short");
+        assert_eq!(written_whole(&ends, 140), 1);
+        assert_eq!(written_whole(&ends, 300), 2);
+        assert_eq!(written_whole(&ends, 340), 3);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_failed_partway_puts_back_only_what_did_not_go_out_whole() {
+        let q = Queue::new(10_000, Metrics::default());
+        q.push((0..5u8).map(|i| Item {
+            type_id: message::AUDIO,
+            timestamp: u32::from(i),
+            payload: Bytes::from(vec![0xaf, 1, i]),
+        }))
+        .expect("alive");
+        let mut batch = Vec::new();
+        q.take(usize::MAX, &mut batch).await;
+        // The connection broke inside the third message.
+        let written = written_whole(&[10, 20, 30, 40, 50], 25);
+        batch.drain(..written);
+        q.unget(&mut batch);
+        let mut again = Vec::new();
+        q.take(usize::MAX, &mut again).await;
+        assert_eq!(again.iter().map(|i| i.timestamp).collect::<Vec<_>>(), vec![2, 3, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_counts_only_after_media_went_out_and_only_from_an_origin_that_answers() {
+        let limit = Duration::from_secs(10);
+        let mut live = Liveness::new(limit);
+        let t0 = Instant::now();
+        // Nothing sent (an idle publisher): nothing expected.
+        assert_eq!(live.check(t0 + limit * 5), Check::Fine);
+        live.wrote(t0);
+        live.wrote(t0 + limit / 4); // the silence started with the first write
+        assert_eq!(live.check(t0 + limit / 4), Check::Fine);
+        assert_eq!(live.check(t0 + limit / 2), Check::Probe);
+        assert_eq!(live.check(t0 + limit * 3 / 4), Check::Fine, "one ping per silence");
+        // An origin that never acknowledged nor answered a ping is judged by its writes only.
+        assert_eq!(live.check(t0 + limit * 2), Check::Fine);
+        live.heard(&Message::UserControl(UserControl::PingResponse(0)));
+        assert_eq!(live.check(t0 + limit * 3), Check::Fine, "it spoke: no silence");
+        let t1 = t0 + limit * 3;
+        live.wrote(t1);
+        assert_eq!(live.check(t1 + limit / 2), Check::Probe);
+        assert_eq!(live.check(t1 + limit), Check::Silent);
+        // Anything from the origin ends a silence; only acknowledgements and pongs show it answers.
+        let mut other = Liveness::new(limit);
+        other.heard(&Message::SetChunkSize(4096));
+        other.wrote(t0);
+        assert_eq!(other.check(t0 + limit), Check::Probe);
+        assert_eq!(other.check(t0 + limit * 2), Check::Fine);
+        other.heard(&Message::Acknowledgement(1));
+        other.wrote(t0 + limit * 2);
+        assert_eq!(other.check(t0 + limit * 3), Check::Silent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_flush_deadline_runs_from_the_moment_the_publisher_left() {
+        let q = Queue::new(10_000, Metrics::default());
+        let timeout = Duration::from_secs(30);
+        let deadline = tokio::spawn({
+            let q = q.clone();
+            async move { q.flush_deadline(timeout).await }
+        });
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!deadline.is_finished(), "no deadline while the publisher is there");
+        q.close();
+        let left = Instant::now();
+        deadline.await.expect("join");
+        assert_eq!(left.elapsed(), timeout);
     }
 
     #[tokio::test]

@@ -9,13 +9,14 @@
 //! skipping until keyframe"): they cannot be decoded without the keyframe
 //! that went to the previous publish.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ingest_pod::audit;
 use ingest_pod::lab::{Link, LocalPod};
 use ingest_pod::media::Kind;
+use ingest_pod::metrics::Metrics;
 use ingest_pod::origin::Origin;
-use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, SentFrame};
+use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, PublisherReport, SentFrame};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -256,4 +257,267 @@ async fn a_refused_stream_ends_with_an_error_to_the_publisher() {
     .await;
     assert!(closed.is_ok(), "the pod closes the connection after the error");
     assert_eq!(pod.registry.metrics().relay_refused.get(), 1);
+}
+
+/// Starts nginx-rtmp behind a [`Link`], a pod relaying to it with `extra`
+/// flags, and a capable publisher at `bitrate_bps` that streams until cancelled.
+struct Lab {
+    origin: Origin,
+    link: Link,
+    pod: LocalPod,
+    progress: watch::Receiver<Progress>,
+    stop: CancellationToken,
+    publisher: tokio::task::JoinHandle<ingest_pod::publisher::Result<PublisherReport>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Lab {
+    async fn start(stream: &str, bitrate_bps: u64, extra: &[&str]) -> Self {
+        Self::launch(stream, bitrate_bps, extra, false).await
+    }
+
+    /// [`Lab::start`] behind [`Link::start_narrow`].
+    async fn start_narrow(stream: &str, bitrate_bps: u64, extra: &[&str]) -> Self {
+        Self::launch(stream, bitrate_bps, extra, true).await
+    }
+
+    async fn launch(stream: &str, bitrate_bps: u64, extra: &[&str], narrow: bool) -> Self {
+        ingest_pod::server::init_tracing();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
+        let link = if narrow {
+            Link::start_narrow(origin.addr()).await
+        } else {
+            Link::start(origin.addr()).await
+        }
+        .expect("link");
+        let template = format!("rtmp://{}/live/{{stream}}", link.addr);
+        let mut flags = vec!["--upstream", template.as_str()];
+        flags.extend_from_slice(extra);
+        let pod = LocalPod::start("pod", &flags).await.expect("pod");
+        let cfg = PublisherConfig {
+            fps: 30,
+            gop: 30,
+            video_bitrate_bps: bitrate_bps,
+            width: 320,
+            height: 240,
+            ..PublisherConfig::new(format!("rtmp://{}/live/{stream}", pod.rtmp))
+        };
+        let publisher = Publisher::new(cfg).expect("publisher");
+        let progress = publisher.progress();
+        let stop = CancellationToken::new();
+        let publisher = tokio::spawn(publisher.run(stop.clone()));
+        Self {
+            origin,
+            link,
+            pod,
+            progress,
+            stop,
+            publisher,
+            _dir: dir,
+        }
+    }
+
+    /// Stops the publisher and returns its report once the relay is gone.
+    async fn finish(self) -> (PublisherReport, audit::AuditReport, Metrics) {
+        self.stop.cancel();
+        let report = self.publisher.await.expect("join").expect("publisher");
+        let registry = self.pod.registry.clone();
+        tokio::time::timeout(Duration::from_secs(40), async {
+            while registry.relays_active() > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the relay flushed after the publisher left");
+        assert_eq!(report.error, None);
+        assert_eq!(report.connections, 1, "the publisher's one connection was never cut");
+        let metrics = registry.metrics().clone();
+        let record_dir = self.origin.record_dir();
+        drop(self.origin); // nginx closes its recordings
+        let result = audit::audit_dir(&report.stream, &report.sent, &record_dir).expect("audit");
+        println!("{result}");
+        (report, result, metrics)
+    }
+}
+
+/// Nothing duplicated, reordered or unknown at the origin, and every
+/// message missing there is explained by one of `outages`.
+fn assert_only_outage_losses(report: &PublisherReport, result: &audit::AuditReport, outages: &[Outage]) {
+    assert_eq!(
+        (
+            result.duplicated,
+            result.out_of_order,
+            result.unknown,
+            result.timestamp_violations,
+            result.timeline_violations
+        ),
+        (0, 0, 0, 0, 0),
+        "{result}"
+    );
+    for (i, frame) in report.sent.iter().enumerate() {
+        if result.lost_seqs.binary_search(&frame.seq).is_ok() {
+            assert!(
+                outages.iter().any(|o| o.may_lose(&report.sent, i)),
+                "{:?} frame {} sent at {} went missing outside any outage ({})",
+                frame.kind,
+                frame.seq,
+                frame.sent_at_ms,
+                Outage::describe(outages)
+            );
+        }
+    }
+}
+
+/// Waits (up to `limit`) until `done` holds, polling every 20 ms.
+async fn within(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(started.elapsed())
+}
+
+/// The origin goes silent without a reset (a dead node, a partition): the
+/// relay notices by itself, and reconnects once the origin is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_origin_is_noticed_and_the_relay_reconnects() {
+    let mut lab = Lab::start("silent", 1_000_000, &[]).await;
+    frames_more(&mut lab.progress, 90).await;
+    let metrics = lab.pod.registry.metrics().clone();
+
+    let began_ms = now_ms();
+    lab.link.blackhole();
+    // The link never resets the connection: only the relay can give it up.
+    let detected = within(Duration::from_secs(20), || metrics.relay_reconnects.get() >= 1).await;
+    let Some(detection) = detected else {
+        panic!(
+            "the relay did not notice the silent origin within 20 s (target ~10 s): {} reconnects, {} bytes relayed",
+            metrics.relay_reconnects.get(),
+            metrics.bytes_relayed.get()
+        );
+    };
+    lab.link.restore();
+    let over_ms = now_ms();
+    let outages = [
+        // What the relay wrote into the silence is gone.
+        Outage {
+            what: "origin silent",
+            began_ms,
+            over_ms,
+        },
+        // The publish after it starts mid-GOP: the recorder skips video
+        // until the next keyframe.
+        Outage {
+            what: "reconnect",
+            began_ms: over_ms,
+            over_ms,
+        },
+    ];
+    frames_more(&mut lab.progress, 90).await;
+    let forwarded = lab.link.forwarded();
+    let (report, result, metrics) = lab.finish().await;
+    println!("silent origin noticed after {detection:?}; {forwarded} upstream connections");
+    assert_eq!(metrics.relay_reconnects.get(), 1, "one reconnect for one silence");
+    assert!(forwarded >= 2, "the relay published again once the origin was back");
+    assert!(result.sessions >= 2, "{result}");
+    assert_only_outage_losses(&report, &result, &outages);
+}
+
+/// A relay whose publisher left while the origin takes nothing (its writes
+/// block) gives up at its flush timeout: a drain never waits on it longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_to_a_silent_origin_gives_up_at_its_flush_timeout() {
+    let flush_timeout = Duration::from_secs(2);
+    // 8 Mbit/s fills the socket buffers on the way within seconds.
+    let mut lab = Lab::start("wedged", 8_000_000, &["--relay-flush-timeout", "2s"]).await;
+    frames_more(&mut lab.progress, 60).await;
+    let metrics = lab.pod.registry.metrics().clone();
+    lab.link.stall();
+    // The relay's writes block: media piles up in its queue.
+    let backlog = within(Duration::from_secs(30), || metrics.relay_buffer_bytes.get() > 1_000_000).await;
+    assert!(backlog.is_some(), "the relay's writes never blocked");
+    lab.stop.cancel();
+    let report = (&mut lab.publisher).await.expect("join").expect("publisher");
+    assert_eq!(report.error, None);
+    let left = Instant::now();
+    lab.pod.sigterm();
+    let exited = tokio::time::timeout(Duration::from_secs(60), lab.pod.wait()).await;
+    let waited = left.elapsed();
+    println!("pod exited {waited:?} after the publisher left (flush timeout {flush_timeout:?})");
+    assert!(exited.is_ok(), "the pod did not exit within 60 s");
+    // Generous: the bound is the flush timeout, not the 10 s silence
+    // detection nor the 30 s grace period.
+    assert!(
+        waited < flush_timeout + Duration::from_secs(5),
+        "the drain waited {waited:?} on a relay to a silent origin (flush timeout {flush_timeout:?})"
+    );
+    assert_eq!(lab.pod.registry.relays_active(), 0);
+}
+
+/// The path resets in the middle of a burst (the relay flushing what it
+/// buffered during an outage): what the origin had is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_in_the_middle_of_a_burst_duplicates_nothing() {
+    // A narrow path: the relay's kernel takes each 256 kB write in parts.
+    let mut lab = Lab::start_narrow("midbatch", 2_000_000, &[]).await;
+    frames_more(&mut lab.progress, 60).await;
+    let metrics = lab.pod.registry.metrics().clone();
+
+    // An outage builds a backlog of several writes' worth (2 Mbit/s for 2 s+).
+    let began_ms = now_ms();
+    lab.link.cut().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The reconnect carries the handshake and the publish (about 5 kB),
+    // then the backlog: the origin gets the first few kB of the first
+    // write, the relay's kernel has taken more of it, the rest fails.
+    lab.link.reset_after(12_000);
+    lab.link.restore();
+    let reset = within(Duration::from_secs(20), || lab.link.resets_mid_stream() >= 1).await;
+    assert!(reset.is_some(), "the link reset the relay's connection mid-burst");
+    let reset_ms = now_ms();
+    let outages = [
+        // The backlog: what was on the wire at the reset is lost.
+        Outage {
+            what: "cut, then a reset mid-burst",
+            began_ms,
+            over_ms: reset_ms,
+        },
+        // The publish after the reset starts mid-GOP: the recorder skips
+        // video until the next keyframe.
+        Outage {
+            what: "reset",
+            began_ms: reset_ms,
+            over_ms: reset_ms,
+        },
+    ];
+    frames_more(&mut lab.progress, 90).await;
+    let forwarded = lab.link.forwarded();
+    let (report, result, metrics_after) = lab.finish().await;
+    println!(
+        "{forwarded} upstream connections, {} reconnects, {} bytes relayed",
+        metrics.relay_reconnects.get(),
+        metrics.bytes_relayed.get()
+    );
+    assert!(forwarded >= 3, "a connection before, during and after the reset");
+    assert_eq!(metrics_after.relay_reconnects.get(), 2, "the cut and the reset");
+    assert_only_outage_losses(&report, &result, &outages);
+}
+
+/// A healthy origin is never taken for a silent one, even when the stream
+/// is too slow to fill an acknowledgement window within the I/O timeout:
+/// its answers to pings keep the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_origin_is_never_taken_for_silent() {
+    let mut lab = Lab::start("healthy", 100_000, &["--relay-io-timeout", "1s"]).await;
+    // Six seconds: several I/O timeouts, no acknowledgement window filled.
+    frames_more(&mut lab.progress, 180).await;
+    let forwarded = lab.link.forwarded();
+    let (_, result, metrics) = lab.finish().await;
+    assert_eq!(metrics.relay_reconnects.get(), 0, "no reconnect from a healthy origin");
+    assert_eq!(forwarded, 1, "one upstream connection");
+    assert!(result.lossless(), "{result}");
 }
