@@ -93,8 +93,9 @@ fn drain_view(d: &DrainStatus) -> Drain {
 }
 
 impl ControlService {
-    /// The pod's status as the API shows it.
-    pub fn status(&self, reveal: bool) -> PodStatus {
+    /// The pod's status as the API shows it (without the publishers when
+    /// `counts_only`).
+    pub fn status(&self, reveal: bool, counts_only: bool) -> PodStatus {
         let conns = self.registry.connections();
         let mut counts = ConnectionCounts {
             total: conns.len() as u32,
@@ -102,7 +103,7 @@ impl ControlService {
         };
         let publishers = conns
             .iter()
-            .map(|c| {
+            .filter_map(|c| {
                 match self.drainer.signals().choose(c.caps) {
                     Some(SignalKind::ReconnectRequest) => counts.reconnect_request += 1,
                     Some(SignalKind::GoAway) => counts.go_away += 1,
@@ -111,7 +112,7 @@ impl ControlService {
                 if c.publishing_since.is_some() {
                     counts.publishing += 1;
                 }
-                Publisher {
+                (!counts_only).then(|| Publisher {
                     id: c.id,
                     app: c.app.clone().unwrap_or_default(),
                     stream: c
@@ -129,7 +130,7 @@ impl ControlService {
                     bytes_received: c.bytes_in,
                     signalled_at: c.signalled.map(|(t, _)| ts(t)),
                     signal: c.signalled.map_or(PbSignal::Unspecified, |(_, k)| signal(k)).into(),
-                }
+                })
             })
             .collect();
         let totals = self.registry.totals();
@@ -212,7 +213,7 @@ type StatusStream = Pin<Box<dyn Stream<Item = Result<PodStatus, Status>> + Send>
 impl IngestControl for ControlService {
     async fn get_status(&self, req: Request<GetStatusRequest>) -> Result<Response<PodStatus>, Status> {
         let reveal = self.check_reveal(req.get_ref().reveal_stream_keys)?;
-        Ok(Response::new(self.status(reveal)))
+        Ok(Response::new(self.status(reveal, req.get_ref().counts_only)))
     }
 
     type WatchStatusStream = StatusStream;
@@ -220,6 +221,7 @@ impl IngestControl for ControlService {
     async fn watch_status(&self, req: Request<WatchStatusRequest>) -> Result<Response<StatusStream>, Status> {
         let req = req.into_inner();
         let reveal = self.check_reveal(req.reveal_stream_keys)?;
+        let counts_only = req.counts_only;
         let interval = req
             .min_interval
             .and_then(|d| Duration::try_from(d).ok())
@@ -232,7 +234,7 @@ impl IngestControl for ControlService {
             let mut last: Option<PodStatus> = None;
             loop {
                 changes.borrow_and_update();
-                let status = this.status(reveal);
+                let status = this.status(reveal, counts_only);
                 // Byte counters move all the time; send when anything else changed.
                 let unchanged = last.as_ref().is_some_and(|l| same_but_bytes(l, &status));
                 if !unchanged {

@@ -11,7 +11,7 @@ use ingest_proto::v1::{IncapablePolicy as PbPolicy, StartDrainRequest};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{EvictParams, ListParams, Patch, PatchParams};
+use kube::api::{EvictParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -24,7 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Args;
 use crate::crd::{DrainPhase, FINALIZER, IncapablePolicy, IngestDrain, IngestDrainStatus, PodDrainStatus, PodState};
-use crate::pods::PodClient;
+use crate::pods::{Channels, PodClient};
 use crate::state;
 use crate::telemetry::{ErrorLabel, Metrics, PhaseLabel};
 
@@ -66,6 +66,10 @@ pub struct Context {
     pub followers: Followers,
     /// Every IngestDrain (the webhook's cache): whose drain a pod runs.
     pub drains: Store<IngestDrain>,
+    /// Every ingest pod (the webhook's cache): no reconcile lists pods.
+    pub pods: Store<Pod>,
+    /// One gRPC channel per pod, shared by every drain.
+    pub channels: Channels,
 }
 
 /// WatchStatus followers: one task per (drain, pod) that wakes the drain's
@@ -91,8 +95,8 @@ impl Followers {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Follows `ip`'s status for `drain` unless already following.
-    fn follow(&self, drain: &IngestDrain, pod: &str, ip: String, port: u16, token: String) {
+    /// Follows the pod's status for `drain` unless already following.
+    fn follow(&self, drain: &IngestDrain, pod: &str, mut client: PodClient) {
         let key = format!("{}/{}/{pod}", drain.namespace().unwrap_or_default(), drain.name_any());
         let mut tasks = self.lock();
         tasks.retain(|_, t| !t.is_finished());
@@ -104,9 +108,6 @@ impl Followers {
         tasks.insert(
             key,
             tokio::spawn(async move {
-                let Ok(mut client) = PodClient::connect(&ip, port, &token).await else {
-                    return;
-                };
                 let Ok(mut stream) = client.watch().await else { return };
                 while let Ok(Some(_)) = stream.message().await {
                     if wake.send(target.clone()).is_err() {
@@ -131,6 +132,20 @@ impl Followers {
 }
 
 impl Context {
+    /// The cached ingest pods of `drain`'s namespace that its selector takes
+    /// (a drain takes ingest pods only: those of `--ingest-selector`).
+    /// Channels to pods that are gone are dropped on the way.
+    fn pods_of(&self, drain: &IngestDrain) -> Vec<Pod> {
+        let all = self.pods.state();
+        let live: HashSet<String> = all.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).collect();
+        self.channels.retain(&live);
+        let ns = drain.namespace();
+        all.iter()
+            .filter(|p| p.namespace() == ns && state::selector_matches(&drain.spec.selector, p.labels()))
+            .map(|p| (**p).clone())
+            .collect()
+    }
+
     fn token(&self) -> Result<String, Error> {
         std::fs::read_to_string(&self.args.control_token_file)
             .map(|t| t.trim().to_owned())
@@ -236,13 +251,8 @@ async fn reconcile_inner(api: &Api<IngestDrain>, drain: &IngestDrain, ctx: &Cont
         set_finalizer(api, drain, true).await?;
         return Ok(Action::requeue(Duration::ZERO));
     }
-    let action = apply(drain, ctx).await?;
-    let done = api
-        .get_status(&drain.name_any())
-        .await?
-        .status
-        .is_some_and(|s| s.phase.is_terminal());
-    if done && has_finalizer {
+    let (action, phase) = apply(drain, ctx).await?;
+    if phase.is_terminal() && has_finalizer {
         set_finalizer(api, drain, false).await?;
     }
     Ok(action)
@@ -310,19 +320,18 @@ fn start_request(drain: &IngestDrain, remaining: Duration, redirects: Vec<String
 /// Pods of one drain contacted at once.
 const POD_CONCURRENCY: usize = 16;
 
-/// One step of a drain.
-async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
+/// One step of a drain; returns the phase it left the drain in.
+async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<(Action, DrainPhase), Error> {
     let ns = drain.namespace().unwrap_or_default();
     let old = drain.status.clone().unwrap_or_default();
     if old.phase.is_terminal()
         && old.observed_generation == drain.metadata.generation
         && !evictions_pending(drain, &old.pods)
     {
-        return Ok(Action::await_change());
+        return Ok((Action::await_change(), old.phase));
     }
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let selector = state::selector_string(&drain.spec.selector);
-    let pods = pods_api.list(&ListParams::default().labels(&selector)).await?.items;
+    let pods = ctx.pods_of(drain);
     let now = now();
     let started = old.started_at.clone().unwrap_or_else(|| now.clone());
     let deadline = started.0 + SignedDuration::from_secs(drain.spec.deadline_seconds);
@@ -346,7 +355,7 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
             .await;
         }
         write_status(drain, ctx, DrainPhase::Cancelled, rows, &old, started, &now).await?;
-        return Ok(Action::await_change());
+        return Ok((Action::await_change(), DrainPhase::Cancelled));
     }
 
     let token = ctx.token()?;
@@ -394,7 +403,10 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
         .map(|(i, ip)| {
             let (request, token, others) = (request.clone(), &token, &others);
             async move {
-                let result = drive_pod(&ip, port, token, request, |id| others.contains_key(id)).await;
+                let result = match ctx.channels.client(&ip, port, token) {
+                    Ok(client) => drive_pod(client, request, |id| others.contains_key(id)).await,
+                    Err(err) => Err(err),
+                };
                 (i, ip, result)
             }
         })
@@ -411,7 +423,9 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
                         "follows the drain of IngestDrain {other} already running on the pod"
                     ));
                 }
-                ctx.followers.follow(drain, &row.name, ip, port, token.clone());
+                if let Ok(client) = ctx.channels.client(&ip, port, &token) {
+                    ctx.followers.follow(drain, &row.name, client);
+                }
             }
             Err(err) => {
                 warn!(pod = %row.name, %err, "pod control API failed");
@@ -481,13 +495,14 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
     if phase.is_terminal() {
         ctx.followers.forget(drain);
     }
-    Ok(if !phase.is_terminal() {
+    let action = if !phase.is_terminal() {
         Action::requeue(PROGRESS_REQUEUE)
     } else if evictions_left {
         Action::requeue(EVICTION_RETRY)
     } else {
         Action::await_change()
-    })
+    };
+    Ok((action, phase))
 }
 
 /// Released pods the drain must still evict (an eviction refused by a
@@ -507,13 +522,10 @@ fn evictions_pending(drain: &IngestDrain, rows: &[PodDrainStatus]) -> bool {
 /// apart) would otherwise replace each other's drain on every reconcile.
 /// Returns the pod's status and the id of the drain it runs for us.
 async fn drive_pod(
-    ip: &str,
-    port: u16,
-    token: &str,
+    mut client: PodClient,
     req: StartDrainRequest,
     live_other: impl Fn(&str) -> bool,
 ) -> Result<(ingest_proto::v1::PodStatus, String), crate::pods::Error> {
-    let mut client = PodClient::connect(ip, port, token).await?;
     let status = client.status().await?;
     if let Some(running) = status.drain.as_ref()
         && running.phase() != ingest_proto::v1::DrainPhase::Cancelled
@@ -568,7 +580,7 @@ async fn cancel_pods(drain: &IngestDrain, ctx: &Context, rows: &mut [PodDrainSta
             .find(|p| p.name_any() == row.name)
             .and_then(|p| p.status.as_ref()?.pod_ip.clone());
         let Some(ip) = ip else { continue };
-        match PodClient::connect(&ip, ctx.args.control_port, &token).await {
+        match ctx.channels.client(&ip, ctx.args.control_port, &token) {
             Ok(mut c) => match c.cancel_drain(&id).await {
                 Ok(None) => row.state = PodState::Cancelled,
                 // Not ours any more, or the pod is terminating: it drains on.
@@ -608,6 +620,11 @@ async fn write_status(
         completed_at: completed,
         observed_generation: drain.metadata.generation,
     };
+    if drain.status.as_ref() == Some(&status) {
+        // Nothing changed: no write, and no watch event that would wake
+        // this drain again.
+        return Ok(());
+    }
     let patch = json!({
         "apiVersion": format!("{}/v1alpha1", crate::crd::GROUP),
         "kind": "IngestDrain",
@@ -646,14 +663,8 @@ pub fn phase_label(p: DrainPhase) -> &'static str {
 async fn cleanup(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
     let old = drain.status.clone().unwrap_or_default();
     if !old.phase.is_terminal() {
-        let ns = drain.namespace().unwrap_or_default();
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        let list = pods
-            .list(&ListParams::default().labels(&state::selector_string(&drain.spec.selector)))
-            .await?
-            .items;
         let mut rows = old.pods.clone();
-        cancel_pods(drain, ctx, &mut rows, &list).await;
+        cancel_pods(drain, ctx, &mut rows, &ctx.pods_of(drain)).await;
         info!("IngestDrain deleted mid-way: pod drains cancelled");
     }
     Ok(Action::await_change())
@@ -681,7 +692,11 @@ mod tests {
     async fn new_drain_adds_the_finalizer_then_starts_the_pods() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();
-        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a"), other_pod("web-0")],
+        );
         // A long propagation keeps the pod's drain in its first phase.
         let fresh = drain("manual", json!({ "propagationDelaySeconds": 30 }));
         let held = with_finalizer(fresh.clone());
@@ -689,7 +704,6 @@ mod tests {
             Scenario::FinalizerAdded(fresh.clone()),
             Scenario::Step(Step {
                 drain: held.clone(),
-                pods: vec![ingest_pod("ingest-0", NS, "node-a"), other_pod("web-0")],
                 evicted: vec![],
                 evictions_refused: false,
                 event: Some(("Normal", "Draining")),
@@ -740,10 +754,14 @@ mod tests {
             Duration::from_secs(1),
             vec![row("ingest-0", PodState::Pending)],
         );
-        let (ctx, api_server) = Context::test_with_drains(control_port(&pod), token.path(), vec![node, gate.clone()]);
+        let (ctx, api_server) = Context::test_with_drains(
+            control_port(&pod),
+            token.path(),
+            vec![node, gate.clone()],
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
         let verifier = api_server.run(vec![Scenario::Step(Step {
             drain: gate.clone(),
-            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec![],
             evictions_refused: false,
             event: Some(("Normal", "Draining")),
@@ -773,7 +791,11 @@ mod tests {
     async fn drained_pod_is_evicted_and_the_finalizer_released() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();
-        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
         let d = with_status(
             with_finalizer(drain("node-node-a", json!({ "evict": true }))),
             DrainPhase::Draining,
@@ -786,7 +808,6 @@ mod tests {
         wait_pod_phase(&pod, PodPhase::Drained).await;
         let verifier = api_server.run(vec![Scenario::Step(Step {
             drain: d.clone(),
-            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec!["ingest-0"],
             evictions_refused: false,
             event: Some(("Normal", "Drained")),
@@ -807,7 +828,11 @@ mod tests {
     async fn refused_eviction_is_retried_after_the_drain_is_done() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();
-        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
         let d = with_status(
             with_finalizer(drain("node-node-a", json!({ "evict": true }))),
             DrainPhase::Draining,
@@ -827,7 +852,6 @@ mod tests {
         let verifier = api_server.run(vec![
             Scenario::Step(Step {
                 drain: d.clone(),
-                pods: vec![ingest_pod("ingest-0", NS, "node-a")],
                 evicted: vec!["ingest-0"],
                 evictions_refused: true,
                 event: Some(("Normal", "Drained")),
@@ -836,7 +860,6 @@ mod tests {
             }),
             Scenario::Step(Step {
                 drain: done.clone(),
-                pods: vec![ingest_pod("ingest-0", NS, "node-a")],
                 evicted: vec!["ingest-0"],
                 evictions_refused: false,
                 event: None,
@@ -864,7 +887,11 @@ mod tests {
     async fn deadline_times_the_drain_out() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();
-        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
         let d = with_status(
             with_finalizer(drain("manual", json!({ "deadlineSeconds": 300 }))),
             DrainPhase::Draining,
@@ -874,7 +901,6 @@ mod tests {
         start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
         let verifier = api_server.run(vec![Scenario::Step(Step {
             drain: d.clone(),
-            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec![],
             evictions_refused: false,
             event: Some(("Warning", "TimedOut")),
@@ -897,7 +923,11 @@ mod tests {
     async fn deadline_with_evict_releases_the_pod_and_still_reports_timed_out() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();
-        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
         let d = with_status(
             with_finalizer(drain("node-node-a", json!({ "deadlineSeconds": 300, "evict": true }))),
             DrainPhase::Draining,
@@ -909,7 +939,6 @@ mod tests {
         // and the drain says it timed out rather than drained.
         let verifier = api_server.run(vec![Scenario::Step(Step {
             drain: d.clone(),
-            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec!["ingest-0"],
             evictions_refused: false,
             event: Some(("Warning", "TimedOut")),
@@ -927,7 +956,11 @@ mod tests {
     async fn cancel_serves_the_pod_again() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();
-        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
         let d = with_status(
             with_finalizer(drain("node-node-a", json!({ "cancel": true, "evict": true }))),
             DrainPhase::Draining,
@@ -938,7 +971,6 @@ mod tests {
         assert!(!pod.registry.serving());
         let verifier = api_server.run(vec![Scenario::Step(Step {
             drain: d.clone(),
-            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
             evicted: vec![],
             evictions_refused: false,
             event: Some(("Normal", "Cancelled")),
@@ -958,7 +990,11 @@ mod tests {
     async fn deleting_a_running_drain_cancels_its_pods_then_releases_it() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();
-        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
         let mut d = with_status(
             with_finalizer(drain("manual", json!({}))),
             DrainPhase::Draining,
@@ -968,10 +1004,7 @@ mod tests {
         d.metadata.deletion_timestamp = Some(now());
         start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
         assert!(!pod.registry.serving());
-        let verifier = api_server.run(vec![Scenario::Deleted {
-            drain: d.clone(),
-            pods: vec![ingest_pod("ingest-0", NS, "node-a")],
-        }]);
+        let verifier = api_server.run(vec![Scenario::Deleted { drain: d.clone() }]);
 
         assert_eq!(reconcile_once(&ctx, &d).await, Action::await_change());
         assert!(pod.registry.serving(), "the deleted drain's pod serves again");
@@ -985,7 +1018,14 @@ mod tests {
     async fn restart_mid_drain_resumes_without_a_second_start() {
         let pod = local_pod("ingest-0").await;
         let token = token_file();
-        let (ctx, api_server) = Context::test(control_port(&pod), token.path());
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![
+                ingest_pod("ingest-0", NS, "node-a"),
+                ingest_pod("ingest-1", NS, "node-b"),
+            ],
+        );
         let d = with_status(
             with_finalizer(drain("manual", json!({}))),
             DrainPhase::Draining,
@@ -998,10 +1038,6 @@ mod tests {
         // list was frozen in the status by the first reconcile.
         let verifier = api_server.run(vec![Scenario::Step(Step {
             drain: d.clone(),
-            pods: vec![
-                ingest_pod("ingest-0", NS, "node-a"),
-                ingest_pod("ingest-1", NS, "node-b"),
-            ],
             evicted: vec![],
             evictions_refused: false,
             event: None,
@@ -1019,14 +1055,67 @@ mod tests {
         let status = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
         let old_start = serde_json::to_value(&d.status.as_ref().expect("status").started_at).expect("JSON");
         assert_eq!(status["startedAt"], old_start, "the start time survives the restart");
-        assert!(status["pods"][0]["lastUpdate"].is_string());
+        // Nothing changed on the pod: its row keeps its lastUpdate (none).
+        assert!(status["pods"][0]["lastUpdate"].is_null(), "{status}");
+    }
+
+    /// A reconcile that finds nothing new writes nothing: no status patch,
+    /// so no watch event that would wake the drain again.
+    #[tokio::test]
+    async fn an_unchanged_drain_writes_no_status() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
+        let d = with_status(
+            with_finalizer(drain("manual", json!({}))),
+            DrainPhase::Draining,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: d.clone(),
+            evicted: vec![],
+            evictions_refused: false,
+            event: None,
+            phase: DrainPhase::Draining,
+            rows: vec![("ingest-0", PodState::Draining)],
+        })]);
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::requeue(PROGRESS_REQUEUE));
+        drop(ctx);
+        let seen = within("verifier", verifier).await;
+        // The status as the API server now holds it, reconciled again.
+        let written = seen.expect("scenario");
+        let status: IngestDrainStatus = serde_json::from_value(
+            written
+                .iter()
+                .find(|s| s.path.ends_with("/status"))
+                .expect("status")
+                .body["status"]
+                .clone(),
+        )
+        .expect("status");
+        let mut again = d.clone();
+        again.status = Some(status);
+        let (ctx2, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+        );
+        let verifier = api_server.run(vec![Scenario::NoRequest]);
+        assert_eq!(reconcile_once(&ctx2, &again).await, Action::requeue(PROGRESS_REQUEUE));
+        drop(ctx2);
+        within("verifier", verifier).await.expect("no request at all");
     }
 
     #[tokio::test]
     async fn gone_pod_is_marked_gone() {
         let token = token_file();
         // No pod is contacted: nothing listens on the control port.
-        let (ctx, api_server) = Context::test(1, token.path());
         let d = with_status(
             with_finalizer(drain("manual", json!({ "evict": true }))),
             DrainPhase::Draining,
@@ -1036,9 +1125,9 @@ mod tests {
         // ingest-0 is gone; ingest-1 was replaced by a pod of the same name.
         let mut replacement = ingest_pod("ingest-1", NS, "node-b");
         replacement.metadata.uid = Some("uid-replacement".into());
+        let (ctx, api_server) = Context::test(1, token.path(), vec![replacement]);
         let verifier = api_server.run(vec![Scenario::Step(Step {
             drain: d.clone(),
-            pods: vec![replacement],
             evicted: vec![],
             evictions_refused: false,
             event: Some(("Normal", "Drained")),

@@ -144,7 +144,7 @@ mod tests {
     #[tokio::test]
     async fn cordon_creates_one_drain_per_namespace_owned_by_the_node() {
         let token = token_file();
-        let (ctx, api_server) = Context::test(1, token.path());
+        let (ctx, api_server) = Context::test(1, token.path(), vec![]);
         let n = node("node-a", true, &[]);
         let verifier = api_server.run(vec![Scenario::NodeDrains {
             node: n.clone(),
@@ -169,7 +169,7 @@ mod tests {
     #[tokio::test]
     async fn removal_taint_creates_a_drain_and_a_running_one_is_kept() {
         let token = token_file();
-        let (ctx, api_server) = Context::test(1, token.path());
+        let (ctx, api_server) = Context::test(1, token.path(), vec![]);
         let n = node("node-a", false, &["karpenter.sh/disrupted"]);
         let running = with_status(
             drain("node-node-a", json!({ "nodeName": "node-a" })),
@@ -199,7 +199,7 @@ mod tests {
     #[tokio::test]
     async fn uncordon_cancels_the_nodes_drains() {
         let token = token_file();
-        let (ctx, api_server) = Context::test(1, token.path());
+        let (ctx, api_server) = Context::test(1, token.path(), vec![]);
         let n = node("node-a", false, &[]);
         let running = drain("node-node-a", json!({ "nodeName": "node-a" }));
         let mut already = drain("node-node-a-old", json!({ "nodeName": "node-a", "cancel": true }));

@@ -1,5 +1,7 @@
 //! Calls to an ingest pod's control API (ingest.control.v1).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ingest_proto::v1::ingest_control_client::IngestControlClient;
@@ -33,33 +35,59 @@ pub struct PodClient {
     inner: IngestControlClient<Channel>,
 }
 
-impl PodClient {
-    /// Connects to `ip:port`.
-    pub async fn connect(ip: &str, port: u16, token: &str) -> Result<Self, Error> {
+/// One gRPC channel per pod, reused by every call: a reconcile asks a
+/// hundred pods without a hundred TCP and HTTP/2 handshakes. A channel
+/// connects on first use and again after a failure on its own.
+#[derive(Clone, Default)]
+pub struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
+
+impl Channels {
+    /// A client for `ip:port` on its pooled channel.
+    pub fn client(&self, ip: &str, port: u16, token: &str) -> Result<PodClient, Error> {
         let addr = if ip.contains(':') {
             format!("[{ip}]:{port}")
         } else {
             format!("{ip}:{port}")
         };
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| Error::Connect {
-                addr: addr.clone(),
-                source,
-            })?
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT);
-        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
         let token = format!("Bearer {token}").parse().map_err(|_| Error::BadToken)?;
-        Ok(Self {
+        let mut channels = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let channel = match channels.get(&addr) {
+            Some(c) => c.clone(),
+            None => {
+                let channel = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|source| Error::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?
+                    .connect_timeout(CALL_TIMEOUT)
+                    .connect_lazy();
+                channels.insert(addr.clone(), channel.clone());
+                channel
+            }
+        };
+        Ok(PodClient {
             addr,
             token,
             inner: IngestControlClient::new(channel),
         })
     }
 
+    /// Forgets the channels of pods whose IP is not in `live`.
+    pub fn retain(&self, live: &std::collections::HashSet<String>) {
+        let mut channels = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        channels.retain(|addr, _| {
+            let ip = addr.rsplit_once(':').map_or(addr.as_str(), |(ip, _)| ip);
+            live.contains(ip.trim_start_matches('[').trim_end_matches(']'))
+        });
+    }
+
+    /// Channels held now.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl PodClient {
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut().insert("authorization", self.token.clone());
@@ -83,8 +111,12 @@ impl PodClient {
             .map_err(|s| self.err(s))
     }
 
+    /// The pod's counts and drain, without its publishers.
     pub async fn status(&mut self) -> Result<PodStatus, Error> {
-        let mut r = self.request(GetStatusRequest::default());
+        let mut r = self.request(GetStatusRequest {
+            counts_only: true,
+            ..GetStatusRequest::default()
+        });
         r.set_timeout(CALL_TIMEOUT);
         self.inner
             .get_status(r)
@@ -95,7 +127,10 @@ impl PodClient {
 
     /// The pod's status on every change (coalesced by the pod).
     pub async fn watch(&mut self) -> Result<tonic::Streaming<PodStatus>, Error> {
-        let r = self.request(WatchStatusRequest::default());
+        let r = self.request(WatchStatusRequest {
+            counts_only: true,
+            ..WatchStatusRequest::default()
+        });
         self.inner
             .watch_status(r)
             .await
@@ -106,9 +141,10 @@ impl PodClient {
     /// Cancels the pod's drain `drain_id`: `Ok(None)` if cancelled, else
     /// the pod's reason (a pod that got SIGTERM refuses every cancel).
     pub async fn cancel_drain(&mut self, drain_id: &str) -> Result<Option<String>, Error> {
-        let r = self.request(CancelDrainRequest {
+        let mut r = self.request(CancelDrainRequest {
             drain_id: drain_id.to_owned(),
         });
+        r.set_timeout(CALL_TIMEOUT);
         self.inner
             .cancel_drain(r)
             .await

@@ -57,6 +57,7 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
     .default_backoff()
     .touched_objects()
     .for_each(|_| async {});
+    let channels = crate::pods::Channels::default();
     let (drains, drains_writer) = reflector::store::<IngestDrain>();
     let drain_api: Api<IngestDrain> = Api::all(client.clone());
     let drain_stream = reflector(drains_writer, watcher(drain_api, watcher::Config::default()))
@@ -110,7 +111,8 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         }
         let gate = webhook::Gate {
             client: client.clone(),
-            pods,
+            pods: pods.clone(),
+            channels: channels.clone(),
             drains: drains.clone(),
             ingest,
             args: args.clone(),
@@ -168,6 +170,8 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         metrics: metrics.clone(),
         followers,
         drains: drains.clone(),
+        pods,
+        channels,
     });
     // Followers' wake-ups go to whichever controller runs now (leadership may come and go).
     let current: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<_>>>> = Arc::default();

@@ -104,8 +104,19 @@ pub fn initial_rows(spec: &IngestDrainSpec, pods: &[Pod]) -> Vec<PodDrainStatus>
     rows
 }
 
-/// Updates a pod's row from its control API status.
+/// Updates a pod's row from its control API status; `lastUpdate` moves
+/// only when something else in the row did.
 pub fn row_from_status(row: &PodDrainStatus, status: &PodStatus, drain_id: &str, now: Time) -> PodDrainStatus {
+    let mut next = row_content(row, status, drain_id);
+    next.last_update = if next == *row {
+        row.last_update.clone()
+    } else {
+        Some(now)
+    };
+    next
+}
+
+fn row_content(row: &PodDrainStatus, status: &PodStatus, drain_id: &str) -> PodDrainStatus {
     let counts = status.counts.unwrap_or_default();
     let mut next = PodDrainStatus {
         connections: Connections {
@@ -115,7 +126,6 @@ pub fn row_from_status(row: &PodDrainStatus, status: &PodStatus, drain_id: &str,
         },
         remaining: i64::from(counts.total),
         message: None,
-        last_update: Some(now),
         ..row.clone()
     };
     match status.drain.as_ref().filter(|d| d.id == drain_id) {

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::controller::MANAGER;
 use crate::crd::{GROUP, IngestDrain, TRIGGER_LABEL};
-use crate::pods::PodClient;
+use crate::pods::Channels;
 use crate::state::{self, Verdict};
 use crate::telemetry::{DecisionLabel, Metrics};
 
@@ -34,6 +34,8 @@ pub struct Gate {
     pub client: Client,
     pub pods: Store<Pod>,
     pub drains: Store<IngestDrain>,
+    /// gRPC channels to the pods, shared with the controller.
+    pub channels: Channels,
     pub ingest: LabelSelector,
     pub args: crate::config::Args,
     pub metrics: Metrics,
@@ -166,15 +168,19 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
                 return allow("held for a drain deadline without a drain covering it");
             }
             // Start the drain (a dry run only answers: sideEffects
-            // NoneOnDryRun) while the pod tells how many publishers it has.
-            let start = async {
-                if !req.dry_run
-                    && let Err(err) = start_drain(gate, pod).await
-                {
-                    warn!(pod = %req.name, %err, "cannot start the pod's drain");
-                }
-            };
-            let ((), count) = tokio::join!(start, publishers_on(gate, pod));
+            // NoneOnDryRun) without waiting for the API server: the answer
+            // stays fast, and a drain that could not be created is created
+            // at the next retry. Meanwhile the pod tells how many publishers
+            // it has.
+            if !req.dry_run {
+                let (gate, pod, name) = (gate.clone(), pod.clone(), req.name.clone());
+                tokio::spawn(async move {
+                    if let Err(err) = start_drain(&gate, &pod).await {
+                        warn!(pod = %name, %err, "cannot start the pod's drain");
+                    }
+                });
+            }
+            let count = publishers_on(gate, pod).await;
             let message = match count {
                 Some(n) => format!(
                     "pod {}: {n} publishers remain; starting its drain, retry shortly",
@@ -194,9 +200,7 @@ async fn publishers_on(gate: &Gate, pod: &Pod) -> Option<u32> {
     let ip = pod.status.as_ref()?.pod_ip.clone()?;
     let token = std::fs::read_to_string(&gate.args.control_token_file).ok()?;
     let ask = async {
-        let mut client = PodClient::connect(&ip, gate.args.control_port, token.trim())
-            .await
-            .ok()?;
+        let mut client = gate.channels.client(&ip, gate.args.control_port, token.trim()).ok()?;
         client.status().await.ok()?.counts.map(|c| c.total)
     };
     tokio::time::timeout(COUNT_TIMEOUT, ask).await.ok().flatten()
