@@ -153,6 +153,7 @@ async fn auth_rejects_missing_or_wrong_tokens() {
     let hidden = c
         .get_status(GetStatusRequest {
             reveal_stream_keys: true,
+            counts_only: false,
         })
         .await
         .expect_err("keys hidden");
@@ -430,6 +431,18 @@ async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
         ),
         (2, 2, 0, 4)
     );
+    assert_eq!(st.publishers.len(), 4);
+    // What the operator asks: the same counts, no per-publisher list.
+    let counts_only = c
+        .get_status(GetStatusRequest {
+            counts_only: true,
+            ..GetStatusRequest::default()
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(counts_only.counts, st.counts);
+    assert!(counts_only.publishers.is_empty());
 
     let redirect = format!("rtmp://{}/live", b.rtmp);
     let mut req = drain_req("move-1", Duration::from_secs(20), IncapablePolicy::Disconnect);

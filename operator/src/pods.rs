@@ -80,11 +80,6 @@ impl Channels {
             live.contains(ip.trim_start_matches('[').trim_end_matches(']'))
         });
     }
-
-    /// Channels held now.
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 impl PodClient {
