@@ -1,10 +1,12 @@
 //! Benchmarks on the real cluster, run by hand and reported, never in CI
 //! and never asserted as timings (correctness still is):
 //!
-//! - `operator_scale_100`: the operator with 100 ingest pods — webhook
-//!   latency (client side through the API server, and the operator's own
-//!   histogram), reconcile latency (histogram) and time to Drained of one
-//!   IngestDrain over all 100, operator RSS.
+//! - `operator_scale`: the operator with 300 ingest pods (`SCALE_PODS` to
+//!   change it) — webhook latency (client side through the API server, and
+//!   the operator's own histogram), reconcile latency (histogram), time to
+//!   Drained of one IngestDrain over all of them, the API requests that
+//!   drain cost (the API server's own `apiserver_request_total`, before and
+//!   after), operator RSS.
 //! - `node_drain_200`: 200 low-bitrate capable publishers on one node,
 //!   `kubectl drain` with a wave rate; 0 lost; the drain time next to
 //!   propagation delay + one GOP + publishers / rate.
@@ -36,7 +38,7 @@ fn main() -> ExitCode {
     runner::main(
         2,
         vec![
-            Scenario::new("operator_scale_100", |c| async move {
+            Scenario::new("operator_scale", |c| async move {
                 let r = operator_scale(c.clone()).await;
                 let purged = system::purge(&c, SCALE_NS).await;
                 r.and(purged)
@@ -68,7 +70,63 @@ fn obs_run(name: &'static str) -> Scenario {
 
 const SCALE_NS: &str = "scale";
 const DRAIN_NS: &str = "drain-200";
-const SCALE_PODS: usize = 100;
+/// Ingest pods of `operator_scale`: `SCALE_PODS`, else 300.
+fn scale_pods() -> usize {
+    std::env::var("SCALE_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
+/// `apiserver_request_total` of the API server now, by (verb, resource,
+/// subresource), summed over codes and scopes.
+async fn api_requests(c: &Cluster) -> Result<std::collections::BTreeMap<String, f64>> {
+    let text = c.kubectl(&["get", "--raw", "/metrics"]).await?;
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let key = format!(
+            "{} {}{}",
+            label("verb"),
+            label("resource"),
+            match label("subresource").as_str() {
+                "" => String::new(),
+                sub => format!("/{sub}"),
+            }
+        );
+        *out.entry(key).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
+/// The requests counted between two [`api_requests`] readings, as a table.
+fn request_delta(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> String {
+    let mut rows: Vec<(f64, &String)> = after
+        .iter()
+        .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0.0), k))
+        .filter(|(d, _)| *d > 0.0)
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total: f64 = rows.iter().map(|(d, _)| d).sum();
+    let mut out = format!("{total:.0} API requests in all\n");
+    for (d, k) in rows {
+        out.push_str(&format!("    {d:>7.0}  {k}\n"));
+    }
+    out
+}
 
 /// A histogram of the operators' `/metrics`, summed over the replicas.
 #[derive(Debug, Default)]
@@ -204,7 +262,8 @@ fn operator_rss() -> Vec<(u32, u64, u64)> {
 }
 
 async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
-    let replicas = format!("ingest.replicaCount={SCALE_PODS}");
+    let scale = scale_pods();
+    let replicas = format!("ingest.replicaCount={scale}");
     let t = Instant::now();
     let _stage = Stage::install(
         &c,
@@ -218,20 +277,20 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
     )
     .await?;
     let pods = c.pods(SCALE_NS, INGEST_PODS).await?;
-    ensure!(pods.len() == SCALE_PODS, "{} ingest pods", pods.len());
+    ensure!(pods.len() == scale, "{} ingest pods", pods.len());
     let per_node = c
         .nodes()
         .iter()
         .map(|n| (n.clone(), pods.iter().filter(|p| &p.1 == n).count()))
         .collect::<Vec<_>>();
     say(&format!(
-        "{SCALE_PODS} ingest pods ready in {:.1?}: {per_node:?}",
+        "{scale} ingest pods ready in {:.1?}: {per_node:?}",
         t.elapsed()
     ));
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle = operator_rss();
     say(&format!(
-        "operator RSS with {SCALE_PODS} ingest pods cached (pid, VmRSS kB, VmHWM kB): {idle:?}"
+        "operator RSS with {scale} ingest pods cached (pid, VmRSS kB, VmHWM kB): {idle:?}"
     ));
 
     // Webhook: dry-run evictions (answered, no side effect) of every pod, twice.
@@ -271,15 +330,16 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         "apiVersion: ingest.lossless.dev/v1alpha1\nkind: IngestDrain\nmetadata: {{name: all, namespace: {SCALE_NS}}}\n\
          spec:\n  selector: {{matchLabels: {{app.kubernetes.io/component: ingest}}}}\n  deadlineSeconds: 600\n  propagationDelaySeconds: 5\n"
     );
+    let requests_before = api_requests(&c).await?;
     let t = Instant::now();
     c.kubectl_with_input(&["apply", "-f", "-"], &manifest).await?;
-    let listed = eventually("all 100 pods Draining", Duration::from_secs(300), || async {
+    let listed = eventually("every pod Draining", Duration::from_secs(300), || async {
         let s = drain_status(&c, SCALE_NS, "all").await?.unwrap_or_default();
         let draining = s["pods"]
             .as_array()
             .map(|r| r.iter().filter(|r| r["state"] != "Pending").count())
             .unwrap_or(0);
-        ensure!(draining == SCALE_PODS, "{draining} pods started");
+        ensure!(draining == scale, "{draining} pods started");
         Ok(t.elapsed())
     })
     .await?;
@@ -290,11 +350,16 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
     })
     .await?;
     let after = scrape(&c, RECONCILE_SECONDS).await?;
+    let requests_after = api_requests(&c).await?;
     let busy = operator_rss();
     say(&format!(
-        "IngestDrain over {SCALE_PODS} pods: every pod started in {listed:.1?}, Drained in {drained:.1?} (propagation 5 s)"
+        "IngestDrain over {scale} pods: every pod started in {listed:.1?}, Drained in {drained:.1?} (propagation 5 s)"
     ));
     say(&format!("reconciles of the drain: {}", after.since(&before).text()));
+    say(&format!(
+        "API requests of the whole cluster from the apply to Drained (kubelets' pod status updates included): {}",
+        request_delta(&requests_before, &requests_after)
+    ));
     say(&format!(
         "operator RSS after the drain (pid, VmRSS kB, VmHWM kB): {busy:?}"
     ));

@@ -321,6 +321,8 @@ evictionHard:
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
+# Room for the operator benchmark's 300 ingest pods on two nodes.
+maxPods: 250
 YAML
 	write_kubeconfig "$dir/kubelet.kubeconfig" "$STATE_DIR/pki/$node.token"
 }
