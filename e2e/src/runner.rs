@@ -86,6 +86,11 @@ pub fn main(nodes: usize, scenarios: Vec<Scenario>) -> ExitCode {
     let scenarios: Vec<Scenario> = scenarios.into_iter().filter(|s| args.selects(s.name)).collect();
     let filtered_out = total - scenarios.len();
     let started = Instant::now();
+    if scenarios.is_empty() && !args.filters.is_empty() {
+        // Nothing here matches the filters: no cluster for nothing.
+        summary(0, &[], 0, filtered_out, started);
+        return ExitCode::SUCCESS;
+    }
 
     if let Some(v) = std::env::var_os(SKIP_ENV).filter(|v| !v.is_empty() && v != "0") {
         println!("e2e skipped: {SKIP_ENV}={}", v.to_string_lossy());

@@ -7,8 +7,6 @@ use std::process::ExitCode;
 use ingest_e2e::runner;
 
 // Scenarios live in tests/e2e/ so cargo does not take them for test targets of their own.
-#[path = "e2e/adversarial.rs"]
-mod adversarial;
 #[path = "e2e/chart.rs"]
 mod chart;
 #[path = "e2e/lossless.rs"]
@@ -23,6 +21,5 @@ fn main() -> ExitCode {
     scenarios.extend(operator::scenarios());
     scenarios.extend(chart::scenarios());
     scenarios.extend(lossless::scenarios());
-    scenarios.extend(adversarial::scenarios());
     runner::main(2, scenarios)
 }

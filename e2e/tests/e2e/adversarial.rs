@@ -1,5 +1,7 @@
-//! Issue 18's scenarios on the real API server: maintenance that is not one
-//! clean drain at a time. Each installs the chart into its own namespace.
+//! Maintenance that is not one clean drain at a time, on a real three-node
+//! cluster (`tests/maintenance.rs`): holds that must end, and node drains
+//! that overlap and chain. Each scenario installs the chart into its own
+//! namespace.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +19,9 @@ use ingest_e2e::system;
 use ingest_e2e::{Cluster, Scenario};
 
 const HOLDS_NS: &str = "holds-end";
+const CONCURRENT_NS: &str = "concurrent-drains";
+/// Capable publishers of the concurrent-drain scenario.
+const CONCURRENT_PUBLISHERS: usize = 12;
 /// The operator's drain deadline in these scenarios.
 const DEADLINE: Duration = Duration::from_secs(40);
 /// What an eviction may take beyond the deadline: the gate's grace (15 s),
@@ -34,7 +39,101 @@ pub fn scenarios() -> Vec<Scenario> {
             result.and(purged)
         })
         .timeout(Duration::from_secs(900)),
+        Scenario::new("adversarial_2_concurrent_and_chained_node_drains", |c| async move {
+            let result = concurrent_and_chained_node_drains(c.clone()).await;
+            let purged = system::purge(&c, CONCURRENT_NS).await;
+            result.and(purged)
+        })
+        .timeout(Duration::from_secs(900)),
     ]
+}
+
+/// Scenario 2: two nodes drained at once, as a consolidation does, the
+/// second a moment after the first, once publishers moved from the first
+/// node onto the second: those move again (A→B→C) while the first node's
+/// pods may still hold their streams at the origin. Both `kubectl drain`s
+/// finish (every eviction allowed in the end) and the origin gets every
+/// publisher's media exactly once and in order.
+async fn concurrent_and_chained_node_drains(c: Arc<Cluster>) -> Result<()> {
+    let ns = CONCURRENT_NS;
+    ensure!(c.nodes().len() >= 3, "this scenario needs three nodes: {:?}", c.nodes());
+    let deadline = format!("operator.drain.deadline={}s", DEADLINE.as_secs() * 2);
+    let stage = Stage::install(&c, ns, &[&deadline]).await?;
+    let fleet = lossless::start_fleet(&stage, "cc", CONCURRENT_PUBLISHERS).await?;
+    let before = ingest_pods(&c, ns).await?;
+    say(&format!(
+        "ingest pods before:\n{}",
+        lossless::placement(&before).trim_end()
+    ));
+    let first = busiest_node(&before, &[])?;
+    let on_first: Vec<String> = before
+        .iter()
+        .filter(|p| p.node == first)
+        .flat_map(|p| p.streams.clone())
+        .collect();
+    let second_pods: Vec<String> = before
+        .iter()
+        .filter(|p| p.node != first)
+        .map(|p| p.name.clone())
+        .collect();
+
+    let watch = lossless::DrainWatch::start(c.clone(), ns);
+    let t = Instant::now();
+    let first_drain = {
+        let (c, node) = (c.clone(), first.clone());
+        tokio::spawn(async move { lossless::kubectl_drain(&c, &node, DEADLINE * 2 + SLACK).await })
+    };
+    // The second node: the first whose pod took a publisher off the first node.
+    let second = eventually(
+        "a publisher moved off the first node",
+        Duration::from_secs(90),
+        || async {
+            let now = ingest_pods(&c, ns).await?;
+            now.iter()
+                .filter(|p| p.node != first && second_pods.contains(&p.name))
+                .find(|p| p.streams.iter().any(|s| on_first.contains(s)))
+                .map(|p| p.node.clone())
+                .context("none yet")
+        },
+    )
+    .await?;
+    say(&format!(
+        "{:.1?}: a publisher moved from {first} to {second}; draining {second} too",
+        t.elapsed()
+    ));
+    let second_drain = lossless::kubectl_drain(&c, &second, DEADLINE * 2 + SLACK).await;
+    let first_drain = first_drain.await.context("kubectl drain task")?;
+    let _ = watch.stop().await;
+    let (first_drain, second_drain) = (first_drain?, second_drain?);
+    say(&format!(
+        "kubectl drain {first}: {:.1?}; kubectl drain {second}: {:.1?}",
+        first_drain.took, second_drain.took
+    ));
+    for node in [&first, &second] {
+        c.kubectl(&["uncordon", node]).await?;
+    }
+    let rows = lossless::stop_and_audit(&stage, fleet).await?;
+    let chained = rows.iter().filter(|r| r.connections >= 3).count();
+    say(&format!(
+        "audit at the origin ({chained} publishers moved twice or more):\n{}",
+        lossless::report(&rows).trim_end()
+    ));
+    ensure!(chained >= 1, "no publisher moved twice: the chain was not exercised");
+    Ok(())
+}
+
+/// The node whose ingest pods hold most publishers, not in `not`.
+fn busiest_node(pods: &[lossless::IngestPod], not: &[&str]) -> Result<String> {
+    let mut by_node: std::collections::BTreeMap<&str, usize> = Default::default();
+    for p in pods.iter().filter(|p| !not.contains(&p.node.as_str())) {
+        *by_node.entry(p.node.as_str()).or_default() += p.streams.len();
+    }
+    by_node
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .filter(|(_, n)| *n > 0)
+        .map(|(node, _)| node.to_owned())
+        .with_context(|| format!("no node holds a publisher: {pods:?}"))
 }
 
 /// Scenario 1: an eviction is never held for ever.
