@@ -46,6 +46,16 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 /// Enhanced RTMP's Reconnect Request (`capsEx` & 1) are asked to reconnect
 /// when the pod drains; the pod drains on SIGTERM (and, with the control
 /// API, on request).
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; colours only when stdout is a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line, for log platforms.
+    Json,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ingest-pod", version)]
 pub struct Args {
@@ -201,6 +211,11 @@ pub struct Args {
     /// spares the wake-ups between threads; more let one pod use more cores.
     #[arg(long, env = "INGEST_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
+
+    /// Log lines as `text` (colours only on a terminal) or `json` (one
+    /// object a line). The filter is RUST_LOG (default `info`).
+    #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 impl Args {

@@ -12,7 +12,7 @@ fn main() -> anyhow::Result<()> {
             .build()?,
     };
     runtime.block_on(async {
-        server::init_tracing();
+        server::init_tracing_as(args.log_format);
         let server = Server::bind(args).await?;
         server.run(server::shutdown_signal()).await?;
         Ok(())

@@ -286,10 +286,18 @@ pub async fn shutdown_signal() {
 
 /// Sets up logging from `RUST_LOG` (default `info`).
 pub fn init_tracing() {
+    init_tracing_as(crate::config::LogFormat::Text);
+}
+
+/// Logs to stdout in `format`, filtered by RUST_LOG (default `info`); no
+/// escape codes unless stdout is a terminal.
+pub fn init_tracing_as(format: crate::config::LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = match format {
+        crate::config::LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).try_init(),
+        crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }

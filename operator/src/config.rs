@@ -36,6 +36,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Kubernetes operator that turns node drains and IngestDrain resources
 /// into lossless drains of RTMP ingest pods.
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; colours only when stdout is a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line, for log platforms.
+    Json,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ingest-operator", version)]
 pub struct Args {
@@ -130,4 +140,9 @@ pub struct Args {
     /// Lease duration: a leader that stops renewing loses it after this long.
     #[arg(long, env = "OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+
+    /// Log lines as `text` (colours only on a terminal) or `json` (one
+    /// object a line). The filter is RUST_LOG (default `info`).
+    #[arg(long, env = "OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }

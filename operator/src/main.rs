@@ -5,7 +5,7 @@ use ingest_operator::run;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    run::init_tracing();
+    run::init_tracing(args.log_format);
     // kube's default client retries a 429 with backoff for many minutes: an
     // eviction that the eviction webhook or a PodDisruptionBudget refuses
     // would block the reconcile that asked for it (and the status write

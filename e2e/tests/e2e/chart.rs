@@ -268,7 +268,12 @@ async fn operator_has_no_forbidden_calls(c: &Cluster) -> Result<()> {
         logs.contains("leading: starting the controllers"),
         "no operator replica leads:\n{logs}"
     );
-    println!("  operator logs: caches synced on both replicas, a leader, nothing forbidden");
+    // Container stdout is no terminal: a log platform gets no escape codes.
+    ensure!(
+        !logs.contains('\u{1b}'),
+        "escape codes in the operator's pod logs:\n{logs}"
+    );
+    println!("  operator logs: caches synced on both replicas, a leader, nothing forbidden, no escape codes");
     Ok(())
 }
 
