@@ -135,6 +135,24 @@ pub async fn helm_install_from(
     c.helm(&args).await
 }
 
+/// The operator pods of `ns` were never refused by RBAC: no "forbidden" in
+/// their logs (the chart grants exactly what the code uses).
+pub async fn operator_never_forbidden(c: &Cluster, ns: &str) -> Result<()> {
+    let logs = c
+        .kubectl(&["-n", ns, "logs", "-l", OPERATOR_PODS, "--tail=-1", "--prefix"])
+        .await?;
+    let forbidden: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.to_lowercase().contains("forbidden"))
+        .collect();
+    ensure!(
+        forbidden.is_empty(),
+        "the operator was refused by RBAC:\n{}",
+        forbidden.join("\n")
+    );
+    Ok(())
+}
+
 /// Removes whatever an earlier (maybe failed) install left outside its
 /// namespace, which the runner's reset does not know: the release, the
 /// IngestDrains' finalizers (no operator is left to remove them), the CRD,

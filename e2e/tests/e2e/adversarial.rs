@@ -35,14 +35,16 @@ pub fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::new("adversarial_1_every_hold_ends", |c| async move {
             let result = every_hold_ends(c.clone()).await;
+            let rbac = system::operator_never_forbidden(&c, HOLDS_NS).await;
             let purged = system::purge(&c, HOLDS_NS).await;
-            result.and(purged)
+            result.and(rbac).and(purged)
         })
         .timeout(Duration::from_secs(900)),
         Scenario::new("adversarial_2_concurrent_and_chained_node_drains", |c| async move {
             let result = concurrent_and_chained_node_drains(c.clone()).await;
+            let rbac = system::operator_never_forbidden(&c, CONCURRENT_NS).await;
             let purged = system::purge(&c, CONCURRENT_NS).await;
-            result.and(purged)
+            result.and(rbac).and(purged)
         })
         .timeout(Duration::from_secs(900)),
     ]

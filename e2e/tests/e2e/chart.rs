@@ -118,6 +118,7 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     .await?;
 
     operator_has_no_forbidden_calls(&c).await?;
+    operator_rbac_is_least(&c).await?;
 
     upgrade_keeps_secrets(&c, &upstream).await?;
     let description = remaining_description(&c).await?;
@@ -274,6 +275,65 @@ async fn operator_has_no_forbidden_calls(c: &Cluster) -> Result<()> {
         "escape codes in the operator's pod logs:\n{logs}"
     );
     println!("  operator logs: caches synced on both replicas, a leader, nothing forbidden, no escape codes");
+    Ok(())
+}
+
+/// The operator's ServiceAccount may do what its code uses and nothing
+/// more: `kubectl auth can-i` for the verbs it needs and for each verb the
+/// chart granted before it was trimmed.
+async fn operator_rbac_is_least(c: &Cluster) -> Result<()> {
+    let sa = format!("system:serviceaccount:{NS}:{}", system::operator_name());
+    let can = |verb: &'static str, resource: &'static str, sub: &'static str| {
+        let sa = sa.clone();
+        async move {
+            let mut args = vec!["auth", "can-i", verb, resource, "--as", sa.as_str(), "-n", NS];
+            if !sub.is_empty() {
+                args.push("--subresource");
+                args.push(sub);
+            }
+            // "no" exits 1: read the answer, not the status.
+            let out = c.kubectl_command(&args).output().await?;
+            Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).trim() == "yes")
+        }
+    };
+    let drains = "ingestdrains.ingest.lossless.dev";
+    let needed = [
+        ("list", "pods", ""),
+        ("watch", "nodes", ""),
+        ("create", "pods", "eviction"),
+        ("patch", drains, ""),
+        ("delete", drains, ""),
+        ("patch", drains, "status"),
+        ("create", "events.events.k8s.io", ""),
+        ("update", "leases.coordination.k8s.io", ""),
+    ];
+    for (verb, resource, sub) in needed {
+        ensure!(
+            can(verb, resource, sub).await?,
+            "the operator may not {verb} {resource} {sub}"
+        );
+    }
+    let removed = [
+        ("delete", "pods", ""),
+        ("get", "pods", ""),
+        ("update", drains, ""),
+        ("update", drains, "finalizers"),
+        ("update", drains, "status"),
+        ("create", "events", ""),
+        ("patch", "leases.coordination.k8s.io", ""),
+        ("get", "secrets", ""),
+    ];
+    for (verb, resource, sub) in removed {
+        ensure!(
+            !can(verb, resource, sub).await?,
+            "the operator may still {verb} {resource} {sub}"
+        );
+    }
+    println!(
+        "  kubectl auth can-i: the operator may do the {} things it uses and none of {} others",
+        needed.len(),
+        removed.len()
+    );
     Ok(())
 }
 

@@ -59,8 +59,9 @@ type ScenarioFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<
 fn scenario(name: &'static str, ns: &'static str, run: fn(Arc<Cluster>) -> ScenarioFuture) -> Scenario {
     Scenario::new(name, move |c| async move {
         let result = run(c.clone()).await;
+        let rbac = system::operator_never_forbidden(&c, ns).await;
         let purged = system::purge(&c, ns).await;
-        result.and(purged)
+        result.and(rbac).and(purged)
     })
     .timeout(Duration::from_secs(900))
 }
