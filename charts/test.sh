@@ -248,12 +248,13 @@ for d in ingest:
     name, key = token_file(d, "INGEST_CONTROL_TOKEN_FILE")
     check((token_secret(ns, name) or {}).get("data", {}).get(key) == op_token, f"ingest pods in {ns} mount the same token")
 nps = of("NetworkPolicy")
+ingest_labels = ingest[0]["spec"]["template"]["metadata"]["labels"] if ingest else {}
 if not exp["networkPolicy"]:
-    check(nps == [], "NetworkPolicy off: none rendered")
+    check(not any(matches(p["spec"]["podSelector"], ingest_labels) for p in nps), "ingest NetworkPolicy off: none rendered")
 for ns in namespaces if exp["networkPolicy"] else []:
-    np_ = [p for p in nps if p["metadata"]["namespace"] == ns]
     d = next(x for x in ingest if x["metadata"]["namespace"] == ns)
     pod_labels = d["spec"]["template"]["metadata"]["labels"]
+    np_ = [p for p in nps if p["metadata"]["namespace"] == ns and matches(p["spec"]["podSelector"], pod_labels)]
     check(len(np_) == 1 and matches(np_[0]["spec"]["podSelector"], pod_labels) and not matches(np_[0]["spec"]["podSelector"], op_labels),
           f"{ns}: NetworkPolicy podSelector matches the rendered ingest pods (not the operator)")
     spec = np_[0]["spec"]
@@ -267,6 +268,19 @@ for ns in namespaces if exp["networkPolicy"] else []:
           f"{ns}: the control port admits only the rendered operator pods (in {rel_ns})")
     check(all(r.get("ports") for r in spec["ingress"]), f"{ns}: every rule names its ports (none opens the control port by accident)")
     check({1935, 8080} <= {p["port"] for r in spec["ingress"] for p in r["ports"]}, f"{ns}: RTMP 1935 and HTTP 8080 allowed")
+
+print("  -- operator NetworkPolicy")
+op_nps = [p for p in nps if p["metadata"]["namespace"] == rel_ns and matches(p["spec"]["podSelector"], op_labels)]
+check(len(op_nps) == 1 and not matches(op_nps[0]["spec"]["podSelector"], ingest_labels),
+      f"one NetworkPolicy in {rel_ns} selects the operator pods (not the ingest pods)")
+if op_nps:
+    spec = op_nps[0]["spec"]
+    check(spec["policyTypes"] == ["Ingress"], "operator NetworkPolicy governs Ingress")
+    check(all(r.get("ports") for r in spec["ingress"]), "operator: every rule names its ports")
+    by_port = {p["port"]: r.get("from", []) for r in spec["ingress"] for p in r["ports"]}
+    check(set(by_port) == {8443, 8080}, f"operator: only the webhook (8443) and HTTP (8080) ports are open: {sorted(by_port)}")
+    check(by_port.get(8443) == exp["webhookFrom"], f"operator: the webhook admits exactly {exp['webhookFrom'] or 'anyone'}")
+    check(by_port.get(8080) == exp["metricsFrom"], f"operator: HTTP admits exactly {exp['metricsFrom']}")
 
 print("  -- security context")
 for d in deploys:
@@ -347,11 +361,13 @@ check_render() {
 check_render defaults "$WORK/default.yaml" "$(printf '%s' '{
   "releaseNamespace": "ingest", "namespaces": ["ingest"], "operatorReplicas": 2, "ingestReplicas": 3,
   "operatorAntiAffinity": "preferred", "serviceType": "LoadBalancer", "networkPolicy": true,
+  "webhookFrom": [], "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
   "certManager": false, "crds": true, "webhookTimeout": 5, "grace": 60}' |
 	python3 -c 'import json,sys; e=json.load(sys.stdin); e["upstream"]=sys.argv[1]; print(json.dumps(e))' "$UPSTREAM")"
 check_render non-default "$WORK/non-default.yaml" '{
   "releaseNamespace": "ops", "namespaces": ["ingest-a", "ingest-b"], "operatorReplicas": 3, "ingestReplicas": 5,
   "operatorAntiAffinity": "none", "serviceType": "ClusterIP", "networkPolicy": false,
+  "webhookFrom": [{"ipBlock": {"cidr": "10.0.0.0/28"}}], "metricsFrom": [],
   "certManager": true, "crds": false, "webhookTimeout": 3, "grace": 120,
   "upstream": "rtmp://10.200.0.254:1935/{app}/{stream}"}'
 
