@@ -392,7 +392,33 @@ else
 	bad "webhook off still renders webhook objects"
 fi
 
+step "GitOps: with existing Secrets, renders need no lookup and are byte-identical"
+gitops=(--set-string "ingest.upstream=$UPSTREAM" --set controlToken.existingSecret=ingest-control-token
+	--set webhook.tls.existingSecret=ingest-webhook-tls --set-string webhook.tls.caBundle=LS0tLS1CRUdJTg==)
+"$HELM" template lossless "$CHART" -n ingest "${gitops[@]}" >"$WORK/gitops-1.yaml"
+"$HELM" template lossless "$CHART" -n ingest "${gitops[@]}" >"$WORK/gitops-2.yaml"
+if cmp -s "$WORK/gitops-1.yaml" "$WORK/gitops-2.yaml"; then ok "two renders are byte-identical"; else bad "two renders differ"; fi
+"$HELM" template lossless "$CHART" -n ingest --set-string "ingest.upstream=$UPSTREAM" >"$WORK/generated-2.yaml"
+if ! cmp -s "$WORK/default.yaml" "$WORK/generated-2.yaml"; then
+	ok "without them each render generates new secrets (what the existing-Secret values are for)"
+else
+	bad "two renders with generated secrets are identical: the check above proves nothing"
+fi
+if ! grep -qE '^kind: Secret' "$WORK/gitops-1.yaml" && ! grep -q 'checksum/' "$WORK/gitops-1.yaml"; then
+	ok "no Secret rendered and no checksum annotation that could roll the pods"
+else
+	bad "the GitOps render still renders a Secret or a checksum annotation"
+fi
+if grep -q 'secretName: ingest-control-token' "$WORK/gitops-1.yaml" && grep -q 'secretName: ingest-webhook-tls' "$WORK/gitops-1.yaml" \
+	&& grep -q 'caBundle: LS0tLS1CRUdJTg==' "$WORK/gitops-1.yaml"; then
+	ok "the pods mount the existing Secrets; the webhook carries the given caBundle"
+else
+	bad "the existing Secrets or the caBundle are not used"
+fi
+
 step "values that must be refused"
+expect_refused "webhook.tls.existingSecret without its caBundle" "webhook.tls.caBundle is required" \
+	template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" --set webhook.tls.existingSecret=tls
 printf 'ingest:\n  replicaCont: 2\n' >"$WORK/typo.yaml"
 expect_refused "typo ingest.replicaCont (template)" "replicaCont" template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" -f "$WORK/typo.yaml"
 expect_refused "typo ingest.replicaCont (lint)" "replicaCont" lint "$CHART" --set-string "ingest.upstream=$UPSTREAM" -f "$WORK/typo.yaml"

@@ -114,6 +114,17 @@ fn values(upstream: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// `helm template` of the chart for `ns` with the local images: what a
+/// GitOps tool renders and applies.
+pub async fn helm_template(c: &Cluster, ns: &str, upstream: &str, extra: &[&str]) -> Result<String> {
+    let chart = chart_dir();
+    let chart = chart.to_str().context("chart path is not UTF-8")?;
+    let mut args = vec!["template", RELEASE, chart, "--namespace", ns];
+    let values = values(upstream, extra);
+    args.extend(values.iter().map(String::as_str));
+    c.helm(&args).await
+}
+
 /// `helm install --wait` (or `upgrade`) of the chart into `ns` with the local images.
 pub async fn helm_install(c: &Cluster, verb: &str, ns: &str, upstream: &str, extra: &[&str]) -> Result<String> {
     helm_install_from(c, &chart_dir(), verb, ns, upstream, extra).await

@@ -83,7 +83,7 @@ app.kubernetes.io/component: webhook
 {{- end }}
 
 {{- define "lossless-ingest.webhook.tlsSecretName" -}}
-{{ include "lossless-ingest.webhook.fullname" . }}-tls
+{{ .Values.webhook.tls.existingSecret | default (printf "%s-tls" (include "lossless-ingest.webhook.fullname" .)) }}
 {{- end }}
 
 {{/* DNS names of the webhook Service, the names its certificate must hold. */}}
@@ -129,7 +129,7 @@ release namespace. Use with `include ... | fromJsonArray`.
 {{- end }}
 
 {{- define "lossless-ingest.controlTokenSecretName" -}}
-{{ include "lossless-ingest.fullname" . }}-control-token
+{{ .Values.controlToken.existingSecret | default (printf "%s-control-token" (include "lossless-ingest.fullname" .)) }}
 {{- end }}
 
 {{/* Where both the ingest pods and the operator find the control token. */}}
