@@ -85,7 +85,8 @@ pub struct Args {
     )]
     pub control_token: Option<String>,
 
-    /// Let control API callers ask for stream keys in clear (hashed otherwise).
+    /// Show stream keys in clear in `/status` and let control API callers ask
+    /// for them; otherwise every key is shown (status, logs) as a keyed hash.
     #[arg(long, env = "INGEST_CONTROL_REVEAL_STREAM_KEYS")]
     pub control_reveal_stream_keys: bool,
 

@@ -45,10 +45,6 @@ fn pb_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration::try_from(d).unwrap_or_default()
 }
 
-fn hide_key(key: &str) -> String {
-    format!("sha256:{}", &crate::media::payload_hash(key.as_bytes())[..16])
-}
-
 fn phase(p: Phase) -> DrainPhase {
     match p {
         Phase::Propagating => DrainPhase::Propagating,
@@ -118,7 +114,13 @@ impl ControlService {
                     stream: c
                         .stream
                         .as_deref()
-                        .map(|s| if reveal { s.to_owned() } else { hide_key(s) })
+                        .map(|s| {
+                            if reveal {
+                                s.to_owned()
+                            } else {
+                                self.registry.stream_keys().hash(s)
+                            }
+                        })
                         .unwrap_or_default(),
                     remote_addr: c.peer.to_string(),
                     capabilities: Some(Capabilities {

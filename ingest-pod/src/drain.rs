@@ -411,9 +411,13 @@ impl Drainer {
                 if self.registry.signal(c.id, kind, tc_url.clone()) {
                     info!(
                         conn = c.id,
-                        stream = c.stream.as_deref().unwrap_or(""),
+                        stream = c
+                            .stream
+                            .as_deref()
+                            .map(|k| self.registry.stream_keys().show(k))
+                            .unwrap_or_default(),
                         kind = kind.label(),
-                        tc_url = tc_url.as_deref().unwrap_or(""),
+                        tc_url = tc_url.as_deref().map(crate::keys::redact_query).unwrap_or_default(),
                         "publisher signalled"
                     );
                     sent += 1;

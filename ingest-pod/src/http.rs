@@ -86,7 +86,15 @@ async fn status(State(s): State<HttpState>) -> impl IntoResponse {
     axum::Json(StatusView {
         pod: s.pod_name.clone(),
         serving: s.registry.serving(),
-        connections: s.registry.connections(),
+        connections: s
+            .registry
+            .connections()
+            .into_iter()
+            .map(|c| ConnInfo {
+                stream: c.stream.as_deref().map(|k| s.registry.stream_keys().show(k)),
+                ..c
+            })
+            .collect(),
         relays_active: s.registry.relays_active(),
         drain,
     })

@@ -13,6 +13,7 @@ pub mod control;
 pub mod drain;
 pub mod flv;
 pub mod http;
+pub mod keys;
 pub mod lab;
 pub mod media;
 pub mod metrics;

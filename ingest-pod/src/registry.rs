@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::keys::StreamKeys;
 use crate::metrics::{CapabilityLabel, Metrics, SignalLabel};
 
 /// What a publisher announced in its `connect` command object.
@@ -122,6 +123,8 @@ pub struct Registry {
     inner: Mutex<Inner>,
     changes: watch::Sender<u64>,
     metrics: Metrics,
+    /// How stream keys are shown (set once at start; a random key before).
+    stream_keys: std::sync::OnceLock<StreamKeys>,
 }
 
 impl Registry {
@@ -135,6 +138,7 @@ impl Registry {
             inner: Mutex::new(inner),
             changes: watch::channel(0).0,
             metrics,
+            stream_keys: std::sync::OnceLock::new(),
         });
         // Export every label from the start, zeros included.
         registry.update_gauges();
@@ -157,6 +161,16 @@ impl Registry {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Sets how stream keys are shown; the first call wins.
+    pub fn set_stream_keys(&self, keys: StreamKeys) {
+        let _ = self.stream_keys.set(keys);
+    }
+
+    /// How stream keys are shown in status and logs.
+    pub fn stream_keys(&self) -> &StreamKeys {
+        self.stream_keys.get_or_init(StreamKeys::random)
     }
 
     /// Registers a new connection. Dropping the guard removes it.

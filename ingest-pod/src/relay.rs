@@ -472,7 +472,7 @@ pub async fn run(
     tokio::select! {
         () = deliver(&url, &queue, &cfg, &metrics, &stop, &span) => {}
         () = queue.flush_deadline(cfg.flush_timeout) => {
-            warn!(parent: &span, stream = %url.stream, pending_bytes = queue.bytes(), "giving up delivering to the origin after the publisher left");
+            warn!(parent: &span, pending_bytes = queue.bytes(), "giving up delivering to the origin after the publisher left");
         }
     }
 }
@@ -499,12 +499,12 @@ async fn deliver(
         queue.set_caught_up(false);
         match result {
             Ok(()) => {
-                info!(parent: span, stream = %url.stream, "relay finished: everything delivered");
+                info!(parent: span, "relay finished: everything delivered");
                 return;
             }
             Err(Error::Busy(why)) => {
                 metrics.relay_retries.inc();
-                debug!(parent: span, stream = %url.stream, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
+                debug!(parent: span, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
                 backoff = busy_wait;
                 busy_wait = (busy_wait * 3 / 2).min(cfg.busy_retry_max.max(cfg.busy_retry));
                 // A publisher moving make-before-break (Reconnect Request)
@@ -514,7 +514,7 @@ async fn deliver(
             }
             Err(Error::Refused(why)) if refusals + 1 >= REFUSALS => {
                 // A rejected key, a missing app: retrying will not help.
-                warn!(parent: span, stream = %url.stream, %why, refusals = REFUSALS, "the origin refuses the stream: giving up");
+                warn!(parent: span, %why, refusals = REFUSALS, "the origin refuses the stream: giving up");
                 metrics.relay_refused.inc();
                 queue.fail(format!("the origin refuses the stream: {why}"));
                 return;
@@ -533,7 +533,7 @@ async fn deliver(
                     backoff = cfg.busy_retry;
                 }
                 backoff = (backoff * 2).clamp(cfg.busy_retry, cfg.max_backoff);
-                warn!(parent: span, stream = %url.stream, attempt, %err, retry_in = ?backoff, "relay attempt failed");
+                warn!(parent: span, attempt, %err, retry_in = ?backoff, "relay attempt failed");
             }
         }
         let media_arrived = async {
@@ -546,12 +546,12 @@ async fn deliver(
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = media_arrived => {
-                debug!(parent: span, stream = %url.stream, "first media while the origin is busy: retrying soon");
+                debug!(parent: span, "first media while the origin is busy: retrying soon");
                 busy_wait = cfg.busy_retry;
                 tokio::time::sleep(cfg.busy_retry).await;
             }
             () = stop.cancelled() => {
-                warn!(parent: span, stream = %url.stream, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
+                warn!(parent: span, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
                 return;
             }
         }
@@ -586,7 +586,7 @@ async fn session(
     )
     .await?;
     config.published = true;
-    info!(parent: span, stream = %url.stream, origin = %url.addr(), "publishing to the origin");
+    info!(parent: span, origin = %url.addr(), "publishing to the origin");
     let mut up = Upstream {
         reader,
         writer,

@@ -16,6 +16,7 @@ use crate::config::Args;
 use crate::control::{self, BearerAuth, ControlService};
 use crate::drain::Drainer;
 use crate::http::{self, HttpState};
+use crate::keys::{self, StreamKeys};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, SessionCommand};
 use crate::relay;
@@ -54,7 +55,8 @@ impl Server {
     pub async fn bind(args: Args) -> Result<Self, Error> {
         if let Some(t) = &args.upstream {
             let probe = crate::rtmp::url::render(t, "app", "stream");
-            crate::rtmp::url::RtmpUrl::parse(&probe).map_err(|e| Error::Config(format!("--upstream {t:?}: {e}")))?;
+            crate::rtmp::url::RtmpUrl::parse(&probe)
+                .map_err(|e| Error::Config(format!("--upstream {:?}: {e}", keys::redact_query(t))))?;
         }
         if args.drain_deadline > args.grace_period {
             warn!(deadline = ?args.drain_deadline, grace = ?args.grace_period, "drain deadline is longer than the grace period");
@@ -70,6 +72,13 @@ impl Server {
         if token.as_deref().is_some_and(str::is_empty) {
             return Err(Error::Config("the control token is empty".into()));
         }
+        // Keyed by the control token, a secret of the release: hashes match
+        // across its pods. Without a token, by a key of this process.
+        let stream_keys = match (&token, args.control_reveal_stream_keys) {
+            (_, true) => StreamKeys::new(b"", true),
+            (Some(t), false) => StreamKeys::new(t.as_bytes(), false),
+            (None, false) => StreamKeys::random(),
+        };
         let rtmp = bind(args.rtmp_listen).await?;
         let http = bind(args.http_listen).await?;
         let control = match token {
@@ -83,6 +92,7 @@ impl Server {
         let mut prometheus = prometheus_client::registry::Registry::default();
         metrics.register(&mut prometheus);
         let registry = Registry::new(metrics);
+        registry.set_stream_keys(stream_keys);
         let tasks = TaskTracker::new();
         let drainer = Drainer::new(registry.clone(), args.signals(), tasks.clone());
         Ok(Self {
@@ -146,7 +156,7 @@ impl Server {
             budget: relay::Budget::new(budget),
         };
         info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
-            upstream = args.upstream.as_deref().unwrap_or("none"), go_away = args.signal_go_away,
+            upstream = args.upstream.as_deref().map_or_else(|| "none".to_owned(), keys::redact_query), go_away = args.signal_go_away,
             reconnect_request = args.signal_reconnect_request, "ingest pod serving");
 
         let accept_stop = stop.clone();

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::flv::FlvWriter;
+use crate::keys;
 use crate::metrics::ReasonLabel;
 use crate::registry::{Caps, ConnGuard, Registry, SessionCommand, SignalKind, SignalsEnabled};
 use crate::relay::{self, Item, Queue, RelayConfig};
@@ -240,7 +241,7 @@ impl Session {
         }
         info!(
             kind = kind.label(),
-            tc_url = tc_url.as_deref().unwrap_or(""),
+            tc_url = tc_url.as_deref().map(keys::redact_query).unwrap_or_default(),
             "signal sent"
         );
         writer.flush().await
@@ -268,9 +269,15 @@ impl Session {
         match cmd.name.as_str() {
             "connect" => {
                 let obj = cmd.object().cloned().unwrap_or(Value::Null);
+                // `live?auth=...`: the query is the publisher's credential for
+                // this tier, never part of the app it publishes to (nor of
+                // the upstream URL, the status or a log line).
                 let app = obj
                     .get("app")
                     .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .split('?')
+                    .next()
                     .unwrap_or("")
                     .trim_matches('/')
                     .to_owned();
@@ -285,7 +292,9 @@ impl Session {
                     reconnect: caps_ex >= 0.0 && (caps_ex as u64) & 0x01 != 0,
                 };
                 self.tc_url = obj.get("tcUrl").and_then(Value::as_str).map(str::to_owned);
-                info!(%app, tc_url = self.tc_url.as_deref().unwrap_or(""), go_away = caps.go_away, reconnect = caps.reconnect, "connect");
+                // A tcUrl may carry a token in its query: never logged.
+                let tc_url = self.tc_url.as_deref().map(keys::redact_query).unwrap_or_default();
+                info!(%app, %tc_url, go_away = caps.go_away, reconnect = caps.reconnect, "connect");
                 self.ctx.registry.metrics();
                 self.guard.connected(&app, caps);
                 self.caps = caps;
@@ -351,7 +360,8 @@ impl Session {
                     )
                 };
                 if name.is_empty() || self.publishing.is_some() || !self.guard.publish(&app, &name) {
-                    warn!(stream = %name, "publish refused: empty name, already publishing on this connection, or the stream is live on this pod");
+                    let stream = self.ctx.registry.stream_keys().show(&name);
+                    warn!(%stream, "publish refused: empty name, already publishing on this connection, or the stream is live on this pod");
                     writer.queue(&status(
                         "error",
                         "NetStream.Publish.BadName",
@@ -379,7 +389,9 @@ impl Session {
     }
 
     fn start_publish(&mut self, app: &str, stream: String, stream_id: u32) {
-        info!(%stream, "publishing");
+        // The key is a credential: logs and spans carry what the pod shows of it.
+        let shown = self.ctx.registry.stream_keys().show(&stream);
+        info!(stream = %shown, "publishing");
         let queue = self.ctx.config.upstream.as_ref().and_then(|template| {
             let target = url::render(template, app, &stream);
             match RtmpUrl::parse(&target) {
@@ -389,9 +401,9 @@ impl Session {
                         self.ctx.registry.metrics().clone(),
                         &self.ctx.budget,
                     );
-                    q.report_to(&stream, self.guard.stats().clone());
+                    q.report_to(&shown, self.guard.stats().clone());
                     let relay_guard = self.ctx.registry.relay_started();
-                    let span = info_span!("relay", stream = %stream, conn = self.guard.id());
+                    let span = info_span!("relay", stream = %shown, conn = self.guard.id());
                     self.ctx.relays.spawn(relay::run(
                         u,
                         q.clone(),
@@ -403,8 +415,9 @@ impl Session {
                     ));
                     Some(q)
                 }
-                Err(err) => {
-                    warn!(%target, %err, "upstream URL is invalid; not relaying");
+                Err(_) => {
+                    // The rendered URL holds the key: say which template failed.
+                    warn!(stream = %shown, template = %keys::redact_query(template), "the upstream URL rendered for this stream is invalid; not relaying");
                     None
                 }
             }
@@ -498,7 +511,8 @@ impl Session {
         if teardown {
             self.guard.unpublish();
         }
-        debug!(stream = %p.stream, stream_id = p.stream_id, teardown, "publish ended");
+        let stream = self.ctx.registry.stream_keys().show(&p.stream);
+        debug!(%stream, stream_id = p.stream_id, teardown, "publish ended");
     }
 }
 

@@ -221,7 +221,7 @@ async fn incapable_policy_at_the_deadline_and_cancel_restores_readiness() {
     );
     assert_eq!(st.counts.expect("counts").incapable, 2);
     assert!(
-        st.publishers.iter().all(|p| p.stream.starts_with("sha256:")),
+        st.publishers.iter().all(|p| p.stream.starts_with("hmac:")),
         "stream keys are hashed"
     );
 

@@ -119,6 +119,7 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
 
     operator_has_no_forbidden_calls(&c).await?;
     operator_rbac_is_least(&c).await?;
+    stream_keys_hidden(&c).await?;
 
     upgrade_keeps_secrets(&c, &upstream).await?;
     let description = remaining_description(&c).await?;
@@ -334,6 +335,40 @@ async fn operator_rbac_is_least(c: &Cluster) -> Result<()> {
         "  kubectl auth can-i: the operator may do the {} things it uses and none of {} others",
         needed.len(),
         removed.len()
+    );
+    Ok(())
+}
+
+/// With the chart's defaults the publisher's stream key ("chart") shows
+/// nowhere: `/status` holds keyed hashes, and neither the ingest pods' logs
+/// nor the namespace's Events name it.
+async fn stream_keys_hidden(c: &Cluster) -> Result<()> {
+    let mut hashes = Vec::new();
+    for (pod, _, _) in c.pods(NS, system::INGEST_PODS).await? {
+        hashes.extend(ingest_e2e::lossless::streams_on(c, NS, &pod).await?);
+    }
+    ensure!(
+        hashes.len() == 1 && hashes[0].starts_with("hmac:"),
+        "/status should show the one publisher's key as a keyed hash: {hashes:?}"
+    );
+    let logs = c
+        .kubectl(&["-n", NS, "logs", "-l", system::INGEST_PODS, "--tail=-1", "--prefix"])
+        .await?;
+    ensure!(logs.contains(&hashes[0]), "the pods' logs name the stream by its hash");
+    let events = c.kubectl(&["-n", NS, "get", "events", "-o", "json"]).await?;
+    for (what, text) in [("the ingest pods' logs", &logs), ("the Events", &events)] {
+        let leak = text
+            .lines()
+            .find(|l| l.contains("/chart") || l.contains("\"chart\"") || l.contains("=chart"));
+        ensure!(
+            leak.is_none(),
+            "the stream key shows in {what}: {}",
+            leak.unwrap_or_default()
+        );
+    }
+    println!(
+        "  stream key hidden: /status shows {}, not in the pods' logs nor the Events",
+        hashes[0]
     );
     Ok(())
 }
