@@ -213,6 +213,17 @@ pub struct Args {
     #[arg(long, env = "INGEST_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
 
+    /// HTTP callback asked on every publish (JSON: app, key, client_addr,
+    /// capabilities, pod). 2xx allows (optionally `{"upstream_name": ...}`);
+    /// anything else, an error or no answer in time denies. Unset: every
+    /// publish is allowed.
+    #[arg(long, env = "INGEST_PUBLISH_AUTH_URL")]
+    pub publish_auth_url: Option<String>,
+
+    /// How long the publish callback may take before the publish is denied.
+    #[arg(long, env = "INGEST_PUBLISH_AUTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub publish_auth_timeout: Duration,
+
     /// Log lines as `text` (colours only on a terminal) or `json` (one
     /// object a line). The filter is RUST_LOG (default `info`).
     #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -244,6 +255,9 @@ impl Args {
             },
             record_dir: self.record_dir.clone(),
             signalled_quiet: self.signalled_quiet_close,
+            // Built (and its URL checked) by the server at start.
+            auth: None,
+            pod_name: self.pod_name.clone(),
         }
     }
 

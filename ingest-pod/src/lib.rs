@@ -8,6 +8,7 @@
 //! the tests and the demo share.
 
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod drain;

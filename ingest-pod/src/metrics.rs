@@ -28,6 +28,12 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label of a publish callback verdict.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
 /// Every metric the pod exports. Cheap to clone (the metrics are `Arc`s inside).
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
@@ -45,6 +51,7 @@ pub struct Metrics {
     pub relay_dropped_bytes: Counter,
     pub relay_budget_bytes: Gauge,
     pub relay_refused: Counter,
+    pub publish_auth: Family<ResultLabel, Counter>,
     pub relays_active: Gauge,
     pub draining: Gauge,
     pub drain_phase: Family<PhaseLabel, Gauge>,
@@ -110,6 +117,11 @@ impl Metrics {
             "relay_budget_bytes",
             "The pod-wide budget of every relay buffer (--relay-memory-budget)",
             self.relay_budget_bytes.clone(),
+        );
+        r.register(
+            "publish_auth",
+            "Publish callback verdicts (allow, deny, error, timeout)",
+            self.publish_auth.clone(),
         );
         r.register(
             "relay_refused",

@@ -143,11 +143,18 @@ impl Server {
         } = self;
         let stop = CancellationToken::new();
         let relays = TaskTracker::new();
+        let mut session_config = args.session_config();
+        session_config.auth = args
+            .publish_auth_url
+            .as_deref()
+            .map(|url| crate::auth::PublishAuth::new(url, args.publish_auth_timeout))
+            .transpose()
+            .map_err(|e| Error::Config(e.to_string()))?;
         let budget = args.relay_memory_budget.unwrap_or_else(relay::default_budget);
         registry.metrics().relay_budget_bytes.set(budget as i64);
         let ctx = Context {
             registry: registry.clone(),
-            config: Arc::new(args.session_config()),
+            config: Arc::new(session_config),
             relays: relays.clone(),
             stop: stop.clone(),
             media_clock: Some(args.media_read_interval)

@@ -52,6 +52,10 @@ pub struct SessionConfig {
     /// (OBS's recording helper inherits the socket), which would hold the
     /// drain, and the new pod's upstream publish, until the deadline.
     pub signalled_quiet: Duration,
+    /// The publish callback; `None`: every publish is allowed.
+    pub auth: Option<crate::auth::PublishAuth>,
+    /// This pod's name, told to the publish callback.
+    pub pod_name: String,
 }
 
 /// What a session needs from its pod.
@@ -75,7 +79,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Context) {
     let (guard, commands) = ctx.registry.register(peer);
     let span = info_span!("conn", id = guard.id(), %peer);
     async move {
-        let mut session = Session::new(guard, ctx.clone());
+        let mut session = Session::new(guard, peer, ctx.clone());
         let result = session.run(stream, commands).await;
         session.end_publish(false);
         match result {
@@ -116,6 +120,7 @@ struct Publishing {
 
 struct Session {
     guard: ConnGuard,
+    peer: SocketAddr,
     ctx: Context,
     app: Option<String>,
     tc_url: Option<String>,
@@ -125,12 +130,15 @@ struct Session {
     /// Once signalled: when the last audio/video arrived, or the signal
     /// went out if no media came since. `None` before any signal.
     quiet_since: Option<tokio::time::Instant>,
+    /// The name the publish callback gave for the upstream, for the next publish.
+    upstream_name: Option<String>,
 }
 
 impl Session {
-    fn new(guard: ConnGuard, ctx: Context) -> Self {
+    fn new(guard: ConnGuard, peer: SocketAddr, ctx: Context) -> Self {
         Self {
             guard,
+            peer,
             ctx,
             app: None,
             tc_url: None,
@@ -138,6 +146,7 @@ impl Session {
             next_stream_id: 1,
             publishing: None,
             quiet_since: None,
+            upstream_name: None,
         }
     }
 
@@ -253,7 +262,14 @@ impl Session {
             Message::UserControl(UserControl::PingRequest(t)) => {
                 writer.queue(&Message::UserControl(UserControl::PingResponse(t)))
             }
-            Message::Command { stream_id, command } => return self.command(writer, stream_id, command),
+            Message::Command { stream_id, command } => {
+                if command.name == "publish"
+                    && let Some(denied) = self.authorize(writer, stream_id, &command).await
+                {
+                    return Ok(Some(denied));
+                }
+                return self.command(writer, stream_id, command);
+            }
             Message::Data { timestamp, payload, .. } => self.media(message::DATA_AMF0, timestamp, payload),
             Message::Audio { timestamp, payload, .. } => self.media(message::AUDIO, timestamp, payload),
             Message::Video { timestamp, payload, .. } => self.media(message::VIDEO, timestamp, payload),
@@ -261,6 +277,61 @@ impl Session {
             _ => {}
         }
         Ok(None)
+    }
+
+    /// Asks the publish callback, if one is configured. `Some`: denied (the
+    /// publisher was told; close the connection).
+    async fn authorize(&mut self, writer: &mut Writer, stream_id: u32, cmd: &Command) -> Option<&'static str> {
+        let auth = self.ctx.config.auth.as_ref()?;
+        let key = cmd.arg(0).and_then(Value::as_str).unwrap_or("");
+        let app = self.app.as_deref().unwrap_or("");
+        let request = crate::auth::Request {
+            app,
+            key,
+            client_addr: self.peer.to_string(),
+            capabilities: crate::auth::Capabilities {
+                go_away: self.caps.go_away,
+                reconnect_request: self.caps.reconnect,
+            },
+            pod: &self.ctx.config.pod_name,
+        };
+        let stream = self.ctx.registry.stream_keys().show(key);
+        let decision = auth.check(&request).await;
+        let label = match &decision {
+            crate::auth::Decision::Allow { .. } => "allow",
+            crate::auth::Decision::Deny { label, .. } => label,
+        };
+        self.ctx
+            .registry
+            .metrics()
+            .publish_auth
+            .get_or_create(&crate::metrics::ResultLabel { result: label })
+            .inc();
+        match decision {
+            crate::auth::Decision::Allow { upstream_name } => {
+                info!(%stream, rewritten = upstream_name.is_some(), "publish allowed by the callback");
+                self.upstream_name = upstream_name;
+                None
+            }
+            crate::auth::Decision::Deny { reason, .. } => {
+                warn!(%stream, %reason, "publish denied");
+                writer.queue(&Message::command(
+                    stream_id,
+                    "onStatus",
+                    0.0,
+                    vec![
+                        Value::Null,
+                        Value::object([
+                            ("level", Value::string("error")),
+                            ("code", Value::string("NetStream.Publish.BadAuth")),
+                            ("description", Value::string(format!("publish denied: {reason}"))),
+                        ]),
+                    ],
+                ));
+                let _ = writer.flush().await;
+                Some("publish denied")
+            }
+        }
     }
 
     fn command(&mut self, writer: &mut Writer, stream_id: u32, cmd: Command) -> conn::Result<Option<&'static str>> {
@@ -392,8 +463,10 @@ impl Session {
         // The key is a credential: logs and spans carry what the pod shows of it.
         let shown = self.ctx.registry.stream_keys().show(&stream);
         info!(stream = %shown, "publishing");
+        // The callback may publish the stream upstream under another name.
+        let upstream_name = self.upstream_name.take().unwrap_or_else(|| stream.clone());
         let queue = self.ctx.config.upstream.as_ref().and_then(|template| {
-            let target = url::render(template, app, &stream);
+            let target = url::render(template, app, &upstream_name);
             match RtmpUrl::parse(&target) {
                 Ok(u) => {
                     let q = Queue::with_budget(
