@@ -209,7 +209,7 @@ impl Session {
                         // letting it stream into a buffer for ever.
                         warn!(%why, "the origin refuses this stream: closing the publisher");
                         let sid = self.publishing.as_ref().map_or(1, |p| p.stream_id);
-                        writer.queue(&publish_failed(sid, &why));
+                        writer.queue(&status_error(sid, "NetStream.Publish.Failed", &why));
                         writer.flush().await?;
                         return Ok("the origin refuses the stream");
                     }
@@ -315,18 +315,10 @@ impl Session {
             }
             crate::auth::Decision::Deny { reason, .. } => {
                 warn!(%stream, %reason, "publish denied");
-                writer.queue(&Message::command(
+                writer.queue(&status_error(
                     stream_id,
-                    "onStatus",
-                    0.0,
-                    vec![
-                        Value::Null,
-                        Value::object([
-                            ("level", Value::string("error")),
-                            ("code", Value::string("NetStream.Publish.BadAuth")),
-                            ("description", Value::string(format!("publish denied: {reason}"))),
-                        ]),
-                    ],
+                    "NetStream.Publish.BadAuth",
+                    &format!("publish denied: {reason}"),
                 ));
                 let _ = writer.flush().await;
                 Some("publish denied")
@@ -589,8 +581,8 @@ impl Session {
     }
 }
 
-/// `onStatus` NetStream.Publish.Failed: the origin refuses the stream.
-fn publish_failed(stream_id: u32, why: &str) -> Message {
+/// An `onStatus` error on the publisher's stream: `code` and a description.
+fn status_error(stream_id: u32, code: &str, description: &str) -> Message {
     Message::command(
         stream_id,
         "onStatus",
@@ -599,8 +591,8 @@ fn publish_failed(stream_id: u32, why: &str) -> Message {
             Value::Null,
             Value::object([
                 ("level", Value::string("error")),
-                ("code", Value::string("NetStream.Publish.Failed")),
-                ("description", Value::string(why)),
+                ("code", Value::string(code)),
+                ("description", Value::string(description)),
             ]),
         ],
     )

@@ -1,8 +1,9 @@
 //! The pod's log lines as a log platform reads them: the real binary with
 //! stdout on a pipe, as in a container.
 
+mod common;
+
 use std::process::Stdio;
-use std::time::Duration;
 
 use ingest_pod::origin::free_port;
 use tokio::io::AsyncReadExt;
@@ -20,12 +21,9 @@ async fn startup_logs(format: &str) -> String {
         .kill_on_drop(true)
         .spawn()
         .expect("spawning ingest-pod");
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(&http).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::listening(&http).await;
+    let health = common::http_get(&http, "/healthz").await;
+    assert!(health.contains(" 200 OK"), "{health}");
     pod.kill().await.expect("stop the pod");
     let mut out = String::new();
     pod.stdout

@@ -7,6 +7,8 @@
 //! Needs root and a cgroup v1 memory controller or cgroup v2 (CI machines
 //! have both; the test fails, never skips, without them).
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -94,35 +96,11 @@ fn spawn_pod(cgroup: &MemoryCgroup, rtmp: &str, http: &str, upstream: &str) -> C
 
 /// One sample of the pod's `/metrics`.
 async fn metric(http: &str, name: &str) -> f64 {
-    let page = reqwest_get(http, "/metrics").await;
+    let page = common::http_get(http, "/metrics").await;
     page.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
-/// A plain HTTP/1.0 GET over a TCP socket.
-async fn reqwest_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the pod's HTTP port");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: pod\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
-
-async fn wait_listening(addr: &str) {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the pod does not listen on {addr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,8 +113,8 @@ async fn a_pod_under_a_memory_limit_survives_an_origin_outage() {
     let http = free_port("127.0.0.1").expect("port").to_string();
     let upstream = format!("rtmp://{}/live/{{stream}}", link.addr);
     let mut pod = spawn_pod(&cgroup, &rtmp, &http, &upstream);
-    wait_listening(&rtmp).await;
-    wait_listening(&http).await;
+    common::listening(&rtmp).await;
+    common::listening(&http).await;
 
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();

@@ -4,6 +4,8 @@
 //! and token is searched for in `/status`, `/metrics`, the control API's
 //! status and every log line the pod wrote: none may be found.
 
+mod common;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -11,33 +13,13 @@ use ingest_pod::origin::{Origin, free_port};
 use ingest_pod::publisher::{Publisher, PublisherConfig};
 use ingest_proto::v1::GetStatusRequest;
 use ingest_proto::v1::ingest_control_client::IngestControlClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "release-control-token-0123456789";
 const TC_URL_SECRET: &str = "tcurl-secret-7f3a";
 const UPSTREAM_SECRET: &str = "upstream-secret-91bd";
-
-async fn http_get(addr: &str, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: pod\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
-}
-
-async fn listening(addr: &str) {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nothing listens on {addr}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_keys_and_tokens_appear_nowhere() {
@@ -68,8 +50,8 @@ async fn stream_keys_and_tokens_appear_nowhere() {
         .kill_on_drop(true)
         .spawn()
         .expect("spawning ingest-pod");
-    listening(&rtmp).await;
-    listening(&control).await;
+    common::listening(&rtmp).await;
+    common::listening(&control).await;
 
     // Keys of the kind encoders are given: long random strings.
     let keys: Vec<String> = (0..3).map(|i| format!("live_{i}_a8f3kq29zmx7w1")).collect();
@@ -88,8 +70,8 @@ async fn stream_keys_and_tokens_appear_nowhere() {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let status = http_get(&http, "/status").await;
-    let metrics = http_get(&http, "/metrics").await;
+    let status = common::http_get(&http, "/status").await;
+    let metrics = common::http_get(&http, "/metrics").await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{control}"))
         .expect("uri")
         .connect()
