@@ -323,15 +323,20 @@ rules = [(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r
 check(all("*" not in g + r + v for g, r, v in rules), "ClusterRole: no wildcards")
 check(not any(res in ("secrets", "configmaps") for _, r, _ in rules for res in r), "ClusterRole: no Secrets or ConfigMaps")
 granted = {(g, res, v) for gs, rs, vs in rules for g in gs for res in rs for v in vs}
-need = ({("", "nodes", v) for v in ("list", "watch")} | {("", "pods", v) for v in ("list", "watch")}
-        | {("", "pods/eviction", "create")}
-        | {("ingest.lossless.dev", "ingestdrains", v) for v in ("list", "watch", "create", "patch", "delete")}
-        | {("ingest.lossless.dev", "ingestdrains/status", "patch")}
-        | {("events.k8s.io", "events", v) for v in ("create", "patch")})
-check(granted == need, "ClusterRole grants exactly what the operator uses: nodes and pods list/watch, pods/eviction create, ingestdrains list/watch/create/patch/delete, status patch, events.k8s.io create/patch")
 sa = op["spec"]["template"]["spec"]["serviceAccountName"]
 def bound(binding):
     return any(s["kind"] == "ServiceAccount" and s["name"] == sa and s["namespace"] == rel_ns for s in binding["subjects"])
+need = ({("", "nodes", v) for v in ("list", "watch")}
+        | {("ingest.lossless.dev", "ingestdrains", v) for v in ("list", "watch", "create", "patch", "delete")}
+        | {("ingest.lossless.dev", "ingestdrains/status", "patch")}
+        | {("events.k8s.io", "events", v) for v in ("create", "patch")})
+check(granted == need, "ClusterRole grants exactly what the operator uses cluster-wide: nodes list/watch, ingestdrains list/watch/create/patch/delete, status patch, events.k8s.io create/patch (no pods)")
+pod_rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+             {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]}]
+for ns in namespaces:
+    pod_roles = [r for r in of("Role", ns) if r["rules"] == pod_rules]
+    check(len(pod_roles) == 1 and any(bound(b) and b["roleRef"]["name"] == pod_roles[0]["metadata"]["name"] for b in of("RoleBinding", ns)),
+          f"{ns}: pods list/watch and pods/eviction create by a Role bound to the operator")
 check(any(bound(b) and b["roleRef"]["name"] == roles[0]["metadata"]["name"] for b in of("ClusterRoleBinding")), "ClusterRole bound to the operator's ServiceAccount")
 lease_roles = [r for r in of("Role", rel_ns) if r["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]]
 check(len(lease_roles) == 1 and any(bound(b) and b["roleRef"]["name"] == lease_roles[0]["metadata"]["name"] for b in of("RoleBinding", rel_ns)),

@@ -67,7 +67,7 @@ pub struct Context {
     /// Every IngestDrain (the webhook's cache): whose drain a pod runs.
     pub drains: Store<IngestDrain>,
     /// Every ingest pod (the webhook's cache): no reconcile lists pods.
-    pub pods: Store<Pod>,
+    pub pods: crate::pods::PodCache,
     /// One gRPC channel per pod, shared by every drain.
     pub channels: Channels,
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
@@ -73,15 +73,14 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
         return Ok(Action::await_change());
     };
     let selector = state::parse_selector(&ctx.args.ingest_selector).map_err(Error::Invalid)?;
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let list = ListParams::default()
-        .labels(&state::selector_string(&selector))
-        .fields(&format!("spec.nodeName={name}"));
-    let namespaces: BTreeSet<String> = pods
-        .list(&list)
-        .await?
-        .items
+    // From the watch cache: the operator lists no pods (and may read them
+    // only in the ingest namespaces).
+    let namespaces: BTreeSet<String> = ctx
+        .pods
+        .state()
         .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
+        .filter(|p| state::selector_matches(&selector, p.labels()))
         .filter_map(|p| p.namespace())
         .filter(|ns| ctx.args.namespaces.is_empty() || ctx.args.namespaces.contains(ns))
         .collect();
@@ -144,16 +143,19 @@ mod tests {
     #[tokio::test]
     async fn cordon_creates_one_drain_per_namespace_owned_by_the_node() {
         let token = token_file();
-        let (ctx, api_server) = Context::test(1, token.path(), vec![]);
-        let n = node("node-a", true, &[]);
-        let verifier = api_server.run(vec![Scenario::NodeDrains {
-            node: n.clone(),
-            existing: vec![],
-            pods: vec![
+        let (ctx, api_server) = Context::test(
+            1,
+            token.path(),
+            vec![
                 ingest_pod("ingest-0", NS, "node-a"),
                 ingest_pod("ingest-1", NS, "node-a"),
                 ingest_pod("ingest-2", "other", "node-a"),
             ],
+        );
+        let n = node("node-a", true, &[]);
+        let verifier = api_server.run(vec![Scenario::NodeDrains {
+            node: n.clone(),
+            existing: vec![],
             applied: vec![NS, "other"],
         }]);
 
@@ -169,7 +171,14 @@ mod tests {
     #[tokio::test]
     async fn removal_taint_creates_a_drain_and_a_running_one_is_kept() {
         let token = token_file();
-        let (ctx, api_server) = Context::test(1, token.path(), vec![]);
+        let (ctx, api_server) = Context::test(
+            1,
+            token.path(),
+            vec![
+                ingest_pod("ingest-0", NS, "node-a"),
+                ingest_pod("ingest-2", "other", "node-a"),
+            ],
+        );
         let n = node("node-a", false, &["karpenter.sh/disrupted"]);
         let running = with_status(
             drain("node-node-a", json!({ "nodeName": "node-a" })),
@@ -181,10 +190,6 @@ mod tests {
         let verifier = api_server.run(vec![Scenario::NodeDrains {
             node: n.clone(),
             existing: vec![running],
-            pods: vec![
-                ingest_pod("ingest-0", NS, "node-a"),
-                ingest_pod("ingest-2", "other", "node-a"),
-            ],
             applied: vec!["other"],
         }]);
 

@@ -8,6 +8,8 @@ use ingest_proto::v1::ingest_control_client::IngestControlClient;
 use ingest_proto::v1::{
     CancelDrainRequest, GetStatusRequest, PodStatus, StartDrainRequest, StartDrainResponse, WatchStatusRequest,
 };
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{ObjectRef, Store};
 use thiserror::Error;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -148,5 +150,44 @@ impl PodClient {
                 (!r.cancelled).then_some(r.reason)
             })
             .map_err(|s| self.err(s))
+    }
+}
+
+/// The ingest pods the operator knows: one watch per ingest namespace (so
+/// the operator needs no cluster-wide right on pods), or one cluster-wide
+/// watch when no namespace is given.
+#[derive(Clone)]
+pub struct PodCache(Vec<Store<Pod>>);
+
+impl PodCache {
+    /// A cache of these stores (one per watched namespace).
+    pub fn new(stores: Vec<Store<Pod>>) -> Self {
+        Self(stores)
+    }
+
+    /// Every cached pod.
+    pub fn state(&self) -> Vec<Arc<Pod>> {
+        self.0.iter().flat_map(|s| s.state()).collect()
+    }
+
+    /// One pod, if cached.
+    pub fn get(&self, key: &ObjectRef<Pod>) -> Option<Arc<Pod>> {
+        self.0.iter().find_map(|s| s.get(key))
+    }
+
+    /// Resolves once every watch has listed its pods; false if one ended.
+    pub async fn wait_until_ready(&self) -> bool {
+        for s in &self.0 {
+            if s.wait_until_ready().await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl From<Store<Pod>> for PodCache {
+    fn from(store: Store<Pod>) -> Self {
+        Self(vec![store])
     }
 }

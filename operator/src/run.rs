@@ -48,15 +48,27 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
 
     // Caches the webhook answers from, on every replica.
     let selector = state::selector_string(&ingest);
-    let (pods, pods_writer) = reflector::store::<Pod>();
-    let pod_api: Api<Pod> = Api::all(client.clone());
-    let pod_stream = reflector(
-        pods_writer,
-        watcher(pod_api, watcher::Config::default().labels(&selector)),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(|_| async {});
+    let mut tasks = tokio::task::JoinSet::new();
+    // One watch per ingest namespace: the chart grants pods there only.
+    let pod_apis: Vec<Api<Pod>> = if args.namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        args.namespaces
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
+    };
+    let mut pod_stores = Vec::new();
+    for api in pod_apis {
+        let (store, writer) = reflector::store::<Pod>();
+        pod_stores.push(store);
+        let stream = reflector(writer, watcher(api, watcher::Config::default().labels(&selector)))
+            .default_backoff()
+            .touched_objects()
+            .for_each(|_| async {});
+        tasks.spawn(stream.instrument(info_span!("pod-cache")));
+    }
+    let pods = crate::pods::PodCache::new(pod_stores);
     let channels = crate::pods::Channels::default();
     let (drains, drains_writer) = reflector::store::<IngestDrain>();
     let drain_api: Api<IngestDrain> = Api::all(client.clone());
@@ -64,13 +76,11 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         .default_backoff()
         .touched_objects()
         .for_each(|_| async {});
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(pod_stream.instrument(info_span!("pod-cache")));
     tasks.spawn(drain_stream.instrument(info_span!("drain-cache")));
     {
         let (pods, drains, ready) = (pods.clone(), drains.clone(), ready.clone());
         tasks.spawn(async move {
-            if pods.wait_until_ready().await.is_ok() && drains.wait_until_ready().await.is_ok() {
+            if pods.wait_until_ready().await && drains.wait_until_ready().await.is_ok() {
                 ready.store(true, Ordering::Relaxed);
                 info!("caches synced");
             }

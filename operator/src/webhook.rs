@@ -32,7 +32,7 @@ use crate::telemetry::{DecisionLabel, Metrics};
 #[derive(Clone)]
 pub struct Gate {
     pub client: Client,
-    pub pods: Store<Pod>,
+    pub pods: crate::pods::PodCache,
     pub drains: Store<IngestDrain>,
     /// gRPC channels to the pods, shared with the controller.
     pub channels: Channels,

@@ -323,8 +323,18 @@ async fn operator_rbac_is_least(c: &Cluster) -> Result<()> {
             "the operator may still {verb} {resource} {sub}"
         );
     }
+    // Pods only in the ingest namespaces (a Role there), not cluster-wide.
+    for scope in [["-n", "default"], ["--all-namespaces", "--quiet"]] {
+        let mut args = vec!["auth", "can-i", "list", "pods", "--as", sa.as_str()];
+        args.extend(scope);
+        let out = c.kubectl_command(&args).output().await?;
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).trim() != "yes" && !out.status.success(),
+            "the operator may list pods outside the ingest namespaces ({scope:?})"
+        );
+    }
     println!(
-        "  kubectl auth can-i: the operator may do the {} things it uses and none of {} others",
+        "  kubectl auth can-i: the operator may do the {} things it uses and none of {} others; pods only in the ingest namespaces",
         needed.len(),
         removed.len()
     );
