@@ -280,6 +280,8 @@ impl Gate {
             args,
             metrics: Metrics::default(),
             first_holds: Default::default(),
+            recorder: None,
+            explained: Default::default(),
         };
         (gate, verifier)
     }

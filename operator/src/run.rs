@@ -128,6 +128,14 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
             args: args.clone(),
             metrics: metrics.clone(),
             first_holds: webhook::FirstHolds::default(),
+            recorder: Some(Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "ingest-operator".into(),
+                    instance: Some(args.identity.clone()),
+                },
+            )),
+            explained: webhook::FirstHolds::default(),
         };
         let handle = axum_server::Handle::new();
         let stopper = handle.clone();

@@ -17,8 +17,9 @@ use kube::api::{Patch, PatchParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::core::response::StatusSummary;
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -41,7 +42,15 @@ pub struct Gate {
     pub metrics: Metrics,
     /// When this replica first held each pod (by uid) with no drain covering it.
     pub first_holds: FirstHolds,
+    /// Publishes why an eviction is held, as an Event on the pod (what
+    /// `kubectl describe pod` shows while `kubectl drain` waits); `None`: no Events.
+    pub recorder: Option<Recorder>,
+    /// When each held pod (by uid) last got that Event.
+    pub explained: FirstHolds,
 }
+
+/// How often a held pod gets an Event saying why.
+const EXPLAIN_EVERY: Duration = Duration::from_secs(30);
 
 /// The backstop of a hold no drain covers (its drain cannot be created, or
 /// does not take the pod): this replica lets the eviction through once it
@@ -57,6 +66,18 @@ impl FirstHolds {
         // Pods evicted long ago are forgotten: the map stays small.
         map.retain(|_, first| now.duration_since(*first) < forget_after);
         now.duration_since(*map.entry(uid.to_owned()).or_insert(now))
+    }
+
+    /// True at most once per `every` for `uid` (the first call included).
+    fn due(&self, uid: &str, every: Duration) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        map.retain(|_, last| now.duration_since(*last) < every);
+        if map.contains_key(uid) {
+            return false;
+        }
+        map.insert(uid.to_owned(), now);
+        true
     }
 
     #[cfg(test)]
@@ -151,6 +172,9 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
                 .get_or_create(&DecisionLabel { decision: "hold" })
                 .inc();
             info!(pod = %req.name, %ns, %message, "eviction held");
+            if let Some(p) = pod.as_deref().filter(|_| !req.dry_run) {
+                explain(gate, p, &message);
+            }
             too_many_requests(req, message)
         }
         Verdict::StartAndHold(message) => {
@@ -189,9 +213,34 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
                 None => message,
             };
             info!(pod = %req.name, %ns, dry_run = req.dry_run, %message, "eviction held: drain started");
+            if !req.dry_run {
+                explain(gate, pod, &message);
+            }
             too_many_requests(req, message)
         }
     }
+}
+
+/// Says on the pod why its eviction is held (an Event, at most every
+/// [`EXPLAIN_EVERY`] per pod), without delaying the answer.
+fn explain(gate: &Gate, pod: &Pod, message: &str) {
+    let Some(recorder) = gate.recorder.clone() else { return };
+    if !gate.explained.due(&pod.uid().unwrap_or_default(), EXPLAIN_EVERY) {
+        return;
+    }
+    let reference = pod.object_ref(&());
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "EvictionHeld".into(),
+        note: Some(format!("eviction held: {message}")),
+        action: "HoldEviction".into(),
+        secondary: None,
+    };
+    tokio::spawn(async move {
+        if let Err(err) = recorder.publish(&event, &reference).await {
+            warn!(%err, "cannot publish why an eviction is held");
+        }
+    });
 }
 
 /// The publishers on a pod, from its control API, if it answers within
@@ -418,6 +467,22 @@ mod tests {
             .await
             .expect("no API request");
         assert!(resp.allowed, "held again: {}", resp.result.message);
+    }
+
+    #[test]
+    fn a_held_pod_is_explained_at_most_once_per_interval() {
+        let explained = FirstHolds::default();
+        assert!(explained.due("uid-a", EXPLAIN_EVERY));
+        assert!(
+            !explained.due("uid-a", EXPLAIN_EVERY),
+            "the second hold within the interval"
+        );
+        assert!(explained.due("uid-b", EXPLAIN_EVERY), "another pod");
+        let long_ago = Instant::now()
+            .checked_sub(EXPLAIN_EVERY * 2)
+            .expect("an instant in the past");
+        explained.set("uid-a", long_ago);
+        assert!(explained.due("uid-a", EXPLAIN_EVERY), "again after the interval");
     }
 
     #[tokio::test]

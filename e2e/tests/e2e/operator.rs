@@ -302,6 +302,24 @@ pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &Back
     .await??;
     println!("  evict {pod} again: 429: {held}");
 
+    // `kubectl describe pod` explains the hold while kubectl drain waits.
+    let explained = eventually("an EvictionHeld Event on the pod", Duration::from_secs(30), || async {
+        Api::<Event>::namespaced(c.client(), ns)
+            .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
+            .await?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("EvictionHeld"))
+            .and_then(|e| e.message)
+            .context("no EvictionHeld Event yet")
+    })
+    .await?;
+    ensure!(
+        explained.starts_with("eviction held: ") && explained.contains(&pod),
+        "the Event does not explain the hold: {explained}"
+    );
+    println!("  Event on {pod}: EvictionHeld: {explained}");
+
     // The drain finishes. The pod owns it, so once the operator evicted the
     // pod it may already be garbage collected: its Drained Event stays.
     eventually(
@@ -358,7 +376,7 @@ pub async fn dry_run_eviction_starts_nothing(c: &Cluster, ns: &str) -> Result<()
         answer.code,
         answer.message
     );
-    // The webhook starts a drain before it answers, so none may exist now.
+    // A real eviction starts a drain at once; a dry run may start none.
     let drain = Api::<IngestDrain>::namespaced(c.client(), ns)
         .get_opt(&webhook::drain_name(&pod))
         .await?;
