@@ -618,6 +618,8 @@ async fn pump(
     stop: &CancellationToken,
 ) -> Result<(), Error> {
     let mut items = Vec::new();
+    // Caught up once per session: after that no extra look at the queue per batch.
+    let mut caught_up = false;
     let mut tick = tokio::time::interval(up.live.tick());
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Registered once: a fresh `cancelled()` per message costs a lock each time.
@@ -651,7 +653,8 @@ async fn pump(
                     queue.unget(&mut items);
                     return Err(err);
                 }
-                if queue.is_empty() {
+                if !caught_up && queue.is_empty() {
+                    caught_up = true;
                     queue.set_caught_up(true);
                 }
             }

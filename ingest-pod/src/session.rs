@@ -209,7 +209,7 @@ impl Session {
                         // letting it stream into a buffer for ever.
                         warn!(%why, "the origin refuses this stream: closing the publisher");
                         let sid = self.publishing.as_ref().map_or(1, |p| p.stream_id);
-                        writer.queue(&status_error(sid, "NetStream.Publish.Failed", &why));
+                        writer.queue(&on_status(sid, "error", "NetStream.Publish.Failed", &why));
                         writer.flush().await?;
                         return Ok("the origin refuses the stream");
                     }
@@ -315,8 +315,9 @@ impl Session {
             }
             crate::auth::Decision::Deny { reason, .. } => {
                 warn!(%stream, %reason, "publish denied");
-                writer.queue(&status_error(
+                writer.queue(&on_status(
                     stream_id,
+                    "error",
                     "NetStream.Publish.BadAuth",
                     &format!("publish denied: {reason}"),
                 ));
@@ -407,36 +408,23 @@ impl Session {
                     return Ok(Some("publish before connect"));
                 };
                 let name = cmd.arg(0).and_then(Value::as_str).unwrap_or("").to_owned();
-                let status = |level: &str, code: &str, desc: String| {
-                    Message::command(
-                        stream_id,
-                        "onStatus",
-                        0.0,
-                        vec![
-                            Value::Null,
-                            Value::object([
-                                ("level", Value::string(level)),
-                                ("code", Value::string(code)),
-                                ("description", Value::string(desc)),
-                            ]),
-                        ],
-                    )
-                };
                 if name.is_empty() || self.publishing.is_some() || !self.guard.publish(&app, &name) {
                     let stream = self.ctx.registry.stream_keys().show(&name);
                     warn!(%stream, "publish refused: empty name, already publishing on this connection, or the stream is live on this pod");
-                    writer.queue(&status(
+                    writer.queue(&on_status(
+                        stream_id,
                         "error",
                         "NetStream.Publish.BadName",
-                        format!("{name} is already publishing"),
+                        &format!("{name} is already publishing"),
                     ));
                     return Ok(Some("publish refused"));
                 }
                 writer.queue(&Message::UserControl(UserControl::StreamBegin(stream_id)));
-                writer.queue(&status(
+                writer.queue(&on_status(
+                    stream_id,
                     "status",
                     "NetStream.Publish.Start",
-                    format!("{name} is now published."),
+                    &format!("{name} is now published."),
                 ));
                 self.start_publish(&app, name, stream_id);
             }
@@ -581,8 +569,8 @@ impl Session {
     }
 }
 
-/// An `onStatus` error on the publisher's stream: `code` and a description.
-fn status_error(stream_id: u32, code: &str, description: &str) -> Message {
+/// An `onStatus` on the publisher's stream: level, code and description.
+fn on_status(stream_id: u32, level: &str, code: &str, description: &str) -> Message {
     Message::command(
         stream_id,
         "onStatus",
@@ -590,7 +578,7 @@ fn status_error(stream_id: u32, code: &str, description: &str) -> Message {
         vec![
             Value::Null,
             Value::object([
-                ("level", Value::string("error")),
+                ("level", Value::string(level)),
                 ("code", Value::string(code)),
                 ("description", Value::string(description)),
             ]),
