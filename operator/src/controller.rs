@@ -1059,6 +1059,56 @@ mod tests {
         assert!(status["pods"][0]["lastUpdate"].is_null(), "{status}");
     }
 
+    /// A pod already running this drain with redirect targets that changed
+    /// since (a target started draining, or a new pod became ready) gets
+    /// them again: StartDrain with the same id, which restarts nothing.
+    #[tokio::test]
+    async fn a_running_drain_gets_fresh_redirect_targets() {
+        let pod = local_pod("ingest-0").await;
+        let token = token_file();
+        let d = with_status(
+            with_finalizer(drain(
+                "manual",
+                json!({ "redirect": { "urlTemplate": "rtmp://{pod}.ingest:1935/live" } }),
+            )),
+            DrainPhase::Draining,
+            Duration::from_secs(10),
+            vec![row("ingest-0", PodState::Draining)],
+        );
+        // Started with no target: ingest-1 was not ready then.
+        start_on_pod(&pod, &d.uid().expect("uid"), Duration::from_secs(30));
+        let started = pod_drain_started(&pod);
+        let (ctx, api_server) = Context::test(
+            control_port(&pod),
+            token.path(),
+            vec![
+                ingest_pod("ingest-0", NS, "node-a"),
+                ingest_pod("ingest-1", NS, "node-b"),
+            ],
+        );
+        let verifier = api_server.run(vec![Scenario::Step(Step {
+            drain: d.clone(),
+            evicted: vec![],
+            evictions_refused: false,
+            event: None,
+            phase: DrainPhase::Draining,
+            rows: vec![("ingest-0", PodState::Draining)],
+        })]);
+
+        assert_eq!(reconcile_once(&ctx, &d).await, Action::requeue(PROGRESS_REQUEUE));
+        let on_pod = pod.drainer.status().expect("the pod drains");
+        assert_eq!(
+            on_pod.spec.redirects,
+            vec!["rtmp://ingest-1.ingest:1935/live".to_owned()],
+            "the draining pod itself is no target; the ready one is"
+        );
+        assert_eq!(pod_drain_started(&pod), started, "the pod's drain restarted");
+        assert_eq!(on_pod.phase, PodPhase::Propagating);
+
+        drop(ctx);
+        within("verifier", verifier).await.expect("scenario");
+    }
+
     /// A reconcile that finds nothing new writes nothing: no status patch,
     /// so no watch event that would wake the drain again.
     #[tokio::test]

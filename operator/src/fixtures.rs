@@ -282,6 +282,7 @@ impl Gate {
             first_holds: Default::default(),
             recorder: None,
             explained: Default::default(),
+            counts: Default::default(),
         };
         (gate, verifier)
     }

@@ -136,6 +136,7 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
                 },
             )),
             explained: webhook::FirstHolds::default(),
+            counts: webhook::Counts::default(),
         };
         let handle = axum_server::Handle::new();
         let stopper = handle.clone();

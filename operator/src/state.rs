@@ -260,7 +260,12 @@ pub const HOLD_GRACE: SignedDuration = SignedDuration::from_secs(15);
 /// before it listed its pods at all), and only until its deadline, counted
 /// from its start (its creation if no status was ever written) plus
 /// [`HOLD_GRACE`]. Neither depends on the controller writing status.
-pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[IngestDrain], now: Timestamp) -> Verdict {
+pub fn eviction_verdict<'a>(
+    pod: Option<&Pod>,
+    ingest: &LabelSelector,
+    drains: impl IntoIterator<Item = &'a IngestDrain>,
+    now: Timestamp,
+) -> Verdict {
     let Some(pod) = pod else {
         return Verdict::Allow("pod not found".into());
     };
@@ -268,20 +273,28 @@ pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[Ing
         return Verdict::Allow("not an ingest pod".into());
     }
     let name = pod.name_any();
-    let mut covering = drains
-        .iter()
-        .filter_map(|d| covers(d, pod).map(|(status, row)| (d, status, row)))
-        .collect::<Vec<_>>();
-    covering.sort_by_key(|(_, s, _)| s.phase.is_terminal());
-    let Some((drain, status, row)) = covering.into_iter().next() else {
+    // The first live drain that covers the pod, else the first ended one.
+    let uid = pod.uid().unwrap_or_default();
+    let (mut live, mut ended) = (None, None);
+    for d in drains {
+        let Some(row) = covers(d, pod, &name, &uid) else {
+            continue;
+        };
+        if !phase(d).is_terminal() {
+            live = Some((d, row));
+            break;
+        }
+        ended.get_or_insert((d, row));
+    }
+    let Some((drain, row)) = live.or(ended) else {
         return Verdict::StartAndHold(format!(
             "pod {name} may have live publishers: starting its drain; retry shortly"
         ));
     };
-    if let Some(r) = row.as_ref().filter(|r| r.state.releases_pod()) {
+    if let Some(r) = row.filter(|r| r.state.releases_pod()) {
         return Verdict::Allow(format!("pod {name} is {:?}", r.state));
     }
-    if status.phase == DrainPhase::TimedOut {
+    if phase(drain) == DrainPhase::TimedOut {
         return Verdict::Allow(format!("drain {} timed out", drain.name_any()));
     }
     let Some(end) = hold_end(drain) else {
@@ -310,30 +323,30 @@ pub fn eviction_verdict(pod: Option<&Pod>, ingest: &LabelSelector, drains: &[Ing
     })
 }
 
-/// Whether the live drain `d` holds `pod`: its status, and the pod's row
-/// if it has one yet. A drain that listed its pods without this one does
-/// not (it froze its rows before the pod landed in its scope).
-fn covers(d: &IngestDrain, pod: &Pod) -> Option<(IngestDrainStatus, Option<PodDrainStatus>)> {
-    if d.spec.cancel || d.metadata.deletion_timestamp.is_some() {
+/// Whether the live drain `d` holds `pod` (named `name`, with `uid`), and
+/// the pod's row if it has one yet. A drain that listed its pods without
+/// this one does not (it froze its rows before the pod landed in its scope).
+/// Borrows: the webhook asks this of every drain in the namespace, rows and all.
+fn covers<'d>(d: &'d IngestDrain, pod: &Pod, name: &str, uid: &str) -> Option<Option<&'d PodDrainStatus>> {
+    if d.spec.cancel || d.metadata.deletion_timestamp.is_some() || phase(d) == DrainPhase::Cancelled {
         return None;
     }
-    let status = d.status.clone().unwrap_or_default();
-    if status.phase == DrainPhase::Cancelled {
-        return None;
-    }
-    let (name, uid) = (pod.name_any(), pod.uid().unwrap_or_default());
-    let row = status
+    let Some(status) = d.status.as_ref() else {
+        return pod_selected(&d.spec, pod).then_some(None);
+    };
+    match status
         .pods
         .iter()
         .find(|r| r.name == name && (r.uid.is_empty() || r.uid == uid))
-        .cloned();
-    match row {
-        Some(r) => Some((status, Some(r))),
-        None if status.started_at.is_none() && status.pods.is_empty() && pod_selected(&d.spec, pod) => {
-            Some((status, None))
-        }
+    {
+        Some(r) => Some(Some(r)),
+        None if status.started_at.is_none() && status.pods.is_empty() && pod_selected(&d.spec, pod) => Some(None),
         None => None,
     }
+}
+
+fn phase(d: &IngestDrain) -> DrainPhase {
+    d.status.as_ref().map(|s| s.phase).unwrap_or_default()
 }
 
 /// When the gate stops holding `d`'s pods: the deadline from the drain's

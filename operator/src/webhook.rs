@@ -47,6 +47,28 @@ pub struct Gate {
     pub recorder: Option<Recorder>,
     /// When each held pod (by uid) last got that Event.
     pub explained: FirstHolds,
+    /// The last publisher count of each held pod (by uid).
+    pub counts: Counts,
+}
+
+/// Publisher counts of held pods, asked in the background and named by
+/// the next 429.
+#[derive(Clone, Default)]
+pub struct Counts(Arc<Mutex<HashMap<String, (u32, Instant)>>>);
+
+impl Counts {
+    fn put(&self, uid: &str, n: u32) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        map.retain(|_, (_, at)| now.duration_since(*at) < COUNT_FRESH);
+        map.insert(uid.to_owned(), (n, now));
+    }
+
+    /// `uid`'s count if it was measured within `fresh`.
+    fn get(&self, uid: &str, fresh: Duration) -> Option<u32> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(uid).filter(|(_, at)| at.elapsed() < fresh).map(|(n, _)| *n)
+    }
 }
 
 /// How often a held pod gets an Event saying why.
@@ -152,19 +174,12 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
         return allow("namespace not watched");
     }
     let pod = gate.pods.get(&ObjectRef::new(&req.name).within(&ns));
-    let drains: Vec<IngestDrain> = gate
-        .drains
-        .state()
+    let drains = gate.drains.state();
+    let in_ns = drains
         .iter()
-        .filter(|d| d.namespace().as_deref() == Some(ns.as_str()))
-        .map(|d| (**d).clone())
-        .collect();
-    match state::eviction_verdict(
-        pod.as_deref(),
-        &gate.ingest,
-        &drains,
-        k8s_openapi::jiff::Timestamp::now(),
-    ) {
+        .map(AsRef::as_ref)
+        .filter(|d: &&IngestDrain| d.metadata.namespace.as_deref() == Some(ns.as_str()));
+    match state::eviction_verdict(pod.as_deref(), &gate.ingest, in_ns, k8s_openapi::jiff::Timestamp::now()) {
         Verdict::Allow(why) => allow(&why),
         Verdict::Hold(message) => {
             gate.metrics
@@ -204,8 +219,17 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
                     }
                 });
             }
-            let count = publishers_on(gate, pod).await;
-            let message = match count {
+            // The pod tells how many publishers it has in the background
+            // too: the answer never waits on a pod, and a retry names the
+            // count (until the drain's own row does).
+            let uid = pod.uid().unwrap_or_default();
+            let (g, p) = (gate.clone(), pod.clone());
+            tokio::spawn(async move {
+                if let Some(n) = publishers_on(&g, &p).await {
+                    g.counts.put(&uid, n);
+                }
+            });
+            let message = match gate.counts.get(&pod.uid().unwrap_or_default(), COUNT_FRESH) {
                 Some(n) => format!(
                     "pod {}: {n} publishers remain; starting its drain, retry shortly",
                     req.name
@@ -244,7 +268,7 @@ fn explain(gate: &Gate, pod: &Pod, message: &str) {
 }
 
 /// The publishers on a pod, from its control API, if it answers within
-/// [`COUNT_TIMEOUT`] (the webhook must answer well within its own timeout).
+/// [`COUNT_TIMEOUT`].
 async fn publishers_on(gate: &Gate, pod: &Pod) -> Option<u32> {
     let ip = pod.status.as_ref()?.pod_ip.clone()?;
     let token = std::fs::read_to_string(&gate.args.control_token_file).ok()?;
@@ -255,10 +279,11 @@ async fn publishers_on(gate: &Gate, pod: &Pod) -> Option<u32> {
     tokio::time::timeout(COUNT_TIMEOUT, ask).await.ok().flatten()
 }
 
-/// How long the webhook waits for a pod's publisher count: the first 429
-/// names it when the pod answers at once (a reused channel answers in about
-/// a millisecond); the gate never waits longer for a nicer message.
-const COUNT_TIMEOUT: Duration = Duration::from_millis(20);
+/// How long the background count waits for a pod.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a pod's count may be named in a 429.
+const COUNT_FRESH: Duration = Duration::from_secs(15);
 
 /// Creates (server-side apply, so every replica may race) a drain of one
 /// pod, owned by the pod: it goes when the pod goes.
@@ -483,6 +508,16 @@ mod tests {
             .expect("an instant in the past");
         explained.set("uid-a", long_ago);
         assert!(explained.due("uid-a", EXPLAIN_EVERY), "again after the interval");
+    }
+
+    #[test]
+    fn a_count_is_named_while_fresh() {
+        let counts = Counts::default();
+        assert_eq!(counts.get("uid-a", COUNT_FRESH), None, "never measured");
+        counts.put("uid-a", 12);
+        assert_eq!(counts.get("uid-a", COUNT_FRESH), Some(12));
+        assert_eq!(counts.get("uid-b", COUNT_FRESH), None, "another pod");
+        assert_eq!(counts.get("uid-a", Duration::ZERO), None, "stale");
     }
 
     #[tokio::test]
