@@ -247,6 +247,47 @@ for d in ingest:
     ns = d["metadata"]["namespace"]
     name, key = token_file(d, "INGEST_CONTROL_TOKEN_FILE")
     check((token_secret(ns, name) or {}).get("data", {}).get(key) == op_token, f"ingest pods in {ns} mount the same token")
+
+print("  -- control API TLS")
+tls = exp.get("controlTLS", {"mutual": True, "serverName": None})
+def mounted(d, path):
+    """The Secret name and key that `path` in `d`'s container comes from."""
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    m = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    v = next(v for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == m["name"])
+    return v["secret"]["secretName"], path[len(m["mountPath"]) + 1:]
+def pem(d, path):
+    name, key = mounted(d, path)
+    s = token_secret(d["metadata"]["namespace"], name) or {}
+    return base64.b64decode(s.get("data", {}).get(key, ""))
+def env(d, name):
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    return next((e["value"] for e in c["env"] if e["name"] == name), None)
+server_name = env(op, "OPERATOR_CONTROL_TLS_SERVER_NAME")
+check(env(op, "OPERATOR_CONTROL_TLS_CA") is not None and server_name is not None, "the operator verifies the pods' certificate, by name")
+if tls["serverName"]:
+    check(server_name == tls["serverName"], f"the server name is controlTLS.serverName ({server_name})")
+check((env(op, "OPERATOR_CONTROL_TLS_CLIENT_CERT") is not None) == tls["mutual"], f"operator presents a client certificate: {tls['mutual']}")
+with tempfile.TemporaryDirectory() as t:
+    def write(name, data):
+        open(os.path.join(t, name), "wb").write(data)
+        return os.path.join(t, name)
+    op_ca = write("op-ca.crt", pem(op, env(op, "OPERATOR_CONTROL_TLS_CA")))
+    for d in ingest:
+        ns = d["metadata"]["namespace"]
+        check(env(d, "INGEST_CONTROL_TLS_CERT") is not None and env(d, "INGEST_CONTROL_TLS_KEY") is not None, f"ingest pods in {ns} serve the control API over TLS")
+        check((env(d, "INGEST_CONTROL_TLS_CLIENT_CA") is not None) == tls["mutual"], f"ingest pods in {ns} require a client certificate: {tls['mutual']}")
+        crt = write(f"{ns}.crt", pem(d, env(d, "INGEST_CONTROL_TLS_CERT")))
+        v = subprocess.run(["openssl", "verify", "-CAfile", op_ca, crt], capture_output=True, text=True)
+        check(v.returncode == 0, f"the certificate of the pods in {ns} verifies against the operator's CA (openssl verify)")
+        san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", crt], capture_output=True, text=True).stdout
+        check(f"DNS:{server_name}" in san, f"the certificate of the pods in {ns} names {server_name}")
+        if tls["mutual"]:
+            client = write("client.crt", pem(op, env(op, "OPERATOR_CONTROL_TLS_CLIENT_CERT")))
+            pod_ca = write(f"{ns}-ca.crt", pem(d, env(d, "INGEST_CONTROL_TLS_CLIENT_CA")))
+            v = subprocess.run(["openssl", "verify", "-purpose", "sslclient", "-CAfile", pod_ca, client], capture_output=True, text=True)
+            check(v.returncode == 0, f"the operator's client certificate verifies against the CA of the pods in {ns}")
+
 nps = of("NetworkPolicy")
 ingest_labels = ingest[0]["spec"]["template"]["metadata"]["labels"] if ingest else {}
 if not exp["networkPolicy"]:
@@ -374,6 +415,7 @@ check_render non-default "$WORK/non-default.yaml" '{
   "operatorAntiAffinity": "none", "serviceType": "ClusterIP", "networkPolicy": false,
   "webhookFrom": [{"ipBlock": {"cidr": "10.0.0.0/28"}}], "metricsFrom": [],
   "certManager": true, "crds": false, "webhookTimeout": 3, "grace": 120,
+  "controlTLS": {"mutual": false, "serverName": "control.ingest.example.net"},
   "upstream": "rtmp://10.200.0.254:1935/{app}/{stream}"}'
 
 step "variants: NodePort, one operator replica, webhook off"
@@ -399,7 +441,8 @@ fi
 
 step "GitOps: with existing Secrets, renders need no lookup and are byte-identical"
 gitops=(--set-string "ingest.upstream=$UPSTREAM" --set controlToken.existingSecret=ingest-control-token
-	--set webhook.tls.existingSecret=ingest-webhook-tls --set-string webhook.tls.caBundle=LS0tLS1CRUdJTg==)
+	--set webhook.tls.existingSecret=ingest-webhook-tls --set-string webhook.tls.caBundle=LS0tLS1CRUdJTg==
+	--set controlTLS.existingSecrets.server=ingest-control-tls --set controlTLS.existingSecrets.client=ingest-control-client-tls)
 "$HELM" template lossless "$CHART" -n ingest "${gitops[@]}" >"$WORK/gitops-1.yaml"
 "$HELM" template lossless "$CHART" -n ingest "${gitops[@]}" >"$WORK/gitops-2.yaml"
 if cmp -s "$WORK/gitops-1.yaml" "$WORK/gitops-2.yaml"; then ok "two renders are byte-identical"; else bad "two renders differ"; fi
@@ -421,7 +464,35 @@ else
 	bad "the existing Secrets or the caBundle are not used"
 fi
 
+step "control API TLS: off, existing Secrets, cert-manager"
+"$HELM" template lossless "$CHART" -n ingest --set-string "ingest.upstream=$UPSTREAM" --set controlTLS.enabled=false >"$WORK/plain.yaml"
+if ! grep -q 'CONTROL_TLS' "$WORK/plain.yaml" && ! grep -q 'control-tls' "$WORK/plain.yaml"; then
+	ok "controlTLS.enabled=false: no certificate, no TLS settings"
+else
+	bad "controlTLS.enabled=false still renders TLS settings"
+fi
+if grep -q 'secretName: ingest-control-tls$' "$WORK/gitops-1.yaml" && grep -q 'secretName: ingest-control-client-tls$' "$WORK/gitops-1.yaml"; then
+	ok "GitOps render: the pods and the operator mount the existing control TLS Secrets"
+else
+	bad "GitOps render: the existing control TLS Secrets are not mounted"
+fi
+"$HELM" template lossless "$CHART" -n ingest --set-string "ingest.upstream=$UPSTREAM" --set 'ingest.namespaces={a,b}' \
+	--set controlTLS.certManager.enabled=true --set controlTLS.certManager.issuerRef.name=ingest-ca >"$WORK/cm.yaml"
+n=$(python3 -c 'import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+certs = [d for d in docs if d["kind"] == "Certificate" and d["spec"]["issuerRef"]["name"] == "ingest-ca"]
+print(sorted(c["metadata"]["namespace"] + "/" + ",".join(c["spec"]["usages"]) for c in certs))' "$WORK/cm.yaml")
+if [[ $n == "['a/digital signature,key encipherment,server auth', 'b/digital signature,key encipherment,server auth', 'ingest/digital signature,key encipherment,client auth']" ]]; then
+	ok "cert-manager: a serving Certificate per ingest namespace and the operator's client Certificate, from the given issuer"
+else
+	bad "cert-manager Certificates: $n"
+fi
+
 step "values that must be refused"
+expect_refused "controlTLS.certManager without an issuer" "issuerRef.name is required" \
+	template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" --set controlTLS.certManager.enabled=true
+expect_refused "controlTLS.existingSecrets with only one of them" "give both server and client" \
+	template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" --set controlTLS.existingSecrets.server=s
 expect_refused "webhook.tls.existingSecret without its caBundle" "webhook.tls.caBundle is required" \
 	template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" --set webhook.tls.existingSecret=tls
 printf 'ingest:\n  replicaCont: 2\n' >"$WORK/typo.yaml"

@@ -31,6 +31,17 @@ pub const OPERATOR_PODS: &str = "app.kubernetes.io/instance=lossless-ingest,app.
 pub const RTMP_PORT: u16 = 1935;
 /// HTTP port of the ingest pods (`/status`).
 const INGEST_HTTP_PORT: u16 = 8080;
+/// Control API port of the ingest pods (chart default).
+pub const CONTROL_PORT: u16 = 9090;
+
+/// grpcurl, as `.ci/setup` builds it into the project's cache.
+pub fn grpcurl() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"));
+    cache.join("lossless-ingest/bin/grpcurl")
+}
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -91,6 +102,14 @@ pub fn webhook_tls_secret() -> String {
 
 pub fn control_token_secret() -> String {
     format!("{RELEASE}-control-token")
+}
+
+/// The pods' control API certificate (server) and the operator's (client).
+pub fn control_tls_secrets() -> (String, String) {
+    (
+        format!("{RELEASE}-control-tls"),
+        format!("{RELEASE}-control-client-tls"),
+    )
 }
 
 /// The values this cluster needs, then `extra` (`key=value`, `--set`).

@@ -85,6 +85,27 @@ pub struct Args {
     )]
     pub control_token: Option<String>,
 
+    /// PEM certificate (chain) the control API is served with: TLS instead
+    /// of plaintext. Pods are dialled by IP, so it names what the operator
+    /// verifies (its --control-tls-server-name).
+    #[arg(long, env = "INGEST_CONTROL_TLS_CERT", requires = "control_tls_key")]
+    pub control_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --control-tls-cert.
+    #[arg(long, env = "INGEST_CONTROL_TLS_KEY", requires = "control_tls_cert")]
+    pub control_tls_key: Option<PathBuf>,
+
+    /// PEM CA that signs the callers' client certificates: with it, the
+    /// control API requires one (mutual TLS), on top of the bearer token.
+    #[arg(long, env = "INGEST_CONTROL_TLS_CLIENT_CA", requires = "control_tls_cert")]
+    pub control_tls_client_ca: Option<PathBuf>,
+
+    /// How often the control API's certificate, key and client CA files are
+    /// read again; a changed set (a renewal) serves new connections without
+    /// a restart. 0: never.
+    #[arg(long, env = "INGEST_CONTROL_TLS_RELOAD", default_value = "60s", value_parser = parse_duration)]
+    pub control_tls_reload: Duration,
+
     /// Show stream keys in clear in `/status` and let control API callers ask
     /// for them; otherwise every key is shown (status, logs) as a keyed hash.
     #[arg(long, env = "INGEST_CONTROL_REVEAL_STREAM_KEYS")]

@@ -353,9 +353,11 @@ impl BearerAuth {
     }
 }
 
-/// Serves the control API, health and reflection on `listener` until `stop`.
+/// Serves the control API, health and reflection on `listener` (over TLS
+/// when `tls` is given) until `stop`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<ingest_proto::tls::Watched<rustls::ServerConfig>>,
     service: ControlService,
     auth: BearerAuth,
     stop: CancellationToken,
@@ -399,13 +401,23 @@ pub async fn serve(
         auth.check(&req)?;
         Ok(req)
     });
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(control)
-        .add_optional_service(reflection)
-        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-        .await
+        .add_optional_service(reflection);
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(ingest_proto::tls::incoming(listener, tls), stop.cancelled_owned())
+                .await
+        }
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+        }
+    }
 }
 
 /// Reads the bearer token from a file (trailing whitespace trimmed).

@@ -36,12 +36,20 @@ pub struct Server {
     args: Args,
     rtmp: TcpListener,
     http: TcpListener,
-    /// The control listener and its token; `None` when no token is configured.
-    control: Option<(TcpListener, String)>,
+    /// The control API; `None` when no token is configured.
+    control: Option<ControlListener>,
     registry: Arc<Registry>,
     drainer: Arc<Drainer>,
     prometheus: Arc<prometheus_client::registry::Registry>,
     tasks: TaskTracker,
+}
+
+/// Where and how the control API is served.
+struct ControlListener {
+    listener: TcpListener,
+    token: String,
+    /// TLS, when a certificate is configured.
+    tls: Option<ingest_proto::tls::Watched<rustls::ServerConfig>>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -81,8 +89,35 @@ impl Server {
         };
         let rtmp = bind(args.rtmp_listen).await?;
         let http = bind(args.http_listen).await?;
+        let tls = match (&args.control_tls_cert, &args.control_tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = ingest_proto::tls::ServerFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: args.control_tls_client_ca.clone(),
+                };
+                let tls = files
+                    .watch(args.control_tls_reload)
+                    .map_err(|e| Error::Config(format!("control API TLS: {e}")))?;
+                Some(tls)
+            }
+            _ => None,
+        };
         let control = match token {
-            Some(t) => Some((bind(args.control_listen).await?, t)),
+            Some(token) => {
+                let listener = bind(args.control_listen).await?;
+                match &tls {
+                    Some(_) => info!(
+                        addr = %args.control_listen,
+                        mutual = args.control_tls_client_ca.is_some(),
+                        "control API served over TLS"
+                    ),
+                    None => {
+                        warn!(addr = %args.control_listen, "control API served in plaintext: its token crosses the network in clear")
+                    }
+                }
+                Some(ControlListener { listener, token, tls })
+            }
             None => {
                 warn!("no control token configured: the control API is not served");
                 None
@@ -117,7 +152,7 @@ impl Server {
 
     /// Address of the control API, if it is served.
     pub fn control_addr(&self) -> Option<SocketAddr> {
-        self.control.as_ref().and_then(|(l, _)| l.local_addr().ok())
+        self.control.as_ref().and_then(|c| c.listener.local_addr().ok())
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -184,7 +219,7 @@ impl Server {
             }
         });
 
-        if let Some((listener, token)) = control {
+        if let Some(ControlListener { listener, token, tls }) = control {
             let service = ControlService {
                 registry: registry.clone(),
                 drainer: drainer.clone(),
@@ -195,7 +230,9 @@ impl Server {
             let control_stop = stop.clone();
             tasks.spawn(
                 async move {
-                    if let Err(err) = control::serve(listener, service, BearerAuth::new(&token), control_stop).await {
+                    if let Err(err) =
+                        control::serve(listener, tls, service, BearerAuth::new(&token), control_stop).await
+                    {
                         error!(%err, "control server failed");
                     }
                 }

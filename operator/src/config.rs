@@ -73,6 +73,33 @@ pub struct Args {
     )]
     pub control_token_file: PathBuf,
 
+    /// PEM CA that signs the pods' control API certificates: the operator
+    /// then calls the pods over TLS and verifies them. Without it, plaintext.
+    #[arg(long, env = "OPERATOR_CONTROL_TLS_CA", requires = "control_tls_server_name")]
+    pub control_tls_ca: Option<PathBuf>,
+
+    /// The name the pods' certificate carries (they are dialled by IP, so
+    /// every pod's certificate names this one DNS name).
+    #[arg(long, env = "OPERATOR_CONTROL_TLS_SERVER_NAME", requires = "control_tls_ca")]
+    pub control_tls_server_name: Option<String>,
+
+    /// PEM client certificate presented to the pods (mutual TLS).
+    #[arg(
+        long,
+        env = "OPERATOR_CONTROL_TLS_CLIENT_CERT",
+        requires_all = ["control_tls_client_key", "control_tls_ca"]
+    )]
+    pub control_tls_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --control-tls-client-cert.
+    #[arg(long, env = "OPERATOR_CONTROL_TLS_CLIENT_KEY", requires = "control_tls_client_cert")]
+    pub control_tls_client_key: Option<PathBuf>,
+
+    /// How often the control TLS files are read again; a changed set (a
+    /// renewal) is used for new connections without a restart. 0: never.
+    #[arg(long, env = "OPERATOR_CONTROL_TLS_RELOAD", default_value = "60s", value_parser = parse_duration)]
+    pub control_tls_reload: Duration,
+
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "OPERATOR_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,

@@ -41,9 +41,21 @@ pub struct PodClient {
 /// hundred pods without a hundred TCP and HTTP/2 handshakes. A channel
 /// connects on first use and again after a failure on its own.
 #[derive(Clone, Default)]
-pub struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
+pub struct Channels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Dials over TLS when set; plaintext otherwise.
+    tls: Option<ingest_proto::tls::Connector>,
+}
 
 impl Channels {
+    /// Channels that dial the pods over TLS.
+    pub fn with_tls(tls: ingest_proto::tls::Connector) -> Self {
+        Self {
+            channels: Arc::default(),
+            tls: Some(tls),
+        }
+    }
+
     /// A client for `ip:port` on its pooled channel.
     pub fn client(&self, ip: &str, port: u16, token: &str) -> Result<PodClient, Error> {
         let addr = if ip.contains(':') {
@@ -52,17 +64,20 @@ impl Channels {
             format!("{ip}:{port}")
         };
         let token = format!("Bearer {token}").parse().map_err(|_| Error::BadToken)?;
-        let mut channels = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let channel = match channels.get(&addr) {
             Some(c) => c.clone(),
             None => {
-                let channel = Endpoint::from_shared(format!("http://{addr}"))
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|source| Error::Connect {
                         addr: addr.clone(),
                         source,
                     })?
-                    .connect_timeout(CALL_TIMEOUT)
-                    .connect_lazy();
+                    .connect_timeout(CALL_TIMEOUT);
+                let channel = match &self.tls {
+                    Some(tls) => endpoint.connect_with_connector_lazy(tls.clone()),
+                    None => endpoint.connect_lazy(),
+                };
                 channels.insert(addr.clone(), channel.clone());
                 channel
             }
@@ -76,7 +91,7 @@ impl Channels {
 
     /// Forgets the channels of pods whose IP is not in `live`.
     pub fn retain(&self, live: &std::collections::HashSet<String>) {
-        let mut channels = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         channels.retain(|addr, _| {
             let ip = addr.rsplit_once(':').map_or(addr.as_str(), |(ip, _)| ip);
             live.contains(ip.trim_start_matches('[').trim_end_matches(']'))

@@ -31,6 +31,8 @@ pub enum Error {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("webhook TLS: {0}")]
     Tls(std::io::Error),
+    #[error("control API TLS: {0}")]
+    ControlTls(#[from] ingest_proto::tls::Error),
 }
 
 /// Runs the operator with `client` until `shutdown` resolves.
@@ -69,7 +71,24 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         tasks.spawn(stream.instrument(info_span!("pod-cache")));
     }
     let pods = crate::pods::PodCache::new(pod_stores);
-    let channels = crate::pods::Channels::default();
+    let channels = match (&args.control_tls_ca, &args.control_tls_server_name) {
+        (Some(ca), Some(name)) => {
+            let files = ingest_proto::tls::ClientFiles {
+                ca: ca.clone(),
+                identity: args
+                    .control_tls_client_cert
+                    .clone()
+                    .zip(args.control_tls_client_key.clone()),
+            };
+            let connector = ingest_proto::tls::Connector::new(files.watch(args.control_tls_reload)?, name)?;
+            info!(server_name = %name, mutual = files.identity.is_some(), "calling the pods' control API over TLS");
+            crate::pods::Channels::with_tls(connector)
+        }
+        _ => {
+            warn!("calling the pods' control API in plaintext: the control token crosses the network in clear");
+            crate::pods::Channels::default()
+        }
+    };
     let (drains, drains_writer) = reflector::store::<IngestDrain>();
     let drain_api: Api<IngestDrain> = Api::all(client.clone());
     let drain_stream = reflector(drains_writer, watcher(drain_api, watcher::Config::default()))

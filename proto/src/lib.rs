@@ -8,3 +8,5 @@ pub mod v1 {
     /// File descriptor set, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ingest_control_v1_descriptor");
 }
+
+pub mod tls;

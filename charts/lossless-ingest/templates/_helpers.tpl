@@ -132,6 +132,24 @@ release namespace. Use with `include ... | fromJsonArray`.
 {{ .Values.controlToken.existingSecret | default (printf "%s-control-token" (include "lossless-ingest.fullname" .)) }}
 {{- end }}
 
+{{/* Control API TLS: the Secrets with the pods' and the operator's certificates. */}}
+{{- define "lossless-ingest.controlTLS.serverSecretName" -}}
+{{ .Values.controlTLS.existingSecrets.server | default (printf "%s-control-tls" (include "lossless-ingest.fullname" .)) }}
+{{- end }}
+
+{{- define "lossless-ingest.controlTLS.clientSecretName" -}}
+{{ .Values.controlTLS.existingSecrets.client | default (printf "%s-control-client-tls" (include "lossless-ingest.fullname" .)) }}
+{{- end }}
+
+{{/* The one DNS name every ingest pod's control certificate carries. */}}
+{{- define "lossless-ingest.controlTLS.serverName" -}}
+{{ .Values.controlTLS.serverName | default (printf "%s-control.%s.svc" (include "lossless-ingest.ingest.fullname" .) .Release.Namespace) }}
+{{- end }}
+
+{{- define "lossless-ingest.controlTLSDir" -}}
+/var/run/secrets/ingest-control-tls
+{{- end }}
+
 {{/* Where both the ingest pods and the operator find the control token. */}}
 {{- define "lossless-ingest.controlTokenDir" -}}
 /var/run/secrets/ingest-control

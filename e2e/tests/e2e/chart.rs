@@ -120,6 +120,7 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     operator_has_no_forbidden_calls(&c).await?;
     operator_rbac_is_least(&c).await?;
     stream_keys_hidden(&c).await?;
+    control_api_needs_the_operators_certificate(&c).await?;
 
     upgrade_keeps_secrets(&c, &upstream).await?;
     let description = remaining_description(&c).await?;
@@ -375,6 +376,94 @@ async fn stream_keys_hidden(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// The control API of an installed pod, called by grpcurl from outside
+/// the pod with the chart's certificates: only TLS with the operator's
+/// client certificate (and the token) gets an answer.
+async fn control_api_needs_the_operators_certificate(c: &Cluster) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(c.client(), NS);
+    let (_, client) = system::control_tls_secrets();
+    let client = secrets.get(&client).await?.data.unwrap_or_default();
+    let token = secrets
+        .get(&system::control_token_secret())
+        .await?
+        .data
+        .unwrap_or_default();
+    let token = String::from_utf8(token.get("token").context("no token")?.0.clone())?;
+    let dir = tempfile::tempdir()?;
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let pem = client
+            .get(key)
+            .with_context(|| format!("the operator's Secret has no {key}"))?;
+        std::fs::write(dir.path().join(key), &pem.0)?;
+    }
+    let server_name = c
+        .kubectl(&[
+            "-n",
+            NS,
+            "get",
+            "deployment",
+            &system::operator_name(),
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].env[?(@.name==\"OPERATOR_CONTROL_TLS_SERVER_NAME\")].value}",
+        ])
+        .await?;
+    let server_name = server_name.trim();
+    ensure!(!server_name.is_empty(), "the operator has no control TLS server name");
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(c.client(), NS)
+        .list(&ListParams::default().labels(system::INGEST_PODS))
+        .await?;
+    let (pod, ip) = pods
+        .items
+        .iter()
+        .find_map(|p| Some((p.metadata.name.clone()?, p.status.as_ref()?.pod_ip.clone()?)))
+        .context("no ingest pod with an IP")?;
+    let addr = format!("{ip}:{}", system::CONTROL_PORT);
+    let path = |k: &str| dir.path().join(k).display().to_string();
+    let tls = [
+        "-cacert".to_owned(),
+        path("ca.crt"),
+        "-servername".to_owned(),
+        server_name.to_owned(),
+    ];
+    let identity = ["-cert".to_owned(), path("tls.crt"), "-key".to_owned(), path("tls.key")];
+    let call = |args: Vec<String>| {
+        let (addr, token) = (addr.clone(), token.clone());
+        async move {
+            let out = tokio::process::Command::new(system::grpcurl())
+                .args(["-connect-timeout", "5"])
+                .args(&args)
+                .args(["-H", &format!("authorization: Bearer {}", token.trim())])
+                .args([addr.as_str(), "ingest.control.v1.IngestControl/GetStatus"])
+                .output()
+                .await?;
+            anyhow::Ok((
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ))
+        }
+    };
+    let (ok, out) = call([tls.to_vec(), identity.to_vec()].concat()).await?;
+    ensure!(
+        ok && out.contains(&format!("\"pod\": \"{pod}\"")),
+        "grpcurl with the operator's certificate: {out}"
+    );
+    for (what, args) in [
+        ("plaintext", vec!["-plaintext".to_owned()]),
+        ("TLS without the client certificate", tls.to_vec()),
+    ] {
+        let (ok, out) = call(args).await?;
+        ensure!(!ok, "{what} got an answer from {pod}: {out}");
+    }
+    println!(
+        "  control API of {pod}: TLS with {server_name} and the operator's certificate answers; plaintext and no client certificate do not"
+    );
+    Ok(())
+}
+
 /// GitOps (Argo CD, `helm template | kubectl apply`): with the token and
 /// the webhook certificate given as existing Secrets (here the ones the
 /// install made) two renders are byte-identical, and applying the second
@@ -396,7 +485,10 @@ async fn gitops_apply_restarts_nothing(c: &Cluster, upstream: &str) -> Result<()
     let token = format!("controlToken.existingSecret={}", system::control_token_secret());
     let cert = format!("webhook.tls.existingSecret={}", system::webhook_tls_secret());
     let bundle = format!("webhook.tls.caBundle={ca}");
-    let extra = [token.as_str(), cert.as_str(), bundle.as_str()];
+    let (server, client) = system::control_tls_secrets();
+    let server = format!("controlTLS.existingSecrets.server={server}");
+    let client = format!("controlTLS.existingSecrets.client={client}");
+    let extra = [&token, &cert, &bundle, &server, &client].map(String::as_str);
     let first = system::helm_template(c, NS, upstream, &extra).await?;
     c.kubectl_with_input(&["apply", "-f", "-"], &first).await?;
     for d in [system::operator_name(), system::ingest_name()] {
