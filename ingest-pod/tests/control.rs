@@ -17,6 +17,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+mod common;
+
 const TOKEN: &str = "s3cret-token";
 
 type Interceptor = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
@@ -327,12 +329,7 @@ async fn start_drain_is_idempotent_and_watch_streams_phases_in_order() {
 /// grpcurl (built by .ci/setup) lists the service through reflection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_the_service_by_reflection() {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
-        .expect("HOME or XDG_CACHE_HOME");
-    let grpcurl = cache.join("lossless-ingest/bin/grpcurl");
-    assert!(grpcurl.exists(), "{} is missing: run .ci/setup", grpcurl.display());
+    let grpcurl = common::grpcurl();
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
     let pod = pod("grpcurl", &origin, &[]).await;

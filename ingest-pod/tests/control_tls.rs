@@ -14,6 +14,9 @@ use ingest_proto::v1::ingest_control_client::IngestControlClient;
 use tokio::process::Command;
 use tonic::transport::Endpoint;
 
+mod common;
+use common::grpcurl;
+
 const TOKEN: &str = "s3cret-token";
 /// The one name every pod's certificate carries; pods are dialled by IP.
 const SERVER_NAME: &str = "ingest-control.test";
@@ -119,16 +122,6 @@ async fn tls_pod(dir: &Path, mutual: bool) -> Result<LocalPod> {
         args.extend(["--control-tls-client-ca", &ca]);
     }
     Ok(LocalPod::start("tls-pod", &args).await?)
-}
-
-fn grpcurl() -> PathBuf {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("HOME or XDG_CACHE_HOME");
-    let grpcurl = cache.join("lossless-ingest/bin/grpcurl");
-    assert!(grpcurl.exists(), "{} is missing: run .ci/setup", grpcurl.display());
-    grpcurl
 }
 
 /// grpcurl's GetStatus with `tls` options: its output, or its error.

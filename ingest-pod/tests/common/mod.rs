@@ -1,5 +1,8 @@
 //! Helpers of the tests that run the real `ingest-pod` binary.
 
+// Each test file includes this module and calls only some of it.
+#![allow(dead_code)]
+
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,4 +29,16 @@ pub async fn listening(addr: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("nothing listens on {addr}");
+}
+
+/// grpcurl, as `.ci/setup` builds it into the project's cache.
+pub fn grpcurl() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .expect("HOME or XDG_CACHE_HOME");
+    let grpcurl = cache.join("lossless-ingest/bin/grpcurl");
+    assert!(grpcurl.exists(), "{} is missing: run .ci/setup", grpcurl.display());
+    grpcurl
 }
