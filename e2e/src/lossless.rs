@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ingest_pod::publisher::PublisherReport;
 use ingest_pod::registry::SignalKind;
+use ingest_testkit::publisher::PublisherReport;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
@@ -240,7 +240,7 @@ pub async fn stop_and_audit(stage: &Stage, fleet: Vec<Capable>) -> Result<Vec<Ro
         let mut audits = Vec::with_capacity(reports.len());
         let mut bad = Vec::new();
         for (_, report) in &reports {
-            let audit = ingest_pod::audit::audit_dir(&report.stream, &report.sent, &record_dir)?;
+            let audit = ingest_testkit::audit::audit_dir(&report.stream, &report.sent, &record_dir)?;
             if !audit.lossless() {
                 bad.push(audit.to_string());
             }

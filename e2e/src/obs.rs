@@ -7,7 +7,7 @@
 //! the scene collection, sequences the outputs so the recording lies inside
 //! the stream: recording starts once streaming has, and stops before it.
 //! Every recorded audio/video packet must then reach the origin exactly
-//! once ([`ingest_pod::audit::audit_local_recording`]); what the stream
+//! once ([`ingest_testkit::audit::audit_local_recording`]); what the stream
 //! carried before and after the recording counts as "unknown", not lost.
 
 use std::path::{Path, PathBuf};
@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ingest_pod::audit::{self, AuditReport};
 use ingest_pod::drain::Phase;
-use ingest_pod::lab::{Balancer, LocalPod};
-use ingest_pod::origin::Origin;
+use ingest_testkit::audit::{self, AuditReport};
+use ingest_testkit::lab::{Balancer, LocalPod};
+use ingest_testkit::origin::Origin;
 use tokio::process::{Child, Command};
 
 use crate::cluster::{Cluster, eventually};

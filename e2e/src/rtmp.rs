@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ingest_pod::origin::Origin;
-use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, PublisherReport};
+use ingest_testkit::origin::Origin;
+use ingest_testkit::publisher::{Progress, Publisher, PublisherConfig, PublisherReport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
@@ -69,14 +69,14 @@ impl HostOrigin {
         format!("rtmp://{}/{{app}}/{{stream}}", self.origin.addr())
     }
 
-    /// Where the recordings are (for [`ingest_pod::audit::audit_dir`]).
+    /// Where the recordings are (for [`ingest_testkit::audit::audit_dir`]).
     pub fn record_dir(&self) -> PathBuf {
         self.origin.record_dir()
     }
 
     /// Recordings of `stream` in publish order (one per upstream publish).
     pub fn recordings(&self, stream: &str) -> Vec<PathBuf> {
-        ingest_pod::audit::find_recordings(&self.record_dir(), stream).unwrap_or_default()
+        ingest_testkit::audit::find_recordings(&self.record_dir(), stream).unwrap_or_default()
     }
 
     pub fn error_log(&self) -> PathBuf {
@@ -167,7 +167,7 @@ pub async fn video_duration(path: &Path) -> Result<f64> {
 pub struct BackgroundPublisher {
     stop: CancellationToken,
     progress: watch::Receiver<Progress>,
-    task: JoinHandle<ingest_pod::publisher::Result<PublisherReport>>,
+    task: JoinHandle<ingest_testkit::publisher::Result<PublisherReport>>,
 }
 
 impl BackgroundPublisher {

@@ -19,16 +19,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use ingest_pod::audit::{self, AuditReport};
 use ingest_pod::drain::{DrainSpec, IncapablePolicy, Phase};
-use ingest_pod::lab::{Balancer, LocalPod};
-use ingest_pod::media::{self, Kind};
-use ingest_pod::origin::{self, Origin, RTMP_MODULE};
-use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, PublisherReport, SentFrame};
 use ingest_pod::registry::SignalKind;
-use ingest_pod::rtmp::amf0::Value;
 use ingest_pod::rtmp::conn::{self, OUTGOING_CHUNK_SIZE, Reader, Writer};
-use ingest_pod::rtmp::message::{Command as RtmpCommand, Message, UserControl};
+use ingest_rtmp::amf0::Value;
+use ingest_rtmp::media::{self, Kind};
+use ingest_rtmp::message::{Command as RtmpCommand, Message, UserControl};
+use ingest_testkit::audit::{self, AuditReport};
+use ingest_testkit::lab::{Balancer, LocalPod};
+use ingest_testkit::origin::{self, Origin, RTMP_MODULE};
+use ingest_testkit::publisher::{Progress, Publisher, PublisherConfig, PublisherReport, SentFrame};
 use serde_json::{Value as Json, json};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -303,7 +303,7 @@ async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> 
 struct Running {
     stream: String,
     progress: watch::Receiver<Progress>,
-    task: JoinHandle<ingest_pod::publisher::Result<PublisherReport>>,
+    task: JoinHandle<ingest_testkit::publisher::Result<PublisherReport>>,
 }
 
 fn spawn_publisher(cfg: PublisherConfig, stop: &CancellationToken) -> Result<Running> {

@@ -9,8 +9,8 @@ use clap::{ArgAction, Parser};
 use crate::drain::{DrainSpec, IncapablePolicy};
 use crate::registry::SignalsEnabled;
 use crate::relay::RelayConfig;
-use crate::rtmp::chunk::Limits;
 use crate::session::SessionConfig;
+use ingest_rtmp::chunk::Limits;
 
 /// Parses `500ms`, `25s`, `2m` or plain seconds (`1.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -23,15 +23,15 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, info, warn};
 
-use crate::media::{self, Kind};
 use crate::metrics::Metrics;
 use crate::registry::{ConnStats, RelayGuard};
-use crate::rtmp::amf0::Value;
-use crate::rtmp::chunk::RawMessage;
 use crate::rtmp::client;
 use crate::rtmp::conn::{self, Reader, Writer};
-use crate::rtmp::message::{self, CSID_AUDIO, CSID_DATA, CSID_VIDEO, Message, UserControl};
-use crate::rtmp::url::RtmpUrl;
+use ingest_rtmp::amf0::Value;
+use ingest_rtmp::chunk::RawMessage;
+use ingest_rtmp::media::{self, Kind};
+use ingest_rtmp::message::{self, CSID_AUDIO, CSID_DATA, CSID_VIDEO, Message, UserControl};
+use ingest_rtmp::url::RtmpUrl;
 
 pub use budget::{Budget, default_budget};
 

@@ -1,11 +1,8 @@
-//! RTMP, layer by layer: handshake → chunk → AMF0 → message (no I/O), and
-//! `conn`, the async transport that the server session, the relay and the
-//! test publisher share.
+//! The RTMP transport over tokio sockets, on top of the codec in
+//! `ingest_rtmp`: [`conn`] (reader and writer halves of a connection, with
+//! the read modes and limits the server session, the relay and the test
+//! publisher share) and [`client`] (the publishing client the relay uses
+//! towards the origin).
 
-pub mod amf0;
-pub mod chunk;
 pub mod client;
 pub mod conn;
-pub mod handshake;
-pub mod message;
-pub mod url;

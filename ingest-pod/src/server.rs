@@ -62,8 +62,8 @@ impl Server {
     /// Binds both listeners (port 0 picks a free port; see the `*_addr` methods).
     pub async fn bind(args: Args) -> Result<Self, Error> {
         if let Some(t) = &args.upstream {
-            let probe = crate::rtmp::url::render(t, "app", "stream");
-            crate::rtmp::url::RtmpUrl::parse(&probe)
+            let probe = ingest_rtmp::url::render(t, "app", "stream");
+            ingest_rtmp::url::RtmpUrl::parse(&probe)
                 .map_err(|e| Error::Config(format!("--upstream {:?}: {e}", keys::redact_query(t))))?;
         }
         if args.drain_deadline > args.grace_period {

@@ -15,16 +15,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::flv::FlvWriter;
 use crate::keys;
 use crate::metrics::ReasonLabel;
 use crate::registry::{Caps, ConnGuard, Registry, SessionCommand, SignalKind, SignalsEnabled};
 use crate::relay::{self, Item, Queue, RelayConfig};
-use crate::rtmp::amf0::Value;
-use crate::rtmp::chunk::Limits;
 use crate::rtmp::conn::{self, OUTGOING_CHUNK_SIZE, Writer};
-use crate::rtmp::message::{self, Command, Message, UserControl};
-use crate::rtmp::url::{self, RtmpUrl};
+use ingest_rtmp::amf0::Value;
+use ingest_rtmp::chunk::Limits;
+use ingest_rtmp::flv::FlvWriter;
+use ingest_rtmp::message::{self, Command, Message, UserControl};
+use ingest_rtmp::url::{self, RtmpUrl};
 
 /// Window we ask publishers to acknowledge by (they never wait for us).
 pub const WINDOW_ACK_SIZE: u32 = 2_500_000;

@@ -10,11 +10,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use ingest_pod::drain::{DrainSpec, IncapablePolicy};
-use ingest_pod::lab::LocalPod;
-use ingest_pod::origin::Origin;
-use ingest_pod::publisher::{Publisher, PublisherConfig};
 use ingest_pod::rtmp::client;
-use ingest_pod::rtmp::url::RtmpUrl;
+use ingest_rtmp::url::RtmpUrl;
+use ingest_testkit::lab::LocalPod;
+use ingest_testkit::origin::Origin;
+use ingest_testkit::publisher::{Publisher, PublisherConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

@@ -1,11 +1,11 @@
 //! The codec layers fed with bytes captured from a real encoder (ffmpeg 5.1).
 
 use bytes::BytesMut;
-use ingest_pod::media;
-use ingest_pod::rtmp::amf0::Value;
-use ingest_pod::rtmp::chunk::ChunkReader;
-use ingest_pod::rtmp::handshake::{self, C0C1_SIZE, HANDSHAKE_SIZE};
-use ingest_pod::rtmp::message::Message;
+use ingest_rtmp::amf0::Value;
+use ingest_rtmp::chunk::ChunkReader;
+use ingest_rtmp::handshake::{self, C0C1_SIZE, HANDSHAKE_SIZE};
+use ingest_rtmp::media;
+use ingest_rtmp::message::Message;
 
 const CAPTURE: &[u8] = include_bytes!("data/ffmpeg-5.1-publish.bin");
 

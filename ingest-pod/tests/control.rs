@@ -4,12 +4,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use ingest_pod::lab::LocalPod;
-use ingest_pod::origin::Origin;
 use ingest_proto::v1::ingest_control_client::IngestControlClient;
 use ingest_proto::v1::{
     CancelDrainRequest, DrainPhase, GetStatusRequest, IncapablePolicy, PodStatus, StartDrainRequest, WatchStatusRequest,
 };
+use ingest_testkit::lab::LocalPod;
+use ingest_testkit::origin::Origin;
 use tokio::process::{Child, Command};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -374,8 +374,8 @@ async fn grpcurl_lists_the_service_by_reflection() {
 /// redirect for Reconnect Request, and the pod's counts reach zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
-    use ingest_pod::lab::Balancer;
-    use ingest_pod::publisher::{Publisher, PublisherConfig};
+    use ingest_testkit::lab::Balancer;
+    use ingest_testkit::publisher::{Publisher, PublisherConfig};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");
@@ -499,8 +499,8 @@ async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
 /// cut at grace end because the cancel stopped the waves).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drain_outlives_a_cancel() {
-    use ingest_pod::lab::Balancer;
-    use ingest_pod::publisher::{Publisher, PublisherConfig};
+    use ingest_testkit::lab::Balancer;
+    use ingest_testkit::publisher::{Publisher, PublisherConfig};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx");

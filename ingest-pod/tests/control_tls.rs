@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use ingest_pod::lab::LocalPod;
 use ingest_proto::tls::{ClientFiles, Connector};
 use ingest_proto::v1::GetStatusRequest;
 use ingest_proto::v1::ingest_control_client::IngestControlClient;
+use ingest_testkit::lab::LocalPod;
 use tokio::process::Command;
 use tonic::transport::Endpoint;
 

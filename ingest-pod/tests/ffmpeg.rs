@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use ingest_pod::config::Args;
-use ingest_pod::flv;
-use ingest_pod::media::{self, Kind};
-use ingest_pod::origin::Origin;
 use ingest_pod::server::Server;
+use ingest_rtmp::flv;
+use ingest_rtmp::media::{self, Kind};
+use ingest_testkit::origin::Origin;
 
 /// Audio/video payload hashes of an FLV file, without sequence headers.
 fn media_hashes(path: &Path) -> Vec<String> {

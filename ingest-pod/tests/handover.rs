@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use ingest_pod::audit;
 use ingest_pod::drain::{DrainSpec, IncapablePolicy};
-use ingest_pod::lab::{Balancer, LocalPod};
-use ingest_pod::origin::Origin;
-use ingest_pod::publisher::{Publisher, PublisherConfig, PublisherReport};
 use ingest_pod::registry::SignalKind;
+use ingest_testkit::audit;
+use ingest_testkit::lab::{Balancer, LocalPod};
+use ingest_testkit::origin::Origin;
+use ingest_testkit::publisher::{Publisher, PublisherConfig, PublisherReport};
 use tokio_util::sync::CancellationToken;
 
 struct Lab {
@@ -290,10 +290,10 @@ async fn sigterm_applies_the_incapable_policy_to_ffmpeg() {
 /// deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signalled_publisher_that_goes_quiet_is_closed_well_before_the_deadline() {
-    use ingest_pod::rtmp::amf0::Value;
     use ingest_pod::rtmp::client;
-    use ingest_pod::rtmp::message::Message;
-    use ingest_pod::rtmp::url::RtmpUrl;
+    use ingest_rtmp::amf0::Value;
+    use ingest_rtmp::message::Message;
+    use ingest_rtmp::url::RtmpUrl;
 
     let lab = lab(&["--signalled-quiet-close", "1s"]).await;
     let pod = &lab.pods[0];

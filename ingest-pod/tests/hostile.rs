@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ingest_pod::lab::LocalPod;
-use ingest_pod::rtmp::chunk::{ChunkWriter, RawMessage};
-use ingest_pod::rtmp::handshake;
+use ingest_rtmp::chunk::{ChunkWriter, RawMessage};
+use ingest_rtmp::handshake;
+use ingest_testkit::lab::LocalPod;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ingest_pod::drain::{DrainSpec, IncapablePolicy};
-use ingest_pod::lab::LocalPod;
+use ingest_testkit::lab::LocalPod;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A minimal HTTP/1.1 GET: (status code, body).

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Stdio;
 
-use ingest_pod::origin::free_port;
+use ingest_testkit::origin::free_port;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 

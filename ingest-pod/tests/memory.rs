@@ -13,10 +13,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use ingest_pod::audit;
-use ingest_pod::lab::Link;
-use ingest_pod::origin::{Origin, free_port};
-use ingest_pod::publisher::{Publisher, PublisherConfig};
+use ingest_testkit::audit;
+use ingest_testkit::lab::Link;
+use ingest_testkit::origin::{Origin, free_port};
+use ingest_testkit::publisher::{Publisher, PublisherConfig};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 

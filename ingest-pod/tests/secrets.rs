@@ -9,10 +9,10 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use ingest_pod::origin::{Origin, free_port};
-use ingest_pod::publisher::{Publisher, PublisherConfig};
 use ingest_proto::v1::GetStatusRequest;
 use ingest_proto::v1::ingest_control_client::IngestControlClient;
+use ingest_testkit::origin::{Origin, free_port};
+use ingest_testkit::publisher::{Publisher, PublisherConfig};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;

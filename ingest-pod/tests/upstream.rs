@@ -11,12 +11,12 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ingest_pod::audit;
-use ingest_pod::lab::{Link, LocalPod};
-use ingest_pod::media::Kind;
 use ingest_pod::metrics::Metrics;
-use ingest_pod::origin::Origin;
-use ingest_pod::publisher::{Progress, Publisher, PublisherConfig, PublisherReport, SentFrame};
+use ingest_rtmp::media::Kind;
+use ingest_testkit::audit;
+use ingest_testkit::lab::{Link, LocalPod};
+use ingest_testkit::origin::Origin;
+use ingest_testkit::publisher::{Progress, Publisher, PublisherConfig, PublisherReport, SentFrame};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -200,8 +200,8 @@ async fn origin_outages_never_cut_the_publisher() {
 async fn a_refused_stream_ends_with_an_error_to_the_publisher() {
     use bytes::Bytes;
     use ingest_pod::rtmp::client;
-    use ingest_pod::rtmp::message::Message;
-    use ingest_pod::rtmp::url::RtmpUrl;
+    use ingest_rtmp::message::Message;
+    use ingest_rtmp::url::RtmpUrl;
 
     ingest_pod::server::init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -267,7 +267,7 @@ struct Lab {
     pod: LocalPod,
     progress: watch::Receiver<Progress>,
     stop: CancellationToken,
-    publisher: tokio::task::JoinHandle<ingest_pod::publisher::Result<PublisherReport>>,
+    publisher: tokio::task::JoinHandle<ingest_testkit::publisher::Result<PublisherReport>>,
     _dir: tempfile::TempDir,
 }
 

@@ -1,7 +1,7 @@
 //! A mock API server for the reconcile and webhook tests (the controller-rs
 //! pattern): the code under test talks to a `tower_test` mock service and an
 //! [`ApiServerVerifier`] plays a [`Scenario`], asserting each request and
-//! answering it. Ingest pods are real in-process pods (`ingest_pod::lab`)
+//! answering it. Ingest pods are real in-process pods (`ingest_testkit::lab`)
 //! whose control API listens on 127.0.0.1, the IP the mocked pods report.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, Response, StatusCode};
 use ingest_pod::drain::{DrainSpec, IncapablePolicy as PodPolicy, Phase as PodPhase};
-use ingest_pod::lab::LocalPod;
+use ingest_testkit::lab::LocalPod;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};

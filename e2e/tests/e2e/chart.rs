@@ -148,7 +148,7 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
         report.error
     );
     let audit = eventually("a lossless audit at the origin", Duration::from_secs(30), || async {
-        let audit = ingest_pod::audit::audit_dir(&report.stream, &report.sent, &origin.record_dir())?;
+        let audit = ingest_testkit::audit::audit_dir(&report.stream, &report.sent, &origin.record_dir())?;
         ensure!(audit.lossless(), "{audit}");
         Ok(audit)
     })

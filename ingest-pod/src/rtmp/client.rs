@@ -7,10 +7,10 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
-use super::amf0::Value;
 use super::conn::{self, OUTGOING_CHUNK_SIZE, Reader, Writer};
-use super::message::{Command, Message, UserControl};
-use super::url::RtmpUrl;
+use ingest_rtmp::amf0::Value;
+use ingest_rtmp::message::{Command, Message, UserControl};
+use ingest_rtmp::url::RtmpUrl;
 
 #[derive(Debug, Error)]
 pub enum Error {

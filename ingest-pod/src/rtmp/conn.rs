@@ -15,9 +15,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
-use super::chunk::{self, ChunkReader, ChunkWriter, Limits, Parts, RawMessage};
-use super::handshake;
-use super::message::{self, Message};
+use ingest_rtmp::chunk::{self, ChunkReader, ChunkWriter, Limits, Parts, RawMessage};
+use ingest_rtmp::handshake;
+use ingest_rtmp::message::{self, Message};
 
 #[derive(Debug, Error)]
 pub enum Error {

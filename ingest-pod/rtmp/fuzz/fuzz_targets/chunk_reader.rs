@@ -3,8 +3,8 @@
 #![no_main]
 
 use bytes::BytesMut;
-use ingest_pod::rtmp::chunk::{ChunkReader, Limits};
-use ingest_pod::rtmp::message::Message;
+use ingest_rtmp::chunk::{ChunkReader, Limits};
+use ingest_rtmp::message::Message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

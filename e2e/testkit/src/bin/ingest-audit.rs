@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ingest_pod::audit;
+use ingest_testkit::audit;
 
 /// Loss audit: every audio/video message in the publisher logs
 /// (`ingest-publisher --log-dir`) must appear exactly once, in order, in the

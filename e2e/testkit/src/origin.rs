@@ -157,10 +157,6 @@ rtmp {{
     pub fn record_dir(&self) -> PathBuf {
         self.dir.join("rec")
     }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Origin {

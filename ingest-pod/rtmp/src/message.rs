@@ -3,8 +3,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
-use super::amf0::{self, Value};
-use super::chunk::RawMessage;
+use crate::amf0::{self, Value};
+use crate::chunk::RawMessage;
 
 pub const SET_CHUNK_SIZE: u8 = 1;
 pub const ABORT: u8 = 2;

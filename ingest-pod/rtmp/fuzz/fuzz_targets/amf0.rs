@@ -1,7 +1,7 @@
 //! AMF0 decoding of arbitrary bytes; what decodes must re-encode and decode the same.
 #![no_main]
 
-use ingest_pod::rtmp::amf0;
+use ingest_rtmp::amf0;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -236,7 +236,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::rtmp::chunk::ChunkReader;
+    use crate::chunk::ChunkReader;
 
     #[test]
     fn compresses_headers_of_a_steady_stream() {

@@ -25,13 +25,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::media::{self, Kind};
-use crate::registry::SignalKind;
-use crate::rtmp::amf0::{self, Value};
-use crate::rtmp::client::{self, status_text};
-use crate::rtmp::conn::{self, Reader, Writer};
-use crate::rtmp::message::{Message, UserControl};
-use crate::rtmp::url::{self, RtmpUrl};
+use ingest_pod::registry::SignalKind;
+use ingest_pod::rtmp::client::{self, status_text};
+use ingest_pod::rtmp::conn::{self, Reader, Writer};
+use ingest_rtmp::amf0::{self, Value};
+use ingest_rtmp::media::{self, Kind};
+use ingest_rtmp::message::{Message, UserControl};
+use ingest_rtmp::url::{self, RtmpUrl};
 
 /// AAC frames carry 1024 samples at this rate.
 pub const AUDIO_SAMPLE_RATE: u64 = 44_100;
@@ -1295,8 +1295,8 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::rtmp::chunk::Limits;
-    use crate::rtmp::message::Command;
+    use ingest_rtmp::chunk::Limits;
+    use ingest_rtmp::message::Command;
 
     fn config(url: String, frames: u64) -> PublisherConfig {
         let mut cfg = PublisherConfig::new(url);

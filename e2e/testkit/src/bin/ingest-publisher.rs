@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use ingest_pod::config::parse_duration;
-use ingest_pod::publisher::{self, PublisherConfig};
 use ingest_pod::server;
+use ingest_testkit::publisher::{self, PublisherConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 

@@ -1,7 +1,6 @@
 //! Facts about FLV/RTMP media payloads the server needs: keyframes and
 //! sequence headers, for legacy codec ids and Enhanced RTMP FourCC packets.
 
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 /// The kind of an audio or video message.
@@ -57,24 +56,6 @@ pub fn is_sequence_header(kind: Kind, payload: &[u8]) -> bool {
 pub fn payload_hash(payload: &[u8]) -> String {
     let digest = Sha256::digest(payload);
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One audio or video message with its timestamp.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    pub kind: Kind,
-    pub timestamp: u32,
-    pub payload: Bytes,
-}
-
-impl Frame {
-    pub fn is_keyframe(&self) -> bool {
-        self.kind == Kind::Video && is_video_keyframe(&self.payload)
-    }
-
-    pub fn is_sequence_header(&self) -> bool {
-        is_sequence_header(self.kind, &self.payload)
-    }
 }
 
 #[cfg(test)]

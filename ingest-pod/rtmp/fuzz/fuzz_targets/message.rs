@@ -2,8 +2,8 @@
 #![no_main]
 
 use bytes::Bytes;
-use ingest_pod::rtmp::chunk::RawMessage;
-use ingest_pod::rtmp::message::Message;
+use ingest_rtmp::chunk::RawMessage;
+use ingest_rtmp::message::Message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! The handshake on arbitrary C0/C1 and S0/S1/S2.
 #![no_main]
 
-use ingest_pod::rtmp::handshake;
+use ingest_rtmp::handshake;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

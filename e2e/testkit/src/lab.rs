@@ -14,10 +14,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::Args;
-use crate::drain::Drainer;
-use crate::registry::Registry;
-use crate::server::{self, Server};
+use ingest_pod::config::Args;
+use ingest_pod::drain::Drainer;
+use ingest_pod::registry::Registry;
+use ingest_pod::server::{self, Server};
 
 /// An ingest pod running in this process.
 pub struct LocalPod {

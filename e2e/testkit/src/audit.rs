@@ -19,9 +19,9 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::flv::{self, TAG_AUDIO, TAG_VIDEO};
-use crate::media::{self, Kind};
 use crate::publisher::{LogLine, SentFrame};
+use ingest_rtmp::flv::{self, TAG_AUDIO, TAG_VIDEO};
+use ingest_rtmp::media::{self, Kind};
 
 /// The shortest numeric suffix taken for a recording's time (a Unix time in
 /// seconds has 10 digits), so `<stream>-1-<time>.flv` of a stream named
@@ -538,8 +538,8 @@ mod tests {
     use anyhow::Context;
 
     use super::*;
-    use crate::flv::{FlvWriter, TAG_SCRIPT};
     use crate::publisher::{AAC_SEQUENCE_HEADER, MediaGenerator, PublisherConfig, Sample};
+    use ingest_rtmp::flv::{FlvWriter, TAG_SCRIPT};
 
     fn samples(stream: &str, frames: u64) -> (MediaGenerator, Vec<Sample>) {
         let mut cfg = PublisherConfig::new(format!("rtmp://h/live/{stream}"));

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ingest_pod::audit;
 use ingest_pod::drain::Phase;
-use ingest_pod::lab::{Balancer, LocalPod};
-use ingest_pod::origin::Origin;
-use ingest_pod::publisher::{Publisher, PublisherConfig};
+use ingest_testkit::audit;
+use ingest_testkit::lab::{Balancer, LocalPod};
+use ingest_testkit::origin::Origin;
+use ingest_testkit::publisher::{Publisher, PublisherConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Watch a pod drain without losing a frame.

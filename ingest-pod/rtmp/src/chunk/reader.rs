@@ -275,7 +275,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::rtmp::chunk::ChunkWriter;
+    use crate::chunk::ChunkWriter;
 
     fn msg(csid: u32, ts: u32, type_id: u8, sid: u32, len: usize) -> RawMessage {
         let payload: Vec<u8> = (0..len).map(|i| (i * 7 + csid as usize) as u8).collect();
