@@ -8,6 +8,8 @@
 //! readiness, metrics). The test publisher, the loss audit and the tools
 //! built on them live in `ingest-testkit`.
 
+#![warn(unreachable_pub)]
+
 pub mod auth;
 pub mod config;
 pub mod control;

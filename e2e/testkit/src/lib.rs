@@ -13,6 +13,8 @@
 //! Tools on top (`src/bin/`): `ingest-publisher`, `ingest-audit` and
 //! `ingest-demo` (`cargo run -p ingest-testkit --bin ingest-demo`).
 
+#![warn(unreachable_pub)]
+
 pub mod audit;
 pub mod lab;
 pub mod origin;

@@ -9,6 +9,8 @@
 //! and relays, and the test publisher drive these types over sockets. The
 //! fuzz targets (`fuzz/`) feed them arbitrary bytes.
 
+#![warn(unreachable_pub)]
+
 pub mod amf0;
 pub mod chunk;
 pub mod flv;

@@ -12,10 +12,10 @@ use super::Queue;
 /// What one buffered message costs besides its payload: the `Item` in the
 /// queue and the allocation holding the payload. Counted so that a flood
 /// of empty messages is bounded too.
-pub const ITEM_OVERHEAD: usize = 64;
+pub(super) const ITEM_OVERHEAD: usize = 64;
 
 /// Budget when no container limit can be read and none is configured.
-pub const DEFAULT_BUDGET: usize = 512 << 20;
+pub(super) const DEFAULT_BUDGET: usize = 512 << 20;
 
 /// The pod-wide budget of relay buffers.
 #[derive(Debug)]

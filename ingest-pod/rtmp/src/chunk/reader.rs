@@ -25,7 +25,7 @@ pub enum Error {
     HeaderChangedMidMessage { csid: u32 },
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(super) type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Limits applied to one connection's chunk stream.
 #[derive(Debug, Clone, Copy)]
