@@ -22,9 +22,9 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::config::Args;
 use crate::crd::{DrainPhase, FINALIZER, IncapablePolicy, IngestDrain, IngestDrainStatus, PodDrainStatus, PodState};
 use crate::pods::{Channels, PodClient};
+use crate::settings::{DrainDefaults, IngestPods, PodAccess};
 use crate::state;
 use crate::telemetry::{ErrorLabel, Metrics, PhaseLabel};
 
@@ -57,10 +57,16 @@ impl Error {
     }
 }
 
-/// What every reconcile needs.
+/// What every reconcile (of drains and of nodes) needs.
 pub struct Context {
     pub client: Client,
-    pub args: Args,
+    /// Which pods are ingest pods (what node drains take).
+    pub(crate) ingest: IngestPods,
+    pub(crate) pod_access: PodAccess,
+    /// What the node drains the operator creates ask for.
+    pub(crate) drain_defaults: DrainDefaults,
+    /// Taint keys that mark a node for removal.
+    pub(crate) node_taints: Vec<String>,
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub followers: Followers,
@@ -147,9 +153,7 @@ impl Context {
     }
 
     fn token(&self) -> Result<String, Error> {
-        std::fs::read_to_string(&self.args.control_token_file)
-            .map(|t| t.trim().to_owned())
-            .map_err(Error::Token)
+        self.pod_access.token().map_err(Error::Token)
     }
 
     async fn event(&self, drain: &IngestDrain, type_: EventType, reason: &str, note: String) {
@@ -398,7 +402,7 @@ async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<(Action, DrainPhase
     }
     // The pods answer in parallel: one drain may cover a hundred of them.
     let request = start_request(drain, remaining, redirects);
-    let port = ctx.args.control_port;
+    let port = ctx.pod_access.control_port;
     let driven: Vec<_> = futures::stream::iter(targets)
         .map(|(i, ip)| {
             let (request, token, others) = (request.clone(), &token, &others);
@@ -580,7 +584,7 @@ async fn cancel_pods(drain: &IngestDrain, ctx: &Context, rows: &mut [PodDrainSta
             .find(|p| p.name_any() == row.name)
             .and_then(|p| p.status.as_ref()?.pod_ip.clone());
         let Some(ip) = ip else { continue };
-        match ctx.channels.client(&ip, ctx.args.control_port, &token) {
+        match ctx.channels.client(&ip, ctx.pod_access.control_port, &token) {
             Ok(mut c) => match c.cancel_drain(&id).await {
                 Ok(None) => row.state = PodState::Cancelled,
                 // Not ours any more, or the pod is terminating: it drains on.

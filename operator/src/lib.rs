@@ -8,6 +8,7 @@ pub mod leader;
 pub mod nodes;
 pub mod pods;
 pub mod run;
+mod settings;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

@@ -59,7 +59,7 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
         .list(&ListParams::default().labels(&format!("{NODE_LABEL}={name}")))
         .await?
         .items;
-    let Some(reason) = state::node_signal(&node, &ctx.args.node_taints) else {
+    let Some(reason) = state::node_signal(&node, &ctx.node_taints) else {
         for d in existing.iter().filter(|d| !d.spec.cancel) {
             let api = drains_api(&ctx, d.namespace().as_deref());
             api.patch(
@@ -72,7 +72,6 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
         }
         return Ok(Action::await_change());
     };
-    let selector = state::parse_selector(&ctx.args.ingest_selector).map_err(Error::Invalid)?;
     // From the watch cache: the operator lists no pods (and may read them
     // only in the ingest namespaces).
     let namespaces: BTreeSet<String> = ctx
@@ -80,9 +79,9 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
         .state()
         .iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
-        .filter(|p| state::selector_matches(&selector, p.labels()))
+        .filter(|p| state::selector_matches(&ctx.ingest.selector, p.labels()))
         .filter_map(|p| p.namespace())
-        .filter(|ns| ctx.args.namespaces.is_empty() || ctx.args.namespaces.contains(ns))
+        .filter(|ns| ctx.ingest.watches(ns))
         .collect();
     for ns in namespaces {
         let api = drains_api(&ctx, Some(&ns));
@@ -96,14 +95,14 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
         let mut spec = json!({
-            "selector": selector,
+            "selector": ctx.ingest.selector,
             "nodeName": name,
-            "deadlineSeconds": ctx.args.drain_deadline.as_secs().max(1),
-            "rate": ctx.args.drain_rate,
-            "incapablePolicy": ctx.args.incapable_policy,
+            "deadlineSeconds": ctx.drain_defaults.deadline.as_secs().max(1),
+            "rate": ctx.drain_defaults.rate,
+            "incapablePolicy": ctx.drain_defaults.incapable_policy,
             "evict": true,
         });
-        if let Some(t) = &ctx.args.redirect_template {
+        if let Some(t) = &ctx.drain_defaults.redirect_template {
             spec["redirect"] = json!({ "urlTemplate": t });
         }
         let drain = json!({

@@ -18,6 +18,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::config::Args;
 use crate::controller::{self, Context};
 use crate::crd::IngestDrain;
+use crate::settings::{ControlTls, Settings, WebhookServing};
 use crate::telemetry::{self, Health, Metrics};
 use crate::{leader, nodes, state, tls, webhook};
 
@@ -37,11 +38,18 @@ pub enum Error {
 
 /// Runs the operator with `client` until `shutdown` resolves.
 pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let ingest =
-        state::parse_selector(&args.ingest_selector).map_err(|e| Error::Config(format!("--ingest-selector: {e}")))?;
-    if args.webhook_cert.is_some() != args.webhook_key.is_some() {
-        return Err(Error::Config("--webhook-cert and --webhook-key go together".into()));
-    }
+    let Settings {
+        ingest,
+        pod_access,
+        control_tls,
+        http_listen,
+        webhook: webhook_serving,
+        node_drains,
+        node_taints,
+        drain_defaults,
+        operator_username,
+        lease,
+    } = Settings::from_args(args).map_err(|e| Error::Config(e.to_string()))?;
     let stop = CancellationToken::new();
     let metrics = Metrics::default();
     let mut registry = prometheus_client::registry::Registry::default();
@@ -49,13 +57,14 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
     let ready = Arc::new(AtomicBool::new(false));
 
     // Caches the webhook answers from, on every replica.
-    let selector = state::selector_string(&ingest);
+    let selector = state::selector_string(&ingest.selector);
     let mut tasks = tokio::task::JoinSet::new();
     // One watch per ingest namespace: the chart grants pods there only.
-    let pod_apis: Vec<Api<Pod>> = if args.namespaces.is_empty() {
+    let pod_apis: Vec<Api<Pod>> = if ingest.namespaces.is_empty() {
         vec![Api::all(client.clone())]
     } else {
-        args.namespaces
+        ingest
+            .namespaces
             .iter()
             .map(|ns| Api::namespaced(client.clone(), ns))
             .collect()
@@ -71,20 +80,17 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         tasks.spawn(stream.instrument(info_span!("pod-cache")));
     }
     let pods = crate::pods::PodCache::new(pod_stores);
-    let channels = match (&args.control_tls_ca, &args.control_tls_server_name) {
-        (Some(ca), Some(name)) => {
-            let files = ingest_proto::tls::ClientFiles {
-                ca: ca.clone(),
-                identity: args
-                    .control_tls_client_cert
-                    .clone()
-                    .zip(args.control_tls_client_key.clone()),
-            };
-            let connector = ingest_proto::tls::Connector::new(files.watch(args.control_tls_reload)?, name)?;
+    let channels = match control_tls {
+        Some(ControlTls {
+            files,
+            server_name: name,
+            reload,
+        }) => {
+            let connector = ingest_proto::tls::Connector::new(files.watch(reload)?, &name)?;
             info!(server_name = %name, mutual = files.identity.is_some(), "calling the pods' control API over TLS");
             crate::pods::Channels::with_tls(connector)
         }
-        _ => {
+        None => {
             warn!("calling the pods' control API in plaintext: the control token crosses the network in clear");
             crate::pods::Channels::default()
         }
@@ -106,10 +112,10 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         });
     }
 
-    let http = tokio::net::TcpListener::bind(args.http_listen)
+    let http = tokio::net::TcpListener::bind(http_listen)
         .await
         .map_err(|source| Error::Bind {
-            addr: args.http_listen,
+            addr: http_listen,
             source,
         })?;
     let health = Health {
@@ -126,32 +132,29 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         }
     });
 
-    if let (Some(cert), Some(key)) = (&args.webhook_cert, &args.webhook_key) {
+    if let Some(WebhookServing { listen, cert, reload }) = webhook_serving {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let serving = tls::ServingCert::load(tls::CertFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-        })
-        .await
-        .map_err(Error::Tls)?;
+        let serving = tls::ServingCert::load(cert).await.map_err(Error::Tls)?;
         let tls = serving.config();
-        if !args.webhook_cert_reload.is_zero() {
-            tasks.spawn(serving.keep_current(args.webhook_cert_reload, stop.clone()));
+        if !reload.is_zero() {
+            tasks.spawn(serving.keep_current(reload, stop.clone()));
         }
         let gate = webhook::Gate {
             client: client.clone(),
             pods: pods.clone(),
             channels: channels.clone(),
             drains: drains.clone(),
-            ingest,
-            args: args.clone(),
+            ingest: ingest.clone(),
+            pod_access: pod_access.clone(),
+            drain_defaults: drain_defaults.clone(),
+            operator_username,
             metrics: metrics.clone(),
             first_holds: webhook::FirstHolds::default(),
             recorder: Some(Recorder::new(
                 client.clone(),
                 Reporter {
                     controller: "ingest-operator".into(),
-                    instance: Some(args.identity.clone()),
+                    instance: Some(lease.identity.clone()),
                 },
             )),
             explained: webhook::FirstHolds::default(),
@@ -164,7 +167,7 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
             webhook_stop.cancelled().await;
             stopper.graceful_shutdown(Some(std::time::Duration::from_secs(2)));
         });
-        let addr = args.webhook_listen;
+        let addr = listen;
         info!(%addr, "eviction webhook serving");
         tasks.spawn(async move {
             if let Err(err) = axum_server::bind_rustls(addr, tls)
@@ -181,29 +184,18 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
 
     // Controllers run on the leader only.
     let (leader_tx, mut leader_rx) = watch::channel(false);
-    {
-        let (client, args, stop) = (client.clone(), args.clone(), stop.clone());
-        tasks.spawn(async move {
-            leader::run(
-                client,
-                &args.lease_namespace,
-                &args.lease_name,
-                &args.identity,
-                args.lease_duration,
-                leader_tx,
-                stop,
-            )
-            .await;
-        });
-    }
     let reporter = Reporter {
         controller: "ingest-operator".into(),
-        instance: Some(args.identity.clone()),
+        instance: Some(lease.identity.clone()),
     };
+    tasks.spawn(leader::run(client.clone(), lease, leader_tx, stop.clone()));
     let (followers, mut wake) = controller::Followers::new();
     let ctx = Arc::new(Context {
         client: client.clone(),
-        args: args.clone(),
+        ingest,
+        pod_access,
+        drain_defaults,
+        node_taints,
         recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
         followers,
@@ -224,7 +216,6 @@ pub async fn run(args: Args, client: Client, shutdown: impl Future<Output = ()>)
         });
     }
     let leading_stop = stop.clone();
-    let node_drains = args.node_drains;
     tasks.spawn(async move {
         let mut term: Option<CancellationToken> = None;
         loop {

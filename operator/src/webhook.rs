@@ -12,7 +12,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Patch, PatchParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
@@ -26,6 +25,7 @@ use tracing::{info, warn};
 use crate::controller::MANAGER;
 use crate::crd::{GROUP, IngestDrain, TRIGGER_LABEL};
 use crate::pods::Channels;
+use crate::settings::{DrainDefaults, IngestPods, PodAccess};
 use crate::state::{self, Verdict};
 use crate::telemetry::{DecisionLabel, Metrics};
 
@@ -37,8 +37,12 @@ pub struct Gate {
     pub drains: Store<IngestDrain>,
     /// gRPC channels to the pods, shared with the controller.
     pub channels: Channels,
-    pub ingest: LabelSelector,
-    pub args: crate::config::Args,
+    pub(crate) ingest: IngestPods,
+    pub(crate) pod_access: PodAccess,
+    /// What the drains the gate starts ask for.
+    pub(crate) drain_defaults: DrainDefaults,
+    /// The operator's own API username: it evicts only pods it drained.
+    pub(crate) operator_username: Option<String>,
     pub metrics: Metrics,
     /// When this replica first held each pod (by uid) with no drain covering it.
     pub first_holds: FirstHolds,
@@ -167,10 +171,10 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
         return allow("no namespace");
     };
     // The operator evicts only pods it has drained.
-    if gate.args.username.is_some() && req.user_info.username == gate.args.username {
+    if gate.operator_username.is_some() && req.user_info.username == gate.operator_username {
         return allow("evicted by the operator after its drain");
     }
-    if !gate.args.namespaces.is_empty() && !gate.args.namespaces.contains(&ns) {
+    if !gate.ingest.watches(&ns) {
         return allow("namespace not watched");
     }
     let pod = gate.pods.get(&ObjectRef::new(&req.name).within(&ns));
@@ -179,7 +183,12 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
         .iter()
         .map(AsRef::as_ref)
         .filter(|d: &&IngestDrain| d.metadata.namespace.as_deref() == Some(ns.as_str()));
-    match state::eviction_verdict(pod.as_deref(), &gate.ingest, in_ns, k8s_openapi::jiff::Timestamp::now()) {
+    match state::eviction_verdict(
+        pod.as_deref(),
+        &gate.ingest.selector,
+        in_ns,
+        k8s_openapi::jiff::Timestamp::now(),
+    ) {
         Verdict::Allow(why) => allow(&why),
         Verdict::Hold(message) => {
             gate.metrics
@@ -200,7 +209,7 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
             let Some(pod) = pod.as_deref() else {
                 return too_many_requests(req, message);
             };
-            let limit = gate.args.drain_deadline + state::HOLD_GRACE.unsigned_abs();
+            let limit = gate.drain_defaults.deadline + state::HOLD_GRACE.unsigned_abs();
             let held = gate.first_holds.held_for(&pod.uid().unwrap_or_default(), 4 * limit);
             if held >= limit {
                 warn!(pod = %req.name, %ns, ?held, "no drain took the pod over: eviction allowed");
@@ -271,9 +280,9 @@ fn explain(gate: &Gate, pod: &Pod, message: &str) {
 /// [`COUNT_TIMEOUT`].
 async fn publishers_on(gate: &Gate, pod: &Pod) -> Option<u32> {
     let ip = pod.status.as_ref()?.pod_ip.clone()?;
-    let token = std::fs::read_to_string(&gate.args.control_token_file).ok()?;
+    let token = gate.pod_access.token().ok()?;
     let ask = async {
-        let mut client = gate.channels.client(&ip, gate.args.control_port, token.trim()).ok()?;
+        let mut client = gate.channels.client(&ip, gate.pod_access.control_port, &token).ok()?;
         client.status().await.ok()?.counts.map(|c| c.total)
     };
     tokio::time::timeout(COUNT_TIMEOUT, ask).await.ok().flatten()
@@ -293,14 +302,14 @@ async fn start_drain(gate: &Gate, pod: &Pod) -> Result<(), kube::Error> {
     let owner =
         json!([{ "apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "uid": pod.uid().unwrap_or_default() }]);
     let mut spec = json!({
-        "selector": gate.ingest,
+        "selector": gate.ingest.selector,
         "podNames": [pod.name_any()],
-        "deadlineSeconds": gate.args.drain_deadline.as_secs().max(1),
-        "rate": gate.args.drain_rate,
-        "incapablePolicy": gate.args.incapable_policy,
+        "deadlineSeconds": gate.drain_defaults.deadline.as_secs().max(1),
+        "rate": gate.drain_defaults.rate,
+        "incapablePolicy": gate.drain_defaults.incapable_policy,
         "evict": true,
     });
-    if let Some(t) = &gate.args.redirect_template {
+    if let Some(t) = &gate.drain_defaults.redirect_template {
         spec["redirect"] = json!({ "urlTemplate": t });
     }
     let drain = json!({
@@ -397,7 +406,7 @@ mod tests {
                 .allowed
         );
         // ...the operator, which evicts only what it drained, is not.
-        gate.args.username = Some("system:serviceaccount:ops:ingest-operator".into());
+        gate.operator_username = Some("system:serviceaccount:ops:ingest-operator".into());
         assert!(within("webhook", decide(&gate, &req)).await.allowed);
         drop(gate);
         within("verifier", api_server.run(vec![Scenario::NoRequest]))
@@ -483,7 +492,7 @@ mod tests {
         let pod = ingest_pod("ingest-0", NS, "node-a");
         let (gate, api_server) = Gate::test(vec![pod], vec![]);
         let long_ago = Instant::now()
-            .checked_sub(gate.args.drain_deadline + Duration::from_secs(20))
+            .checked_sub(gate.drain_defaults.deadline + Duration::from_secs(20))
             .expect("an instant in the past");
         gate.first_holds.set("uid-ingest-0", long_ago);
         let resp = within("webhook", decide(&gate, &eviction("ingest-0", false))).await;
