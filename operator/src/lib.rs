@@ -4,6 +4,7 @@
 pub mod config;
 pub mod controller;
 pub mod crd;
+mod drains;
 pub mod leader;
 pub mod nodes;
 pub mod pods;

@@ -12,18 +12,16 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::core::response::StatusSummary;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::controller::MANAGER;
-use crate::crd::{GROUP, IngestDrain, TRIGGER_LABEL};
+use crate::crd::IngestDrain;
+use crate::drains::{self, Subject};
 use crate::pods::Channels;
 use crate::settings::{DrainDefaults, IngestPods, PodAccess};
 use crate::state::{self, Verdict};
@@ -298,35 +296,15 @@ const COUNT_FRESH: Duration = Duration::from_secs(15);
 /// pod, owned by the pod: it goes when the pod goes.
 async fn start_drain(gate: &Gate, pod: &Pod) -> Result<(), kube::Error> {
     let ns = pod.namespace().unwrap_or_default();
-    let name = drain_name(&pod.name_any());
-    let owner =
-        json!([{ "apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "uid": pod.uid().unwrap_or_default() }]);
-    let mut spec = json!({
-        "selector": gate.ingest.selector,
-        "podNames": [pod.name_any()],
-        "deadlineSeconds": gate.drain_defaults.deadline.as_secs().max(1),
-        "rate": gate.drain_defaults.rate,
-        "incapablePolicy": gate.drain_defaults.incapable_policy,
-        "evict": true,
-    });
-    if let Some(t) = &gate.drain_defaults.redirect_template {
-        spec["redirect"] = json!({ "urlTemplate": t });
-    }
-    let drain = json!({
-        "apiVersion": format!("{GROUP}/v1alpha1"),
-        "kind": "IngestDrain",
-        "metadata": { "name": name, "namespace": ns, "labels": { TRIGGER_LABEL: "eviction" }, "ownerReferences": owner },
-        "spec": spec,
-    });
-    let api: Api<IngestDrain> = Api::namespaced(gate.client.clone(), &ns);
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(drain))
-        .await?;
-    Ok(())
+    let drain = drains::operator_drain(Subject::Pod(pod), &ns, &gate.ingest.selector, &gate.drain_defaults);
+    drains::apply(&gate.client, &drain).await
 }
 
 #[cfg(test)]
 mod tests {
     use kube::core::admission::AdmissionReview;
+
+    use serde_json::json;
 
     use super::*;
     use crate::crd::{DrainPhase, PodDrainStatus, PodState};
