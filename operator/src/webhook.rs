@@ -29,34 +29,34 @@ use crate::telemetry::{DecisionLabel, Metrics};
 
 /// What the handler answers from.
 #[derive(Clone)]
-pub struct Gate {
-    pub client: Client,
-    pub pods: crate::pods::PodCache,
-    pub drains: Store<IngestDrain>,
+pub(crate) struct Gate {
+    pub(crate) client: Client,
+    pub(crate) pods: crate::pods::PodCache,
+    pub(crate) drains: Store<IngestDrain>,
     /// gRPC channels to the pods, shared with the controller.
-    pub channels: Channels,
+    pub(crate) channels: Channels,
     pub(crate) ingest: IngestPods,
     pub(crate) pod_access: PodAccess,
     /// What the drains the gate starts ask for.
     pub(crate) drain_defaults: DrainDefaults,
     /// The operator's own API username: it evicts only pods it drained.
     pub(crate) operator_username: Option<String>,
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// When this replica first held each pod (by uid) with no drain covering it.
-    pub first_holds: FirstHolds,
+    pub(crate) first_holds: FirstHolds,
     /// Publishes why an eviction is held, as an Event on the pod (what
     /// `kubectl describe pod` shows while `kubectl drain` waits); `None`: no Events.
-    pub recorder: Option<Recorder>,
+    pub(crate) recorder: Option<Recorder>,
     /// When each held pod (by uid) last got that Event.
-    pub explained: FirstHolds,
+    pub(crate) explained: FirstHolds,
     /// The last publisher count of each held pod (by uid).
-    pub counts: Counts,
+    pub(crate) counts: Counts,
 }
 
 /// Publisher counts of held pods, asked in the background and named by
 /// the next 429.
 #[derive(Clone, Default)]
-pub struct Counts(Arc<Mutex<HashMap<String, (u32, Instant)>>>);
+pub(crate) struct Counts(Arc<Mutex<HashMap<String, (u32, Instant)>>>);
 
 impl Counts {
     fn put(&self, uid: &str, n: u32) {
@@ -80,7 +80,7 @@ const EXPLAIN_EVERY: Duration = Duration::from_secs(30);
 /// does not take the pod): this replica lets the eviction through once it
 /// has held the pod for a drain deadline plus [`state::HOLD_GRACE`].
 #[derive(Clone, Default)]
-pub struct FirstHolds(Arc<Mutex<HashMap<String, Instant>>>);
+pub(crate) struct FirstHolds(Arc<Mutex<HashMap<String, Instant>>>);
 
 impl FirstHolds {
     /// How long `uid` has been held, counting from this first call.
@@ -105,7 +105,7 @@ impl FirstHolds {
     }
 
     #[cfg(test)]
-    pub fn set(&self, uid: &str, first: Instant) {
+    pub(crate) fn set(&self, uid: &str, first: Instant) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -113,7 +113,8 @@ impl FirstHolds {
     }
 }
 
-pub fn router(gate: Gate) -> Router {
+/// The eviction webhook's routes.
+pub(crate) fn router(gate: Gate) -> Router {
     Router::new()
         .route("/validate-eviction", post(review))
         .with_state(Arc::new(gate))
@@ -133,10 +134,7 @@ async fn review(
         Ok(r) => r,
         Err(err) => {
             warn!(%err, "malformed admission review");
-            gate.metrics
-                .webhook_decisions
-                .get_or_create(&DecisionLabel { decision: "error" })
-                .inc();
+            count(&gate, "error");
             return Json(AdmissionResponse::invalid(err.to_string()).into_review());
         }
     };
@@ -153,27 +151,32 @@ fn too_many_requests(req: &AdmissionRequest<DynamicObject>, message: String) -> 
     resp
 }
 
+fn count(gate: &Gate, decision: &'static str) {
+    gate.metrics
+        .webhook_decisions
+        .get_or_create(&DecisionLabel { decision })
+        .inc();
+}
+
+fn allow(gate: &Gate, req: &AdmissionRequest<DynamicObject>, why: &str) -> AdmissionResponse {
+    count(gate, "allow");
+    tracing::debug!(pod = %req.name, why, "eviction allowed");
+    AdmissionResponse::from(req)
+}
+
 async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
-    let allow = |why: &str| {
-        gate.metrics
-            .webhook_decisions
-            .get_or_create(&DecisionLabel { decision: "allow" })
-            .inc();
-        tracing::debug!(pod = %req.name, why, "eviction allowed");
-        AdmissionResponse::from(req)
-    };
     if req.sub_resource.as_deref() != Some("eviction") {
-        return allow("not an eviction");
+        return allow(gate, req, "not an eviction");
     }
     let Some(ns) = req.namespace.clone() else {
-        return allow("no namespace");
+        return allow(gate, req, "no namespace");
     };
     // The operator evicts only pods it has drained.
     if gate.operator_username.is_some() && req.user_info.username == gate.operator_username {
-        return allow("evicted by the operator after its drain");
+        return allow(gate, req, "evicted by the operator after its drain");
     }
     if !gate.ingest.watches(&ns) {
-        return allow("namespace not watched");
+        return allow(gate, req, "namespace not watched");
     }
     let pod = gate.pods.get(&ObjectRef::new(&req.name).within(&ns));
     let drains = gate.drains.state();
@@ -181,18 +184,11 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
         .iter()
         .map(AsRef::as_ref)
         .filter(|d: &&IngestDrain| d.metadata.namespace.as_deref() == Some(ns.as_str()));
-    match state::eviction_verdict(
-        pod.as_deref(),
-        &gate.ingest.selector,
-        in_ns,
-        k8s_openapi::jiff::Timestamp::now(),
-    ) {
-        Verdict::Allow(why) => allow(&why),
+    let now = k8s_openapi::jiff::Timestamp::now();
+    match state::eviction_verdict(pod.as_deref(), &gate.ingest.selector, in_ns, now) {
+        Verdict::Allow(why) => allow(gate, req, &why),
         Verdict::Hold(message) => {
-            gate.metrics
-                .webhook_decisions
-                .get_or_create(&DecisionLabel { decision: "hold" })
-                .inc();
+            count(gate, "hold");
             info!(pod = %req.name, %ns, %message, "eviction held");
             if let Some(p) = pod.as_deref().filter(|_| !req.dry_run) {
                 explain(gate, p, &message);
@@ -200,56 +196,60 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
             too_many_requests(req, message)
         }
         Verdict::StartAndHold(message) => {
-            gate.metrics
-                .webhook_decisions
-                .get_or_create(&DecisionLabel { decision: "start" })
-                .inc();
-            let Some(pod) = pod.as_deref() else {
-                return too_many_requests(req, message);
-            };
-            let limit = gate.drain_defaults.deadline + state::HOLD_GRACE.unsigned_abs();
-            let held = gate.first_holds.held_for(&pod.uid().unwrap_or_default(), 4 * limit);
-            if held >= limit {
-                warn!(pod = %req.name, %ns, ?held, "no drain took the pod over: eviction allowed");
-                return allow("held for a drain deadline without a drain covering it");
+            count(gate, "start");
+            match pod.as_deref() {
+                Some(pod) => start_and_hold(gate, req, pod, message),
+                None => too_many_requests(req, message),
             }
-            // Start the drain (a dry run only answers: sideEffects
-            // NoneOnDryRun) without waiting for the API server: the answer
-            // stays fast, and a drain that could not be created is created
-            // at the next retry. Meanwhile the pod tells how many publishers
-            // it has.
-            if !req.dry_run {
-                let (gate, pod, name) = (gate.clone(), pod.clone(), req.name.clone());
-                tokio::spawn(async move {
-                    if let Err(err) = start_drain(&gate, &pod).await {
-                        warn!(pod = %name, %err, "cannot start the pod's drain");
-                    }
-                });
-            }
-            // The pod tells how many publishers it has in the background
-            // too: the answer never waits on a pod, and a retry names the
-            // count (until the drain's own row does).
-            let uid = pod.uid().unwrap_or_default();
-            let (g, p) = (gate.clone(), pod.clone());
-            tokio::spawn(async move {
-                if let Some(n) = publishers_on(&g, &p).await {
-                    g.counts.put(&uid, n);
-                }
-            });
-            let message = match gate.counts.get(&pod.uid().unwrap_or_default(), COUNT_FRESH) {
-                Some(n) => format!(
-                    "pod {}: {n} publishers remain; starting its drain, retry shortly",
-                    req.name
-                ),
-                None => message,
-            };
-            info!(pod = %req.name, %ns, dry_run = req.dry_run, %message, "eviction held: drain started");
-            if !req.dry_run {
-                explain(gate, pod, &message);
-            }
-            too_many_requests(req, message)
         }
     }
+}
+
+/// Holds the eviction of a pod no drain covers yet, starting its drain;
+/// lets it through once held for a drain deadline without one.
+fn start_and_hold(gate: &Gate, req: &AdmissionRequest<DynamicObject>, pod: &Pod, message: String) -> AdmissionResponse {
+    let ns = req.namespace.as_deref().unwrap_or_default();
+    let limit = gate.drain_defaults.deadline + state::HOLD_GRACE.unsigned_abs();
+    let held = gate.first_holds.held_for(&pod.uid().unwrap_or_default(), 4 * limit);
+    if held >= limit {
+        warn!(pod = %req.name, %ns, ?held, "no drain took the pod over: eviction allowed");
+        return allow(gate, req, "held for a drain deadline without a drain covering it");
+    }
+    // Start the drain (a dry run only answers: sideEffects
+    // NoneOnDryRun) without waiting for the API server: the answer
+    // stays fast, and a drain that could not be created is created
+    // at the next retry. Meanwhile the pod tells how many publishers
+    // it has.
+    if !req.dry_run {
+        let (gate, pod, name) = (gate.clone(), pod.clone(), req.name.clone());
+        tokio::spawn(async move {
+            if let Err(err) = start_drain(&gate, &pod).await {
+                warn!(pod = %name, %err, "cannot start the pod's drain");
+            }
+        });
+    }
+    // The pod tells how many publishers it has in the background
+    // too: the answer never waits on a pod, and a retry names the
+    // count (until the drain's own row does).
+    let uid = pod.uid().unwrap_or_default();
+    let (g, p) = (gate.clone(), pod.clone());
+    tokio::spawn(async move {
+        if let Some(n) = publishers_on(&g, &p).await {
+            g.counts.put(&uid, n);
+        }
+    });
+    let message = match gate.counts.get(&pod.uid().unwrap_or_default(), COUNT_FRESH) {
+        Some(n) => format!(
+            "pod {}: {n} publishers remain; starting its drain, retry shortly",
+            req.name
+        ),
+        None => message,
+    };
+    info!(pod = %req.name, %ns, dry_run = req.dry_run, %message, "eviction held: drain started");
+    if !req.dry_run {
+        explain(gate, pod, &message);
+    }
+    too_many_requests(req, message)
 }
 
 /// Says on the pod why its eviction is held (an Event, at most every
