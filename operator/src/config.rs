@@ -9,13 +9,13 @@ use clap::Parser;
 use crate::crd::IncapablePolicy;
 
 /// Taints that announce a node's removal, by the tools that set them.
-pub const DEFAULT_NODE_TAINTS: &str = "ToBeDeletedByClusterAutoscaler,karpenter.sh/disrupted,karpenter.sh/disruption,\
+const DEFAULT_NODE_TAINTS: &str = "ToBeDeletedByClusterAutoscaler,karpenter.sh/disrupted,karpenter.sh/disruption,\
 aws-node-termination-handler/spot-itn,aws-node-termination-handler/rebalance-recommendation,\
 aws-node-termination-handler/scheduled-maintenance,aws-node-termination-handler/asg-lifecycle-termination,\
 cloud.google.com/impending-node-termination";
 
 /// Parses `500ms`, `25s`, `2m` or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => (&s[..i], &s[i..]),

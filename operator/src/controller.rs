@@ -2,16 +2,24 @@
 //! follow its drain, write the status by server-side apply, evict drained
 //! pods when asked, and cancel the pods' drains when the resource goes.
 
+mod cancel;
+mod drive;
+mod evict;
+mod followers;
+mod phase_gauge;
+mod rows;
+mod status;
+mod step;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ingest_proto::v1::{IncapablePolicy as PbPolicy, StartDrainRequest};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{EvictParams, Patch, PatchParams};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -20,24 +28,25 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
-use crate::config::Args;
-use crate::crd::{DrainPhase, FINALIZER, IncapablePolicy, IngestDrain, IngestDrainStatus, PodDrainStatus, PodState};
-use crate::pods::{Channels, PodClient};
+pub(crate) use self::followers::Followers;
+use crate::crd::{FINALIZER, IngestDrain};
+use crate::pods::Channels;
+use crate::settings::{DrainDefaults, IngestPods, PodAccess};
 use crate::state;
-use crate::telemetry::{ErrorLabel, Metrics, PhaseLabel};
+use crate::telemetry::{ErrorLabel, Metrics};
 
 /// Field manager of everything the operator applies.
-pub const MANAGER: &str = "ingest-operator";
+pub(crate) const MANAGER: &str = "ingest-operator";
 /// Requeue while a drain runs; WatchStatus followers wake the drain sooner
 /// on every change of a pod, this is the safety net.
-pub const PROGRESS_REQUEUE: Duration = Duration::from_secs(5);
+pub(crate) const PROGRESS_REQUEUE: Duration = Duration::from_secs(5);
 /// Requeue of a finished drain whose pods' evictions were refused.
-pub const EVICTION_RETRY: Duration = Duration::from_secs(5);
+pub(crate) const EVICTION_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("control token: {0}")]
@@ -48,7 +57,7 @@ pub enum Error {
 
 impl Error {
     /// Label for the error metric.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
             Error::Token(_) => "token",
@@ -57,78 +66,25 @@ impl Error {
     }
 }
 
-/// What every reconcile needs.
-pub struct Context {
-    pub client: Client,
-    pub args: Args,
-    pub recorder: Recorder,
-    pub metrics: Metrics,
-    pub followers: Followers,
+/// What every reconcile (of drains and of nodes) needs.
+pub(crate) struct Context {
+    pub(crate) client: Client,
+    /// Which pods are ingest pods (what node drains take).
+    pub(crate) ingest: IngestPods,
+    pub(crate) pod_access: PodAccess,
+    /// What the node drains the operator creates ask for.
+    pub(crate) drain_defaults: DrainDefaults,
+    /// Taint keys that mark a node for removal.
+    pub(crate) node_taints: Vec<String>,
+    pub(crate) recorder: Recorder,
+    pub(crate) metrics: Metrics,
+    pub(crate) followers: Followers,
     /// Every IngestDrain (the webhook's cache): whose drain a pod runs.
-    pub drains: Store<IngestDrain>,
+    pub(crate) drains: Store<IngestDrain>,
     /// Every ingest pod (the webhook's cache): no reconcile lists pods.
-    pub pods: crate::pods::PodCache,
+    pub(crate) pods: crate::pods::PodCache,
     /// One gRPC channel per pod, shared by every drain.
-    pub channels: Channels,
-}
-
-/// WatchStatus followers: one task per (drain, pod) that wakes the drain's
-/// reconcile whenever the pod reports a change.
-pub struct Followers {
-    tasks: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
-    wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<IngestDrain>>,
-}
-
-impl Followers {
-    pub fn new() -> (Self, tokio::sync::mpsc::UnboundedReceiver<ObjectRef<IngestDrain>>) {
-        let (wake, rx) = tokio::sync::mpsc::unbounded_channel();
-        (
-            Self {
-                tasks: Default::default(),
-                wake,
-            },
-            rx,
-        )
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, tokio::task::JoinHandle<()>>> {
-        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Follows the pod's status for `drain` unless already following.
-    fn follow(&self, drain: &IngestDrain, pod: &str, mut client: PodClient) {
-        let key = format!("{}/{}/{pod}", drain.namespace().unwrap_or_default(), drain.name_any());
-        let mut tasks = self.lock();
-        tasks.retain(|_, t| !t.is_finished());
-        if tasks.contains_key(&key) {
-            return;
-        }
-        let target = ObjectRef::from_obj(drain);
-        let wake = self.wake.clone();
-        tasks.insert(
-            key,
-            tokio::spawn(async move {
-                let Ok(mut stream) = client.watch().await else { return };
-                while let Ok(Some(_)) = stream.message().await {
-                    if wake.send(target.clone()).is_err() {
-                        return;
-                    }
-                }
-            }),
-        );
-    }
-
-    /// Stops following the pods of `drain`.
-    fn forget(&self, drain: &IngestDrain) {
-        let prefix = format!("{}/{}/", drain.namespace().unwrap_or_default(), drain.name_any());
-        self.lock().retain(|k, t| {
-            let keep = !k.starts_with(&prefix);
-            if !keep {
-                t.abort();
-            }
-            keep
-        });
-    }
+    pub(crate) channels: Channels,
 }
 
 impl Context {
@@ -147,9 +103,7 @@ impl Context {
     }
 
     fn token(&self) -> Result<String, Error> {
-        std::fs::read_to_string(&self.args.control_token_file)
-            .map(|t| t.trim().to_owned())
-            .map_err(Error::Token)
+        self.pod_access.token().map_err(Error::Token)
     }
 
     async fn event(&self, drain: &IngestDrain, type_: EventType, reason: &str, note: String) {
@@ -168,7 +122,7 @@ impl Context {
 
 /// Runs the IngestDrain controller until `stop`; `wake` carries the
 /// followers' reconcile requests.
-pub async fn run(
+pub(crate) async fn run(
     ctx: Arc<Context>,
     wake: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<IngestDrain>>,
     stop: CancellationToken,
@@ -176,30 +130,11 @@ pub async fn run(
     let drains: Api<IngestDrain> = Api::all(ctx.client.clone());
     // Running drains requeue every second, so pod changes need no watch here.
     let controller = Controller::new(drains, watcher::Config::default().any_semantic());
-    let store = controller.store();
-    let metrics = ctx.metrics.clone();
-    let gauge_stop = stop.clone();
-    tokio::spawn(async move {
-        // Drains by phase, recounted from the cache.
-        loop {
-            let mut counts = std::collections::BTreeMap::new();
-            for d in store.state() {
-                *counts
-                    .entry(phase_label(d.status.as_ref().map(|s| s.phase).unwrap_or_default()))
-                    .or_insert(0i64) += 1;
-            }
-            for p in PHASES {
-                metrics
-                    .drains
-                    .get_or_create(&PhaseLabel { phase: phase_label(p) })
-                    .set(counts.get(phase_label(p)).copied().unwrap_or(0));
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                () = gauge_stop.cancelled() => return,
-            }
-        }
-    });
+    tokio::spawn(phase_gauge::keep_counting(
+        controller.store(),
+        ctx.metrics.clone(),
+        stop.clone(),
+    ));
     controller
         .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(wake))
         .graceful_shutdown_on(async move { stop.cancelled().await })
@@ -241,7 +176,7 @@ async fn reconcile_inner(api: &Api<IngestDrain>, drain: &IngestDrain, ctx: &Cont
     let has_finalizer = drain.finalizers().iter().any(|f| f == FINALIZER);
     if drain.metadata.deletion_timestamp.is_some() {
         if has_finalizer {
-            cleanup(drain, ctx).await?;
+            cancel::cleanup(drain, ctx).await;
             set_finalizer(api, drain, false).await?;
         }
         return Ok(Action::await_change());
@@ -251,7 +186,7 @@ async fn reconcile_inner(api: &Api<IngestDrain>, drain: &IngestDrain, ctx: &Cont
         set_finalizer(api, drain, true).await?;
         return Ok(Action::requeue(Duration::ZERO));
     }
-    let (action, phase) = apply(drain, ctx).await?;
+    let (action, phase) = step::apply(drain, ctx).await?;
     if phase.is_terminal() && has_finalizer {
         set_finalizer(api, drain, false).await?;
     }
@@ -279,402 +214,12 @@ fn drain_id(drain: &IngestDrain) -> String {
     drain.uid().unwrap_or_else(|| drain.name_any())
 }
 
-/// Pods of `drain`'s namespace that any live drain (this one included)
-/// still drains: no redirect target may be one of them.
-fn draining_pods(drain: &IngestDrain, rows: &[PodDrainStatus], store: &Store<IngestDrain>) -> HashSet<String> {
-    let ns = drain.namespace();
-    let others = store
-        .state()
-        .iter()
-        .filter(|d| d.namespace() == ns && d.metadata.deletion_timestamp.is_none() && !d.spec.cancel)
-        .filter_map(|d| d.status.clone())
-        .filter(|s| !s.phase.is_terminal())
-        .flat_map(|s| s.pods)
-        .collect::<Vec<_>>();
-    rows.iter()
-        .chain(&others)
-        .filter(|r| !r.state.is_done() || r.state == PodState::Drained)
-        .map(|r| r.name.clone())
-        .collect()
-}
-
-fn start_request(drain: &IngestDrain, remaining: Duration, redirects: Vec<String>) -> StartDrainRequest {
-    let spec = &drain.spec;
-    StartDrainRequest {
-        drain_id: drain_id(drain),
-        deadline: Some(remaining.max(Duration::from_secs(1)).try_into().unwrap_or_default()),
-        rate: spec.rate,
-        max_in_flight: spec.max_in_flight.unwrap_or(0).max(0) as u32,
-        incapable_policy: match spec.incapable_policy {
-            IncapablePolicy::Wait => PbPolicy::Wait,
-            IncapablePolicy::Disconnect => PbPolicy::Disconnect,
-        }
-        .into(),
-        redirect_tc_urls: redirects,
-        propagation_delay: spec
-            .propagation_delay_seconds
-            .map(|s| Duration::from_secs(s.max(0) as u64).try_into().unwrap_or_default()),
-    }
-}
-
-/// Pods of one drain contacted at once.
-const POD_CONCURRENCY: usize = 16;
-
-/// One step of a drain; returns the phase it left the drain in.
-async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<(Action, DrainPhase), Error> {
-    let ns = drain.namespace().unwrap_or_default();
-    let old = drain.status.clone().unwrap_or_default();
-    if old.phase.is_terminal()
-        && old.observed_generation == drain.metadata.generation
-        && !evictions_pending(drain, &old.pods)
-    {
-        return Ok((Action::await_change(), old.phase));
-    }
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods = ctx.pods_of(drain);
-    let now = now();
-    let started = old.started_at.clone().unwrap_or_else(|| now.clone());
-    let deadline = started.0 + SignedDuration::from_secs(drain.spec.deadline_seconds);
-    let past_deadline = now.0 >= deadline;
-    let remaining = Duration::try_from(deadline.duration_since(now.0)).unwrap_or(Duration::ZERO);
-    let mut rows = if old.pods.is_empty() && old.started_at.is_none() {
-        state::initial_rows(&drain.spec, &pods)
-    } else {
-        old.pods.clone()
-    };
-
-    if drain.spec.cancel {
-        if old.phase != DrainPhase::Cancelled {
-            cancel_pods(drain, ctx, &mut rows, &pods).await;
-            ctx.event(
-                drain,
-                EventType::Normal,
-                "Cancelled",
-                "drain cancelled: the pods serve again".into(),
-            )
-            .await;
-        }
-        write_status(drain, ctx, DrainPhase::Cancelled, rows, &old, started, &now).await?;
-        return Ok((Action::await_change(), DrainPhase::Cancelled));
-    }
-
-    let token = ctx.token()?;
-    // Computed on every reconcile (every wave): a pod that started
-    // draining since, for any drain or its own SIGTERM, is no target.
-    let redirects = state::redirect_targets(drain, &pods, &draining_pods(drain, &rows, &ctx.drains));
-    let others = live_others(drain, &ctx.drains);
-    // Rows whose pod can be asked, by index, with the pod's IP.
-    let mut targets = Vec::new();
-    for (i, row) in rows.iter_mut().enumerate().filter(|(_, r)| !r.state.is_done()) {
-        let Some(pod) = pods.iter().find(|p| p.name_any() == row.name) else {
-            *row = PodDrainStatus {
-                state: PodState::Gone,
-                message: Some("the pod is gone".into()),
-                last_update: Some(now.clone()),
-                ..row.clone()
-            };
-            continue;
-        };
-        if !row.uid.is_empty() && pod.uid().as_deref() != Some(row.uid.as_str()) {
-            *row = PodDrainStatus {
-                state: PodState::Gone,
-                message: Some("the pod was replaced".into()),
-                last_update: Some(now.clone()),
-                ..row.clone()
-            };
-            continue;
-        }
-        match pod.status.as_ref().and_then(|s| s.pod_ip.clone()) {
-            Some(ip) => targets.push((i, ip)),
-            None => {
-                row.state = if past_deadline {
-                    PodState::TimedOut
-                } else {
-                    PodState::Unreachable
-                };
-                row.message = Some("the pod has no IP".into());
-            }
-        }
-    }
-    // The pods answer in parallel: one drain may cover a hundred of them.
-    let request = start_request(drain, remaining, redirects);
-    let port = ctx.args.control_port;
-    let driven: Vec<_> = futures::stream::iter(targets)
-        .map(|(i, ip)| {
-            let (request, token, others) = (request.clone(), &token, &others);
-            async move {
-                let result = match ctx.channels.client(&ip, port, token) {
-                    Ok(client) => drive_pod(client, request, |id| others.contains_key(id)).await,
-                    Err(err) => Err(err),
-                };
-                (i, ip, result)
-            }
-        })
-        .buffer_unordered(POD_CONCURRENCY)
-        .collect()
-        .await;
-    for (i, ip, result) in driven {
-        let row = &mut rows[i];
-        match result {
-            Ok((status, id)) => {
-                *row = state::row_from_status(row, &status, &id, now.clone());
-                if let Some(other) = others.get(&id) {
-                    row.message = Some(format!(
-                        "follows the drain of IngestDrain {other} already running on the pod"
-                    ));
-                }
-                if let Ok(client) = ctx.channels.client(&ip, port, &token) {
-                    ctx.followers.follow(drain, &row.name, client);
-                }
-            }
-            Err(err) => {
-                warn!(pod = %row.name, %err, "pod control API failed");
-                row.state = if past_deadline {
-                    PodState::TimedOut
-                } else {
-                    PodState::Unreachable
-                };
-                row.message = Some(err.to_string());
-                row.last_update = Some(now.clone());
-            }
-        }
-        if past_deadline && !row.state.is_done() {
-            row.state = PodState::TimedOut;
-        }
-    }
-    // Judged before evicting: an Evicted row no longer says whether the pod
-    // drained or timed out.
-    let phase = state::overall_phase(&rows, past_deadline);
-    if drain.spec.evict {
-        for row in rows
-            .iter_mut()
-            .filter(|r| matches!(r.state, PodState::Drained | PodState::TimedOut))
-        {
-            match pods_api.evict(&row.name, &EvictParams::default()).await {
-                Ok(_) => {
-                    info!(pod = %row.name, "drained pod evicted");
-                    row.state = PodState::Evicted;
-                    row.message = None;
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => row.state = PodState::Gone,
-                Err(err) => {
-                    // A PodDisruptionBudget (429) or a race: next reconcile tries again.
-                    warn!(pod = %row.name, %err, "eviction refused; retrying");
-                    row.message = Some(format!("eviction refused: {err}"));
-                }
-            }
-        }
-    }
-    if phase != old.phase {
-        let t = state::totals(&rows);
-        let (type_, note) = match phase {
-            DrainPhase::TimedOut => (
-                EventType::Warning,
-                format!(
-                    "deadline passed with {} publishers left; the pods may go",
-                    t.remaining_publishers
-                ),
-            ),
-            _ => (
-                EventType::Normal,
-                format!(
-                    "{} pods, {} drained, {} publishers remain, {} migrated",
-                    t.pods, t.drained_pods, t.remaining_publishers, t.migrated
-                ),
-            ),
-        };
-        ctx.event(drain, type_, &format!("{phase:?}"), note).await;
-        if phase.is_terminal() {
-            let secs = now.0.duration_since(started.0).as_secs_f64().max(0.0);
-            ctx.metrics.drain_duration.observe(secs);
-            ctx.metrics.migrated.inc_by(t.migrated.max(0) as u64);
-        }
-    }
-    let evictions_left = evictions_pending(drain, &rows);
-    write_status(drain, ctx, phase, rows, &old, started, &now).await?;
-    if phase.is_terminal() {
-        ctx.followers.forget(drain);
-    }
-    let action = if !phase.is_terminal() {
-        Action::requeue(PROGRESS_REQUEUE)
-    } else if evictions_left {
-        Action::requeue(EVICTION_RETRY)
-    } else {
-        Action::await_change()
-    };
-    Ok((action, phase))
-}
-
-/// Released pods the drain must still evict (an eviction refused by a
-/// PodDisruptionBudget, or a race, is retried even once the drain is done).
-fn evictions_pending(drain: &IngestDrain, rows: &[PodDrainStatus]) -> bool {
-    drain.spec.evict
-        && rows
-            .iter()
-            .any(|r| matches!(r.state, PodState::Drained | PodState::TimedOut))
-}
-
-/// StartDrain (idempotent by id) then GetStatus.
-/// Starts this drain on a pod unless the pod runs it already, or runs the
-/// drain of another live IngestDrain (`live_other` names it by drain
-/// id): then the pod is left alone and that drain is followed. Two drains
-/// covering one pod (a node drain and the eviction gate's, started a moment
-/// apart) would otherwise replace each other's drain on every reconcile.
-/// Returns the pod's status and the id of the drain it runs for us.
-async fn drive_pod(
-    mut client: PodClient,
-    req: StartDrainRequest,
-    live_other: impl Fn(&str) -> bool,
-) -> Result<(ingest_proto::v1::PodStatus, String), crate::pods::Error> {
-    let status = client.status().await?;
-    if let Some(running) = status.drain.as_ref()
-        && running.phase() != ingest_proto::v1::DrainPhase::Cancelled
-        && (running.id == req.drain_id || live_other(&running.id))
-    {
-        let id = running.id.clone();
-        let stale = running.spec.as_ref().map(|s| &s.redirect_tc_urls) != Some(&req.redirect_tc_urls);
-        if id == req.drain_id && stale {
-            // Ours, with targets that changed: StartDrain with the same id
-            // refreshes them for the next wave, and changes nothing else.
-            client.start_drain(req).await?;
-            return Ok((client.status().await?, id));
-        }
-        // Ours already, or another live drain's: nothing to start.
-        return Ok((status, id));
-    }
-    let id = req.drain_id.clone();
-    client.start_drain(req).await?;
-    Ok((client.status().await?, id))
-}
-
-/// Drain ids of the other IngestDrains of `drain`'s namespace that still
-/// run (not cancelled, not being deleted), with their names.
-fn live_others(drain: &IngestDrain, store: &Store<IngestDrain>) -> std::collections::HashMap<String, String> {
-    let ns = drain.namespace();
-    let own = drain_id(drain);
-    store
-        .state()
-        .iter()
-        .filter(|d| d.namespace() == ns && d.metadata.deletion_timestamp.is_none() && !d.spec.cancel)
-        .filter(|d| d.status.as_ref().is_none_or(|s| s.phase != DrainPhase::Cancelled))
-        .map(|d| (drain_id(d), d.name_any()))
-        .filter(|(id, _)| *id != own)
-        .collect()
-}
-
-async fn cancel_pods(drain: &IngestDrain, ctx: &Context, rows: &mut [PodDrainStatus], pods: &[Pod]) {
-    let token = match ctx.token() {
-        Ok(t) => t,
-        Err(err) => {
-            warn!(%err, "cannot read the control token to cancel");
-            return;
-        }
-    };
-    let id = drain_id(drain);
-    for row in rows
-        .iter_mut()
-        .filter(|r| !matches!(r.state, PodState::Evicted | PodState::Gone))
-    {
-        let ip = pods
-            .iter()
-            .find(|p| p.name_any() == row.name)
-            .and_then(|p| p.status.as_ref()?.pod_ip.clone());
-        let Some(ip) = ip else { continue };
-        match ctx.channels.client(&ip, ctx.args.control_port, &token) {
-            Ok(mut c) => match c.cancel_drain(&id).await {
-                Ok(None) => row.state = PodState::Cancelled,
-                // Not ours any more, or the pod is terminating: it drains on.
-                Ok(Some(reason)) => {
-                    info!(pod = %row.name, %reason, "the pod keeps draining");
-                    row.message = Some(format!("not cancelled: {reason}"));
-                }
-                Err(err) => row.message = Some(format!("cancel failed: {err}")),
-            },
-            Err(err) => row.message = Some(format!("cancel failed: {err}")),
-        }
-    }
-}
-
-async fn write_status(
-    drain: &IngestDrain,
-    ctx: &Context,
-    phase: DrainPhase,
-    rows: Vec<PodDrainStatus>,
-    old: &IngestDrainStatus,
-    started: Time,
-    now: &Time,
-) -> Result<(), Error> {
-    let ns = drain.namespace().unwrap_or_default();
-    let api: Api<IngestDrain> = Api::namespaced(ctx.client.clone(), &ns);
-    let completed = if phase.is_terminal() {
-        old.completed_at.clone().or_else(|| Some(now.clone()))
-    } else {
-        None
-    };
-    let status = IngestDrainStatus {
-        phase,
-        totals: state::totals(&rows),
-        conditions: state::conditions(phase, &rows, drain.metadata.generation, now, old),
-        pods: rows,
-        started_at: Some(started),
-        completed_at: completed,
-        observed_generation: drain.metadata.generation,
-    };
-    if drain.status.as_ref() == Some(&status) {
-        // Nothing changed: no write, and no watch event that would wake
-        // this drain again.
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": format!("{}/v1alpha1", crate::crd::GROUP),
-        "kind": "IngestDrain",
-        "status": status,
-    });
-    api.patch_status(
-        &drain.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    Ok(())
-}
-
-const PHASES: [DrainPhase; 6] = [
-    DrainPhase::Pending,
-    DrainPhase::Draining,
-    DrainPhase::Drained,
-    DrainPhase::TimedOut,
-    DrainPhase::Cancelled,
-    DrainPhase::Failed,
-];
-
-pub fn phase_label(p: DrainPhase) -> &'static str {
-    match p {
-        DrainPhase::Pending => "Pending",
-        DrainPhase::Draining => "Draining",
-        DrainPhase::Drained => "Drained",
-        DrainPhase::TimedOut => "TimedOut",
-        DrainPhase::Cancelled => "Cancelled",
-        DrainPhase::Failed => "Failed",
-    }
-}
-
-/// Deleting an IngestDrain mid-way cancels its pods' drains.
-async fn cleanup(drain: &IngestDrain, ctx: &Context) -> Result<Action, Error> {
-    let old = drain.status.clone().unwrap_or_default();
-    if !old.phase.is_terminal() {
-        let mut rows = old.pods.clone();
-        cancel_pods(drain, ctx, &mut rows, &ctx.pods_of(drain)).await;
-        info!("IngestDrain deleted mid-way: pod drains cancelled");
-    }
-    Ok(Action::await_change())
-}
-
 #[cfg(test)]
 mod tests {
     use ingest_pod::drain::Phase as PodPhase;
 
     use super::*;
+    use crate::crd::{DrainPhase, IngestDrainStatus, PodState};
     use crate::fixtures::*;
 
     fn drains_api(ctx: &Context) -> Api<IngestDrain> {

@@ -27,6 +27,7 @@ use crate::controller::Context;
 use crate::crd::{
     DrainPhase, FINALIZER, IngestDrain, IngestDrainStatus, NODE_LABEL, PodDrainStatus, PodState, TRIGGER_LABEL,
 };
+use crate::settings::Settings;
 use crate::telemetry::Metrics;
 use crate::webhook::Gate;
 
@@ -34,15 +35,15 @@ type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Responder = tower_test::mock::SendResponse<Response<Body>>;
 
 /// Namespace of the test objects.
-pub const NS: &str = "ns";
+pub(crate) const NS: &str = "ns";
 /// Control token of the test pods.
-pub const TOKEN: &str = "test-control-token";
+pub(crate) const TOKEN: &str = "test-control-token";
 /// Every wait in these tests is bounded by this.
-pub const TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(5);
 const DRAINS: &str = "/apis/ingest.lossless.dev/v1alpha1";
 
 /// Awaits `fut`, failing the test after [`TIMEOUT`].
-pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+pub(crate) async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(TIMEOUT, fut)
         .await
         .unwrap_or_else(|_| panic!("{what}: no answer within {TIMEOUT:?}"))
@@ -51,7 +52,7 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 // ---- objects ---------------------------------------------------------------
 
 /// An ingest pod on `node`, ready, reachable at 127.0.0.1.
-pub fn ingest_pod(name: &str, ns: &str, node: &str) -> Pod {
+pub(crate) fn ingest_pod(name: &str, ns: &str, node: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -71,7 +72,7 @@ pub fn ingest_pod(name: &str, ns: &str, node: &str) -> Pod {
 }
 
 /// A pod that is not an ingest pod.
-pub fn other_pod(name: &str) -> Pod {
+pub(crate) fn other_pod(name: &str) -> Pod {
     let mut pod = ingest_pod(name, NS, "node-a");
     pod.metadata.labels = Some(BTreeMap::from([("app".to_owned(), "web".to_owned())]));
     pod
@@ -79,7 +80,7 @@ pub fn other_pod(name: &str) -> Pod {
 
 /// An IngestDrain of the ingest pods in [`NS`], uid `uid-<name>`; `spec`
 /// overrides fields of the spec.
-pub fn drain(name: &str, spec: Value) -> IngestDrain {
+pub(crate) fn drain(name: &str, spec: Value) -> IngestDrain {
     let mut full = json!({ "selector": { "matchLabels": { "app.kubernetes.io/component": "ingest" } } });
     if let (Some(full), Some(extra)) = (full.as_object_mut(), spec.as_object()) {
         full.extend(extra.clone());
@@ -100,13 +101,18 @@ pub fn drain(name: &str, spec: Value) -> IngestDrain {
 }
 
 /// `d` holding the operator's finalizer.
-pub fn with_finalizer(mut d: IngestDrain) -> IngestDrain {
+pub(crate) fn with_finalizer(mut d: IngestDrain) -> IngestDrain {
     d.finalizers_mut().push(FINALIZER.to_owned());
     d
 }
 
 /// `d` with a status of `phase`, started `ago`, with `rows`.
-pub fn with_status(mut d: IngestDrain, phase: DrainPhase, ago: Duration, rows: Vec<PodDrainStatus>) -> IngestDrain {
+pub(crate) fn with_status(
+    mut d: IngestDrain,
+    phase: DrainPhase,
+    ago: Duration,
+    rows: Vec<PodDrainStatus>,
+) -> IngestDrain {
     let started = Timestamp::now() - SignedDuration::try_from(ago).expect("duration");
     d.status = Some(IngestDrainStatus {
         phase,
@@ -119,7 +125,7 @@ pub fn with_status(mut d: IngestDrain, phase: DrainPhase, ago: Duration, rows: V
 }
 
 /// The status row of [`ingest_pod`] `name` in `state`.
-pub fn row(name: &str, state: PodState) -> PodDrainStatus {
+pub(crate) fn row(name: &str, state: PodState) -> PodDrainStatus {
     PodDrainStatus {
         name: name.to_owned(),
         uid: format!("uid-{name}"),
@@ -130,7 +136,7 @@ pub fn row(name: &str, state: PodState) -> PodDrainStatus {
 }
 
 /// A node, cordoned or not, with `taints` (keys).
-pub fn node(name: &str, unschedulable: bool, taints: &[&str]) -> Node {
+pub(crate) fn node(name: &str, unschedulable: bool, taints: &[&str]) -> Node {
     let taints: Vec<Value> = taints
         .iter()
         .map(|k| json!({ "key": k, "effect": "NoSchedule" }))
@@ -148,19 +154,19 @@ pub fn node(name: &str, unschedulable: bool, taints: &[&str]) -> Node {
 
 /// A real ingest pod in this process; its control API is on 127.0.0.1 and
 /// its drains leave the Service for 100 ms before they signal.
-pub async fn local_pod(name: &str) -> LocalPod {
+pub(crate) async fn local_pod(name: &str) -> LocalPod {
     LocalPod::start(name, &["--control-token", TOKEN, "--propagation-delay", "100ms"])
         .await
         .expect("local ingest pod")
 }
 
 /// Control port of `pod`.
-pub fn control_port(pod: &LocalPod) -> u16 {
+pub(crate) fn control_port(pod: &LocalPod) -> u16 {
     pod.control.expect("the pod serves its control API").port()
 }
 
 /// Starts a drain on `pod` as an earlier reconcile did.
-pub fn start_on_pod(pod: &LocalPod, id: &str, propagation: Duration) {
+pub(crate) fn start_on_pod(pod: &LocalPod, id: &str, propagation: Duration) {
     pod.drainer
         .start(DrainSpec {
             id: id.to_owned(),
@@ -175,7 +181,7 @@ pub fn start_on_pod(pod: &LocalPod, id: &str, propagation: Duration) {
 }
 
 /// Waits until the drain on `pod` is in `phase`.
-pub async fn wait_pod_phase(pod: &LocalPod, phase: PodPhase) {
+pub(crate) async fn wait_pod_phase(pod: &LocalPod, phase: PodPhase) {
     within("the pod's drain phase", async {
         while pod.drainer.status().map(|s| s.phase) != Some(phase) {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -185,19 +191,19 @@ pub async fn wait_pod_phase(pod: &LocalPod, phase: PodPhase) {
 }
 
 /// When the pod's drain started.
-pub fn pod_drain_started(pod: &LocalPod) -> SystemTime {
+pub(crate) fn pod_drain_started(pod: &LocalPod) -> SystemTime {
     pod.drainer.status().expect("the pod has a drain").started_at
 }
 
 /// A file holding [`TOKEN`].
-pub fn token_file() -> tempfile::NamedTempFile {
+pub(crate) fn token_file() -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), TOKEN).expect("token written");
     file
 }
 
 /// Operator flags for pods whose control API is on `control_port`.
-pub fn args(control_port: u16, token_file: &Path) -> Args {
+pub(crate) fn args(control_port: u16, token_file: &Path) -> Args {
     let port = control_port.to_string();
     let token = token_file.to_str().expect("UTF-8 temp path");
     clap::Parser::try_parse_from([
@@ -218,12 +224,12 @@ fn mock_client() -> (Client, ApiServerVerifier) {
 impl Context {
     /// A context whose client talks to the returned verifier.
     /// `pods` are the cached ingest pods.
-    pub fn test(control_port: u16, token_file: &Path, pods: Vec<Pod>) -> (Arc<Self>, ApiServerVerifier) {
+    pub(crate) fn test(control_port: u16, token_file: &Path, pods: Vec<Pod>) -> (Arc<Self>, ApiServerVerifier) {
         Self::test_with_drains(control_port, token_file, Vec::new(), pods)
     }
 
     /// [`Context::test`] with `drains` in the cache of IngestDrains.
-    pub fn test_with_drains(
+    pub(crate) fn test_with_drains(
         control_port: u16,
         token_file: &Path,
         drains: Vec<IngestDrain>,
@@ -242,10 +248,14 @@ impl Context {
             controller: "ingest-operator".into(),
             instance: None,
         };
+        let settings = Settings::from_args(args(control_port, token_file)).expect("settings");
         let ctx = Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            args: args(control_port, token_file),
+            ingest: settings.ingest,
+            pod_access: settings.pod_access,
+            drain_defaults: settings.drain_defaults,
+            node_taints: settings.node_taints,
             metrics: Metrics::default(),
             // No controller runs here: the followers' wake-ups go nowhere.
             followers: crate::controller::Followers::new().0,
@@ -260,7 +270,7 @@ impl Context {
 impl Gate {
     /// A gate whose caches hold `pods` and `drains` and whose client talks
     /// to the returned verifier.
-    pub fn test(pods: Vec<Pod>, drains: Vec<IngestDrain>) -> (Self, ApiServerVerifier) {
+    pub(crate) fn test(pods: Vec<Pod>, drains: Vec<IngestDrain>) -> (Self, ApiServerVerifier) {
         let (client, verifier) = mock_client();
         let (pod_store, mut pod_writer) = reflector::store::<Pod>();
         for p in pods {
@@ -271,13 +281,16 @@ impl Gate {
             drain_writer.apply_watcher_event(&watcher::Event::Apply(d));
         }
         let args: Args = clap::Parser::try_parse_from(["ingest-operator"]).expect("operator args");
+        let settings = Settings::from_args(args).expect("settings");
         let gate = Gate {
             client,
             pods: pod_store.into(),
             drains: drain_store,
             channels: Default::default(),
-            ingest: crate::state::parse_selector(&args.ingest_selector).expect("ingest selector"),
-            args,
+            ingest: settings.ingest,
+            pod_access: settings.pod_access,
+            drain_defaults: settings.drain_defaults,
+            operator_username: settings.operator_username,
             metrics: Metrics::default(),
             first_holds: Default::default(),
             recorder: None,
@@ -291,24 +304,24 @@ impl Gate {
 // ---- the verifier ------------------------------------------------------------
 
 /// One step of a drain reconcile, as the API server sees it.
-pub struct Step {
+pub(crate) struct Step {
     /// The drain being reconciled (its status is what the step starts from).
-    pub drain: IngestDrain,
+    pub(crate) drain: IngestDrain,
     /// Pods the step must evict, in order.
-    pub evicted: Vec<&'static str>,
+    pub(crate) evicted: Vec<&'static str>,
     /// The API server refuses those evictions (a PodDisruptionBudget).
-    pub evictions_refused: bool,
+    pub(crate) evictions_refused: bool,
     /// The event the step must publish: (type, reason).
-    pub event: Option<(&'static str, &'static str)>,
+    pub(crate) event: Option<(&'static str, &'static str)>,
     /// The phase the step must apply.
-    pub phase: DrainPhase,
+    pub(crate) phase: DrainPhase,
     /// The rows the step must apply: (pod, state).
-    pub rows: Vec<(&'static str, PodState)>,
+    pub(crate) rows: Vec<(&'static str, PodState)>,
 }
 
 /// What the API server is asked, in order.
 #[allow(clippy::large_enum_variant, reason = "built once per test")]
-pub enum Scenario {
+pub(crate) enum Scenario {
     /// A drain without the finalizer: the finalizer goes on, nothing else.
     FinalizerAdded(IngestDrain),
     /// One reconcile of a drain that holds the finalizer; a terminal phase
@@ -340,21 +353,21 @@ pub enum Scenario {
 
 /// A request as the verifier saw it.
 #[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: Method,
-    pub path: String,
-    pub query: BTreeMap<String, String>,
-    pub content_type: Option<String>,
+pub(crate) struct Seen {
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) query: BTreeMap<String, String>,
+    pub(crate) content_type: Option<String>,
     /// The JSON body (`Null` when empty).
-    pub body: Value,
+    pub(crate) body: Value,
 }
 
-pub struct ApiServerVerifier(ApiServerHandle);
+pub(crate) struct ApiServerVerifier(ApiServerHandle);
 
 impl ApiServerVerifier {
     /// Plays `scenarios` in order, then checks that no further request comes
     /// before every client is dropped. Returns every request seen.
-    pub fn run(self, scenarios: Vec<Scenario>) -> JoinHandle<Vec<Seen>> {
+    pub(crate) fn run(self, scenarios: Vec<Scenario>) -> JoinHandle<Vec<Seen>> {
         tokio::spawn(async move {
             let mut v = Verifier {
                 handle: self.0,

@@ -1,8 +1,6 @@
 //! Leader election on a coordination.k8s.io Lease: one replica drives
 //! drains; every external act is idempotent, so a brief overlap is harmless.
 
-use std::time::Duration;
-
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -12,17 +10,18 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::settings::LeaseSettings;
+
 /// Keeps trying to hold the Lease; `leader` says whether this replica does.
-pub async fn run(
-    client: Client,
-    ns: &str,
-    name: &str,
-    identity: &str,
-    duration: Duration,
-    leader: watch::Sender<bool>,
-    stop: CancellationToken,
-) {
-    let api: Api<Lease> = Api::namespaced(client, ns);
+pub(crate) async fn run(client: Client, lease: LeaseSettings, leader: watch::Sender<bool>, stop: CancellationToken) {
+    let LeaseSettings {
+        namespace,
+        name,
+        identity,
+        duration,
+    } = lease;
+    let (name, identity) = (name.as_str(), identity.as_str());
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
     let secs = i32::try_from(duration.as_secs().max(1)).unwrap_or(15);
     loop {
         let holding = match try_hold(&api, name, identity, secs).await {

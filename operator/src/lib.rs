@@ -1,15 +1,23 @@
 //! The `IngestDrain` operator: turns node drains, evictions and IngestDrain
 //! resources into lossless drains of RTMP ingest pods over their control API.
 
+#![warn(unreachable_pub)]
+
 pub mod config;
-pub mod controller;
+mod controller;
+#[expect(
+    unreachable_pub,
+    reason = "KubeSchema's derive copies each validated struct, `pub` included, into a function body"
+)]
 pub mod crd;
-pub mod leader;
-pub mod nodes;
-pub mod pods;
+mod drains;
+mod leader;
+mod nodes;
+mod pods;
 pub mod run;
-pub mod state;
-pub mod telemetry;
+mod settings;
+mod state;
+mod telemetry;
 pub mod tls;
 pub mod webhook;
 pub mod yaml;

@@ -16,17 +16,18 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::controller::{Context, Error, MANAGER};
-use crate::crd::{DrainPhase, GROUP, IngestDrain, NODE_LABEL, TRIGGER_LABEL};
+use crate::controller::{Context, Error};
+use crate::crd::{DrainPhase, IngestDrain, NODE_LABEL};
+use crate::drains::{self, Subject};
 use crate::state;
 
 /// Name of the drain of `node`'s ingest pods (one per namespace).
-pub fn drain_name(node: &str) -> String {
+pub(crate) fn drain_name(node: &str) -> String {
     format!("node-{node}")
 }
 
 /// Runs the node watcher until `stop`.
-pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+pub(crate) async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     Controller::new(nodes, watcher::Config::default())
         .graceful_shutdown_on(async move { stop.cancelled().await })
@@ -59,79 +60,57 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> 
         .list(&ListParams::default().labels(&format!("{NODE_LABEL}={name}")))
         .await?
         .items;
-    let Some(reason) = state::node_signal(&node, &ctx.args.node_taints) else {
-        for d in existing.iter().filter(|d| !d.spec.cancel) {
-            let api = drains_api(&ctx, d.namespace().as_deref());
-            api.patch(
-                &d.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"cancel": true}})),
-            )
-            .await?;
-            info!(node = %name, drain = %d.name_any(), "node back in service: drain cancelled");
-        }
+    let Some(reason) = state::node_signal(&node, &ctx.node_taints) else {
+        cancel_drains(&ctx, &name, &existing).await?;
         return Ok(Action::await_change());
     };
-    let selector = state::parse_selector(&ctx.args.ingest_selector).map_err(Error::Invalid)?;
-    // From the watch cache: the operator lists no pods (and may read them
-    // only in the ingest namespaces).
-    let namespaces: BTreeSet<String> = ctx
-        .pods
-        .state()
-        .iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
-        .filter(|p| state::selector_matches(&selector, p.labels()))
-        .filter_map(|p| p.namespace())
-        .filter(|ns| ctx.args.namespaces.is_empty() || ctx.args.namespaces.contains(ns))
-        .collect();
-    for ns in namespaces {
-        let api = drains_api(&ctx, Some(&ns));
+    for ns in ingest_namespaces(&ctx, &name) {
         if let Some(old) = existing.iter().find(|d| d.namespace().as_deref() == Some(ns.as_str())) {
             let phase = old.status.as_ref().map(|s| s.phase).unwrap_or_default();
             if !old.spec.cancel && phase != DrainPhase::Cancelled {
                 continue;
             }
             // A cancelled drain from an earlier cordon: make room for a new one.
-            api.delete(&old.name_any(), &DeleteParams::default()).await?;
+            drains_api(&ctx, Some(&ns))
+                .delete(&old.name_any(), &DeleteParams::default())
+                .await?;
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
-        let mut spec = json!({
-            "selector": selector,
-            "nodeName": name,
-            "deadlineSeconds": ctx.args.drain_deadline.as_secs().max(1),
-            "rate": ctx.args.drain_rate,
-            "incapablePolicy": ctx.args.incapable_policy,
-            "evict": true,
-        });
-        if let Some(t) = &ctx.args.redirect_template {
-            spec["redirect"] = json!({ "urlTemplate": t });
-        }
-        let drain = json!({
-            "apiVersion": format!("{GROUP}/v1alpha1"),
-            "kind": "IngestDrain",
-            "metadata": {
-                "name": drain_name(&name),
-                "namespace": ns,
-                "labels": { NODE_LABEL: name, TRIGGER_LABEL: "node" },
-                "ownerReferences": [{
-                    "apiVersion": "v1",
-                    "kind": "Node",
-                    "name": name,
-                    "uid": node.uid().unwrap_or_default(),
-                }],
-            },
-            "spec": spec,
-        });
-        api.patch(
-            &drain_name(&name),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(drain),
-        )
-        .await?;
+        let drain = drains::operator_drain(Subject::Node(&node), &ns, &ctx.ingest.selector, &ctx.drain_defaults);
+        drains::apply(&ctx.client, &drain).await?;
         info!(node = %name, %ns, %reason, "node is being emptied: IngestDrain created");
     }
     // New ingest pods may still land before the cordon reaches the scheduler.
     Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// The node is back in service: its drains not yet cancelled are.
+async fn cancel_drains(ctx: &Context, node: &str, existing: &[IngestDrain]) -> Result<(), Error> {
+    for d in existing.iter().filter(|d| !d.spec.cancel) {
+        let api = drains_api(ctx, d.namespace().as_deref());
+        api.patch(
+            &d.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"cancel": true}})),
+        )
+        .await?;
+        info!(%node, drain = %d.name_any(), "node back in service: drain cancelled");
+    }
+    Ok(())
+}
+
+/// Watched namespaces with ingest pods on `node`, from the watch cache:
+/// the operator lists no pods (and may read them only in the ingest
+/// namespaces).
+fn ingest_namespaces(ctx: &Context, node: &str) -> BTreeSet<String> {
+    ctx.pods
+        .state()
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|p| state::selector_matches(&ctx.ingest.selector, p.labels()))
+        .filter_map(|p| p.namespace())
+        .filter(|ns| ctx.ingest.watches(ns))
+        .collect()
 }
 
 #[cfg(test)]

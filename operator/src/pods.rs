@@ -15,10 +15,10 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
 /// Time allowed for connecting and for each call.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("cannot reach {addr}: {source}")]
     Connect {
         addr: String,
@@ -31,7 +31,7 @@ pub enum Error {
 }
 
 /// A client for one pod.
-pub struct PodClient {
+pub(crate) struct PodClient {
     addr: String,
     token: MetadataValue<tonic::metadata::Ascii>,
     inner: IngestControlClient<Channel>,
@@ -41,7 +41,7 @@ pub struct PodClient {
 /// hundred pods without a hundred TCP and HTTP/2 handshakes. A channel
 /// connects on first use and again after a failure on its own.
 #[derive(Clone, Default)]
-pub struct Channels {
+pub(crate) struct Channels {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// Dials over TLS when set; plaintext otherwise.
     tls: Option<ingest_proto::tls::Connector>,
@@ -49,7 +49,7 @@ pub struct Channels {
 
 impl Channels {
     /// Channels that dial the pods over TLS.
-    pub fn with_tls(tls: ingest_proto::tls::Connector) -> Self {
+    pub(crate) fn with_tls(tls: ingest_proto::tls::Connector) -> Self {
         Self {
             channels: Arc::default(),
             tls: Some(tls),
@@ -57,7 +57,7 @@ impl Channels {
     }
 
     /// A client for `ip:port` on its pooled channel.
-    pub fn client(&self, ip: &str, port: u16, token: &str) -> Result<PodClient, Error> {
+    pub(crate) fn client(&self, ip: &str, port: u16, token: &str) -> Result<PodClient, Error> {
         let addr = if ip.contains(':') {
             format!("[{ip}]:{port}")
         } else {
@@ -90,7 +90,7 @@ impl Channels {
     }
 
     /// Forgets the channels of pods whose IP is not in `live`.
-    pub fn retain(&self, live: &std::collections::HashSet<String>) {
+    pub(crate) fn retain(&self, live: &std::collections::HashSet<String>) {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         channels.retain(|addr, _| {
             let ip = addr.rsplit_once(':').map_or(addr.as_str(), |(ip, _)| ip);
@@ -113,7 +113,7 @@ impl PodClient {
         }
     }
 
-    pub async fn start_drain(&mut self, req: StartDrainRequest) -> Result<StartDrainResponse, Error> {
+    pub(crate) async fn start_drain(&mut self, req: StartDrainRequest) -> Result<StartDrainResponse, Error> {
         let mut r = self.request(req);
         r.set_timeout(CALL_TIMEOUT);
         self.inner
@@ -124,7 +124,7 @@ impl PodClient {
     }
 
     /// The pod's counts and drain, without its publishers.
-    pub async fn status(&mut self) -> Result<PodStatus, Error> {
+    pub(crate) async fn status(&mut self) -> Result<PodStatus, Error> {
         let mut r = self.request(GetStatusRequest {
             counts_only: true,
             ..GetStatusRequest::default()
@@ -138,7 +138,7 @@ impl PodClient {
     }
 
     /// The pod's status on every change (coalesced by the pod).
-    pub async fn watch(&mut self) -> Result<tonic::Streaming<PodStatus>, Error> {
+    pub(crate) async fn watch(&mut self) -> Result<tonic::Streaming<PodStatus>, Error> {
         let r = self.request(WatchStatusRequest {
             counts_only: true,
             ..WatchStatusRequest::default()
@@ -152,7 +152,7 @@ impl PodClient {
 
     /// Cancels the pod's drain `drain_id`: `Ok(None)` if cancelled, else
     /// the pod's reason (a pod that got SIGTERM refuses every cancel).
-    pub async fn cancel_drain(&mut self, drain_id: &str) -> Result<Option<String>, Error> {
+    pub(crate) async fn cancel_drain(&mut self, drain_id: &str) -> Result<Option<String>, Error> {
         let mut r = self.request(CancelDrainRequest {
             drain_id: drain_id.to_owned(),
         });
@@ -172,26 +172,26 @@ impl PodClient {
 /// the operator needs no cluster-wide right on pods), or one cluster-wide
 /// watch when no namespace is given.
 #[derive(Clone)]
-pub struct PodCache(Vec<Store<Pod>>);
+pub(crate) struct PodCache(Vec<Store<Pod>>);
 
 impl PodCache {
     /// A cache of these stores (one per watched namespace).
-    pub fn new(stores: Vec<Store<Pod>>) -> Self {
+    pub(crate) fn new(stores: Vec<Store<Pod>>) -> Self {
         Self(stores)
     }
 
     /// Every cached pod.
-    pub fn state(&self) -> Vec<Arc<Pod>> {
+    pub(crate) fn state(&self) -> Vec<Arc<Pod>> {
         self.0.iter().flat_map(|s| s.state()).collect()
     }
 
     /// One pod, if cached.
-    pub fn get(&self, key: &ObjectRef<Pod>) -> Option<Arc<Pod>> {
+    pub(crate) fn get(&self, key: &ObjectRef<Pod>) -> Option<Arc<Pod>> {
         self.0.iter().find_map(|s| s.get(key))
     }
 
     /// Resolves once every watch has listed its pods; false if one ended.
-    pub async fn wait_until_ready(&self) -> bool {
+    pub(crate) async fn wait_until_ready(&self) -> bool {
         for s in &self.0 {
             if s.wait_until_ready().await.is_err() {
                 return false;

@@ -15,7 +15,7 @@ use crate::crd::{
 };
 
 /// Parses `k=v,k2=v2` (equality only), the operator's ingest selector flag.
-pub fn parse_selector(s: &str) -> Result<LabelSelector, String> {
+pub(crate) fn parse_selector(s: &str) -> Result<LabelSelector, String> {
     let mut labels = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
@@ -33,7 +33,7 @@ pub fn parse_selector(s: &str) -> Result<LabelSelector, String> {
 }
 
 /// Renders a selector for list calls (`k=v,k2 in (a,b)`).
-pub fn selector_string(sel: &LabelSelector) -> String {
+pub(crate) fn selector_string(sel: &LabelSelector) -> String {
     let mut parts: Vec<String> = sel
         .match_labels
         .iter()
@@ -66,7 +66,7 @@ fn requirement_matches(req: &LabelSelectorRequirement, labels: &BTreeMap<String,
 
 /// Whether `labels` match `sel` (an empty selector matches nothing here:
 /// draining every pod of a namespace by accident is worse than nothing).
-pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     let ml = sel.match_labels.as_ref().filter(|m| !m.is_empty());
     let me = sel.match_expressions.as_ref().filter(|m| !m.is_empty());
     if ml.is_none() && me.is_none() {
@@ -77,7 +77,7 @@ pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) 
 }
 
 /// Whether the drain selects `pod`.
-pub fn pod_selected(spec: &IngestDrainSpec, pod: &Pod) -> bool {
+pub(crate) fn pod_selected(spec: &IngestDrainSpec, pod: &Pod) -> bool {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
     selector_matches(&spec.selector, pod.labels())
         && spec.node_name.as_deref().is_none_or(|n| node == Some(n))
@@ -89,7 +89,7 @@ pub fn pod_selected(spec: &IngestDrainSpec, pod: &Pod) -> bool {
 
 /// The pods a new drain takes, frozen in its status: pods that appear
 /// later (replacements, scale-ups) are not drained by it.
-pub fn initial_rows(spec: &IngestDrainSpec, pods: &[Pod]) -> Vec<PodDrainStatus> {
+pub(crate) fn initial_rows(spec: &IngestDrainSpec, pods: &[Pod]) -> Vec<PodDrainStatus> {
     let mut rows: Vec<PodDrainStatus> = pods
         .iter()
         .filter(|p| pod_selected(spec, p) && p.metadata.deletion_timestamp.is_none())
@@ -106,7 +106,7 @@ pub fn initial_rows(spec: &IngestDrainSpec, pods: &[Pod]) -> Vec<PodDrainStatus>
 
 /// Updates a pod's row from its control API status; `lastUpdate` moves
 /// only when something else in the row did.
-pub fn row_from_status(row: &PodDrainStatus, status: &PodStatus, drain_id: &str, now: Time) -> PodDrainStatus {
+pub(crate) fn row_from_status(row: &PodDrainStatus, status: &PodStatus, drain_id: &str, now: Time) -> PodDrainStatus {
     let mut next = row_content(row, status, drain_id);
     next.last_update = if next == *row {
         row.last_update.clone()
@@ -151,7 +151,7 @@ fn row_content(row: &PodDrainStatus, status: &PodStatus, drain_id: &str) -> PodD
 }
 
 /// Sums of the rows.
-pub fn totals(rows: &[PodDrainStatus]) -> Totals {
+pub(crate) fn totals(rows: &[PodDrainStatus]) -> Totals {
     Totals {
         pods: rows.len() as i64,
         drained_pods: rows.iter().filter(|r| r.state.releases_pod()).count() as i64,
@@ -162,7 +162,7 @@ pub fn totals(rows: &[PodDrainStatus]) -> Totals {
 }
 
 /// The drain's phase from its rows.
-pub fn overall_phase(rows: &[PodDrainStatus], past_deadline: bool) -> DrainPhase {
+pub(crate) fn overall_phase(rows: &[PodDrainStatus], past_deadline: bool) -> DrainPhase {
     if rows.iter().all(|r| r.state.is_done()) {
         if rows
             .iter()
@@ -183,7 +183,7 @@ pub fn overall_phase(rows: &[PodDrainStatus], past_deadline: bool) -> DrainPhase
 }
 
 /// Why a node is being emptied, if it is: cordoned, or a removal taint.
-pub fn node_signal(node: &Node, taints: &[String]) -> Option<String> {
+pub(crate) fn node_signal(node: &Node, taints: &[String]) -> Option<String> {
     let spec = node.spec.as_ref()?;
     if let Some(t) = spec.taints.iter().flatten().find(|t| taints.contains(&t.key)) {
         return Some(format!("taint {}", t.key));
@@ -192,7 +192,7 @@ pub fn node_signal(node: &Node, taints: &[String]) -> Option<String> {
 }
 
 /// Renders a redirect URL template for a target pod.
-pub fn render_redirect(template: &str, pod: &Pod) -> String {
+pub(crate) fn render_redirect(template: &str, pod: &Pod) -> String {
     let status = pod.status.as_ref();
     template
         .replace("{pod}", &pod.name_any())
@@ -214,7 +214,7 @@ pub fn render_redirect(template: &str, pod: &Pod) -> String {
 /// Targets for Reconnect Request, rendered from the drain's template:
 /// ready pods of its selector, not being deleted, and not in `draining`
 /// (pods any live drain still holds).
-pub fn redirect_targets(
+pub(crate) fn redirect_targets(
     drain: &IngestDrain,
     pods: &[Pod],
     draining: &std::collections::HashSet<String>,
@@ -231,7 +231,7 @@ pub fn redirect_targets(
 }
 
 /// True if the pod is Ready.
-pub fn pod_ready(pod: &Pod) -> bool {
+pub(crate) fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -240,7 +240,7 @@ pub fn pod_ready(pod: &Pod) -> bool {
 
 /// The answer to an eviction of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Let it go: not an ingest pod, or drained, or past its deadline.
     Allow(String),
     /// Hold it: its drain runs (429, retried by kubectl drain and autoscalers).
@@ -252,7 +252,7 @@ pub enum Verdict {
 /// How long past a drain's deadline the gate still holds its pods: time
 /// for the controller to time the drain out and evict them itself. After
 /// it, the gate lets the eviction through whatever the status says.
-pub const HOLD_GRACE: SignedDuration = SignedDuration::from_secs(15);
+pub(crate) const HOLD_GRACE: SignedDuration = SignedDuration::from_secs(15);
 
 /// The eviction gate's decision for `pod` given the drains of its namespace.
 ///
@@ -260,7 +260,7 @@ pub const HOLD_GRACE: SignedDuration = SignedDuration::from_secs(15);
 /// before it listed its pods at all), and only until its deadline, counted
 /// from its start (its creation if no status was ever written) plus
 /// [`HOLD_GRACE`]. Neither depends on the controller writing status.
-pub fn eviction_verdict<'a>(
+pub(crate) fn eviction_verdict<'a>(
     pod: Option<&Pod>,
     ingest: &LabelSelector,
     drains: impl IntoIterator<Item = &'a IngestDrain>,
@@ -351,7 +351,7 @@ fn phase(d: &IngestDrain) -> DrainPhase {
 
 /// When the gate stops holding `d`'s pods: the deadline from the drain's
 /// start (its creation before a status was written) plus [`HOLD_GRACE`].
-pub fn hold_end(d: &IngestDrain) -> Option<Timestamp> {
+pub(crate) fn hold_end(d: &IngestDrain) -> Option<Timestamp> {
     let start = d
         .status
         .as_ref()
@@ -361,7 +361,7 @@ pub fn hold_end(d: &IngestDrain) -> Option<Timestamp> {
 }
 
 /// Status conditions from the rows and phase.
-pub fn conditions(
+pub(crate) fn conditions(
     phase: DrainPhase,
     rows: &[PodDrainStatus],
     generation: Option<i64>,

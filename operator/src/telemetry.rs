@@ -16,33 +16,33 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabel {
-    pub kind: &'static str,
+pub(crate) struct ErrorLabel {
+    pub(crate) kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabel {
-    pub phase: &'static str,
+pub(crate) struct PhaseLabel {
+    pub(crate) phase: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DecisionLabel {
+pub(crate) struct DecisionLabel {
     /// `allow`, `hold`, `start` or `error`.
-    pub decision: &'static str,
+    pub(crate) decision: &'static str,
 }
 
 /// Every metric of the operator.
 #[derive(Clone)]
-pub struct Metrics {
-    pub reconciles: Counter,
-    pub reconcile_errors: Family<ErrorLabel, Counter>,
-    pub reconcile_duration: Histogram,
-    pub drains: Family<PhaseLabel, Gauge>,
-    pub drain_duration: Histogram,
-    pub migrated: Counter,
-    pub webhook_decisions: Family<DecisionLabel, Counter>,
-    pub webhook_duration: Histogram,
-    pub leader: Gauge,
+pub(crate) struct Metrics {
+    pub(crate) reconciles: Counter,
+    pub(crate) reconcile_errors: Family<ErrorLabel, Counter>,
+    pub(crate) reconcile_duration: Histogram,
+    pub(crate) drains: Family<PhaseLabel, Gauge>,
+    pub(crate) drain_duration: Histogram,
+    pub(crate) migrated: Counter,
+    pub(crate) webhook_decisions: Family<DecisionLabel, Counter>,
+    pub(crate) webhook_duration: Histogram,
+    pub(crate) leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -64,7 +64,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn register(&self, r: &mut Registry) {
+    pub(crate) fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("ingest_operator");
         r.register("reconciles", "IngestDrain reconciles", self.reconciles.clone());
         r.register(
@@ -108,13 +108,13 @@ impl Metrics {
 
 /// Shared state of the HTTP endpoints.
 #[derive(Clone)]
-pub struct Health {
-    pub registry: Arc<Registry>,
+pub(crate) struct Health {
+    pub(crate) registry: Arc<Registry>,
     /// True once the caches the webhook answers from are filled.
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<AtomicBool>,
 }
 
-pub fn router(health: Health) -> Router {
+pub(crate) fn router(health: Health) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

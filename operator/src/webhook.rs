@@ -12,49 +12,51 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Patch, PatchParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::core::response::StatusSummary;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::controller::MANAGER;
-use crate::crd::{GROUP, IngestDrain, TRIGGER_LABEL};
+use crate::crd::IngestDrain;
+use crate::drains::{self, Subject};
 use crate::pods::Channels;
+use crate::settings::{DrainDefaults, IngestPods, PodAccess};
 use crate::state::{self, Verdict};
 use crate::telemetry::{DecisionLabel, Metrics};
 
 /// What the handler answers from.
 #[derive(Clone)]
-pub struct Gate {
-    pub client: Client,
-    pub pods: crate::pods::PodCache,
-    pub drains: Store<IngestDrain>,
+pub(crate) struct Gate {
+    pub(crate) client: Client,
+    pub(crate) pods: crate::pods::PodCache,
+    pub(crate) drains: Store<IngestDrain>,
     /// gRPC channels to the pods, shared with the controller.
-    pub channels: Channels,
-    pub ingest: LabelSelector,
-    pub args: crate::config::Args,
-    pub metrics: Metrics,
+    pub(crate) channels: Channels,
+    pub(crate) ingest: IngestPods,
+    pub(crate) pod_access: PodAccess,
+    /// What the drains the gate starts ask for.
+    pub(crate) drain_defaults: DrainDefaults,
+    /// The operator's own API username: it evicts only pods it drained.
+    pub(crate) operator_username: Option<String>,
+    pub(crate) metrics: Metrics,
     /// When this replica first held each pod (by uid) with no drain covering it.
-    pub first_holds: FirstHolds,
+    pub(crate) first_holds: FirstHolds,
     /// Publishes why an eviction is held, as an Event on the pod (what
     /// `kubectl describe pod` shows while `kubectl drain` waits); `None`: no Events.
-    pub recorder: Option<Recorder>,
+    pub(crate) recorder: Option<Recorder>,
     /// When each held pod (by uid) last got that Event.
-    pub explained: FirstHolds,
+    pub(crate) explained: FirstHolds,
     /// The last publisher count of each held pod (by uid).
-    pub counts: Counts,
+    pub(crate) counts: Counts,
 }
 
 /// Publisher counts of held pods, asked in the background and named by
 /// the next 429.
 #[derive(Clone, Default)]
-pub struct Counts(Arc<Mutex<HashMap<String, (u32, Instant)>>>);
+pub(crate) struct Counts(Arc<Mutex<HashMap<String, (u32, Instant)>>>);
 
 impl Counts {
     fn put(&self, uid: &str, n: u32) {
@@ -78,7 +80,7 @@ const EXPLAIN_EVERY: Duration = Duration::from_secs(30);
 /// does not take the pod): this replica lets the eviction through once it
 /// has held the pod for a drain deadline plus [`state::HOLD_GRACE`].
 #[derive(Clone, Default)]
-pub struct FirstHolds(Arc<Mutex<HashMap<String, Instant>>>);
+pub(crate) struct FirstHolds(Arc<Mutex<HashMap<String, Instant>>>);
 
 impl FirstHolds {
     /// How long `uid` has been held, counting from this first call.
@@ -103,7 +105,7 @@ impl FirstHolds {
     }
 
     #[cfg(test)]
-    pub fn set(&self, uid: &str, first: Instant) {
+    pub(crate) fn set(&self, uid: &str, first: Instant) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -111,7 +113,8 @@ impl FirstHolds {
     }
 }
 
-pub fn router(gate: Gate) -> Router {
+/// The eviction webhook's routes.
+pub(crate) fn router(gate: Gate) -> Router {
     Router::new()
         .route("/validate-eviction", post(review))
         .with_state(Arc::new(gate))
@@ -131,10 +134,7 @@ async fn review(
         Ok(r) => r,
         Err(err) => {
             warn!(%err, "malformed admission review");
-            gate.metrics
-                .webhook_decisions
-                .get_or_create(&DecisionLabel { decision: "error" })
-                .inc();
+            count(&gate, "error");
             return Json(AdmissionResponse::invalid(err.to_string()).into_review());
         }
     };
@@ -151,27 +151,32 @@ fn too_many_requests(req: &AdmissionRequest<DynamicObject>, message: String) -> 
     resp
 }
 
+fn count(gate: &Gate, decision: &'static str) {
+    gate.metrics
+        .webhook_decisions
+        .get_or_create(&DecisionLabel { decision })
+        .inc();
+}
+
+fn allow(gate: &Gate, req: &AdmissionRequest<DynamicObject>, why: &str) -> AdmissionResponse {
+    count(gate, "allow");
+    tracing::debug!(pod = %req.name, why, "eviction allowed");
+    AdmissionResponse::from(req)
+}
+
 async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
-    let allow = |why: &str| {
-        gate.metrics
-            .webhook_decisions
-            .get_or_create(&DecisionLabel { decision: "allow" })
-            .inc();
-        tracing::debug!(pod = %req.name, why, "eviction allowed");
-        AdmissionResponse::from(req)
-    };
     if req.sub_resource.as_deref() != Some("eviction") {
-        return allow("not an eviction");
+        return allow(gate, req, "not an eviction");
     }
     let Some(ns) = req.namespace.clone() else {
-        return allow("no namespace");
+        return allow(gate, req, "no namespace");
     };
     // The operator evicts only pods it has drained.
-    if gate.args.username.is_some() && req.user_info.username == gate.args.username {
-        return allow("evicted by the operator after its drain");
+    if gate.operator_username.is_some() && req.user_info.username == gate.operator_username {
+        return allow(gate, req, "evicted by the operator after its drain");
     }
-    if !gate.args.namespaces.is_empty() && !gate.args.namespaces.contains(&ns) {
-        return allow("namespace not watched");
+    if !gate.ingest.watches(&ns) {
+        return allow(gate, req, "namespace not watched");
     }
     let pod = gate.pods.get(&ObjectRef::new(&req.name).within(&ns));
     let drains = gate.drains.state();
@@ -179,13 +184,11 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
         .iter()
         .map(AsRef::as_ref)
         .filter(|d: &&IngestDrain| d.metadata.namespace.as_deref() == Some(ns.as_str()));
-    match state::eviction_verdict(pod.as_deref(), &gate.ingest, in_ns, k8s_openapi::jiff::Timestamp::now()) {
-        Verdict::Allow(why) => allow(&why),
+    let now = k8s_openapi::jiff::Timestamp::now();
+    match state::eviction_verdict(pod.as_deref(), &gate.ingest.selector, in_ns, now) {
+        Verdict::Allow(why) => allow(gate, req, &why),
         Verdict::Hold(message) => {
-            gate.metrics
-                .webhook_decisions
-                .get_or_create(&DecisionLabel { decision: "hold" })
-                .inc();
+            count(gate, "hold");
             info!(pod = %req.name, %ns, %message, "eviction held");
             if let Some(p) = pod.as_deref().filter(|_| !req.dry_run) {
                 explain(gate, p, &message);
@@ -193,56 +196,60 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
             too_many_requests(req, message)
         }
         Verdict::StartAndHold(message) => {
-            gate.metrics
-                .webhook_decisions
-                .get_or_create(&DecisionLabel { decision: "start" })
-                .inc();
-            let Some(pod) = pod.as_deref() else {
-                return too_many_requests(req, message);
-            };
-            let limit = gate.args.drain_deadline + state::HOLD_GRACE.unsigned_abs();
-            let held = gate.first_holds.held_for(&pod.uid().unwrap_or_default(), 4 * limit);
-            if held >= limit {
-                warn!(pod = %req.name, %ns, ?held, "no drain took the pod over: eviction allowed");
-                return allow("held for a drain deadline without a drain covering it");
+            count(gate, "start");
+            match pod.as_deref() {
+                Some(pod) => start_and_hold(gate, req, pod, message),
+                None => too_many_requests(req, message),
             }
-            // Start the drain (a dry run only answers: sideEffects
-            // NoneOnDryRun) without waiting for the API server: the answer
-            // stays fast, and a drain that could not be created is created
-            // at the next retry. Meanwhile the pod tells how many publishers
-            // it has.
-            if !req.dry_run {
-                let (gate, pod, name) = (gate.clone(), pod.clone(), req.name.clone());
-                tokio::spawn(async move {
-                    if let Err(err) = start_drain(&gate, &pod).await {
-                        warn!(pod = %name, %err, "cannot start the pod's drain");
-                    }
-                });
-            }
-            // The pod tells how many publishers it has in the background
-            // too: the answer never waits on a pod, and a retry names the
-            // count (until the drain's own row does).
-            let uid = pod.uid().unwrap_or_default();
-            let (g, p) = (gate.clone(), pod.clone());
-            tokio::spawn(async move {
-                if let Some(n) = publishers_on(&g, &p).await {
-                    g.counts.put(&uid, n);
-                }
-            });
-            let message = match gate.counts.get(&pod.uid().unwrap_or_default(), COUNT_FRESH) {
-                Some(n) => format!(
-                    "pod {}: {n} publishers remain; starting its drain, retry shortly",
-                    req.name
-                ),
-                None => message,
-            };
-            info!(pod = %req.name, %ns, dry_run = req.dry_run, %message, "eviction held: drain started");
-            if !req.dry_run {
-                explain(gate, pod, &message);
-            }
-            too_many_requests(req, message)
         }
     }
+}
+
+/// Holds the eviction of a pod no drain covers yet, starting its drain;
+/// lets it through once held for a drain deadline without one.
+fn start_and_hold(gate: &Gate, req: &AdmissionRequest<DynamicObject>, pod: &Pod, message: String) -> AdmissionResponse {
+    let ns = req.namespace.as_deref().unwrap_or_default();
+    let limit = gate.drain_defaults.deadline + state::HOLD_GRACE.unsigned_abs();
+    let held = gate.first_holds.held_for(&pod.uid().unwrap_or_default(), 4 * limit);
+    if held >= limit {
+        warn!(pod = %req.name, %ns, ?held, "no drain took the pod over: eviction allowed");
+        return allow(gate, req, "held for a drain deadline without a drain covering it");
+    }
+    // Start the drain (a dry run only answers: sideEffects
+    // NoneOnDryRun) without waiting for the API server: the answer
+    // stays fast, and a drain that could not be created is created
+    // at the next retry. Meanwhile the pod tells how many publishers
+    // it has.
+    if !req.dry_run {
+        let (gate, pod, name) = (gate.clone(), pod.clone(), req.name.clone());
+        tokio::spawn(async move {
+            if let Err(err) = start_drain(&gate, &pod).await {
+                warn!(pod = %name, %err, "cannot start the pod's drain");
+            }
+        });
+    }
+    // The pod tells how many publishers it has in the background
+    // too: the answer never waits on a pod, and a retry names the
+    // count (until the drain's own row does).
+    let uid = pod.uid().unwrap_or_default();
+    let (g, p) = (gate.clone(), pod.clone());
+    tokio::spawn(async move {
+        if let Some(n) = publishers_on(&g, &p).await {
+            g.counts.put(&uid, n);
+        }
+    });
+    let message = match gate.counts.get(&pod.uid().unwrap_or_default(), COUNT_FRESH) {
+        Some(n) => format!(
+            "pod {}: {n} publishers remain; starting its drain, retry shortly",
+            req.name
+        ),
+        None => message,
+    };
+    info!(pod = %req.name, %ns, dry_run = req.dry_run, %message, "eviction held: drain started");
+    if !req.dry_run {
+        explain(gate, pod, &message);
+    }
+    too_many_requests(req, message)
 }
 
 /// Says on the pod why its eviction is held (an Event, at most every
@@ -271,9 +278,9 @@ fn explain(gate: &Gate, pod: &Pod, message: &str) {
 /// [`COUNT_TIMEOUT`].
 async fn publishers_on(gate: &Gate, pod: &Pod) -> Option<u32> {
     let ip = pod.status.as_ref()?.pod_ip.clone()?;
-    let token = std::fs::read_to_string(&gate.args.control_token_file).ok()?;
+    let token = gate.pod_access.token().ok()?;
     let ask = async {
-        let mut client = gate.channels.client(&ip, gate.args.control_port, token.trim()).ok()?;
+        let mut client = gate.channels.client(&ip, gate.pod_access.control_port, &token).ok()?;
         client.status().await.ok()?.counts.map(|c| c.total)
     };
     tokio::time::timeout(COUNT_TIMEOUT, ask).await.ok().flatten()
@@ -289,35 +296,15 @@ const COUNT_FRESH: Duration = Duration::from_secs(15);
 /// pod, owned by the pod: it goes when the pod goes.
 async fn start_drain(gate: &Gate, pod: &Pod) -> Result<(), kube::Error> {
     let ns = pod.namespace().unwrap_or_default();
-    let name = drain_name(&pod.name_any());
-    let owner =
-        json!([{ "apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "uid": pod.uid().unwrap_or_default() }]);
-    let mut spec = json!({
-        "selector": gate.ingest,
-        "podNames": [pod.name_any()],
-        "deadlineSeconds": gate.args.drain_deadline.as_secs().max(1),
-        "rate": gate.args.drain_rate,
-        "incapablePolicy": gate.args.incapable_policy,
-        "evict": true,
-    });
-    if let Some(t) = &gate.args.redirect_template {
-        spec["redirect"] = json!({ "urlTemplate": t });
-    }
-    let drain = json!({
-        "apiVersion": format!("{GROUP}/v1alpha1"),
-        "kind": "IngestDrain",
-        "metadata": { "name": name, "namespace": ns, "labels": { TRIGGER_LABEL: "eviction" }, "ownerReferences": owner },
-        "spec": spec,
-    });
-    let api: Api<IngestDrain> = Api::namespaced(gate.client.clone(), &ns);
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(drain))
-        .await?;
-    Ok(())
+    let drain = drains::operator_drain(Subject::Pod(pod), &ns, &gate.ingest.selector, &gate.drain_defaults);
+    drains::apply(&gate.client, &drain).await
 }
 
 #[cfg(test)]
 mod tests {
     use kube::core::admission::AdmissionReview;
+
+    use serde_json::json;
 
     use super::*;
     use crate::crd::{DrainPhase, PodDrainStatus, PodState};
@@ -397,7 +384,7 @@ mod tests {
                 .allowed
         );
         // ...the operator, which evicts only what it drained, is not.
-        gate.args.username = Some("system:serviceaccount:ops:ingest-operator".into());
+        gate.operator_username = Some("system:serviceaccount:ops:ingest-operator".into());
         assert!(within("webhook", decide(&gate, &req)).await.allowed);
         drop(gate);
         within("verifier", api_server.run(vec![Scenario::NoRequest]))
@@ -483,7 +470,7 @@ mod tests {
         let pod = ingest_pod("ingest-0", NS, "node-a");
         let (gate, api_server) = Gate::test(vec![pod], vec![]);
         let long_ago = Instant::now()
-            .checked_sub(gate.args.drain_deadline + Duration::from_secs(20))
+            .checked_sub(gate.drain_defaults.deadline + Duration::from_secs(20))
             .expect("an instant in the past");
         gate.first_holds.set("uid-ingest-0", long_ago);
         let resp = within("webhook", decide(&gate, &eviction("ingest-0", false))).await;
