@@ -502,6 +502,8 @@ expect_refused "typo at the top level (operatr)" "operatr" template x "$CHART" -
 expect_refused "wrong type (operator.replicaCount=two)" "replicaCount" template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" --set-string operator.replicaCount=two
 expect_refused "failurePolicy outside its enum" "failurePolicy" template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" --set webhook.failurePolicy=Deny
 expect_refused "empty upstream" "ingest.upstream is required" template x "$CHART"
+expect_refused "a duration without a unit (propagationDelay=5)" "propagationDelay" \
+	template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" --set-string ingest.drain.propagationDelay=5
 expect_refused "drain deadline not below the grace period" "must be below ingest.terminationGracePeriodSeconds" \
 	template x "$CHART" --set-string "ingest.upstream=$UPSTREAM" --set ingest.drain.deadlineSeconds=60
 expect_refused "nodePort with two ingest namespaces" "node ports are cluster-wide" \

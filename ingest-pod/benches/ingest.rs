@@ -107,7 +107,7 @@ impl Opts {
                     let w = args
                         .next()
                         .ok_or_else(|| anyhow!("--window needs a duration\n{USAGE}"))?;
-                    window = Some(ingest_pod::config::parse_duration(&w).map_err(|e| anyhow!("--window: {e}"))?);
+                    window = Some(ingest_runtime::parse_duration(&w).map_err(|e| anyhow!("--window: {e}"))?);
                 }
                 "all" => scenarios.extend(Scenario::ALL),
                 "-h" | "--help" => bail!("{USAGE}"),
@@ -154,7 +154,7 @@ fn main() -> Result<()> {
         tokio::select! {
             r = run(&opts) => Some(r),
             // Dropping the scenarios stops the pods, nginx and child processes.
-            () = ingest_pod::server::shutdown_signal() => None,
+            () = ingest_runtime::shutdown_signal() => None,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));

@@ -11,34 +11,7 @@ use crate::registry::SignalsEnabled;
 use crate::relay::RelayConfig;
 use crate::session::SessionConfig;
 use ingest_rtmp::chunk::Limits;
-
-/// Parses `500ms`, `25s`, `2m` or plain seconds (`1.5`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 25s, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a positive duration"))
-}
-
-/// [`parse_duration`], refusing zero.
-pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        Duration::ZERO => Err(format!("{s:?}: must be more than zero")),
-        d => Ok(d),
-    }
-}
+use ingest_runtime::{LogFormat, parse_duration, parse_positive_duration};
 
 /// RTMP ingest that moves its publishers to other pods without losing media.
 ///
@@ -46,16 +19,6 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 /// Enhanced RTMP's Reconnect Request (`capsEx` & 1) are asked to reconnect
 /// when the pod drains; the pod drains on SIGTERM (and, with the control
 /// API, on request).
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines; colours only when stdout is a terminal.
-    #[default]
-    Text,
-    /// One JSON object a line, for log platforms.
-    Json,
-}
-
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ingest-pod", version)]
 pub struct Args {
@@ -299,17 +262,6 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("abc").is_err());
-        assert!(parse_duration("5y").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
 
     #[test]
     fn flags_and_env_defaults() {

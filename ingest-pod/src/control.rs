@@ -419,8 +419,3 @@ pub async fn serve(
         }
     }
 }
-
-/// Reads the bearer token from a file (trailing whitespace trimmed).
-pub fn read_token(path: &std::path::Path) -> std::io::Result<String> {
-    Ok(std::fs::read_to_string(path)?.trim().to_owned())
-}

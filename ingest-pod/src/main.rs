@@ -1,6 +1,6 @@
 use clap::Parser;
 use ingest_pod::config::Args;
-use ingest_pod::server::{self, Server};
+use ingest_pod::server::Server;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -12,9 +12,9 @@ fn main() -> anyhow::Result<()> {
             .build()?,
     };
     runtime.block_on(async {
-        server::init_tracing_as(args.log_format);
+        ingest_runtime::init_logs(args.log_format);
         let server = Server::bind(args).await?;
-        server.run(server::shutdown_signal()).await?;
+        server.run(ingest_runtime::shutdown_signal()).await?;
         Ok(())
     })
 }

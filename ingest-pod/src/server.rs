@@ -58,28 +58,76 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
+/// Refuses an upstream template that does not render to an RTMP URL.
+fn check_upstream(args: &Args) -> Result<(), Error> {
+    if let Some(t) = &args.upstream {
+        let probe = ingest_rtmp::url::render(t, "app", "stream");
+        ingest_rtmp::url::RtmpUrl::parse(&probe)
+            .map_err(|e| Error::Config(format!("--upstream {:?}: {e}", keys::redact_query(t))))?;
+    }
+    Ok(())
+}
+
+/// The control API's bearer token, from the flag or its file; `None`: no
+/// control API.
+fn control_token(args: &Args) -> Result<Option<String>, Error> {
+    let token = match (&args.control_token, &args.control_token_file) {
+        (Some(t), _) => Some(t.trim().to_owned()),
+        (None, Some(path)) => Some(
+            ingest_runtime::read_secret(path)
+                .map_err(|e| Error::Config(format!("--control-token-file {}: {e}", path.display())))?,
+        ),
+        (None, None) => None,
+    };
+    if token.as_deref().is_some_and(str::is_empty) {
+        return Err(Error::Config("the control token is empty".into()));
+    }
+    Ok(token)
+}
+
+/// The control API's listener, with TLS when a certificate is configured;
+/// `None` without a token.
+async fn control_listener(args: &Args, token: Option<String>) -> Result<Option<ControlListener>, Error> {
+    let tls = match (&args.control_tls_cert, &args.control_tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = ingest_proto::tls::ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.control_tls_client_ca.clone(),
+            };
+            let tls = files
+                .watch(args.control_tls_reload)
+                .map_err(|e| Error::Config(format!("control API TLS: {e}")))?;
+            Some(tls)
+        }
+        _ => None,
+    };
+    let Some(token) = token else {
+        warn!("no control token configured: the control API is not served");
+        return Ok(None);
+    };
+    let listener = bind(args.control_listen).await?;
+    match &tls {
+        Some(_) => info!(
+            addr = %args.control_listen,
+            mutual = args.control_tls_client_ca.is_some(),
+            "control API served over TLS"
+        ),
+        None => {
+            warn!(addr = %args.control_listen, "control API served in plaintext: its token crosses the network in clear")
+        }
+    }
+    Ok(Some(ControlListener { listener, token, tls }))
+}
+
 impl Server {
     /// Binds both listeners (port 0 picks a free port; see the `*_addr` methods).
     pub async fn bind(args: Args) -> Result<Self, Error> {
-        if let Some(t) = &args.upstream {
-            let probe = ingest_rtmp::url::render(t, "app", "stream");
-            ingest_rtmp::url::RtmpUrl::parse(&probe)
-                .map_err(|e| Error::Config(format!("--upstream {:?}: {e}", keys::redact_query(t))))?;
-        }
+        check_upstream(&args)?;
         if args.drain_deadline > args.grace_period {
             warn!(deadline = ?args.drain_deadline, grace = ?args.grace_period, "drain deadline is longer than the grace period");
         }
-        let token = match (&args.control_token, &args.control_token_file) {
-            (Some(t), _) => Some(t.trim().to_owned()),
-            (None, Some(path)) => Some(
-                crate::control::read_token(path)
-                    .map_err(|e| Error::Config(format!("--control-token-file {}: {e}", path.display())))?,
-            ),
-            (None, None) => None,
-        };
-        if token.as_deref().is_some_and(str::is_empty) {
-            return Err(Error::Config("the control token is empty".into()));
-        }
+        let token = control_token(&args)?;
         // Keyed by the control token, a secret of the release: hashes match
         // across its pods. Without a token, by a key of this process.
         let stream_keys = match (&token, args.control_reveal_stream_keys) {
@@ -89,40 +137,7 @@ impl Server {
         };
         let rtmp = bind(args.rtmp_listen).await?;
         let http = bind(args.http_listen).await?;
-        let tls = match (&args.control_tls_cert, &args.control_tls_key) {
-            (Some(cert), Some(key)) => {
-                let files = ingest_proto::tls::ServerFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    client_ca: args.control_tls_client_ca.clone(),
-                };
-                let tls = files
-                    .watch(args.control_tls_reload)
-                    .map_err(|e| Error::Config(format!("control API TLS: {e}")))?;
-                Some(tls)
-            }
-            _ => None,
-        };
-        let control = match token {
-            Some(token) => {
-                let listener = bind(args.control_listen).await?;
-                match &tls {
-                    Some(_) => info!(
-                        addr = %args.control_listen,
-                        mutual = args.control_tls_client_ca.is_some(),
-                        "control API served over TLS"
-                    ),
-                    None => {
-                        warn!(addr = %args.control_listen, "control API served in plaintext: its token crosses the network in clear")
-                    }
-                }
-                Some(ControlListener { listener, token, tls })
-            }
-            None => {
-                warn!("no control token configured: the control API is not served");
-                None
-            }
-        };
+        let control = control_listener(&args, token).await?;
         let metrics = Metrics::default();
         let mut prometheus = prometheus_client::registry::Registry::default();
         metrics.register(&mut prometheus);
@@ -178,32 +193,13 @@ impl Server {
         } = self;
         let stop = CancellationToken::new();
         let relays = TaskTracker::new();
-        let mut session_config = args.session_config();
-        session_config.auth = args
-            .publish_auth_url
-            .as_deref()
-            .map(|url| crate::auth::PublishAuth::new(url, args.publish_auth_timeout))
-            .transpose()
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let budget = args.relay_memory_budget.unwrap_or_else(relay::default_budget);
-        registry.metrics().relay_budget_bytes.set(budget as i64);
-        let ctx = Context {
-            registry: registry.clone(),
-            config: Arc::new(session_config),
-            relays: relays.clone(),
-            stop: stop.clone(),
-            media_clock: Some(args.media_read_interval)
-                .filter(|i| !i.is_zero())
-                .map(conn::Clock::start),
-            budget: relay::Budget::new(budget),
-        };
+        let ctx = session_context(&args, &registry, &relays, &stop)?;
         info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
             upstream = args.upstream.as_deref().map_or_else(|| "none".to_owned(), keys::redact_query), go_away = args.signal_go_away,
             reconnect_request = args.signal_reconnect_request, "ingest pod serving");
 
-        let accept_stop = stop.clone();
         tasks.spawn(
-            accept_loop(rtmp, ctx, args.max_connections, tasks.clone(), accept_stop).instrument(info_span!("rtmp")),
+            accept_loop(rtmp, ctx, args.max_connections, tasks.clone(), stop.clone()).instrument(info_span!("rtmp")),
         );
         let state = HttpState {
             registry: registry.clone(),
@@ -211,15 +207,8 @@ impl Server {
             metrics: prometheus,
             pod_name: args.pod_name.clone(),
         };
-        let http_stop = stop.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(http, http::router(state)).with_graceful_shutdown(http_stop.cancelled_owned());
-            if let Err(err) = serve.await {
-                error!(%err, "http server failed");
-            }
-        });
-
-        if let Some(ControlListener { listener, token, tls }) = control {
+        tasks.spawn(serve_http(http, state, stop.clone()));
+        if let Some(control) = control {
             let service = ControlService {
                 registry: registry.clone(),
                 drainer: drainer.clone(),
@@ -227,48 +216,17 @@ impl Server {
                 default_propagation: args.propagation_delay,
                 reveal_allowed: args.control_reveal_stream_keys,
             };
-            let control_stop = stop.clone();
-            tasks.spawn(
-                async move {
-                    if let Err(err) =
-                        control::serve(listener, tls, service, BearerAuth::new(&token), control_stop).await
-                    {
-                        error!(%err, "control server failed");
-                    }
-                }
-                .instrument(info_span!("control")),
-            );
+            tasks.spawn(serve_control(control, service, stop.clone()).instrument(info_span!("control")));
         }
 
         shutdown.await;
-        let grace_end = tokio::time::Instant::now() + args.grace_period;
         info!(grace = ?args.grace_period, "SIGTERM: draining");
         // A drain already under way (from the operator) goes on, within the
         // SIGTERM deadline; from now on no CancelDrain stops it.
         if let Err(err) = drainer.terminate(args.sigterm_drain()) {
             error!(%err, "cannot start the SIGTERM drain");
         }
-        let mut changes = registry.subscribe();
-        loop {
-            let empty = registry.connection_count() == 0 && registry.relays_active() == 0;
-            // An empty pod has nobody to protect: no need to wait for propagation.
-            if empty {
-                info!("drained: no publisher and no relay left");
-                break;
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(grace_end) => {
-                    let left = registry.connections();
-                    warn!(publishers = left.len(), relays = registry.relays_active(), "grace period over: closing what remains");
-                    for c in left {
-                        registry.command(c.id, SessionCommand::Disconnect { reason: "grace period over" });
-                    }
-                    break;
-                }
-                _ = changes.changed() => {}
-                () = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-        }
+        drain_out(&registry, tokio::time::Instant::now() + args.grace_period).await;
         stop.cancel();
         drainer.stop();
         relays.close();
@@ -284,6 +242,74 @@ impl Server {
         }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// What every publishing session shares: settings, relay budget, the media
+/// read clock.
+fn session_context(
+    args: &Args,
+    registry: &Arc<Registry>,
+    relays: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<Context, Error> {
+    let mut session_config = args.session_config();
+    session_config.auth = args
+        .publish_auth_url
+        .as_deref()
+        .map(|url| crate::auth::PublishAuth::new(url, args.publish_auth_timeout))
+        .transpose()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let budget = args.relay_memory_budget.unwrap_or_else(relay::default_budget);
+    registry.metrics().relay_budget_bytes.set(budget as i64);
+    Ok(Context {
+        registry: registry.clone(),
+        config: Arc::new(session_config),
+        relays: relays.clone(),
+        stop: stop.clone(),
+        media_clock: Some(args.media_read_interval)
+            .filter(|i| !i.is_zero())
+            .map(conn::Clock::start),
+        budget: relay::Budget::new(budget),
+    })
+}
+
+async fn serve_http(listener: TcpListener, state: HttpState, stop: CancellationToken) {
+    let serve = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop.cancelled_owned());
+    if let Err(err) = serve.await {
+        error!(%err, "http server failed");
+    }
+}
+
+async fn serve_control(control: ControlListener, service: ControlService, stop: CancellationToken) {
+    let ControlListener { listener, token, tls } = control;
+    if let Err(err) = control::serve(listener, tls, service, BearerAuth::new(&token), stop).await {
+        error!(%err, "control server failed");
+    }
+}
+
+/// Waits until no publisher and no relay is left, or until `grace_end`,
+/// when it closes what remains.
+async fn drain_out(registry: &Registry, grace_end: tokio::time::Instant) {
+    let mut changes = registry.subscribe();
+    loop {
+        // An empty pod has nobody to protect: no need to wait for propagation.
+        if registry.connection_count() == 0 && registry.relays_active() == 0 {
+            info!("drained: no publisher and no relay left");
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(grace_end) => {
+                let left = registry.connections();
+                warn!(publishers = left.len(), relays = registry.relays_active(), "grace period over: closing what remains");
+                for c in left {
+                    registry.command(c.id, SessionCommand::Disconnect { reason: "grace period over" });
+                }
+                return;
+            }
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
     }
 }
 
@@ -314,44 +340,4 @@ async fn accept_loop(listener: TcpListener, ctx: Context, max: usize, tasks: Tas
             drop(permit);
         });
     }
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(err) => {
-                error!(%err, "cannot listen for SIGTERM");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
-/// Sets up logging from `RUST_LOG` (default `info`).
-pub fn init_tracing() {
-    init_tracing_as(crate::config::LogFormat::Text);
-}
-
-/// Logs to stdout in `format`, filtered by RUST_LOG (default `info`); no
-/// escape codes unless stdout is a terminal.
-pub fn init_tracing_as(format: crate::config::LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    let _ = match format {
-        crate::config::LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).try_init(),
-        crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
 }

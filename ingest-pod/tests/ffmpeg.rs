@@ -28,7 +28,7 @@ fn media_hashes(path: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_stream_reaches_the_origin_whole() {
-    ingest_pod::server::init_tracing();
+    ingest_runtime::init_logs(ingest_runtime::LogFormat::Text);
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(&dir.path().join("origin"), "127.0.0.1").expect("start nginx-rtmp");
     let template = origin.template();

@@ -21,7 +21,7 @@ struct Lab {
 }
 
 async fn lab(extra: &[&str]) -> Lab {
-    ingest_pod::server::init_tracing();
+    ingest_runtime::init_logs(ingest_runtime::LogFormat::Text);
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
     let template = origin.template();

@@ -75,7 +75,7 @@ impl Outage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_outages_never_cut_the_publisher() {
-    ingest_pod::server::init_tracing();
+    ingest_runtime::init_logs(ingest_runtime::LogFormat::Text);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
     let link = Link::start(origin.addr()).await.expect("link");
@@ -203,7 +203,7 @@ async fn a_refused_stream_ends_with_an_error_to_the_publisher() {
     use ingest_rtmp::message::Message;
     use ingest_rtmp::url::RtmpUrl;
 
-    ingest_pod::server::init_tracing();
+    ingest_runtime::init_logs(ingest_runtime::LogFormat::Text);
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
     let template = format!("rtmp://{}/nosuchapp/{{stream}}", origin.addr());
@@ -282,7 +282,7 @@ impl Lab {
     }
 
     async fn launch(stream: &str, bitrate_bps: u64, extra: &[&str], narrow: bool) -> Self {
-        ingest_pod::server::init_tracing();
+        ingest_runtime::init_logs(ingest_runtime::LogFormat::Text);
         let dir = tempfile::tempdir().expect("tempdir");
         let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
         let link = if narrow {

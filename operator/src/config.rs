@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use ingest_runtime::{LogFormat, parse_duration};
+
 use crate::crd::IncapablePolicy;
 
 /// Taints that announce a node's removal, by the tools that set them.
@@ -14,38 +16,8 @@ aws-node-termination-handler/spot-itn,aws-node-termination-handler/rebalance-rec
 aws-node-termination-handler/scheduled-maintenance,aws-node-termination-handler/asg-lifecycle-termination,\
 cloud.google.com/impending-node-termination";
 
-/// Parses `500ms`, `25s`, `2m` or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 25s, 2m)"))?;
-    let factor = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Duration::try_from_secs_f64(n * factor).map_err(|_| format!("{s:?} is not a positive duration"))
-}
-
 /// Kubernetes operator that turns node drains and IngestDrain resources
 /// into lossless drains of RTMP ingest pods.
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines; colours only when stdout is a terminal.
-    #[default]
-    Text,
-    /// One JSON object a line, for log platforms.
-    Json,
-}
-
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ingest-operator", version)]
 pub struct Args {

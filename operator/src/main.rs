@@ -5,7 +5,7 @@ use ingest_operator::run;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    run::init_tracing(args.log_format);
+    ingest_runtime::init_logs(args.log_format);
     // kube's default client retries a 429 with backoff for many minutes: an
     // eviction that the eviction webhook or a PodDisruptionBudget refuses
     // would block the reconcile that asked for it (and the status write
@@ -13,6 +13,6 @@ async fn main() -> anyhow::Result<()> {
     let mut config = kube::Config::infer().await?;
     config.default_retry = false;
     let client = kube::Client::try_from(config)?;
-    run::run(args, client, run::shutdown_signal()).await?;
+    run::run(args, client, ingest_runtime::shutdown_signal()).await?;
     Ok(())
 }

@@ -314,31 +314,3 @@ async fn lead_when_elected(
         }
     }
 }
-
-/// Logs to stdout in `format`, filtered by RUST_LOG (default `info`); no
-/// escape codes unless stdout is a terminal.
-pub fn init_tracing(format: crate::config::LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    let _ = match format {
-        crate::config::LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).try_init(),
-        crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}

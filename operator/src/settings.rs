@@ -68,7 +68,7 @@ pub(crate) struct PodAccess {
 impl PodAccess {
     /// The control token, read on every use: a rotated Secret is picked up.
     pub(crate) fn token(&self) -> io::Result<String> {
-        std::fs::read_to_string(&self.token_file).map(|t| t.trim().to_owned())
+        ingest_runtime::read_secret(&self.token_file)
     }
 }
 

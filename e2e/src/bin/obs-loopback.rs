@@ -55,7 +55,7 @@ fn run() -> Result<bool> {
         after: Duration::from_secs(after),
     };
     if std::env::var_os("RUST_LOG").is_some() {
-        ingest_pod::server::init_tracing();
+        ingest_runtime::init_logs(ingest_runtime::LogFormat::Text);
     }
     let rt = tokio::runtime::Runtime::new()?;
     let mut rows = Vec::new();

@@ -39,7 +39,7 @@ fn say(start: Instant, msg: impl AsRef<str>) {
 async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     if args.verbose {
-        ingest_pod::server::init_tracing();
+        ingest_runtime::init_logs(ingest_runtime::LogFormat::Text);
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir()?;

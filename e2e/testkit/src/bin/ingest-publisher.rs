@@ -5,8 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use ingest_pod::config::parse_duration;
-use ingest_pod::server;
+use ingest_runtime::parse_duration;
 use ingest_testkit::publisher::{self, PublisherConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -115,7 +114,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            server::shutdown_signal().await;
+            ingest_runtime::shutdown_signal().await;
             shutdown.cancel();
         }
     });
