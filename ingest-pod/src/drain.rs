@@ -360,10 +360,7 @@ impl Drainer {
         }
         self.set_phase(Phase::Signalling);
         let mut changes = self.registry.subscribe();
-        // A wave is one second of signals at the configured rate.
-        let mut tokens = spec.rate.max(1.0);
-        let mut last_refill = Instant::now();
-        let mut next_redirect = 0usize;
+        let mut waves = Waves::new(spec.rate);
         let mut deadline_applied = false;
         // The deadline found publishers left: the drain timed out for good.
         let mut timed_out = false;
@@ -371,80 +368,13 @@ impl Drainer {
             let Some((spec, deadline_at, patience)) = self.spec() else {
                 return;
             };
-            // Refill the token bucket: a burst of up to one second of signals.
             let now = Instant::now();
-            if spec.rate > 0.0 {
-                tokens = (tokens + now.duration_since(last_refill).as_secs_f64() * spec.rate).min(spec.rate.max(1.0));
-            }
-            last_refill = now;
-            let conns = self.registry.connections();
-            let in_flight = conns.iter().filter(|c| c.signalled.is_some()).count() as u32;
-            let mut sent = 0u32;
-            // A publisher is signalled once its relay holds the stream at the
-            // origin with its backlog delivered: its next pod's relay then
-            // waits for this one ("already publishing"), so a publisher
-            // moved twice in quick succession reaches the origin in order.
-            // Not past half the deadline: an origin outage must not turn a
-            // move into a cut.
-            let impatient = now >= patience;
-            for c in conns
-                .iter()
-                .filter(|c| c.signalled.is_none() && c.publishing_since.is_some())
-                .filter(|c| c.relay_caught_up || impatient)
-            {
-                let Some(kind) = self.signals.choose(c.caps) else {
-                    continue;
-                };
-                if spec.max_in_flight > 0 && in_flight + sent >= spec.max_in_flight {
-                    break;
-                }
-                if spec.rate > 0.0 && tokens < 1.0 {
-                    break;
-                }
-                let tc_url = match kind {
-                    crate::registry::SignalKind::ReconnectRequest if !spec.redirects.is_empty() => {
-                        next_redirect += 1;
-                        Some(spec.redirects[(next_redirect - 1) % spec.redirects.len()].clone())
-                    }
-                    _ => None,
-                };
-                if self.registry.signal(c.id, kind, tc_url.clone()) {
-                    info!(
-                        conn = c.id,
-                        stream = c
-                            .stream
-                            .as_deref()
-                            .map(|k| self.registry.stream_keys().show(k))
-                            .unwrap_or_default(),
-                        kind = kind.label(),
-                        tc_url = tc_url.as_deref().map(crate::keys::redact_query).unwrap_or_default(),
-                        "publisher signalled"
-                    );
-                    sent += 1;
-                    if spec.rate > 0.0 {
-                        tokens -= 1.0;
-                    }
-                }
-            }
+            waves.refill(spec.rate, now);
+            self.signal_wave(&spec, &mut waves, now >= patience);
             let past_deadline = Instant::now() >= deadline_at;
             if past_deadline && !deadline_applied {
                 deadline_applied = true;
-                let left = self.registry.connections();
-                let empty = left.is_empty() && self.registry.relays_active() == 0;
-                timed_out = !empty;
-                if !empty {
-                    warn!(remaining = left.len(), policy = ?spec.incapable, "drain deadline reached");
-                }
-                if spec.incapable == IncapablePolicy::Disconnect {
-                    for c in &left {
-                        self.registry.command(
-                            c.id,
-                            SessionCommand::Disconnect {
-                                reason: "drain deadline",
-                            },
-                        );
-                    }
-                }
+                timed_out = self.apply_deadline(&spec);
             }
             let empty = self.registry.connection_count() == 0 && self.registry.relays_active() == 0;
             // A drain that emptied before its deadline stays Drained.
@@ -454,19 +384,140 @@ impl Drainer {
                 (false, false) => Phase::Signalling,
             });
             // Sleep until something changes, the next token, or the deadline.
-            let until_deadline = deadline_at.saturating_duration_since(Instant::now());
             let mut wait = Duration::from_millis(500);
             if !past_deadline {
-                wait = wait.min(until_deadline.max(Duration::from_millis(1)));
+                wait = wait.min(
+                    deadline_at
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                );
             }
-            if spec.rate > 0.0 && tokens < 1.0 {
-                wait = wait.min(Duration::from_secs_f64((1.0 - tokens) / spec.rate).max(Duration::from_millis(1)));
+            if let Some(token) = waves.next_token(spec.rate) {
+                wait = wait.min(token);
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
                 _ = changes.changed() => {}
                 () = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// Signals the publishers ready to move, as far as the rate and the
+    /// in-flight limit allow. A publisher is signalled once its relay holds
+    /// the stream at the origin with its backlog delivered: its next pod's
+    /// relay then waits for this one ("already publishing"), so a publisher
+    /// moved twice in quick succession reaches the origin in order. Not
+    /// past `impatient` (half the deadline): an origin outage must not turn
+    /// a move into a cut.
+    fn signal_wave(&self, spec: &DrainSpec, waves: &mut Waves, impatient: bool) {
+        let conns = self.registry.connections();
+        let in_flight = conns.iter().filter(|c| c.signalled.is_some()).count() as u32;
+        let mut sent = 0u32;
+        for c in conns
+            .iter()
+            .filter(|c| c.signalled.is_none() && c.publishing_since.is_some())
+            .filter(|c| c.relay_caught_up || impatient)
+        {
+            let Some(kind) = self.signals.choose(c.caps) else {
+                continue;
+            };
+            if spec.max_in_flight > 0 && in_flight + sent >= spec.max_in_flight {
+                break;
+            }
+            if !waves.has_token(spec.rate) {
+                break;
+            }
+            let tc_url = waves.redirect(spec, kind);
+            if self.registry.signal(c.id, kind, tc_url.clone()) {
+                info!(
+                    conn = c.id,
+                    stream = c
+                        .stream
+                        .as_deref()
+                        .map(|k| self.registry.stream_keys().show(k))
+                        .unwrap_or_default(),
+                    kind = kind.label(),
+                    tc_url = tc_url.as_deref().map(crate::keys::redact_query).unwrap_or_default(),
+                    "publisher signalled"
+                );
+                sent += 1;
+                waves.take(spec.rate);
+            }
+        }
+    }
+
+    /// At the deadline: applies the incapable policy to whoever is left.
+    /// True if someone was (the drain timed out).
+    fn apply_deadline(&self, spec: &DrainSpec) -> bool {
+        let left = self.registry.connections();
+        let empty = left.is_empty() && self.registry.relays_active() == 0;
+        if !empty {
+            warn!(remaining = left.len(), policy = ?spec.incapable, "drain deadline reached");
+        }
+        if spec.incapable == IncapablePolicy::Disconnect {
+            for c in &left {
+                self.registry.command(
+                    c.id,
+                    SessionCommand::Disconnect {
+                        reason: "drain deadline",
+                    },
+                );
+            }
+        }
+        !empty
+    }
+}
+
+/// The pacing of a drain's signals: a token bucket holding up to one
+/// second of signals at the drain's rate (0: no limit), and the round robin
+/// over its redirect targets.
+struct Waves {
+    tokens: f64,
+    last_refill: Instant,
+    next_redirect: usize,
+}
+
+impl Waves {
+    fn new(rate: f64) -> Self {
+        Self {
+            tokens: rate.max(1.0),
+            last_refill: Instant::now(),
+            next_redirect: 0,
+        }
+    }
+
+    fn refill(&mut self, rate: f64, now: Instant) {
+        if rate > 0.0 {
+            self.tokens = (self.tokens + now.duration_since(self.last_refill).as_secs_f64() * rate).min(rate.max(1.0));
+        }
+        self.last_refill = now;
+    }
+
+    fn has_token(&self, rate: f64) -> bool {
+        rate <= 0.0 || self.tokens >= 1.0
+    }
+
+    fn take(&mut self, rate: f64) {
+        if rate > 0.0 {
+            self.tokens -= 1.0;
+        }
+    }
+
+    /// How long until the next token, if the bucket is empty.
+    fn next_token(&self, rate: f64) -> Option<Duration> {
+        (rate > 0.0 && self.tokens < 1.0)
+            .then(|| Duration::from_secs_f64((1.0 - self.tokens) / rate).max(Duration::from_millis(1)))
+    }
+
+    /// The tcUrl of a Reconnect Request: the next redirect target, if any.
+    fn redirect(&mut self, spec: &DrainSpec, kind: crate::registry::SignalKind) -> Option<String> {
+        match kind {
+            crate::registry::SignalKind::ReconnectRequest if !spec.redirects.is_empty() => {
+                self.next_redirect += 1;
+                Some(spec.redirects[(self.next_redirect - 1) % spec.redirects.len()].clone())
+            }
+            _ => None,
         }
     }
 }

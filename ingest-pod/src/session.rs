@@ -331,58 +331,7 @@ impl Session {
         let txn = cmd.transaction;
         debug!(name = %cmd.name, txn, "command");
         match cmd.name.as_str() {
-            "connect" => {
-                let obj = cmd.object().cloned().unwrap_or(Value::Null);
-                // `live?auth=...`: the query is the publisher's credential for
-                // this tier, never part of the app it publishes to (nor of
-                // the upstream URL, the status or a log line).
-                let app = obj
-                    .get("app")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .split('?')
-                    .next()
-                    .unwrap_or("")
-                    .trim_matches('/')
-                    .to_owned();
-                let go_away = match obj.get("supportsGoAway") {
-                    Some(Value::Boolean(b)) => *b,
-                    Some(Value::Number(n)) => *n == 1.0,
-                    _ => false,
-                };
-                let caps_ex = obj.get("capsEx").and_then(Value::as_number).unwrap_or(0.0);
-                let caps = Caps {
-                    go_away,
-                    reconnect: caps_ex >= 0.0 && (caps_ex as u64) & 0x01 != 0,
-                };
-                self.tc_url = obj.get("tcUrl").and_then(Value::as_str).map(str::to_owned);
-                // A tcUrl may carry a token in its query: never logged.
-                let tc_url = self.tc_url.as_deref().map(keys::redact_query).unwrap_or_default();
-                info!(%app, %tc_url, go_away = caps.go_away, reconnect = caps.reconnect, "connect");
-                self.ctx.registry.metrics();
-                self.guard.connected(&app, caps);
-                self.caps = caps;
-                self.app = Some(app);
-                writer.queue(&Message::WindowAckSize(WINDOW_ACK_SIZE));
-                writer.queue(&Message::SetPeerBandwidth(WINDOW_ACK_SIZE, 2));
-                writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
-                let mut props = vec![
-                    ("fmsVer".to_owned(), Value::string("FMS/3,0,1,123")),
-                    ("capabilities".to_owned(), Value::Number(31.0)),
-                ];
-                if self.ctx.config.signals.reconnect_request {
-                    // Enhanced RTMP v2: the server's capsEx, Reconnect bit.
-                    props.push(("capsEx".to_owned(), Value::Number(1.0)));
-                }
-                let encoding = obj.get("objectEncoding").and_then(Value::as_number).unwrap_or(0.0);
-                let info = Value::object([
-                    ("level", Value::string("status")),
-                    ("code", Value::string("NetConnection.Connect.Success")),
-                    ("description", Value::string("Connection succeeded.")),
-                    ("objectEncoding", Value::Number(encoding)),
-                ]);
-                writer.queue(&Message::command(0, "_result", txn, vec![Value::Object(props), info]));
-            }
+            "connect" => self.connect(writer, txn, cmd.object().cloned().unwrap_or(Value::Null)),
             "releaseStream" | "FCPublish" | "_checkbw" => {
                 if txn != 0.0 {
                     writer.queue(&Message::command(
@@ -403,31 +352,7 @@ impl Session {
                     vec![Value::Null, Value::Number(f64::from(id))],
                 ));
             }
-            "publish" => {
-                let Some(app) = self.app.clone() else {
-                    return Ok(Some("publish before connect"));
-                };
-                let name = cmd.arg(0).and_then(Value::as_str).unwrap_or("").to_owned();
-                if name.is_empty() || self.publishing.is_some() || !self.guard.publish(&app, &name) {
-                    let stream = self.ctx.registry.stream_keys().show(&name);
-                    warn!(%stream, "publish refused: empty name, already publishing on this connection, or the stream is live on this pod");
-                    writer.queue(&on_status(
-                        stream_id,
-                        "error",
-                        "NetStream.Publish.BadName",
-                        &format!("{name} is already publishing"),
-                    ));
-                    return Ok(Some("publish refused"));
-                }
-                writer.queue(&Message::UserControl(UserControl::StreamBegin(stream_id)));
-                writer.queue(&on_status(
-                    stream_id,
-                    "status",
-                    "NetStream.Publish.Start",
-                    &format!("{name} is now published."),
-                ));
-                self.start_publish(&app, name, stream_id);
-            }
+            "publish" => return Ok(self.publish(writer, stream_id, &cmd)),
             "FCUnpublish" | "deleteStream" | "closeStream" => {
                 if self.publishing.is_some() {
                     info!("publisher tore the stream down");
@@ -437,6 +362,88 @@ impl Session {
             other => debug!(command = other, "ignored command"),
         }
         Ok(None)
+    }
+
+    /// `connect`: the app and what the publisher can do (Go Away,
+    /// Reconnect Request), answered with the server's own capabilities.
+    fn connect(&mut self, writer: &mut Writer, txn: f64, obj: Value) {
+        // `live?auth=...`: the query is the publisher's credential for
+        // this tier, never part of the app it publishes to (nor of
+        // the upstream URL, the status or a log line).
+        let app = obj
+            .get("app")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .trim_matches('/')
+            .to_owned();
+        let go_away = match obj.get("supportsGoAway") {
+            Some(Value::Boolean(b)) => *b,
+            Some(Value::Number(n)) => *n == 1.0,
+            _ => false,
+        };
+        let caps_ex = obj.get("capsEx").and_then(Value::as_number).unwrap_or(0.0);
+        let caps = Caps {
+            go_away,
+            reconnect: caps_ex >= 0.0 && (caps_ex as u64) & 0x01 != 0,
+        };
+        self.tc_url = obj.get("tcUrl").and_then(Value::as_str).map(str::to_owned);
+        // A tcUrl may carry a token in its query: never logged.
+        let tc_url = self.tc_url.as_deref().map(keys::redact_query).unwrap_or_default();
+        info!(%app, %tc_url, go_away = caps.go_away, reconnect = caps.reconnect, "connect");
+        self.guard.connected(&app, caps);
+        self.caps = caps;
+        self.app = Some(app);
+        writer.queue(&Message::WindowAckSize(WINDOW_ACK_SIZE));
+        writer.queue(&Message::SetPeerBandwidth(WINDOW_ACK_SIZE, 2));
+        writer.queue(&Message::SetChunkSize(OUTGOING_CHUNK_SIZE));
+        let mut props = vec![
+            ("fmsVer".to_owned(), Value::string("FMS/3,0,1,123")),
+            ("capabilities".to_owned(), Value::Number(31.0)),
+        ];
+        if self.ctx.config.signals.reconnect_request {
+            // Enhanced RTMP v2: the server's capsEx, Reconnect bit.
+            props.push(("capsEx".to_owned(), Value::Number(1.0)));
+        }
+        let encoding = obj.get("objectEncoding").and_then(Value::as_number).unwrap_or(0.0);
+        let info = Value::object([
+            ("level", Value::string("status")),
+            ("code", Value::string("NetConnection.Connect.Success")),
+            ("description", Value::string("Connection succeeded.")),
+            ("objectEncoding", Value::Number(encoding)),
+        ]);
+        writer.queue(&Message::command(0, "_result", txn, vec![Value::Object(props), info]));
+    }
+
+    /// `publish`: starts the stream, or refuses it (why, for the caller to
+    /// close the connection with).
+    fn publish(&mut self, writer: &mut Writer, stream_id: u32, cmd: &Command) -> Option<&'static str> {
+        let Some(app) = self.app.clone() else {
+            return Some("publish before connect");
+        };
+        let name = cmd.arg(0).and_then(Value::as_str).unwrap_or("").to_owned();
+        if name.is_empty() || self.publishing.is_some() || !self.guard.publish(&app, &name) {
+            let stream = self.ctx.registry.stream_keys().show(&name);
+            warn!(%stream, "publish refused: empty name, already publishing on this connection, or the stream is live on this pod");
+            writer.queue(&on_status(
+                stream_id,
+                "error",
+                "NetStream.Publish.BadName",
+                &format!("{name} is already publishing"),
+            ));
+            return Some("publish refused");
+        }
+        writer.queue(&Message::UserControl(UserControl::StreamBegin(stream_id)));
+        writer.queue(&on_status(
+            stream_id,
+            "status",
+            "NetStream.Publish.Start",
+            &format!("{name} is now published."),
+        ));
+        self.start_publish(&app, name, stream_id);
+        None
     }
 
     fn start_publish(&mut self, app: &str, stream: String, stream_id: u32) {
