@@ -226,34 +226,7 @@ impl Message {
                 p.push(*limit);
                 control(SET_PEER_BANDWIDTH, p)
             }
-            Message::UserControl(ev) => {
-                let mut p = BytesMut::new();
-                match *ev {
-                    UserControl::StreamBegin(id) => {
-                        p.put_u16(0);
-                        p.put_u32(id);
-                    }
-                    UserControl::StreamEof(id) => {
-                        p.put_u16(1);
-                        p.put_u32(id);
-                    }
-                    UserControl::SetBufferLength(id, ms) => {
-                        p.put_u16(3);
-                        p.put_u32(id);
-                        p.put_u32(ms);
-                    }
-                    UserControl::PingRequest(t) => {
-                        p.put_u16(6);
-                        p.put_u32(t);
-                    }
-                    UserControl::PingResponse(t) => {
-                        p.put_u16(7);
-                        p.put_u32(t);
-                    }
-                    UserControl::Other(e) => p.put_u16(e),
-                }
-                control(USER_CONTROL, p.to_vec())
-            }
+            Message::UserControl(ev) => control(USER_CONTROL, ev.encode()),
             Message::Command { stream_id, command } => {
                 let mut values = Vec::with_capacity(command.args.len() + 2);
                 values.push(Value::String(command.name.clone()));
@@ -271,35 +244,17 @@ impl Message {
                 stream_id,
                 timestamp,
                 payload,
-            } => RawMessage {
-                csid: CSID_DATA,
-                timestamp: *timestamp,
-                type_id: DATA_AMF0,
-                stream_id: *stream_id,
-                payload: payload.clone(),
-            },
+            } => stream_message(CSID_DATA, DATA_AMF0, *stream_id, *timestamp, payload),
             Message::Audio {
                 stream_id,
                 timestamp,
                 payload,
-            } => RawMessage {
-                csid: CSID_AUDIO,
-                timestamp: *timestamp,
-                type_id: AUDIO,
-                stream_id: *stream_id,
-                payload: payload.clone(),
-            },
+            } => stream_message(CSID_AUDIO, AUDIO, *stream_id, *timestamp, payload),
             Message::Video {
                 stream_id,
                 timestamp,
                 payload,
-            } => RawMessage {
-                csid: CSID_VIDEO,
-                timestamp: *timestamp,
-                type_id: VIDEO,
-                stream_id: *stream_id,
-                payload: payload.clone(),
-            },
+            } => stream_message(CSID_VIDEO, VIDEO, *stream_id, *timestamp, payload),
             Message::GoAway(payload) => control(GO_AWAY, payload.to_vec()),
             Message::Unknown(raw) => raw.clone(),
         }
@@ -310,6 +265,49 @@ impl Message {
             stream_id,
             command: Command::new(name, transaction, args),
         }
+    }
+}
+
+/// A message of a stream (data, audio, video) on its chunk stream.
+fn stream_message(csid: u32, type_id: u8, stream_id: u32, timestamp: u32, payload: &Bytes) -> RawMessage {
+    RawMessage {
+        csid,
+        timestamp,
+        type_id,
+        stream_id,
+        payload: payload.clone(),
+    }
+}
+
+impl UserControl {
+    /// The event's payload: its type, then its fields.
+    fn encode(&self) -> Vec<u8> {
+        let mut p = BytesMut::new();
+        match *self {
+            UserControl::StreamBegin(id) => {
+                p.put_u16(0);
+                p.put_u32(id);
+            }
+            UserControl::StreamEof(id) => {
+                p.put_u16(1);
+                p.put_u32(id);
+            }
+            UserControl::SetBufferLength(id, ms) => {
+                p.put_u16(3);
+                p.put_u32(id);
+                p.put_u32(ms);
+            }
+            UserControl::PingRequest(t) => {
+                p.put_u16(6);
+                p.put_u32(t);
+            }
+            UserControl::PingResponse(t) => {
+                p.put_u16(7);
+                p.put_u32(t);
+            }
+            UserControl::Other(e) => p.put_u16(e),
+        }
+        p.to_vec()
     }
 }
 
