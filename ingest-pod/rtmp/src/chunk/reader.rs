@@ -130,23 +130,10 @@ impl ChunkReader {
 
     fn read_chunk(&mut self, buf: &mut BytesMut) -> Result<Step> {
         let data: &[u8] = buf;
-        let Some(&b0) = data.first() else {
+        let Some((fmt, csid, mut pos)) = basic_header(data) else {
             return Ok(Step::Incomplete);
         };
-        let fmt = b0 >> 6;
-        let (csid, mut pos) = match b0 & 0x3f {
-            0 => match data.get(1) {
-                Some(&b1) => (64 + u32::from(b1), 2),
-                None => return Ok(Step::Incomplete),
-            },
-            1 => match (data.get(1), data.get(2)) {
-                (Some(&b1), Some(&b2)) => (64 + u32::from(b1) + 256 * u32::from(b2), 3),
-                _ => return Ok(Step::Incomplete),
-            },
-            n => (u32::from(n), 1),
-        };
-        let header_len = [11, 7, 3, 0][fmt as usize];
-        if data.len() < pos + header_len {
+        if data.len() < pos + MESSAGE_HEADER_LEN[usize::from(fmt)] {
             return Ok(Step::Incomplete);
         }
         let index = self.index(csid);
@@ -160,44 +147,14 @@ impl ChunkReader {
         }
         let prev = index.map(|i| &self.streams[i].1);
         let in_message = prev.is_some_and(|s| s.partial.is_some());
-
-        // Decode the message header fields, still without consuming anything.
-        let h = &data[pos..pos + header_len];
-        let ts_field = if fmt <= 2 {
-            u32::from_be_bytes([0, h[0], h[1], h[2]])
-        } else {
-            0
+        // Decoded still without consuming anything.
+        let Some(header) = message_header(fmt, &data[pos..], prev) else {
+            return Ok(Step::Incomplete);
         };
-        let (mut length, mut type_id, mut stream_id) = match prev {
-            Some(s) => (s.length, s.type_id, s.stream_id),
-            None => (0, 0, 0),
-        };
-        if fmt <= 1 {
-            length = u32::from_be_bytes([0, h[3], h[4], h[5]]);
-            type_id = h[6];
-        }
-        if fmt == 0 {
-            stream_id = u32::from_le_bytes([h[7], h[8], h[9], h[10]]);
-        }
-        pos += header_len;
-        let extended = if fmt <= 2 {
-            ts_field == EXTENDED_TIMESTAMP
-        } else {
-            prev.is_some_and(|s| s.extended)
-        };
-        let mut ts_value = ts_field;
-        if extended {
-            let Some(ext) = data.get(pos..pos + 4) else {
-                return Ok(Step::Incomplete);
-            };
-            if fmt <= 2 {
-                ts_value = u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]);
-            }
-            pos += 4;
-        }
-        if length > self.limits.max_message_len {
+        pos += header.len;
+        if header.length > self.limits.max_message_len {
             return Err(Error::MessageTooLong {
-                len: length,
+                len: header.length,
                 max: self.limits.max_message_len,
             });
         }
@@ -207,45 +164,30 @@ impl ChunkReader {
             return Err(Error::HeaderChangedMidMessage { csid });
         }
         let received = prev.and_then(|s| s.partial.as_ref()).map_or(0, BytesMut::len);
-        let want = (length as usize - received).min(self.chunk_size as usize);
+        let want = (header.length as usize - received).min(self.chunk_size as usize);
         if data.len() < pos + want {
             return Ok(Step::Incomplete);
         }
-        if !in_message && self.pending_bytes + length as usize > self.limits.max_pending_bytes {
+        if !in_message && self.pending_bytes + header.length as usize > self.limits.max_pending_bytes {
             return Err(Error::TooMuchPending {
                 max: self.limits.max_pending_bytes,
             });
         }
-
         // The whole chunk is here: commit.
         let i = index.unwrap_or_else(|| {
             self.streams.push((csid, StreamState::default()));
             self.streams.len() - 1
         });
-        let state = &mut self.streams[i].1;
         if !in_message {
-            match fmt {
-                0 => {
-                    state.timestamp = ts_value;
-                    state.delta = ts_value;
-                }
-                1 | 2 => {
-                    state.timestamp = state.timestamp.wrapping_add(ts_value);
-                    state.delta = ts_value;
-                }
-                _ => state.timestamp = state.timestamp.wrapping_add(state.delta),
-            }
-            state.length = length;
-            state.type_id = type_id;
-            state.stream_id = stream_id;
-            state.extended = extended;
             // Sized by the bytes that are here already, never by the peer's
             // announced length alone: a frame that came in one read is
             // gathered without reallocating.
-            state.partial = Some(BytesMut::with_capacity((length as usize).min(data.len() - pos)));
-            self.pending_bytes += length as usize;
+            let here = (header.length as usize).min(data.len() - pos);
+            self.streams[i].1.start_message(fmt, &header, here);
+            self.pending_bytes += header.length as usize;
         }
         buf.advance(pos);
+        let state = &mut self.streams[i].1;
         let partial = state.partial.get_or_insert_with(BytesMut::new);
         partial.extend_from_slice(&buf[..want]);
         buf.advance(want);
@@ -261,6 +203,99 @@ impl ChunkReader {
             stream_id: state.stream_id,
             payload,
         }))
+    }
+}
+
+/// Length of the message header of each chunk format (0 to 3).
+const MESSAGE_HEADER_LEN: [usize; 4] = [11, 7, 3, 0];
+
+/// A chunk's basic header: its format, chunk stream id and length; `None`
+/// while incomplete.
+fn basic_header(data: &[u8]) -> Option<(u8, u32, usize)> {
+    let b0 = *data.first()?;
+    let (csid, len) = match b0 & 0x3f {
+        0 => (64 + u32::from(*data.get(1)?), 2),
+        1 => (64 + u32::from(*data.get(1)?) + 256 * u32::from(*data.get(2)?), 3),
+        n => (u32::from(n), 1),
+    };
+    Some((b0 >> 6, csid, len))
+}
+
+/// A chunk's message header, its fields filled from the chunk stream's
+/// previous header where the format leaves them out.
+struct Header {
+    length: u32,
+    type_id: u8,
+    stream_id: u32,
+    /// The timestamp field (extended if need be): absolute for format 0, a
+    /// delta for 1 and 2, unused for 3.
+    timestamp: u32,
+    extended: bool,
+    /// Bytes of the message header and extended timestamp.
+    len: usize,
+}
+
+/// Decodes the message header at the start of `data` (after the basic
+/// header); `None` while incomplete.
+fn message_header(fmt: u8, data: &[u8], prev: Option<&StreamState>) -> Option<Header> {
+    let mut len = MESSAGE_HEADER_LEN[usize::from(fmt)];
+    let h = data.get(..len)?;
+    let ts_field = if fmt <= 2 {
+        u32::from_be_bytes([0, h[0], h[1], h[2]])
+    } else {
+        0
+    };
+    let (mut length, mut type_id, mut stream_id) = prev.map_or((0, 0, 0), |s| (s.length, s.type_id, s.stream_id));
+    if fmt <= 1 {
+        length = u32::from_be_bytes([0, h[3], h[4], h[5]]);
+        type_id = h[6];
+    }
+    if fmt == 0 {
+        stream_id = u32::from_le_bytes([h[7], h[8], h[9], h[10]]);
+    }
+    let extended = if fmt <= 2 {
+        ts_field == EXTENDED_TIMESTAMP
+    } else {
+        prev.is_some_and(|s| s.extended)
+    };
+    let mut timestamp = ts_field;
+    if extended {
+        let ext = data.get(len..len + 4)?;
+        if fmt <= 2 {
+            timestamp = u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]);
+        }
+        len += 4;
+    }
+    Some(Header {
+        length,
+        type_id,
+        stream_id,
+        timestamp,
+        extended,
+        len,
+    })
+}
+
+impl StreamState {
+    /// A new message starts on this chunk stream with `header`; `here` of
+    /// its bytes are already read.
+    fn start_message(&mut self, fmt: u8, header: &Header, here: usize) {
+        match fmt {
+            0 => {
+                self.timestamp = header.timestamp;
+                self.delta = header.timestamp;
+            }
+            1 | 2 => {
+                self.timestamp = self.timestamp.wrapping_add(header.timestamp);
+                self.delta = header.timestamp;
+            }
+            _ => self.timestamp = self.timestamp.wrapping_add(self.delta),
+        }
+        self.length = header.length;
+        self.type_id = header.type_id;
+        self.stream_id = header.stream_id;
+        self.extended = header.extended;
+        self.partial = Some(BytesMut::with_capacity(here));
     }
 }
 
