@@ -90,6 +90,31 @@ fn closed_means_refused(e: Error, step: &str) -> Error {
     }
 }
 
+/// Waits for the answer to `publish`: `NetStream.Publish.Start`, or why
+/// not (busy: the stream is still live at the origin).
+async fn publish_status(reader: &mut Reader, writer: &mut Writer) -> Result<()> {
+    loop {
+        reader.quick_ack();
+        match reader.next().await? {
+            None => return Err(Error::Closed),
+            Some(Message::Command { command, .. }) if command.name == "onStatus" => {
+                let (code, desc) = status_text(&command);
+                if code == "NetStream.Publish.Start" {
+                    return Ok(());
+                }
+                if code.contains("BadName") || desc.to_lowercase().contains("already") {
+                    return Err(Error::Busy(format!("{code} {desc}")));
+                }
+                return Err(Error::Refused(format!("{code} {desc}")));
+            }
+            Some(Message::UserControl(UserControl::PingRequest(t))) => {
+                writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 pub async fn publish(
     url: &RtmpUrl,
     flash_ver: &str,
@@ -149,28 +174,11 @@ pub async fn publish(
             vec![Value::Null, name, Value::string("live")],
         ))
         .await?;
-    timed(step, "waiting for the publish status", async {
-        loop {
-            reader.quick_ack();
-            match reader.next().await? {
-                None => return Err(Error::Closed),
-                Some(Message::Command { command, .. }) if command.name == "onStatus" => {
-                    let (code, desc) = status_text(&command);
-                    if code == "NetStream.Publish.Start" {
-                        return Ok(());
-                    }
-                    if code.contains("BadName") || desc.to_lowercase().contains("already") {
-                        return Err(Error::Busy(format!("{code} {desc}")));
-                    }
-                    return Err(Error::Refused(format!("{code} {desc}")));
-                }
-                Some(Message::UserControl(UserControl::PingRequest(t))) => {
-                    writer.send(&Message::UserControl(UserControl::PingResponse(t))).await?
-                }
-                Some(_) => {}
-            }
-        }
-    })
+    timed(
+        step,
+        "waiting for the publish status",
+        publish_status(&mut reader, &mut writer),
+    )
     .await
     .map_err(|e| closed_means_refused(e, "publish"))?;
     Ok(Publishing {
