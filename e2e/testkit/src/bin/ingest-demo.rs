@@ -10,7 +10,7 @@ use ingest_pod::drain::Phase;
 use ingest_testkit::audit;
 use ingest_testkit::lab::{Balancer, LocalPod};
 use ingest_testkit::origin::Origin;
-use ingest_testkit::publisher::{Publisher, PublisherConfig};
+use ingest_testkit::publisher::{Publisher, PublisherConfig, PublisherReport};
 use tokio_util::sync::CancellationToken;
 
 /// Watch a pod drain without losing a frame.
@@ -78,35 +78,8 @@ async fn main() -> anyhow::Result<ExitCode> {
     say(t0, "pod-b is not ready yet: every publisher lands on pod-a");
 
     let stop = CancellationToken::new();
-    let kinds = [
-        ("go-away", true, false),
-        ("reconnect", false, true),
-        ("both", true, true),
-    ];
-    let mut tasks = Vec::new();
-    for i in 0..args.publishers {
-        let (label, go_away, reconnect) = kinds[i % kinds.len()];
-        let cfg = PublisherConfig {
-            go_away,
-            reconnect,
-            fps: 30,
-            gop: 30,
-            video_bitrate_bps: 1_000_000,
-            width: 640,
-            height: 360,
-            ..PublisherConfig::new(format!("rtmp://{}/live/{label}-{i}", balancer.addr))
-        };
-        let publisher = Publisher::new(cfg)?;
-        tasks.push((publisher.progress(), tokio::spawn(publisher.run(stop.clone()))));
-    }
-    while pod_a
-        .registry
-        .connections()
-        .iter()
-        .filter(|c| c.publishing_since.is_some())
-        .count()
-        < args.publishers
-    {
+    let tasks = start_publishers(args.publishers, &balancer.addr.to_string(), &stop)?;
+    while publishing(&pod_a) < args.publishers {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     say(
@@ -123,39 +96,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     );
     let drain_start = Instant::now();
     pod_a.sigterm();
-    let mut last = String::new();
-    loop {
-        let a = pod_a.drainer.status();
-        let line = match &a {
-            Some(d) => format!(
-                "pod-a {:<11} signalled {:>2}  migrated {:>2}  remaining {:>2}  relays {:>2} | pod-b publishers {:>2}",
-                d.phase.label(),
-                d.signalled,
-                d.migrated,
-                d.remaining,
-                d.relays_active,
-                pod_b
-                    .registry
-                    .connections()
-                    .iter()
-                    .filter(|c| c.publishing_since.is_some())
-                    .count()
-            ),
-            None => "pod-a starting its drain".into(),
-        };
-        if line != last {
-            say(t0, &line);
-            last = line;
-        }
-        if a.is_some_and(|d| d.phase == Phase::Drained) {
-            break;
-        }
-        if drain_start.elapsed() > Duration::from_secs(30) {
-            say(t0, "drain did not finish in 30 s");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    narrate_drain(t0, &pod_a, &pod_b).await;
     pod_a.wait().await?;
     say(
         t0,
@@ -168,7 +109,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     say(t0, "stopping the publishers (clean FCUnpublish/deleteStream)");
     stop.cancel();
     let mut reports = Vec::new();
-    for (_, task) in tasks {
+    for task in tasks {
         reports.push(task.await??);
     }
     while pod_b.registry.relays_active() > 0 {
@@ -176,15 +117,91 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     let record_dir = origin.record_dir();
     drop(origin);
+    let lossless = print_audit(&reports, &record_dir)?;
+    Ok(if lossless { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
 
+type PublisherTask = tokio::task::JoinHandle<ingest_testkit::publisher::Result<PublisherReport>>;
+
+/// `n` capable publishers through the Service at `addr`, cycling Go Away,
+/// Reconnect Request and both.
+fn start_publishers(n: usize, addr: &str, stop: &CancellationToken) -> anyhow::Result<Vec<PublisherTask>> {
+    let kinds = [
+        ("go-away", true, false),
+        ("reconnect", false, true),
+        ("both", true, true),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (label, go_away, reconnect) = kinds[i % kinds.len()];
+        let cfg = PublisherConfig {
+            go_away,
+            reconnect,
+            fps: 30,
+            gop: 30,
+            video_bitrate_bps: 1_000_000,
+            width: 640,
+            height: 360,
+            ..PublisherConfig::new(format!("rtmp://{addr}/live/{label}-{i}"))
+        };
+        tasks.push(tokio::spawn(Publisher::new(cfg)?.run(stop.clone())));
+    }
+    Ok(tasks)
+}
+
+/// Publishers publishing on `pod`.
+fn publishing(pod: &LocalPod) -> usize {
+    pod.registry
+        .connections()
+        .iter()
+        .filter(|c| c.publishing_since.is_some())
+        .count()
+}
+
+/// A line on every change of pod-a's drain, until it is drained (30 s at most).
+async fn narrate_drain(t0: Instant, pod_a: &LocalPod, pod_b: &LocalPod) {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let a = pod_a.drainer.status();
+        let line = match &a {
+            Some(d) => format!(
+                "pod-a {:<11} signalled {:>2}  migrated {:>2}  remaining {:>2}  relays {:>2} | pod-b publishers {:>2}",
+                d.phase.label(),
+                d.signalled,
+                d.migrated,
+                d.remaining,
+                d.relays_active,
+                publishing(pod_b)
+            ),
+            None => "pod-a starting its drain".into(),
+        };
+        if line != last {
+            say(t0, &line);
+            last = line;
+        }
+        if a.is_some_and(|d| d.phase == Phase::Drained) {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            say(t0, "drain did not finish in 30 s");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The audit of every publisher at the origin, as a table; true if all
+/// are lossless.
+fn print_audit(reports: &[PublisherReport], record_dir: &std::path::Path) -> anyhow::Result<bool> {
     println!();
     println!(
         "{:<14} {:>6} {:>9} {:>6} {:>5} {:>10} {:>9}  verdict",
         "stream", "sent", "at origin", "lost", "dup", "recordings", "gap (ms)"
     );
     let mut all_ok = true;
-    for r in &reports {
-        let a = audit::audit_dir(&r.stream, &r.sent, &record_dir)?;
+    for r in reports {
+        let a = audit::audit_dir(&r.stream, &r.sent, record_dir)?;
         let gap = r.max_switch_gap().map_or("-".into(), |g| g.as_millis().to_string());
         let verdict = if a.lossless() { "lossless" } else { "LOSS" };
         all_ok &= a.lossless();
@@ -196,5 +213,5 @@ async fn main() -> anyhow::Result<ExitCode> {
     println!();
     println!("sent and at origin count audio/video messages by payload hash (sequence headers and metadata apart);");
     println!("gap is the publisher's pause between its last message to pod-a and its first to pod-b.");
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(all_ok)
 }
