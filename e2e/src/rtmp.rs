@@ -328,11 +328,11 @@ async fn serve_hook(mut stream: TcpStream) -> Result<Option<Notification>> {
     stream
         .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         .await?;
-    let body = String::from_utf8_lossy(&buf[head_end..buf.len().min(head_end + length)]).into_owned();
+    let body = &buf[head_end..buf.len().min(head_end + length)];
     let field = |key: &str| {
-        body.split('&')
-            .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
-            .map(percent_decode)
+        form_urlencoded::parse(body)
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
             .unwrap_or_default()
     };
     Ok(Some(Notification {
@@ -341,31 +341,6 @@ async fn serve_hook(mut stream: TcpStream) -> Result<Option<Notification>> {
         name: field("name"),
         client: field("clientid"),
     }))
-}
-
-/// Decodes `%XX` and `+` of a form value.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Shorter upstream publishes were refused by nginx ("already publishing":

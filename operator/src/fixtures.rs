@@ -620,32 +620,7 @@ fn reply(send: Responder, code: StatusCode, body: &Value) {
     );
 }
 
-/// `a=b&c=d` with percent-decoding (enough for selectors).
+/// `a=b&c=d`, decoded.
 fn parse_query(q: &str) -> BTreeMap<String, String> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("ASCII");
-                out.push(u8::from_str_radix(hex, 16).expect("a percent escape"));
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).expect("UTF-8 query")
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
 }
