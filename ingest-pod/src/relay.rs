@@ -453,39 +453,45 @@ impl Config {
     }
 }
 
-/// Runs one relay until its queue is closed and delivered, or given up
-/// `flush_timeout` after the publisher left.
-///
-/// Its log lines go to `span`. The relay is not instrumented with it: that
-/// would enter and leave the span on every poll, once per media tick.
-pub async fn run(
-    url: RtmpUrl,
-    queue: Arc<Queue>,
-    cfg: RelayConfig,
-    metrics: Metrics,
-    stop: CancellationToken,
-    _guard: RelayGuard,
-    span: Span,
-) {
-    // Bounds the whole flush, a wedged upstream session included: a drain
-    // waits on this relay no longer.
-    tokio::select! {
-        () = deliver(&url, &queue, &cfg, &metrics, &stop, &span) => {}
-        () = queue.flush_deadline(cfg.flush_timeout) => {
-            warn!(parent: &span, pending_bytes = queue.bytes(), "giving up delivering to the origin after the publisher left");
+/// One relay: a publisher's stream, pushed from its queue to the origin.
+pub struct Relay {
+    pub url: RtmpUrl,
+    pub queue: Arc<Queue>,
+    pub cfg: RelayConfig,
+    pub metrics: Metrics,
+    pub stop: CancellationToken,
+    /// Counts the relay as active while it runs.
+    pub guard: RelayGuard,
+    /// Where its log lines go. The relay is not instrumented with it: that
+    /// would enter and leave the span on every poll, once per media tick.
+    pub span: Span,
+}
+
+impl Relay {
+    /// Runs until the queue is closed and delivered, or given up
+    /// `flush_timeout` after the publisher left.
+    pub async fn run(self) {
+        // Bounds the whole flush, a wedged upstream session included: a drain
+        // waits on this relay no longer.
+        tokio::select! {
+            () = deliver(&self) => {}
+            () = self.queue.flush_deadline(self.cfg.flush_timeout) => {
+                warn!(parent: &self.span, pending_bytes = self.queue.bytes(), "giving up delivering to the origin after the publisher left");
+            }
         }
     }
 }
 
 /// Upstream sessions with retries, until delivered or stopped.
-async fn deliver(
-    url: &RtmpUrl,
-    queue: &Queue,
-    cfg: &RelayConfig,
-    metrics: &Metrics,
-    stop: &CancellationToken,
-    span: &Span,
-) {
+async fn deliver(relay: &Relay) {
+    let Relay {
+        queue,
+        cfg,
+        metrics,
+        stop,
+        span,
+        ..
+    } = relay;
     let mut config = Config::default();
     let mut backoff = cfg.busy_retry;
     let mut busy_wait = cfg.busy_retry;
@@ -495,7 +501,7 @@ async fn deliver(
         attempt += 1;
         let media_before = queue.media_seen();
         let mut wait_for_media = false;
-        let result = session(url, queue, cfg, metrics, &mut config, stop, span).await;
+        let result = session(relay, &mut config).await;
         queue.set_caught_up(false);
         match result {
             Ok(()) => {
@@ -564,15 +570,16 @@ fn describe(command: &message::Command) -> String {
 }
 
 /// Connects, publishes, and pumps the queue until it is closed and empty.
-async fn session(
-    url: &RtmpUrl,
-    queue: &Queue,
-    cfg: &RelayConfig,
-    metrics: &Metrics,
-    config: &mut Config,
-    stop: &CancellationToken,
-    span: &Span,
-) -> Result<(), Error> {
+async fn session(relay: &Relay, config: &mut Config) -> Result<(), Error> {
+    let Relay {
+        url,
+        queue,
+        cfg,
+        metrics,
+        stop,
+        span,
+        ..
+    } = relay;
     config.published = false;
     let client::Publishing {
         reader,

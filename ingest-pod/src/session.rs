@@ -462,17 +462,16 @@ impl Session {
                         &self.ctx.budget,
                     );
                     q.report_to(&shown, self.guard.stats().clone());
-                    let relay_guard = self.ctx.registry.relay_started();
-                    let span = info_span!("relay", stream = %shown, conn = self.guard.id());
-                    self.ctx.relays.spawn(relay::run(
-                        u,
-                        q.clone(),
-                        self.ctx.config.relay.clone(),
-                        self.ctx.registry.metrics().clone(),
-                        self.ctx.stop.clone(),
-                        relay_guard,
-                        span,
-                    ));
+                    let relay = relay::Relay {
+                        url: u,
+                        queue: q.clone(),
+                        cfg: self.ctx.config.relay.clone(),
+                        metrics: self.ctx.registry.metrics().clone(),
+                        stop: self.ctx.stop.clone(),
+                        guard: self.ctx.registry.relay_started(),
+                        span: info_span!("relay", stream = %shown, conn = self.guard.id()),
+                    };
+                    self.ctx.relays.spawn(relay.run());
                     Some(q)
                 }
                 Err(_) => {
