@@ -56,20 +56,48 @@ pub(crate) struct Gate {
 /// Publisher counts of held pods, asked in the background and named by
 /// the next 429.
 #[derive(Clone, Default)]
-pub(crate) struct Counts(Arc<Mutex<HashMap<String, (u32, Instant)>>>);
+pub(crate) struct Counts(Arc<Mutex<CountsInner>>);
+
+#[derive(Default)]
+struct CountsInner {
+    /// The last count of each pod, and when it was measured.
+    measured: HashMap<String, (u32, Instant)>,
+    /// When each pod was last asked: one question at a time per pod,
+    /// however often its eviction is retried.
+    asked: HashMap<String, Instant>,
+}
 
 impl Counts {
     fn put(&self, uid: &str, n: u32) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        map.retain(|_, (_, at)| now.duration_since(*at) < COUNT_FRESH);
-        map.insert(uid.to_owned(), (n, now));
+        inner
+            .measured
+            .retain(|_, (_, at)| now.duration_since(*at) < COUNT_FRESH);
+        inner.measured.insert(uid.to_owned(), (n, now));
     }
 
     /// `uid`'s count if it was measured within `fresh`.
     fn get(&self, uid: &str, fresh: Duration) -> Option<u32> {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(uid).filter(|(_, at)| at.elapsed() < fresh).map(|(n, _)| *n)
+        let inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .measured
+            .get(uid)
+            .filter(|(_, at)| at.elapsed() < fresh)
+            .map(|(n, _)| *n)
+    }
+
+    /// True if `uid` may be asked now: not asked within [`COUNT_TIMEOUT`]
+    /// (the longest a question can be under way).
+    fn ask(&self, uid: &str) -> bool {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        inner.asked.retain(|_, at| now.duration_since(*at) < COUNT_TIMEOUT);
+        if inner.asked.contains_key(uid) {
+            return false;
+        }
+        inner.asked.insert(uid.to_owned(), now);
+        true
     }
 }
 
@@ -232,12 +260,14 @@ fn start_and_hold(gate: &Gate, req: &AdmissionRequest<DynamicObject>, pod: &Pod,
     // too: the answer never waits on a pod, and a retry names the
     // count (until the drain's own row does).
     let uid = pod.uid().unwrap_or_default();
-    let (g, p) = (gate.clone(), pod.clone());
-    tokio::spawn(async move {
-        if let Some(n) = publishers_on(&g, &p).await {
-            g.counts.put(&uid, n);
-        }
-    });
+    if gate.counts.ask(&uid) {
+        let (g, p) = (gate.clone(), pod.clone());
+        tokio::spawn(async move {
+            if let Some(n) = publishers_on(&g, &p).await {
+                g.counts.put(&uid, n);
+            }
+        });
+    }
     let message = match gate.counts.get(&pod.uid().unwrap_or_default(), COUNT_FRESH) {
         Some(n) => format!(
             "pod {}: {n} publishers remain; starting its drain, retry shortly",
@@ -505,6 +535,9 @@ mod tests {
         assert_eq!(counts.get("uid-a", COUNT_FRESH), Some(12));
         assert_eq!(counts.get("uid-b", COUNT_FRESH), None, "another pod");
         assert_eq!(counts.get("uid-a", Duration::ZERO), None, "stale");
+        assert!(counts.ask("uid-a"), "the first question");
+        assert!(!counts.ask("uid-a"), "a second one while the first may be under way");
+        assert!(counts.ask("uid-b"), "another pod");
     }
 
     #[tokio::test]

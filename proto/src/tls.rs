@@ -31,6 +31,9 @@ use tracing::{debug, info, warn};
 /// How long a caller has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes under way at once; further connections wait to be accepted.
+const MAX_HANDSHAKES: usize = 64;
+
 /// Why a set of PEM files cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -286,12 +289,22 @@ impl AsyncWrite for TlsIo {
 
 /// The TLS connections accepted on `listener`, for tonic's
 /// `serve_with_incoming`. Handshakes run apart from the accept loop (a slow
-/// or silent caller holds up no one) and within [`HANDSHAKE_TIMEOUT`]; a
-/// failed one is logged and closed. Accepting stops when the stream is dropped.
+/// or silent caller holds up no one), at most [`MAX_HANDSHAKES`] at once and
+/// within [`HANDSHAKE_TIMEOUT`]; a failed one is logged and closed.
+/// Accepting stops when the stream is dropped.
 pub fn incoming(listener: TcpListener, config: Watched<ServerConfig>) -> ReceiverStream<io::Result<TlsIo>> {
     let (tx, rx) = tokio::sync::mpsc::channel(32);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            // A flood of silent connections holds at most this many tasks.
+            let permit = tokio::select! {
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                () = tx.closed() => return,
+            };
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
@@ -313,6 +326,7 @@ pub fn incoming(listener: TcpListener, config: Watched<ServerConfig>) -> Receive
                     Ok(Err(err)) => warn!(%peer, %err, "control API: TLS handshake failed"),
                     Err(_) => warn!(%peer, "control API: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
                 }
+                drop(permit);
             });
         }
     });

@@ -532,7 +532,12 @@ async fn upgrade_keeps_secrets(c: &Cluster, upstream: &str) -> Result<()> {
     let secrets: Api<Secret> = Api::namespaced(c.client(), NS);
     let webhooks: Api<ValidatingWebhookConfiguration> = Api::all(c.client());
     let snapshot = || async {
-        let tls = secrets.get(&system::webhook_tls_secret()).await?.data;
+        let (control_server, control_client) = system::control_tls_secrets();
+        let tls = (
+            secrets.get(&system::webhook_tls_secret()).await?.data,
+            secrets.get(&control_server).await?.data,
+            secrets.get(&control_client).await?.data,
+        );
         let token = secrets.get(&system::control_token_secret()).await?.data;
         let ca = webhooks
             .get(&system::webhook_name())
@@ -552,7 +557,7 @@ async fn upgrade_keeps_secrets(c: &Cluster, upstream: &str) -> Result<()> {
     };
     let (tls, token, ca, operators) = snapshot().await?;
     ensure!(
-        tls.is_some() && token.is_some(),
+        tls.0.is_some() && tls.1.is_some() && tls.2.is_some() && token.is_some(),
         "the chart made no TLS or token Secret"
     );
     ensure!(
@@ -585,14 +590,18 @@ async fn upgrade_keeps_secrets(c: &Cluster, upstream: &str) -> Result<()> {
     deployments_available(c, NS, Duration::from_secs(120)).await?;
 
     let (tls2, token2, ca2, operators2) = snapshot().await?;
-    ensure!(tls2 == tls, "helm upgrade replaced the webhook's TLS Secret");
+    ensure!(tls2.0 == tls.0, "helm upgrade replaced the webhook's TLS Secret");
+    ensure!(
+        tls2.1 == tls.1 && tls2.2 == tls.2,
+        "helm upgrade replaced the control API's certificates"
+    );
     ensure!(ca2 == ca, "helm upgrade changed the webhook's caBundle");
     ensure!(token2 == token, "helm upgrade replaced the control token");
     ensure!(
         operators2 == operators,
         "the operator pods rolled on an upgrade that changed neither certificate nor token: {operators:?} -> {operators2:?}"
     );
-    println!("  upgrade kept the webhook certificate, caBundle and control token");
+    println!("  upgrade kept the webhook certificate, caBundle, the control API's certificates and token");
     Ok(())
 }
 
