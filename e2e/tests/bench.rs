@@ -164,6 +164,44 @@ impl Histogram {
         self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
 
+    /// Adds the series of `name` whose labels contain `selector` (the API
+    /// server's histograms carry labels besides `le`).
+    fn parse_series(&mut self, text: &str, name: &str, selector: &str) {
+        let bucket = format!("{name}_bucket{{");
+        let count = format!("{name}_count{{");
+        let sum = format!("{name}_sum{{");
+        let value = |line: &str| line.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok());
+        for line in text.lines().filter(|l| l.contains(selector)) {
+            if line.starts_with(&bucket) {
+                let Some(le) = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else {
+                    continue;
+                };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::NAN)
+                };
+                let n = value(line).unwrap_or(0.0);
+                match self.buckets.iter_mut().find(|b| b.0 == le) {
+                    Some(b) => b.1 += n,
+                    None => self.buckets.push((le, n)),
+                }
+            } else if line.starts_with(&count) {
+                self.count += value(line).unwrap_or(0.0);
+            } else if line.starts_with(&sum) {
+                self.sum += value(line).unwrap_or(0.0);
+            }
+        }
+        self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+
+    /// Share of the observations at or under `le` (a bucket bound).
+    fn share_under(&self, le: f64) -> Option<f64> {
+        let total = self.buckets.last()?.1;
+        let under = self.buckets.iter().find(|b| b.0 == le)?.1;
+        (total > 0.0).then(|| under / total)
+    }
+
     /// The observations made after `earlier` was scraped.
     fn since(&self, earlier: &Histogram) -> Histogram {
         let before = |le: f64| earlier.buckets.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
@@ -230,6 +268,28 @@ async fn scrape(c: &Cluster, name: &str) -> Result<Histogram> {
 }
 
 const WEBHOOK_SECONDS: &str = "ingest_operator_webhook_duration_seconds";
+
+/// The API server's own time for each call of our webhook (the share of an
+/// eviction's latency that `kubectl drain` owes to the gate).
+const ADMISSION_SECONDS: &str = "apiserver_admission_webhook_admission_duration_seconds";
+const GATE_SERIES: &str = "name=\"eviction.ingest.lossless.dev\"";
+
+async fn admission(c: &Cluster) -> Result<Histogram> {
+    let text = c.kubectl(&["get", "--raw", "/metrics"]).await?;
+    let mut h = Histogram::default();
+    h.parse_series(&text, ADMISSION_SECONDS, GATE_SERIES);
+    Ok(h)
+}
+
+/// The API server's view of the gate since `before`.
+fn admission_text(h: &Histogram) -> String {
+    format!(
+        "{}; under 5 ms {:.1}%, under 25 ms {:.1}%",
+        h.text(),
+        h.share_under(0.005).unwrap_or(f64::NAN) * 100.0,
+        h.share_under(0.025).unwrap_or(f64::NAN) * 100.0
+    )
+}
 const RECONCILE_SECONDS: &str = "ingest_operator_reconcile_duration_seconds";
 
 /// VmRSS and VmHWM (kB) of every ingest-operator process on this machine
@@ -303,6 +363,7 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         ..EvictParams::default()
     };
     let mut client_side = Vec::new();
+    let admission_before = admission(&c).await?;
     for round in 0..2 {
         for (pod, _, _) in &pods {
             let t = Instant::now();
@@ -322,6 +383,10 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         percentile(&client_side, 0.5).unwrap_or_default(),
         percentile(&client_side, 0.99).unwrap_or_default(),
         hook.text()
+    ));
+    say(&format!(
+        "webhook as the API server timed its calls (what kubectl drain waits for): {}",
+        admission_text(&admission(&c).await?.since(&admission_before))
     ));
 
     // Reconcile: one IngestDrain over all 100 pods.
@@ -366,6 +431,7 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
 
     // The webhook once the pods are drained: it allows (a dry run evicts nothing).
     let before = scrape(&c, WEBHOOK_SECONDS).await?;
+    let admission_before = admission(&c).await?;
     let mut allowed = Vec::new();
     for (pod, _, _) in &pods {
         let t = Instant::now();
@@ -381,6 +447,10 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         percentile(&allowed, 0.5).unwrap_or_default(),
         percentile(&allowed, 0.99).unwrap_or_default(),
         after.since(&before).text()
+    ));
+    say(&format!(
+        "webhook (allow) as the API server timed its calls: {}",
+        admission_text(&admission(&c).await?.since(&admission_before))
     ));
     Ok(())
 }
