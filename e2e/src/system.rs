@@ -159,7 +159,8 @@ pub async fn helm_install_from(
     extra: &[&str],
 ) -> Result<String> {
     let chart = chart.to_str().context("chart path is not UTF-8")?;
-    let mut args = vec![verb, RELEASE, chart, "--namespace", ns, "--wait", "--timeout", "300s"];
+    // Generous: 300 ingest pods on 2 cores take about 280 s to be ready.
+    let mut args = vec![verb, RELEASE, chart, "--namespace", ns, "--wait", "--timeout", "600s"];
     let values = values(upstream, extra);
     args.extend(values.iter().map(String::as_str));
     c.helm(&args).await

@@ -291,6 +291,95 @@ fn admission_text(h: &Histogram) -> String {
     )
 }
 const RECONCILE_SECONDS: &str = "ingest_operator_reconcile_duration_seconds";
+const WEBHOOK_CONNECTIONS: &str = "ingest_operator_webhook_connections_total";
+
+/// The counter `name` of the operators' `/metrics` now, summed over replicas.
+async fn counter(c: &Cluster, name: &str) -> Result<f64> {
+    let mut sum = 0.0;
+    for m in operator_metrics(c, SCALE_NS).await? {
+        let value = m
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {name} in the operator's metrics"))?;
+        sum += value;
+    }
+    Ok(sum)
+}
+
+/// This machine's load averages (1, 5, 15 minutes).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Waits until this machine's 1-minute load average is at most twice its
+/// cores, or `at_most`; returns how long it waited.
+async fn settle(at_most: Duration) -> Duration {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get) as f64;
+    let t = Instant::now();
+    while t.elapsed() < at_most {
+        let one_minute = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if one_minute <= 2.0 * cores {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    t.elapsed()
+}
+
+/// A pod in a namespace the webhook does not select.
+struct Baseline {
+    api: Api<Pod>,
+}
+
+const BASELINE_NS: &str = "bench-baseline";
+
+impl Baseline {
+    async fn start(c: &Cluster) -> Result<Self> {
+        c.kubectl(&["create", "namespace", BASELINE_NS]).await?;
+        let image = format!("--image={}", system::INGEST_IMAGE);
+        c.kubectl(&[
+            "-n",
+            BASELINE_NS,
+            "run",
+            "baseline",
+            &image,
+            "--image-pull-policy=Never",
+            "--restart=Never",
+        ])
+        .await?;
+        c.kubectl(&[
+            "-n",
+            BASELINE_NS,
+            "wait",
+            "--for=condition=Ready",
+            "pod/baseline",
+            "--timeout=120s",
+        ])
+        .await?;
+        Ok(Self {
+            api: Api::namespaced(c.client(), BASELINE_NS),
+        })
+    }
+
+    /// Client time of one dry-run eviction (allowed: nothing guards the pod).
+    async fn evict(&self, params: &EvictParams) -> Result<Duration> {
+        let t = Instant::now();
+        self.api
+            .evict("baseline", params)
+            .await
+            .context("dry-run eviction of the baseline pod")?;
+        Ok(t.elapsed())
+    }
+
+    async fn stop(self, c: &Cluster) {
+        let _ = c.kubectl(&["delete", "namespace", BASELINE_NS, "--wait=false"]).await;
+    }
+}
 
 /// VmRSS and VmHWM (kB) of every ingest-operator process on this machine
 /// (the containers run here).
@@ -362,10 +451,24 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         },
         ..EvictParams::default()
     };
+    // Each one next to a dry-run eviction of a pod the webhook is not
+    // asked about: the same API server path on the same busy machine, so
+    // the difference is what the gate adds to an eviction.
+    let baseline = Baseline::start(&c).await?;
+    // Measured once the pods' start is over: what is left is the steady
+    // noise of 300 idle pods (their probes), not their start.
+    let waited = settle(Duration::from_secs(300)).await;
+    say(&format!(
+        "load average before the holds (after {waited:.0?} of settling): {}",
+        load_average()
+    ));
     let mut client_side = Vec::new();
+    let mut without_gate = Vec::new();
     let admission_before = admission(&c).await?;
+    let connections_before = counter(&c, WEBHOOK_CONNECTIONS).await?;
     for round in 0..2 {
         for (pod, _, _) in &pods {
+            without_gate.push(baseline.evict(&params).await?);
             let t = Instant::now();
             let answer = api.evict(pod, &params).await;
             client_side.push(t.elapsed());
@@ -375,7 +478,10 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
             }
         }
     }
+    let connections = counter(&c, WEBHOOK_CONNECTIONS).await? - connections_before;
+    baseline.stop(&c).await;
     client_side.sort();
+    without_gate.sort();
     let hook = scrape(&c, WEBHOOK_SECONDS).await?;
     say(&format!(
         "webhook: {} dry-run evictions through the API server: client p50 {:.1?}, p99 {:.1?}; operator histogram {}",
@@ -385,7 +491,12 @@ async fn operator_scale(c: Arc<Cluster>) -> Result<()> {
         hook.text()
     ));
     say(&format!(
-        "webhook as the API server timed its calls (what kubectl drain waits for): {}",
+        "the same number of dry-run evictions the webhook is not asked about, interleaved: client p50 {:.1?}, p99 {:.1?}",
+        percentile(&without_gate, 0.5).unwrap_or_default(),
+        percentile(&without_gate, 0.99).unwrap_or_default(),
+    ));
+    say(&format!(
+        "webhook as the API server timed its calls (what kubectl drain waits for): {}; {connections} new connections to the webhook",
         admission_text(&admission(&c).await?.since(&admission_before))
     ));
 

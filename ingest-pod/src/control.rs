@@ -412,7 +412,8 @@ pub async fn serve(
                 .await
         }
         None => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // As over TLS: short answers go out at once (no Nagle).
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             router
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await

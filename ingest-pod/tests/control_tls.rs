@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use ingest_proto::tls::{ClientFiles, Connector};
+use ingest_proto::tls::{ClientFiles, Connector, ServerFiles};
 use ingest_proto::v1::GetStatusRequest;
 use ingest_proto::v1::ingest_control_client::IngestControlClient;
 use ingest_testkit::lab::LocalPod;
@@ -350,5 +350,36 @@ async fn a_renewed_certificate_is_served_without_a_restart() -> Result<()> {
     );
     let status = get_status(&addr, &tls_args(d, None, SERVER_NAME)).await?;
     ensure!(status.contains("tls-pod"), "{status}");
+    Ok(())
+}
+
+/// Accepted control connections have Nagle's algorithm off: a short
+/// answer never waits in the pod's kernel for the operator's delayed ACK
+/// of an earlier small frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_control_connections_send_without_delay() -> Result<()> {
+    use tokio_stream::StreamExt;
+    use tonic::codegen::Service;
+
+    let dir = tempfile::tempdir()?;
+    pki(dir.path()).await?;
+    let d = dir.path();
+    let server = ServerFiles {
+        cert: d.join("server.crt"),
+        key: d.join("server.key"),
+        client_ca: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut incoming = ingest_proto::tls::incoming(listener, server.watch(Duration::ZERO)?);
+    let client = ClientFiles {
+        ca: d.join("ca.crt"),
+        identity: None,
+    };
+    let mut connector = Connector::new(client.watch(Duration::ZERO)?, SERVER_NAME)?;
+    let (dialled, accepted) = tokio::join!(connector.call(format!("http://{addr}").parse()?), incoming.next());
+    dialled.context("dialling the control port")?;
+    let accepted = accepted.context("no connection accepted")??;
+    ensure!(accepted.tcp().nodelay()?, "the accepted connection delays small writes");
     Ok(())
 }

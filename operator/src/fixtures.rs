@@ -347,6 +347,9 @@ pub(crate) enum Scenario {
     },
     /// The eviction gate applies an `evict-<pod>` drain.
     EvictionDrain(Pod),
+    /// The eviction gate deletes a drain of the same name left by an
+    /// earlier pod of that name (on the condition that it is still that one).
+    StaleDrainDeleted(IngestDrain),
     /// Nothing.
     NoRequest,
 }
@@ -426,6 +429,12 @@ impl Verifier {
                 }
             }
             Scenario::EvictionDrain(pod) => self.eviction_drain_apply(&pod).await,
+            Scenario::StaleDrainDeleted(drain) => {
+                let path = format!("{DRAINS}/namespaces/{NS}/ingestdrains/{}", drain.name_any());
+                let (seen, send) = self.expect(Method::DELETE, &path).await;
+                assert_eq!(seen.body["preconditions"]["uid"], json!(drain.uid()));
+                reply(send, StatusCode::OK, &to_json(&drain));
+            }
             Scenario::NoRequest => {}
         }
     }

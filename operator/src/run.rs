@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum_server::tls_rustls::RustlsAcceptor;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Recorder, Reporter};
@@ -232,6 +233,9 @@ async fn serve_webhook(
     tasks: &mut JoinSet<()>,
 ) -> Result<(), Error> {
     let WebhookServing { listen, cert, reload } = serving;
+    let accepted = tls::Accepted {
+        connections: gate.metrics.webhook_connections.clone(),
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let serving = tls::ServingCert::load(cert).await.map_err(Error::Tls)?;
     let tls = serving.config();
@@ -247,7 +251,9 @@ async fn serve_webhook(
     });
     info!(addr = %listen, "eviction webhook serving");
     tasks.spawn(async move {
-        if let Err(err) = axum_server::bind_rustls(listen, tls)
+        let acceptor = RustlsAcceptor::new(tls).acceptor(accepted);
+        if let Err(err) = axum_server::bind(listen)
+            .acceptor(acceptor)
             .handle(handle)
             .serve(webhook::router(gate).into_make_service())
             .await

@@ -42,6 +42,7 @@ pub(crate) struct Metrics {
     pub(crate) migrated: Counter,
     pub(crate) webhook_decisions: Family<DecisionLabel, Counter>,
     pub(crate) webhook_duration: Histogram,
+    pub(crate) webhook_connections: Counter,
     pub(crate) leader: Gauge,
 }
 
@@ -58,6 +59,7 @@ impl Default for Metrics {
             webhook_decisions: Family::default(),
             // 0.1 ms to ~1.1 s in steps of 1.5x.
             webhook_duration: Histogram::new(exponential_buckets(0.0001, 1.5, 24)),
+            webhook_connections: Counter::default(),
             leader: Gauge::default(),
         }
     }
@@ -101,6 +103,11 @@ impl Metrics {
             "webhook_duration_seconds",
             "Time to answer an eviction review",
             self.webhook_duration.clone(),
+        );
+        r.register(
+            "webhook_connections",
+            "TCP connections accepted by the eviction webhook (an API server keeps reusing one)",
+            self.webhook_connections.clone(),
         );
         r.register("leader", "1 while this replica holds the Lease", self.leader.clone());
     }

@@ -12,12 +12,13 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
 use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Preconditions};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::core::response::StatusSummary;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::crd::IngestDrain;
@@ -120,6 +121,11 @@ impl FirstHolds {
         now.duration_since(*map.entry(uid.to_owned()).or_insert(now))
     }
 
+    /// Starts `uid`'s clock over at its next hold.
+    fn forget(&self, uid: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+
     /// True at most once per `every` for `uid` (the first call included).
     fn due(&self, uid: &str, every: Duration) -> bool {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -217,6 +223,12 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
         Verdict::Allow(why) => allow(gate, req, &why),
         Verdict::Hold(message) => {
             count(gate, "hold");
+            // A drain covers the pod and bounds this hold by its deadline.
+            // Should it go away, a new hold (and the pod's own drain) starts
+            // from now.
+            if let Some(p) = pod.as_deref() {
+                gate.first_holds.forget(&p.uid().unwrap_or_default());
+            }
             info!(pod = %req.name, %ns, %message, "eviction held");
             if let Some(p) = pod.as_deref().filter(|_| !req.dry_run) {
                 explain(gate, p, &message);
@@ -323,17 +335,42 @@ const COUNT_TIMEOUT: Duration = Duration::from_secs(2);
 const COUNT_FRESH: Duration = Duration::from_secs(15);
 
 /// Creates (server-side apply, so every replica may race) a drain of one
-/// pod, owned by the pod: it goes when the pod goes.
+/// pod, owned by the pod: it goes when the pod goes. A drain of that name
+/// that is there already is left as it is (edits to it stay), unless an
+/// earlier pod of the same name owns it: that one is deleted, and the
+/// next retry creates the pod's own.
 async fn start_drain(gate: &Gate, pod: &Pod) -> Result<(), kube::Error> {
     let ns = pod.namespace().unwrap_or_default();
-    let drain = drains::operator_drain(Subject::Pod(pod), &ns, &gate.ingest.selector, &gate.drain_defaults);
-    drains::apply(&gate.client, &drain).await
+    let name = drain_name(&pod.name_any());
+    let Some(existing) = gate.drains.get(&ObjectRef::new(&name).within(&ns)) else {
+        let drain = drains::operator_drain(Subject::Pod(pod), &ns, &gate.ingest.selector, &gate.drain_defaults);
+        return drains::apply(&gate.client, &drain).await;
+    };
+    let owned_by_pod = existing
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == "Pod" && Some(&o.uid) == pod.uid().as_ref());
+    if owned_by_pod || existing.metadata.deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    info!(drain = %name, %ns, "deleting the drain an earlier pod of this name left");
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    Api::<IngestDrain>::namespaced(gate.client.clone(), &ns)
+        .delete(&name, &params)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::core::admission::AdmissionReview;
-
     use serde_json::json;
 
     use super::*;
@@ -493,6 +530,41 @@ mod tests {
         );
     }
 
+    /// A StatefulSet's pod comes back with the same name: the drain its
+    /// predecessor's eviction started (owned by that pod, ended, not yet
+    /// collected) is deleted, never taken over. Taken over, its old end
+    /// would let the new pod's evictions through undrained.
+    #[tokio::test]
+    async fn a_drain_left_by_an_earlier_pod_of_the_name_is_deleted_not_reused() {
+        let pod = ingest_pod("ingest-0", NS, "node-a");
+        let mut earlier = row("ingest-0", PodState::Drained);
+        earlier.uid = "uid-of-the-earlier-ingest-0".into();
+        let mut stale = with_status(
+            drain(
+                &drain_name("ingest-0"),
+                json!({ "podNames": ["ingest-0"], "evict": true }),
+            ),
+            DrainPhase::Drained,
+            Duration::from_secs(600),
+            vec![earlier],
+        );
+        stale.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: "ingest-0".into(),
+            uid: "uid-of-the-earlier-ingest-0".into(),
+            ..OwnerReference::default()
+        }]);
+        let resp = review(
+            vec![pod],
+            vec![stale.clone()],
+            eviction("ingest-0", false),
+            Scenario::StaleDrainDeleted(stale),
+        )
+        .await;
+        assert_held(&resp);
+    }
+
     /// A pod held with no drain covering it for a whole drain deadline
     /// (its drain could not be created, or does not take it) is let go.
     #[tokio::test]
@@ -509,6 +581,34 @@ mod tests {
             .await
             .expect("no API request");
         assert!(resp.allowed, "held again: {}", resp.result.message);
+    }
+
+    /// A drain that covered the pod and went away (deleted mid-drain)
+    /// leaves a fresh hold behind, with a drain of the pod's own: the time
+    /// the deleted drain held it does not count against the backstop.
+    #[tokio::test]
+    async fn a_hold_starts_over_after_a_covering_drain_goes_away() {
+        let pod = ingest_pod("ingest-0", NS, "node-a");
+        let mut r = row("ingest-0", PodState::Draining);
+        r.remaining = 2;
+        let (covered, covered_api) = Gate::test(vec![pod.clone()], vec![draining(DrainPhase::Draining, r)]);
+        // First held (with no drain) a deadline ago; covered since.
+        let long_ago = Instant::now()
+            .checked_sub(covered.drain_defaults.deadline + Duration::from_secs(20))
+            .expect("an instant in the past");
+        covered.first_holds.set("uid-ingest-0", long_ago);
+        assert_held(&within("webhook", decide(&covered, &eviction("ingest-0", true))).await);
+        // The drain is deleted: the next eviction finds none.
+        let (mut uncovered, uncovered_api) = Gate::test(vec![pod], vec![]);
+        uncovered.first_holds = covered.first_holds.clone();
+        let resp = within("webhook", decide(&uncovered, &eviction("ingest-0", true))).await;
+        drop((covered, uncovered));
+        for api in [covered_api, uncovered_api] {
+            within("verifier", api.run(vec![Scenario::NoRequest]))
+                .await
+                .expect("no API request");
+        }
+        assert_held(&resp);
     }
 
     #[test]

@@ -247,6 +247,13 @@ fn client_config(pems: &Pems) -> Result<ClientConfig, Error> {
 /// A TLS connection accepted by [`incoming`].
 pub struct TlsIo(tokio_rustls::server::TlsStream<TcpStream>);
 
+impl TlsIo {
+    /// The TCP connection under the TLS session.
+    pub fn tcp(&self) -> &TcpStream {
+        self.0.get_ref().0
+    }
+}
+
 impl Connected for TlsIo {
     type ConnectInfo = TcpConnectInfo;
 
@@ -317,6 +324,10 @@ pub fn incoming(listener: TcpListener, config: Watched<ServerConfig>) -> Receive
                 },
                 () = tx.closed() => return,
             };
+            // Answers are short: never hold one back for an ACK (Nagle).
+            if let Err(err) = tcp.set_nodelay(true) {
+                warn!(%peer, %err, "control API: cannot set TCP_NODELAY");
+            }
             let (tx, acceptor) = (tx.clone(), tokio_rustls::TlsAcceptor::from(config.get()));
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
