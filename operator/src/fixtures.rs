@@ -350,6 +350,9 @@ pub(crate) enum Scenario {
     /// The eviction gate deletes a drain of the same name left by an
     /// earlier pod of that name (on the condition that it is still that one).
     StaleDrainDeleted(IngestDrain),
+    /// `EvictionHeld` Events created on each `(kind, name)`, in any order
+    /// (they are published in the background).
+    HeldEvents(Vec<(&'static str, String)>),
     /// Nothing.
     NoRequest,
 }
@@ -435,15 +438,51 @@ impl Verifier {
                 assert_eq!(seen.body["preconditions"]["uid"], json!(drain.uid()));
                 reply(send, StatusCode::OK, &to_json(&drain));
             }
+            Scenario::HeldEvents(mut want) => {
+                while !want.is_empty() {
+                    let (seen, send) = self.next("an EvictionHeld Event").await;
+                    assert_eq!(seen.method, Method::POST, "{}", seen.path);
+                    assert!(
+                        seen.path.starts_with("/apis/events.k8s.io/v1/namespaces/"),
+                        "{}",
+                        seen.path
+                    );
+                    assert_eq!(seen.body["reason"], json!("EvictionHeld"));
+                    let regarding = &seen.body["regarding"];
+                    let on = (
+                        regarding["kind"].as_str().unwrap_or_default(),
+                        regarding["name"].as_str().unwrap_or_default(),
+                    );
+                    let at = want
+                        .iter()
+                        .position(|(kind, name)| (*kind, name.as_str()) == on)
+                        .unwrap_or_else(|| panic!("an Event on {on:?}, want {want:?}"));
+                    want.remove(at);
+                    reply(send, StatusCode::CREATED, &seen.body);
+                }
+            }
             Scenario::NoRequest => {}
         }
     }
 
     /// The next request, which must be `method path`.
     async fn expect(&mut self, method: Method, path: &str) -> (Seen, Responder) {
-        let (req, send) = within(&format!("expected {method} {path}"), self.handle.next_request())
+        let (seen, send) = self.next(&format!("{method} {path}")).await;
+        assert_eq!(
+            (&seen.method, seen.path.as_str()),
+            (&method, path),
+            "unexpected request (query {:?}, body {})",
+            seen.query,
+            seen.body
+        );
+        (seen, send)
+    }
+
+    /// The next request, whatever it is (`what`: the one expected).
+    async fn next(&mut self, what: &str) -> (Seen, Responder) {
+        let (req, send) = within(&format!("expected {what}"), self.handle.next_request())
             .await
-            .unwrap_or_else(|| panic!("the client went away before {method} {path}"));
+            .unwrap_or_else(|| panic!("the client went away before {what}"));
         let (parts, body) = req.into_parts();
         let bytes = body.collect_bytes().await.expect("request body");
         let seen = Seen {
@@ -461,13 +500,6 @@ impl Verifier {
                 serde_json::from_slice(&bytes).expect("a JSON body")
             },
         };
-        assert_eq!(
-            (&seen.method, seen.path.as_str()),
-            (&method, path),
-            "unexpected request (query {:?}, body {})",
-            seen.query,
-            seen.body
-        );
         self.seen.push(seen.clone());
         (seen, send)
     }

@@ -244,7 +244,11 @@ pub(crate) enum Verdict {
     /// Let it go: not an ingest pod, or drained, or past its deadline.
     Allow(String),
     /// Hold it: its drain runs (429, retried by kubectl drain and autoscalers).
-    Hold(String),
+    Hold {
+        message: String,
+        /// The node that drain empties, for a node drain.
+        node: Option<String>,
+    },
     /// Hold it and start a drain for it (no drain covers it yet).
     StartAndHold(String),
 }
@@ -308,7 +312,7 @@ pub(crate) fn eviction_verdict<'a>(
         ));
     }
     let left = end.duration_since(now).as_secs();
-    Verdict::Hold(match row {
+    let message = match row {
         Some(r) => format!(
             "pod {name} is draining (IngestDrain {}): {} publishers remain ({} signalled, {} migrated); released within {left} s",
             drain.name_any(),
@@ -320,7 +324,11 @@ pub(crate) fn eviction_verdict<'a>(
             "pod {name} is about to drain (IngestDrain {}); released within {left} s",
             drain.name_any()
         ),
-    })
+    };
+    Verdict::Hold {
+        message,
+        node: drain.spec.node_name.clone(),
+    }
 }
 
 /// Whether the live drain `d` holds `pod` (named `name`, with `uid`), and
@@ -770,7 +778,10 @@ mod tests {
             ..Default::default()
         });
         match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d), Timestamp::now()) {
-            Verdict::Hold(msg) => assert!(msg.contains("4 publishers remain"), "{msg}"),
+            Verdict::Hold { message, node } => {
+                assert!(message.contains("4 publishers remain"), "{message}");
+                assert_eq!(node, None, "not a node drain");
+            }
             other => panic!("{other:?}"),
         }
         d.status.as_mut().unwrap().pods[0].state = PodState::Drained;

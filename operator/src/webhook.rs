@@ -11,7 +11,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{DeleteParams, Preconditions};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
@@ -221,7 +221,7 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
     let now = k8s_openapi::jiff::Timestamp::now();
     match state::eviction_verdict(pod.as_deref(), &gate.ingest.selector, in_ns, now) {
         Verdict::Allow(why) => allow(gate, req, &why),
-        Verdict::Hold(message) => {
+        Verdict::Hold { message, node } => {
             count(gate, "hold");
             // A drain covers the pod and bounds this hold by its deadline.
             // Should it go away, a new hold (and the pod's own drain) starts
@@ -232,6 +232,9 @@ async fn decide(gate: &Gate, req: &AdmissionRequest<DynamicObject>) -> Admission
             info!(pod = %req.name, %ns, %message, "eviction held");
             if let Some(p) = pod.as_deref().filter(|_| !req.dry_run) {
                 explain(gate, p, &message);
+                if let Some(node) = node {
+                    explain_node(gate, &node, &message);
+                }
             }
             too_many_requests(req, message)
         }
@@ -297,11 +300,36 @@ fn start_and_hold(gate: &Gate, req: &AdmissionRequest<DynamicObject>, pod: &Pod,
 /// Says on the pod why its eviction is held (an Event, at most every
 /// [`EXPLAIN_EVERY`] per pod), without delaying the answer.
 fn explain(gate: &Gate, pod: &Pod, message: &str) {
-    let Some(recorder) = gate.recorder.clone() else { return };
-    if !gate.explained.due(&pod.uid().unwrap_or_default(), EXPLAIN_EVERY) {
-        return;
+    if gate.explained.due(&pod.uid().unwrap_or_default(), EXPLAIN_EVERY) {
+        publish_held(gate, pod.object_ref(&()), message);
     }
-    let reference = pod.object_ref(&());
+}
+
+/// Says it on the node a node drain empties too (`kubectl describe node`
+/// while `kubectl drain` waits), at most every [`EXPLAIN_EVERY`] per node:
+/// one held pod speaks for all of the node's.
+fn explain_node(gate: &Gate, node: &str, message: &str) {
+    if gate.explained.due(&format!("node/{node}"), EXPLAIN_EVERY) {
+        publish_held(gate, node_reference(node), message);
+    }
+}
+
+/// A reference to a node as `kubectl describe node` finds its Events: the
+/// kubelet's convention of the node's name for its uid (describe looks
+/// under both the uid and the name).
+fn node_reference(node: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.to_owned()),
+        uid: Some(node.to_owned()),
+        ..ObjectReference::default()
+    }
+}
+
+/// Publishes an `EvictionHeld` Event on `reference` in the background.
+fn publish_held(gate: &Gate, reference: ObjectReference, message: &str) {
+    let Some(recorder) = gate.recorder.clone() else { return };
     let event = Event {
         type_: EventType::Normal,
         reason: "EvictionHeld".into(),
@@ -371,6 +399,7 @@ async fn start_drain(gate: &Gate, pod: &Pod) -> Result<(), kube::Error> {
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::core::admission::AdmissionReview;
+    use kube::runtime::events::Reporter;
     use serde_json::json;
 
     use super::*;
@@ -490,6 +519,34 @@ mod tests {
             ),
             "{msg}"
         );
+    }
+
+    /// `kubectl describe` explains a node drain's hold on the pod and on
+    /// the node, at most once per interval each.
+    #[tokio::test]
+    async fn a_node_drains_hold_is_explained_on_the_pod_and_the_node() {
+        let mut r = row("ingest-0", PodState::Draining);
+        r.remaining = 12;
+        let (mut gate, api_server) = Gate::test(
+            vec![ingest_pod("ingest-0", NS, "node-a")],
+            vec![draining(DrainPhase::Draining, r)],
+        );
+        let reporter = Reporter {
+            controller: "ingest-operator".into(),
+            instance: None,
+        };
+        gate.recorder = Some(Recorder::new(gate.client.clone(), reporter));
+        let verifier = api_server.run(vec![Scenario::HeldEvents(vec![
+            ("Pod", "ingest-0".into()),
+            ("Node", "node-a".into()),
+        ])]);
+        for _ in 0..3 {
+            assert_held(&within("webhook", decide(&gate, &eviction("ingest-0", false))).await);
+        }
+        drop(gate);
+        within("verifier", verifier).await.expect("two Events");
+        let node = node_reference("node-a");
+        assert_eq!(node.uid.as_deref(), Some("node-a"), "where kubectl describe node looks");
     }
 
     #[tokio::test]
