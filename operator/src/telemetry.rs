@@ -110,6 +110,7 @@ impl Metrics {
             self.webhook_connections.clone(),
         );
         r.register("leader", "1 while this replica holds the Lease", self.leader.clone());
+        ingest_runtime::register_build_info(r, env!("CARGO_PKG_VERSION"));
     }
 }
 

@@ -4,7 +4,8 @@
 //! - durations on the command line and in the environment ([`parse_duration`]);
 //! - log set-up ([`LogFormat`], [`init_logs`]);
 //! - the shutdown signal ([`shutdown_signal`]);
-//! - secrets read from mounted files ([`read_secret`]).
+//! - secrets read from mounted files ([`read_secret`]);
+//! - the `_build_info` metric ([`register_build_info`]).
 
 #![warn(unreachable_pub)]
 
@@ -24,6 +25,29 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         Duration::ZERO => Err(format!("{s:?}: must be more than zero")),
         d => Ok(d),
     }
+}
+
+/// The commit this build came from (see `build.rs`), or "unknown".
+pub const BUILD_COMMIT: &str = env!("INGEST_BUILD_COMMIT");
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    commit: String,
+}
+
+/// Registers `build_info` (1, labelled with `version` and the build's
+/// commit) in `registry`, under its prefix: `ingest_build_info`,
+/// `ingest_operator_build_info`.
+pub fn register_build_info(registry: &mut prometheus_client::registry::Registry, version: &str) {
+    let info =
+        prometheus_client::metrics::family::Family::<BuildLabels, prometheus_client::metrics::gauge::Gauge>::default();
+    info.get_or_create(&BuildLabels {
+        version: version.to_owned(),
+        commit: BUILD_COMMIT.to_owned(),
+    })
+    .set(1);
+    registry.register("build_info", "Version and commit of this build (always 1)", info);
 }
 
 /// How log lines are written.
@@ -74,6 +98,17 @@ pub fn read_secret(path: &Path) -> std::io::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn build_info_names_version_and_commit() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        register_build_info(registry.sub_registry_with_prefix("ingest"), "1.2.3");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+        let want = format!("ingest_build_info{{version=\"1.2.3\",commit=\"{BUILD_COMMIT}\"}} 1");
+        assert!(text.lines().any(|l| l == want), "{text}");
+        assert!(!BUILD_COMMIT.is_empty());
+    }
+
     use super::*;
 
     #[test]
