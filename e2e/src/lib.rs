@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod lossless;
+pub mod metric_names;
 pub mod obs;
 pub mod rtmp;
 pub mod runner;

@@ -5,6 +5,7 @@
 //! only the CRD. The eviction gate and the IngestDrain as users apply it
 //! run on their own installs in `lossless.rs`.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,10 @@ use kube::api::ListParams;
 
 use ingest_e2e::cluster::eventually;
 use ingest_e2e::rtmp::{BackgroundPublisher, HostOrigin};
-use ingest_e2e::system::{self, CRD, INSTANCE_LABEL, OPERATOR_PODS, RELEASE, RTMP_PORT, deployments_available};
-use ingest_e2e::{Cluster, Scenario};
+use ingest_e2e::system::{
+    self, CRD, INGEST_PODS, INSTANCE_LABEL, OPERATOR_PODS, RELEASE, RTMP_PORT, deployments_available,
+};
+use ingest_e2e::{Cluster, Scenario, metric_names};
 
 use crate::operator;
 
@@ -120,6 +123,7 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     operator_has_no_forbidden_calls(&c).await?;
     operator_rbac_is_least(&c).await?;
     stream_keys_hidden(&c).await?;
+    documented_metrics_exist(&c).await?;
     control_api_needs_the_operators_certificate(&c).await?;
 
     upgrade_keeps_secrets(&c, &upstream).await?;
@@ -657,6 +661,34 @@ async fn uninstall_leaves_only_the_crd(c: &Cluster) -> Result<()> {
     println!(
         "  uninstall left the CRD (kept) and, unlabelled, {}",
         leases.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+/// Every metric name the docs and the chart use is one a live ingest pod or
+/// operator exports (scraped through the API server's pod proxy).
+async fn documented_metrics_exist(c: &Cluster) -> Result<()> {
+    let mut exported = BTreeSet::new();
+    for selector in [INGEST_PODS, OPERATOR_PODS] {
+        let pods = c.pods(NS, selector).await?;
+        let (pod, _, _) = pods.first().with_context(|| format!("no pod of {selector}"))?;
+        let path = format!("/api/v1/namespaces/{NS}/pods/{pod}:8080/proxy/metrics");
+        metric_names::exported(&c.kubectl(&["get", "--raw", &path]).await?, &mut exported);
+    }
+    ensure!(
+        exported.contains("ingest_operator_build_info") && exported.contains("ingest_connections"),
+        "the scrape misses the pod's or the operator's metrics: {exported:?}"
+    );
+    let documented = metric_names::documented(&system::workspace_root())?;
+    let missing: Vec<_> = documented.iter().filter(|(name, _)| !exported.contains(name)).collect();
+    ensure!(
+        missing.is_empty(),
+        "the docs name metrics that do not exist (name, file): {missing:?}; exported: {exported:?}"
+    );
+    println!(
+        "  {} metric names in the docs and the chart, all exported ({} series names scraped)",
+        documented.len(),
+        exported.len()
     );
     Ok(())
 }
