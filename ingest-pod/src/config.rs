@@ -6,11 +6,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
-use crate::drain::{DrainSpec, IncapablePolicy};
-use crate::registry::SignalsEnabled;
-use crate::relay::RelayConfig;
-use crate::session::SessionConfig;
-use ingest_rtmp::chunk::Limits;
+use crate::drain::IncapablePolicy;
 use ingest_runtime::{LogFormat, parse_duration, parse_positive_duration};
 
 /// RTMP ingest that moves its publishers to other pods without losing media.
@@ -30,6 +26,97 @@ pub struct Args {
     #[arg(long, env = "INGEST_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: SocketAddr,
 
+    // The control API and the stream keys it may reveal.
+    #[command(flatten)]
+    pub control: ControlArgs,
+
+    /// Upstream origin URL template; `{app}` and `{stream}` are replaced
+    /// (example: rtmp://origin:1935/{app}/{stream}). Without it nothing is relayed.
+    #[arg(long, env = "INGEST_UPSTREAM")]
+    pub upstream: Option<String>,
+
+    /// Directory to record each publish session into, one FLV file each.
+    #[arg(long, env = "INGEST_RECORD_DIR")]
+    pub record_dir: Option<PathBuf>,
+
+    /// Name reported in status (the pod name, from the downward API).
+    #[arg(long, env = "INGEST_POD_NAME", default_value = "ingest-pod")]
+    pub pod_name: String,
+
+    /// Most RTMP connections at once; more are closed right after accept.
+    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 2000)]
+    pub max_connections: usize,
+
+    /// Time allowed for the RTMP handshake.
+    #[arg(long, env = "INGEST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// A connection that sends nothing for this long is closed.
+    #[arg(long, env = "INGEST_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Send Facebook RTMP Go Away to publishers that announce it.
+    #[arg(long, env = "INGEST_SIGNAL_GO_AWAY", default_value_t = true, action = ArgAction::Set)]
+    pub signal_go_away: bool,
+
+    /// Send Enhanced RTMP Reconnect Request to publishers that announce it
+    /// (preferred when a publisher supports both).
+    #[arg(long, env = "INGEST_SIGNAL_RECONNECT_REQUEST", default_value_t = true, action = ArgAction::Set)]
+    pub signal_reconnect_request: bool,
+
+    /// Time from SIGTERM until the process exits whatever remains; match
+    /// the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "INGEST_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+
+    // The SIGTERM drain.
+    #[command(flatten)]
+    pub drain: DrainArgs,
+
+    // Relays to the origin.
+    #[command(flatten)]
+    pub relay: RelayArgs,
+
+    /// Close a signalled publisher's connection once it sent no audio or
+    /// video for this long: it moved, even if the encoder left the socket
+    /// open (OBS's recording helper keeps a copy of it).
+    #[arg(long, env = "INGEST_SIGNALLED_QUIET_CLOSE", default_value = "3s", value_parser = parse_duration)]
+    pub signalled_quiet_close: Duration,
+
+    /// Once a publisher's media flows, read its connection on this clock
+    /// (shared by all connections) instead of on every packet: one wake-up
+    /// per interval serves every publisher, and each stream costs one read
+    /// and one relay write per interval. Adds up to this much latency on
+    /// the way to the origin; 0 reads on every packet.
+    #[arg(long, env = "INGEST_MEDIA_READ_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    pub media_read_interval: Duration,
+
+    /// Threads that run connections, relays and the control API. One
+    /// thread relays hundreds of streams (see the throughput benchmark) and
+    /// spares the wake-ups between threads; more let one pod use more cores.
+    #[arg(long, env = "INGEST_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: u16,
+
+    /// HTTP callback asked on every publish (JSON: app, key, client_addr,
+    /// capabilities, pod). 2xx allows (optionally `{"upstream_name": ...}`);
+    /// anything else, an error or no answer in time denies. Unset: every
+    /// publish is allowed.
+    #[arg(long, env = "INGEST_PUBLISH_AUTH_URL")]
+    pub publish_auth_url: Option<String>,
+
+    /// How long the publish callback may take before the publish is denied.
+    #[arg(long, env = "INGEST_PUBLISH_AUTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub publish_auth_timeout: Duration,
+
+    /// Log lines as `text` (colours only on a terminal) or `json` (one
+    /// object a line). The filter is RUST_LOG (default `info`).
+    #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Flags of the control API, part of [`Args`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlArgs {
     /// Address of the gRPC control API (ingest.control.v1, health, reflection).
     #[arg(long, env = "INGEST_CONTROL_LISTEN", default_value = "0.0.0.0:9090")]
     pub control_listen: SocketAddr,
@@ -73,46 +160,11 @@ pub struct Args {
     /// for them; otherwise every key is shown (status, logs) as a keyed hash.
     #[arg(long, env = "INGEST_CONTROL_REVEAL_STREAM_KEYS")]
     pub control_reveal_stream_keys: bool,
+}
 
-    /// Upstream origin URL template; `{app}` and `{stream}` are replaced
-    /// (example: rtmp://origin:1935/{app}/{stream}). Without it nothing is relayed.
-    #[arg(long, env = "INGEST_UPSTREAM")]
-    pub upstream: Option<String>,
-
-    /// Directory to record each publish session into, one FLV file each.
-    #[arg(long, env = "INGEST_RECORD_DIR")]
-    pub record_dir: Option<PathBuf>,
-
-    /// Name reported in status (the pod name, from the downward API).
-    #[arg(long, env = "INGEST_POD_NAME", default_value = "ingest-pod")]
-    pub pod_name: String,
-
-    /// Most RTMP connections at once; more are closed right after accept.
-    #[arg(long, env = "INGEST_MAX_CONNECTIONS", default_value_t = 2000)]
-    pub max_connections: usize,
-
-    /// Time allowed for the RTMP handshake.
-    #[arg(long, env = "INGEST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub handshake_timeout: Duration,
-
-    /// A connection that sends nothing for this long is closed.
-    #[arg(long, env = "INGEST_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-
-    /// Send Facebook RTMP Go Away to publishers that announce it.
-    #[arg(long, env = "INGEST_SIGNAL_GO_AWAY", default_value_t = true, action = ArgAction::Set)]
-    pub signal_go_away: bool,
-
-    /// Send Enhanced RTMP Reconnect Request to publishers that announce it
-    /// (preferred when a publisher supports both).
-    #[arg(long, env = "INGEST_SIGNAL_RECONNECT_REQUEST", default_value_t = true, action = ArgAction::Set)]
-    pub signal_reconnect_request: bool,
-
-    /// Time from SIGTERM until the process exits whatever remains; match
-    /// the pod's terminationGracePeriodSeconds.
-    #[arg(long, env = "INGEST_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
-    pub grace_period: Duration,
-
+/// Flags of the drain SIGTERM starts, part of [`Args`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainArgs {
     /// Deadline of the SIGTERM drain: then the incapable policy applies.
     /// Keep it a few seconds below the grace period so relays can flush.
     #[arg(long, env = "INGEST_DRAIN_DEADLINE", default_value = "25s", value_parser = parse_duration)]
@@ -139,7 +191,11 @@ pub struct Args {
     /// round-robin). Without it publishers reconnect to their own tcUrl.
     #[arg(long = "redirect", env = "INGEST_REDIRECT", value_delimiter = ',')]
     pub redirects: Vec<String>,
+}
 
+/// Flags of the relays, part of [`Args`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayArgs {
     /// Most media bytes a relay buffers while the origin is unavailable.
     #[arg(long, env = "INGEST_RELAY_BUFFER_BYTES", default_value_t = 64 << 20)]
     pub relay_buffer_bytes: usize,
@@ -176,108 +232,4 @@ pub struct Args {
     /// the origin.
     #[arg(long, env = "INGEST_RELAY_BUSY_RETRY_MAX", default_value = "200ms", value_parser = parse_duration)]
     pub relay_busy_retry_max: Duration,
-
-    /// Close a signalled publisher's connection once it sent no audio or
-    /// video for this long: it moved, even if the encoder left the socket
-    /// open (OBS's recording helper keeps a copy of it).
-    #[arg(long, env = "INGEST_SIGNALLED_QUIET_CLOSE", default_value = "3s", value_parser = parse_duration)]
-    pub signalled_quiet_close: Duration,
-
-    /// Once a publisher's media flows, read its connection on this clock
-    /// (shared by all connections) instead of on every packet: one wake-up
-    /// per interval serves every publisher, and each stream costs one read
-    /// and one relay write per interval. Adds up to this much latency on
-    /// the way to the origin; 0 reads on every packet.
-    #[arg(long, env = "INGEST_MEDIA_READ_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
-    pub media_read_interval: Duration,
-
-    /// Threads that run connections, relays and the control API. One
-    /// thread relays hundreds of streams (see the throughput benchmark) and
-    /// spares the wake-ups between threads; more let one pod use more cores.
-    #[arg(long, env = "INGEST_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
-    pub worker_threads: u16,
-
-    /// HTTP callback asked on every publish (JSON: app, key, client_addr,
-    /// capabilities, pod). 2xx allows (optionally `{"upstream_name": ...}`);
-    /// anything else, an error or no answer in time denies. Unset: every
-    /// publish is allowed.
-    #[arg(long, env = "INGEST_PUBLISH_AUTH_URL")]
-    pub publish_auth_url: Option<String>,
-
-    /// How long the publish callback may take before the publish is denied.
-    #[arg(long, env = "INGEST_PUBLISH_AUTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
-    pub publish_auth_timeout: Duration,
-
-    /// Log lines as `text` (colours only on a terminal) or `json` (one
-    /// object a line). The filter is RUST_LOG (default `info`).
-    #[arg(long, env = "INGEST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-impl Args {
-    pub fn signals(&self) -> SignalsEnabled {
-        SignalsEnabled {
-            go_away: self.signal_go_away,
-            reconnect_request: self.signal_reconnect_request,
-        }
-    }
-
-    pub fn session_config(&self) -> SessionConfig {
-        SessionConfig {
-            handshake_timeout: self.handshake_timeout,
-            idle_timeout: self.idle_timeout,
-            limits: Limits::default(),
-            signals: self.signals(),
-            upstream: self.upstream.clone(),
-            relay: RelayConfig {
-                buffer_bytes: self.relay_buffer_bytes,
-                busy_retry: self.relay_busy_retry,
-                busy_retry_max: self.relay_busy_retry_max,
-                flush_timeout: self.relay_flush_timeout,
-                io_timeout: self.relay_io_timeout,
-                ..RelayConfig::default()
-            },
-            record_dir: self.record_dir.clone(),
-            signalled_quiet: self.signalled_quiet_close,
-            // Built (and its URL checked) by the server at start.
-            auth: None,
-            pod_name: self.pod_name.clone(),
-        }
-    }
-
-    /// The drain SIGTERM starts.
-    pub fn sigterm_drain(&self) -> DrainSpec {
-        DrainSpec {
-            id: "sigterm".to_owned(),
-            deadline: self.drain_deadline,
-            rate: self.drain_rate,
-            max_in_flight: self.drain_max_in_flight,
-            incapable: self.incapable_policy,
-            redirects: self.redirects.clone(),
-            propagation_delay: self.propagation_delay,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flags_and_env_defaults() {
-        let a = Args::try_parse_from([
-            "ingest-pod",
-            "--signal-go-away",
-            "false",
-            "--redirect",
-            "rtmp://a/live,rtmp://b/live",
-        ])
-        .unwrap();
-        assert!(!a.signals().go_away);
-        assert!(a.signals().reconnect_request);
-        assert_eq!(a.sigterm_drain().redirects.len(), 2);
-        assert!(Args::try_parse_from(["ingest-pod", "--idle-timeout", "forever"]).is_err());
-        assert_eq!(a.session_config().relay.io_timeout, Duration::from_secs(10));
-        assert!(Args::try_parse_from(["ingest-pod", "--relay-io-timeout", "0s"]).is_err());
-    }
 }

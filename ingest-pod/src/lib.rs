@@ -22,3 +22,4 @@ pub mod relay;
 pub mod rtmp;
 pub mod server;
 pub mod session;
+mod settings;

@@ -16,12 +16,13 @@ use crate::config::Args;
 use crate::control::{self, BearerAuth, ControlService};
 use crate::drain::Drainer;
 use crate::http::{self, HttpState};
-use crate::keys::{self, StreamKeys};
+use crate::keys;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, SessionCommand};
 use crate::relay;
 use crate::rtmp::conn;
-use crate::session::{self, Context};
+use crate::session::{self, Context, SessionConfig};
+use crate::settings::{ControlSettings, Listen, Serving, Settings};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -33,7 +34,8 @@ pub enum Error {
 
 /// A bound, not yet running ingest pod.
 pub struct Server {
-    args: Args,
+    listen: Listen,
+    serving: Serving,
     rtmp: TcpListener,
     http: TcpListener,
     /// The control API; `None` when no token is configured.
@@ -44,12 +46,10 @@ pub struct Server {
     tasks: TaskTracker,
 }
 
-/// Where and how the control API is served.
+/// The control API's listener and how it is served.
 struct ControlListener {
     listener: TcpListener,
-    token: String,
-    /// TLS, when a certificate is configured.
-    tls: Option<ingest_proto::tls::Watched<rustls::ServerConfig>>,
+    settings: ControlSettings,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -58,95 +58,46 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
-/// Refuses an upstream template that does not render to an RTMP URL.
-fn check_upstream(args: &Args) -> Result<(), Error> {
-    if let Some(t) = &args.upstream {
-        let probe = ingest_rtmp::url::render(t, "app", "stream");
-        ingest_rtmp::url::RtmpUrl::parse(&probe)
-            .map_err(|e| Error::Config(format!("--upstream {:?}: {e}", keys::redact_query(t))))?;
-    }
-    Ok(())
-}
-
-/// The control API's bearer token, from the flag or its file; `None`: no
-/// control API.
-fn control_token(args: &Args) -> Result<Option<String>, Error> {
-    let token = match (&args.control_token, &args.control_token_file) {
-        (Some(t), _) => Some(t.trim().to_owned()),
-        (None, Some(path)) => Some(
-            ingest_runtime::read_secret(path)
-                .map_err(|e| Error::Config(format!("--control-token-file {}: {e}", path.display())))?,
-        ),
-        (None, None) => None,
-    };
-    if token.as_deref().is_some_and(str::is_empty) {
-        return Err(Error::Config("the control token is empty".into()));
-    }
-    Ok(token)
-}
-
-/// The control API's listener, with TLS when a certificate is configured;
-/// `None` without a token.
-async fn control_listener(args: &Args, token: Option<String>) -> Result<Option<ControlListener>, Error> {
-    let tls = match (&args.control_tls_cert, &args.control_tls_key) {
-        (Some(cert), Some(key)) => {
-            let files = ingest_proto::tls::ServerFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: args.control_tls_client_ca.clone(),
-            };
-            let tls = files
-                .watch(args.control_tls_reload)
-                .map_err(|e| Error::Config(format!("control API TLS: {e}")))?;
-            Some(tls)
-        }
-        _ => None,
-    };
-    let Some(token) = token else {
+/// The control API's listener; `None` without a token.
+async fn control_listener(control: Option<ControlSettings>) -> Result<Option<ControlListener>, Error> {
+    let Some(settings) = control else {
         warn!("no control token configured: the control API is not served");
         return Ok(None);
     };
-    let listener = bind(args.control_listen).await?;
-    match &tls {
-        Some(_) => info!(
-            addr = %args.control_listen,
-            mutual = args.control_tls_client_ca.is_some(),
-            "control API served over TLS"
-        ),
+    let listener = bind(settings.listen).await?;
+    match &settings.tls {
+        Some(tls) => info!(addr = %settings.listen, mutual = tls.mutual, "control API served over TLS"),
         None => {
-            warn!(addr = %args.control_listen, "control API served in plaintext: its token crosses the network in clear")
+            warn!(addr = %settings.listen, "control API served in plaintext: its token crosses the network in clear")
         }
     }
-    Ok(Some(ControlListener { listener, token, tls }))
+    Ok(Some(ControlListener { listener, settings }))
 }
 
 impl Server {
-    /// Binds both listeners (port 0 picks a free port; see the `*_addr` methods).
+    /// Checks the flags, then binds the listeners (port 0 picks a free
+    /// port; see the `*_addr` methods).
     pub async fn bind(args: Args) -> Result<Self, Error> {
-        check_upstream(&args)?;
-        if args.drain_deadline > args.grace_period {
-            warn!(deadline = ?args.drain_deadline, grace = ?args.grace_period, "drain deadline is longer than the grace period");
-        }
-        let token = control_token(&args)?;
-        // Keyed by the control token, a secret of the release: hashes match
-        // across its pods. Without a token, by a key of this process.
-        let stream_keys = match (&token, args.control_reveal_stream_keys) {
-            (_, true) => StreamKeys::new(b"", true),
-            (Some(t), false) => StreamKeys::new(t.as_bytes(), false),
-            (None, false) => StreamKeys::random(),
-        };
-        let rtmp = bind(args.rtmp_listen).await?;
-        let http = bind(args.http_listen).await?;
-        let control = control_listener(&args, token).await?;
+        let Settings {
+            listen,
+            control,
+            stream_keys,
+            signals,
+            serving,
+        } = Settings::from_args(args).map_err(|e| Error::Config(e.to_string()))?;
+        let rtmp = bind(listen.rtmp).await?;
+        let http = bind(listen.http).await?;
+        let control = control_listener(control).await?;
         let metrics = Metrics::default();
         let mut prometheus = prometheus_client::registry::Registry::default();
         metrics.register(&mut prometheus);
         let registry = Registry::new(metrics);
         registry.set_stream_keys(stream_keys);
         let tasks = TaskTracker::new();
-        let drainer = Drainer::new(registry.clone(), args.signals(), tasks.clone());
+        let drainer = Drainer::new(registry.clone(), signals, tasks.clone());
         Ok(Self {
-            args,
+            listen,
+            serving,
             rtmp,
             http,
             control,
@@ -158,11 +109,11 @@ impl Server {
     }
 
     pub fn rtmp_addr(&self) -> SocketAddr {
-        self.rtmp.local_addr().unwrap_or(self.args.rtmp_listen)
+        self.rtmp.local_addr().unwrap_or(self.listen.rtmp)
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().unwrap_or(self.args.http_listen)
+        self.http.local_addr().unwrap_or(self.listen.http)
     }
 
     /// Address of the control API, if it is served.
@@ -182,7 +133,8 @@ impl Server {
     /// no publisher and no relay is left, or when the grace period ends.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Server {
-            args,
+            listen: _,
+            serving,
             rtmp,
             http,
             control,
@@ -191,87 +143,100 @@ impl Server {
             prometheus,
             tasks,
         } = self;
+        let Serving {
+            pod_name,
+            session,
+            max_connections,
+            media_read_interval,
+            relay_memory_budget,
+            grace_period,
+            sigterm_drain,
+        } = serving;
         let stop = CancellationToken::new();
         let relays = TaskTracker::new();
-        let ctx = session_context(&args, &registry, &relays, &stop)?;
-        info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
-            upstream = args.upstream.as_deref().map_or_else(|| "none".to_owned(), keys::redact_query), go_away = args.signal_go_away,
-            reconnect_request = args.signal_reconnect_request, "ingest pod serving");
-
-        tasks.spawn(
-            accept_loop(rtmp, ctx, args.max_connections, tasks.clone(), stop.clone()).instrument(info_span!("rtmp")),
+        let ctx = session_context(
+            session,
+            media_read_interval,
+            relay_memory_budget,
+            &registry,
+            &relays,
+            &stop,
         );
+        let config = &ctx.config;
+        info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
+            upstream = config.upstream.as_deref().map_or_else(|| "none".to_owned(), keys::redact_query), go_away = config.signals.go_away,
+            reconnect_request = config.signals.reconnect_request, "ingest pod serving");
+
+        tasks
+            .spawn(accept_loop(rtmp, ctx, max_connections, tasks.clone(), stop.clone()).instrument(info_span!("rtmp")));
         let state = HttpState {
             registry: registry.clone(),
             drainer: drainer.clone(),
             metrics: prometheus,
-            pod_name: args.pod_name.clone(),
+            pod_name: pod_name.clone(),
         };
         tasks.spawn(serve_http(http, state, stop.clone()));
         if let Some(control) = control {
             let service = ControlService {
                 registry: registry.clone(),
                 drainer: drainer.clone(),
-                pod_name: args.pod_name.clone(),
-                default_propagation: args.propagation_delay,
-                reveal_allowed: args.control_reveal_stream_keys,
+                pod_name,
+                default_propagation: control.settings.default_propagation,
+                reveal_allowed: control.settings.reveal_stream_keys,
             };
             tasks.spawn(serve_control(control, service, stop.clone()).instrument(info_span!("control")));
         }
 
         shutdown.await;
-        info!(grace = ?args.grace_period, "SIGTERM: draining");
+        info!(grace = ?grace_period, "SIGTERM: draining");
         // A drain already under way (from the operator) goes on, within the
         // SIGTERM deadline; from now on no CancelDrain stops it.
-        if let Err(err) = drainer.terminate(args.sigterm_drain()) {
+        if let Err(err) = drainer.terminate(sigterm_drain) {
             error!(%err, "cannot start the SIGTERM drain");
         }
-        drain_out(&registry, tokio::time::Instant::now() + args.grace_period).await;
+        drain_out(&registry, tokio::time::Instant::now() + grace_period).await;
         stop.cancel();
         drainer.stop();
-        relays.close();
-        tasks.close();
-        if tokio::time::timeout(Duration::from_secs(2), async {
-            relays.wait().await;
-            tasks.wait().await;
-        })
-        .await
-        .is_err()
-        {
-            warn!("some tasks did not stop within 2s");
-        }
+        wind_down(relays, tasks).await;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Gives the relays and the other tasks 2 s to end after the stop.
+async fn wind_down(relays: TaskTracker, tasks: TaskTracker) {
+    relays.close();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(2), async {
+        relays.wait().await;
+        tasks.wait().await;
+    })
+    .await
+    .is_err()
+    {
+        warn!("some tasks did not stop within 2s");
     }
 }
 
 /// What every publishing session shares: settings, relay budget, the media
 /// read clock.
 fn session_context(
-    args: &Args,
+    config: SessionConfig,
+    media_read_interval: Option<Duration>,
+    relay_budget: usize,
     registry: &Arc<Registry>,
     relays: &TaskTracker,
     stop: &CancellationToken,
-) -> Result<Context, Error> {
-    let mut session_config = args.session_config();
-    session_config.auth = args
-        .publish_auth_url
-        .as_deref()
-        .map(|url| crate::auth::PublishAuth::new(url, args.publish_auth_timeout))
-        .transpose()
-        .map_err(|e| Error::Config(e.to_string()))?;
-    let budget = args.relay_memory_budget.unwrap_or_else(relay::default_budget);
-    registry.metrics().relay_budget_bytes.set(budget as i64);
-    Ok(Context {
+) -> Context {
+    registry.metrics().relay_budget_bytes.set(relay_budget as i64);
+    Context {
         registry: registry.clone(),
-        config: Arc::new(session_config),
+        config: Arc::new(config),
         relays: relays.clone(),
         stop: stop.clone(),
-        media_clock: Some(args.media_read_interval)
-            .filter(|i| !i.is_zero())
-            .map(conn::Clock::start),
-        budget: relay::Budget::new(budget),
-    })
+        media_clock: media_read_interval.map(conn::Clock::start),
+        budget: relay::Budget::new(relay_budget),
+    }
 }
 
 async fn serve_http(listener: TcpListener, state: HttpState, stop: CancellationToken) {
@@ -282,8 +247,9 @@ async fn serve_http(listener: TcpListener, state: HttpState, stop: CancellationT
 }
 
 async fn serve_control(control: ControlListener, service: ControlService, stop: CancellationToken) {
-    let ControlListener { listener, token, tls } = control;
-    if let Err(err) = control::serve(listener, tls, service, BearerAuth::new(&token), stop).await {
+    let ControlListener { listener, settings } = control;
+    let tls = settings.tls.map(|t| t.config);
+    if let Err(err) = control::serve(listener, tls, service, BearerAuth::new(&settings.token), stop).await {
         error!(%err, "control server failed");
     }
 }
