@@ -8,6 +8,7 @@ use ingest_proto::v1::ingest_control_client::IngestControlClient;
 use ingest_proto::v1::{
     CancelDrainRequest, DrainPhase, GetStatusRequest, IncapablePolicy, PodStatus, StartDrainRequest, WatchStatusRequest,
 };
+use ingest_testkit::ffmpeg::TestStream;
 use ingest_testkit::lab::LocalPod;
 use ingest_testkit::origin::Origin;
 use tokio::process::{Child, Command};
@@ -59,36 +60,20 @@ async fn pod(name: &str, origin: &Origin, extra: &[&str]) -> LocalPod {
     LocalPod::start(name, &args).await.expect("start pod")
 }
 
+/// ffmpeg publishing `seconds` of a small stream (160x120, 15 fps) to `url`.
 fn ffmpeg(url: &str, seconds: u32) -> Child {
-    Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-re"])
-        .args([
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=160x120:rate=15",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=sample_rate=44100",
-        ])
-        .args([
-            "-t",
-            &seconds.to_string(),
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "15",
-            "-pix_fmt",
-            "yuv420p",
-        ])
-        .args(["-c:a", "aac", "-f", "flv", url])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn ffmpeg")
+    TestStream {
+        width: 160,
+        height: 120,
+        fps: 15,
+        gop: 15,
+        ..TestStream::new(seconds)
+    }
+    .command(url)
+    .stdin(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .expect("spawn ffmpeg")
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {

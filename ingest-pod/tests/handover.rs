@@ -8,6 +8,7 @@ use std::time::Duration;
 use ingest_pod::drain::{DrainSpec, IncapablePolicy};
 use ingest_pod::registry::SignalKind;
 use ingest_testkit::audit;
+use ingest_testkit::ffmpeg::TestStream;
 use ingest_testkit::lab::{Balancer, LocalPod};
 use ingest_testkit::origin::Origin;
 use ingest_testkit::publisher::{Publisher, PublisherConfig, PublisherReport};
@@ -224,32 +225,17 @@ async fn sigterm_applies_the_incapable_policy_to_ffmpeg() {
         )
         .await
         .expect("pod");
-        let mut ffmpeg = tokio::process::Command::new("ffmpeg")
-            .args([
-                "-hide_banner",
-                "-loglevel",
-                "quiet",
-                "-re",
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc=size=160x120:rate=15",
-            ])
-            .args([
-                "-t",
-                "60",
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-g",
-                "15",
-                "-pix_fmt",
-                "yuv420p",
-                "-f",
-                "flv",
-            ])
-            .arg(format!("rtmp://{}/live/ff-{policy}", pod.rtmp))
+        let stream = TestStream {
+            width: 160,
+            height: 120,
+            fps: 15,
+            gop: 15,
+            audio: false,
+            loglevel: "quiet",
+            ..TestStream::new(60)
+        };
+        let mut ffmpeg = stream
+            .command(&format!("rtmp://{}/live/ff-{policy}", pod.rtmp))
             .kill_on_drop(true)
             .spawn()
             .expect("ffmpeg");
