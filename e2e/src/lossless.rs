@@ -491,9 +491,52 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
     )
     .await?;
     let ns = stage.ns.clone();
+    let (drained, other) = node_to_drain(&c, &ns).await?;
 
-    // The node with two of the three ingest pods is the one drained.
-    let pods = ingest_pods(&c, &ns).await?;
+    say(&format!(
+        "starting {NODE_DRAIN_PUBLISHERS} capable publishers (Go Away, Reconnect Request, both) through the Service"
+    ));
+    let fleet = start_fleet(&stage, "cap", NODE_DRAIN_PUBLISHERS).await?;
+    let (ffmpeg, ffmpeg_pod) = ffmpeg_on_node(&c, &stage, &drained).await?;
+    say(&format!(
+        "ffmpeg (supports neither signal) publishes {} on {ffmpeg_pod} ({drained})",
+        ffmpeg.stream
+    ));
+    let (on_drained, drained_pods) = on_node_before_the_drain(&c, &ns, &drained, &ffmpeg.stream).await?;
+
+    say(&format!(
+        "draining {drained}: the operator's webhook holds each ingest pod's eviction (429) until it is empty"
+    ));
+    let watch = DrainWatch::start(c.clone(), &ns);
+    let drain_started = Instant::now();
+    let result = kubectl_drain(&c, &drained, Duration::from_secs(300)).await;
+    let _ = watch.stop().await;
+    let node_drain = result?;
+    say(&format!("kubectl drain {drained} succeeded in {:.1?}", node_drain.took));
+
+    check_evictions_held(&node_drain, &drained_pods)?;
+    let cut_after = check_ffmpeg_cut_at_deadline(ffmpeg, &ffmpeg_pod, drain_started).await?;
+    check_node_ingest_drain(&c, &ns, &drained, on_drained.len()).await?;
+    check_pods_back_on(&c, &ns, &other).await?;
+
+    let rows = stop_and_audit(&stage, fleet).await?;
+    check_moved_only_off(&rows, &on_drained, &drained, &other)?;
+    say(&format!(
+        "every message of the {} capable publishers reached the origin exactly once, in order ({} moved off {drained}):\n{}",
+        rows.len(),
+        on_drained.len(),
+        report(&rows).trim_end()
+    ));
+    say(&format!(
+        "node drain took {:.1?} (kubectl drain), ffmpeg cut {:.1?} after it began (deadline {:?})",
+        node_drain.took, cut_after, NODE_DRAIN_DEADLINE
+    ));
+    Ok(())
+}
+
+/// The node with two of the three ingest pods (the one drained) and the other node.
+async fn node_to_drain(c: &Cluster, ns: &str) -> Result<(String, String)> {
+    let pods = ingest_pods(c, ns).await?;
     let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
     for p in &pods {
         *by_node.entry(p.node.clone()).or_default() += 1;
@@ -512,17 +555,19 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
         .find(|n| **n != drained)
         .cloned()
         .context("no second node")?;
+    Ok((drained, other))
+}
 
-    say(&format!(
-        "starting {NODE_DRAIN_PUBLISHERS} capable publishers (Go Away, Reconnect Request, both) through the Service"
-    ));
-    let fleet = start_fleet(&stage, "cap", NODE_DRAIN_PUBLISHERS).await?;
-    let (ffmpeg, ffmpeg_pod) = ffmpeg_on_node(&c, &stage, &drained).await?;
-    say(&format!(
-        "ffmpeg (supports neither signal) publishes {} on {ffmpeg_pod} ({drained})",
-        ffmpeg.stream
-    ));
-    let before = ingest_pods(&c, &ns).await?;
+/// Says where the ingest pods and their publishers are, and returns the
+/// capable publishers' streams on `drained` (all but `ffmpeg`'s) and the
+/// ingest pods there.
+async fn on_node_before_the_drain(
+    c: &Cluster,
+    ns: &str,
+    drained: &str,
+    ffmpeg: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let before = ingest_pods(c, ns).await?;
     say(&format!(
         "ingest pods before the drain:\n{}",
         placement(&before).trim_end()
@@ -531,26 +576,19 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
         .iter()
         .filter(|p| p.node == drained)
         .flat_map(|p| p.streams.iter().cloned())
-        .filter(|s| *s != ffmpeg.stream)
+        .filter(|s| *s != ffmpeg)
         .collect();
     let drained_pods: Vec<String> = before
         .iter()
         .filter(|p| p.node == drained)
         .map(|p| p.name.clone())
         .collect();
+    Ok((on_drained, drained_pods))
+}
 
-    say(&format!(
-        "draining {drained}: the operator's webhook holds each ingest pod's eviction (429) until it is empty"
-    ));
-    let watch = DrainWatch::start(c.clone(), &ns);
-    let drain_started = Instant::now();
-    let result = kubectl_drain(&c, &drained, Duration::from_secs(300)).await;
-    let _ = watch.stop().await;
-    let node_drain = result?;
-    say(&format!("kubectl drain {drained} succeeded in {:.1?}", node_drain.took));
-
-    // Each ingest pod of the node was refused (429) at least once first.
-    for pod in &drained_pods {
+/// Each ingest pod of the node was refused (429) at least once first.
+fn check_evictions_held(node_drain: &NodeDrain, drained_pods: &[String]) -> Result<()> {
+    for pod in drained_pods {
         let n = node_drain.refused.get(pod).copied().unwrap_or(0);
         ensure!(
             n >= 1,
@@ -566,8 +604,16 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
             "no refusal of {pod} named its remaining publishers: {lines:#?}"
         );
     }
+    Ok(())
+}
 
-    // ffmpeg was cut at the deadline, as the policy says.
+/// ffmpeg was cut at the deadline, as the policy says: how long after the
+/// drain began.
+async fn check_ffmpeg_cut_at_deadline(
+    ffmpeg: FfmpegPublisher,
+    ffmpeg_pod: &str,
+    drain_started: Instant,
+) -> Result<Duration> {
     let exit = ffmpeg.wait(Duration::from_secs(60)).await?;
     let cut_after = exit.at.saturating_duration_since(drain_started);
     ensure!(
@@ -580,10 +626,14 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
         "ffmpeg on {ffmpeg_pod} was disconnected {cut_after:.1?} after the drain began (deadline {NODE_DRAIN_DEADLINE:?}, policy disconnect): {}",
         exit.stderr.lines().last().unwrap_or(&exit.status.to_string())
     ));
+    Ok(cut_after)
+}
 
-    // The node's IngestDrain: TimedOut, since ffmpeg stayed until the deadline.
+/// The node's IngestDrain: TimedOut, since ffmpeg stayed until the
+/// deadline, having signalled every capable publisher on the node.
+async fn check_node_ingest_drain(c: &Cluster, ns: &str, drained: &str, capable_on_node: usize) -> Result<()> {
     let name = format!("node-{drained}");
-    let status = drain_status(&c, &ns, &name)
+    let status = drain_status(c, ns, &name)
         .await?
         .with_context(|| format!("no IngestDrain {name}"))?;
     let phase = status["phase"].as_str().unwrap_or_default();
@@ -602,14 +652,17 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
     }
     let signalled = status["totals"]["signalled"].as_i64().unwrap_or(-1);
     ensure!(
-        signalled == on_drained.len() as i64,
+        signalled == capable_on_node as i64,
         "{name} signalled {signalled} publishers, {} capable ones were on {drained}: {status}",
-        on_drained.len()
+        capable_on_node
     );
+    Ok(())
+}
 
-    // The drained node's pods come back on the other node.
-    deployments_available(&c, &ns, Duration::from_secs(120)).await?;
-    let after = ingest_pods(&c, &ns).await?;
+/// The drained node's pods come back on the other node.
+async fn check_pods_back_on(c: &Cluster, ns: &str, other: &str) -> Result<()> {
+    deployments_available(c, ns, Duration::from_secs(120)).await?;
+    let after = ingest_pods(c, ns).await?;
     ensure!(
         after.len() == 3 && after.iter().all(|p| p.node == other),
         "the ingest pods are not all back on {other}: {after:?}"
@@ -618,9 +671,13 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
         "ingest pods after the drain:\n{}",
         placement(&after).trim_end()
     ));
+    Ok(())
+}
 
-    let rows = stop_and_audit(&stage, fleet).await?;
-    for r in &rows {
+/// The publishers that were on the drained node moved, on the signal they
+/// announce; the others were neither signalled nor reconnected.
+fn check_moved_only_off(rows: &[Row], on_drained: &[String], drained: &str, other: &str) -> Result<()> {
+    for r in rows {
         let moved = on_drained.contains(&r.stream);
         if moved {
             ensure!(
@@ -643,16 +700,6 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
             );
         }
     }
-    say(&format!(
-        "every message of the {} capable publishers reached the origin exactly once, in order ({} moved off {drained}):\n{}",
-        rows.len(),
-        on_drained.len(),
-        report(&rows).trim_end()
-    ));
-    say(&format!(
-        "node drain took {:.1?} (kubectl drain), ffmpeg cut {:.1?} after it began (deadline {:?})",
-        node_drain.took, cut_after, NODE_DRAIN_DEADLINE
-    ));
     Ok(())
 }
 

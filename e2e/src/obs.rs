@@ -235,6 +235,13 @@ fn write_config(root: &Path, cfg: &ObsConfig, clip: &Path, script: &Path, rec: &
     let scenes = obs.join("basic/scenes");
     std::fs::create_dir_all(&profile)?;
     std::fs::create_dir_all(&scenes)?;
+    write_global(&obs)?;
+    write_profile(&profile, cfg, rec)?;
+    write_scene_collection(&scenes, clip, script)
+}
+
+/// `global.ini`: which profile and scene collection, and no question asked.
+fn write_global(obs: &Path) -> Result<()> {
     // FirstRun and LastVersion: no auto-configuration wizard, no "what's
     // new"; no confirmations; the tray takes the minimized window.
     std::fs::write(
@@ -247,6 +254,11 @@ fn write_config(root: &Path, cfg: &ObsConfig, clip: &Path, script: &Path, rec: &
              RecordWhenStreaming=false\nKeepRecordingWhenStreamStops=true\nPreviewEnabled=false\n"
         ),
     )?;
+    Ok(())
+}
+
+/// The profile: output settings (`basic.ini`) and where to stream (`service.json`).
+fn write_profile(profile: &Path, cfg: &ObsConfig, rec: &Path) -> Result<()> {
     // Simple output mode; x264 options fix the GOP (no scene cuts);
     // recording quality "Stream" shares the stream's encoders.
     std::fs::write(
@@ -275,6 +287,11 @@ fn write_config(root: &Path, cfg: &ObsConfig, clip: &Path, script: &Path, rec: &
         "settings": {"server": cfg.server, "key": cfg.key, "use_auth": false, "bwtest": false},
     });
     std::fs::write(profile.join("service.json"), serde_json::to_vec_pretty(&service)?)?;
+    Ok(())
+}
+
+/// The scene collection: the clip on a loop and the control script.
+fn write_scene_collection(scenes: &Path, clip: &Path, script: &Path) -> Result<()> {
     // One scene, one media source looping the clip (no devices), and the
     // control script (frontend-tools keeps scripts with the collection).
     let collection = serde_json::json!({
@@ -662,22 +679,7 @@ pub async fn loopback_drain(timing: LoopbackTiming) -> Result<LoopbackRun> {
         .tempdir()?;
     let hooks = Hooks::start().await?;
     let origin = Origin::start_with_hooks(dir.path(), "127.0.0.1", Some(&hooks.url()))?;
-    let template = origin.template();
-    let flags = [
-        "--upstream",
-        template.as_str(),
-        "--propagation-delay",
-        "1s",
-        "--grace-period",
-        "30s",
-        "--drain-deadline",
-        "20s",
-    ];
-    let mut pod_a = LocalPod::start("pod-a", &flags).await?;
-    let mut pod_b = LocalPod::start("pod-b", &flags).await?;
-    // OBS lands on pod-a; pod-b becomes ready once it does.
-    pod_b.registry.set_serving(false);
-    let balancer = Balancer::start(vec![pod_a.backend(), pod_b.backend()]).await?;
+    let (mut pod_a, mut pod_b, balancer) = loopback_pods(&origin).await?;
     let stream = "obs";
     let obs = ObsPublisher::start(ObsConfig::new(&format!("rtmp://{}/live/{stream}", balancer.addr))?).await?;
     say(&format!(
@@ -685,53 +687,24 @@ pub async fn loopback_drain(timing: LoopbackTiming) -> Result<LoopbackRun> {
         balancer.addr,
         obs.uptime()
     ));
-    let publishing = |pod: &LocalPod| {
-        pod.registry
-            .connections()
-            .iter()
-            .filter(|c| c.publishing_since.is_some())
-            .count()
-    };
-    ensure!(publishing(&pod_a) == 1, "OBS is not publishing on pod-a");
+    ensure!(pod_a.publishers() == 1, "OBS is not publishing on pod-a");
     pod_b.registry.set_serving(true);
     tokio::time::sleep(timing.before).await;
 
-    say("SIGTERM to pod-a: it leaves the balancer, waits 1 s, sends Go Away");
-    let t = Instant::now();
-    pod_a.sigterm();
-    let drained = eventually("pod-a drained", Duration::from_secs(60), || async {
-        let status = pod_a.drainer.status();
-        match status.as_ref().map(|d| d.phase) {
-            Some(phase @ (Phase::Drained | Phase::TimedOut)) => Ok((phase, t.elapsed())),
-            _ => bail!("pod-a: {status:?}"),
-        }
-    })
-    .await;
-    let (phase, drain) = match drained {
+    let (phase, drain) = match sigterm_until_drained(&mut pod_a).await {
         Ok(d) => d,
-        Err(e) => {
-            let tail = obs.log_tail();
-            let _ = obs.stop().await;
-            return Err(e.context(tail));
-        }
+        Err(e) => return Err(give_up(obs, e).await),
     };
     pod_a.wait().await?;
     say(&format!(
         "pod-a {} after {drain:.1?}; pod-b has {} publisher(s)",
         phase.label(),
-        publishing(&pod_b)
+        pod_b.publishers()
     ));
     tokio::time::sleep(timing.after).await;
 
     let run = obs.stop().await?;
-    // The relay on pod-b ends its upstream publish after OBS's stream stops.
-    eventually("pod-b relays done", Duration::from_secs(20), || async {
-        ensure!(pod_b.registry.relays_active() == 0, "relays still active");
-        Ok(())
-    })
-    .await?;
-    pod_b.sigterm();
-    let _ = pod_b.wait().await;
+    stop_when_relayed(&mut pod_b).await?;
     let record_dir = origin.record_dir();
     drop(origin);
     let audit = audit::audit_local_recording(stream, &run.recording, &record_dir)?;
@@ -756,10 +729,52 @@ pub async fn loopback_drain(timing: LoopbackTiming) -> Result<LoopbackRun> {
     })
 }
 
-/// Scenario 9 on the cluster: OBS publishes through the ingest Service,
-/// the node of the pod it lands on is drained with `kubectl drain`, OBS
-/// follows the Go Away to another pod, and the origin's recordings hold
-/// every packet of OBS's local recording exactly once, in order.
+/// pod-a and pod-b relaying to `origin`, behind a balancer; pod-b not
+/// ready yet, so OBS lands on pod-a (pod-b becomes ready once it does).
+async fn loopback_pods(origin: &Origin) -> Result<(LocalPod, LocalPod, Balancer)> {
+    let flags = [
+        "--propagation-delay",
+        "1s",
+        "--grace-period",
+        "30s",
+        "--drain-deadline",
+        "20s",
+    ];
+    let pod_a = LocalPod::start_relaying_to("pod-a", origin, &flags).await?;
+    let pod_b = LocalPod::start_relaying_to("pod-b", origin, &flags).await?;
+    pod_b.registry.set_serving(false);
+    let balancer = Balancer::start(vec![pod_a.backend(), pod_b.backend()]).await?;
+    Ok((pod_a, pod_b, balancer))
+}
+
+/// SIGTERM to pod-a, then its drain's end: the phase and how long it took.
+async fn sigterm_until_drained(pod_a: &mut LocalPod) -> Result<(Phase, Duration)> {
+    say("SIGTERM to pod-a: it leaves the balancer, waits 1 s, sends Go Away");
+    let t = Instant::now();
+    pod_a.sigterm();
+    eventually("pod-a drained", Duration::from_secs(60), || async {
+        let status = pod_a.drainer.status();
+        match status.as_ref().map(|d| d.phase) {
+            Some(phase @ (Phase::Drained | Phase::TimedOut)) => Ok((phase, t.elapsed())),
+            _ => bail!("pod-a: {status:?}"),
+        }
+    })
+    .await
+}
+
+/// Stops pod-b once its relay has ended the upstream publish (after OBS's
+/// stream stopped).
+async fn stop_when_relayed(pod_b: &mut LocalPod) -> Result<()> {
+    eventually("pod-b relays done", Duration::from_secs(20), || async {
+        ensure!(pod_b.registry.relays_active() == 0, "relays still active");
+        Ok(())
+    })
+    .await?;
+    pod_b.sigterm();
+    let _ = pod_b.wait().await;
+    Ok(())
+}
+
 /// Stops OBS after a failed step; the error, with the end of OBS's log.
 async fn give_up(obs: ObsPublisher, err: anyhow::Error) -> anyhow::Error {
     let tail = obs.log_tail();
@@ -767,6 +782,10 @@ async fn give_up(obs: ObsPublisher, err: anyhow::Error) -> anyhow::Error {
     err.context(tail)
 }
 
+/// Scenario 9 on the cluster: OBS publishes through the ingest Service,
+/// the node of the pod it lands on is drained with `kubectl drain`, OBS
+/// follows the Go Away to another pod, and the origin's recordings hold
+/// every packet of OBS's local recording exactly once, in order.
 pub async fn obs_node_drain(c: Arc<Cluster>) -> Result<()> {
     let stage = Stage::install(&c, OBS_NODE_DRAIN_NS, &[]).await?;
     let stream = "obs";

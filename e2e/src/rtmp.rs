@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ingest_testkit::ffmpeg::TestStream;
 use ingest_testkit::origin::Origin;
 use ingest_testkit::publisher::{Progress, Publisher, PublisherConfig, PublisherReport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,23 +118,11 @@ pub async fn publish(url: &str, seconds: u32) -> Result<()> {
 /// ffmpeg publishing `seconds` of a synthetic test stream (H.264 with a
 /// keyframe every 30 frames, AAC) to `url` in real time.
 fn ffmpeg_test_stream(url: &str, seconds: u32) -> Command {
-    let mut cmd = Command::new("ffmpeg");
-    cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args(["-t", &seconds.to_string()])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-            "-g",
-            "30",
-        ])
-        .args(["-c:a", "aac", "-f", "flv", url]);
-    cmd
+    TestStream {
+        nostdin: true,
+        ..TestStream::new(seconds)
+    }
+    .command(url)
 }
 
 /// Duration in seconds of the video stream ffprobe finds in `path`.

@@ -129,10 +129,28 @@ async fn run(nodes: usize, scenarios: Vec<Scenario>, filtered_out: usize, starte
         cluster.kubeconfig().display()
     );
 
+    let (mut passed, mut failures) = run_scenarios(&scenarios, &cluster).await;
+    // Teardown, then prove it left nothing behind.
+    match tear_down(&cluster) {
+        Ok(()) => passed += 1,
+        Err(why) => failures.push(("cluster_down_leaves_nothing".into(), why)),
+    }
+    drop(cluster);
+    summary(passed, &failures, 0, filtered_out, started);
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs `scenarios` one after the other, restoring the starting state after
+/// each, until the end or Ctrl-C: how many passed, and the failures.
+async fn run_scenarios(scenarios: &[Scenario], cluster: &Arc<Cluster>) -> (usize, Vec<(String, String)>) {
     let mut passed = 0;
     let mut failures: Vec<(String, String)> = Vec::new();
     let mut interrupted = false;
-    for scenario in &scenarios {
+    for scenario in scenarios {
         let t = Instant::now();
         let result = tokio::select! {
             r = run_one(scenario, cluster.clone()) => r,
@@ -169,29 +187,26 @@ async fn run(nodes: usize, scenarios: Vec<Scenario>, filtered_out: usize, starte
             break;
         }
     }
+    (passed, failures)
+}
 
-    // Teardown, then prove it left nothing behind.
+/// Takes the cluster down and checks that it left nothing behind; the
+/// reason when it did not.
+fn tear_down(cluster: &Cluster) -> Result<(), String> {
     let down = Instant::now();
     let down_result = cluster.down();
     let leftovers = cluster.leftovers();
     match (down_result, leftovers.is_empty()) {
         (Ok(()), true) => {
-            passed += 1;
             println!("test cluster_down_leaves_nothing ... ok ({:.1?})", down.elapsed());
+            Ok(())
         }
         (result, _) => {
             println!("test cluster_down_leaves_nothing ... FAILED");
             let mut why = result.err().map(|e| format!("{e:#}\n")).unwrap_or_default();
             why.push_str(&leftovers.join("\n"));
-            failures.push(("cluster_down_leaves_nothing".into(), why));
+            Err(why)
         }
-    }
-    drop(cluster);
-    summary(passed, &failures, 0, filtered_out, started);
-    if failures.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     }
 }
 

@@ -61,6 +61,14 @@ impl Metrics {
     /// Registers every metric under the `ingest` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("ingest");
+        self.register_publishers(r);
+        self.register_relay_buffers(r);
+        self.register_publish_verdicts(r);
+        self.register_state(r);
+    }
+
+    /// Connections, publish sessions and what their publishers did.
+    fn register_publishers(&self, r: &mut Registry) {
         r.register(
             "connections",
             "Open RTMP connections by announced capability",
@@ -93,6 +101,10 @@ impl Metrics {
             "Connections closed for a protocol or I/O error",
             self.connection_errors.clone(),
         );
+    }
+
+    /// What waits for the upstream origin, and its retries.
+    fn register_relay_buffers(&self, r: &mut Registry) {
         r.register(
             "relay_buffer_bytes",
             "Bytes waiting for the upstream origin, per-message overhead included",
@@ -118,6 +130,10 @@ impl Metrics {
             "The pod-wide budget of every relay buffer (--relay-memory-budget)",
             self.relay_budget_bytes.clone(),
         );
+    }
+
+    /// Verdicts on publishes: the callback's, and the origin refusing a stream.
+    fn register_publish_verdicts(&self, r: &mut Registry) {
         r.register(
             "publish_auth",
             "Publish callback verdicts (allow, deny, error, timeout)",
@@ -128,6 +144,10 @@ impl Metrics {
             "Publishes ended because the origin refused the stream (not busy) too often",
             self.relay_refused.clone(),
         );
+    }
+
+    /// Relays running and the drain.
+    fn register_state(&self, r: &mut Registry) {
         r.register(
             "relays_active",
             "Upstream relays still running (publishing or flushing)",

@@ -484,64 +484,103 @@ impl Relay {
 
 /// Upstream sessions with retries, until delivered or stopped.
 async fn deliver(relay: &Relay) {
-    let Relay {
-        queue,
-        cfg,
-        metrics,
-        stop,
-        span,
-        ..
-    } = relay;
+    let Relay { queue, cfg, span, .. } = relay;
     let mut config = Config::default();
-    let mut backoff = cfg.busy_retry;
-    let mut busy_wait = cfg.busy_retry;
+    let mut retry = Retry::new(cfg);
     let mut attempt = 0u64;
-    let mut refusals = 0u32;
     loop {
         attempt += 1;
         let media_before = queue.media_seen();
-        let mut wait_for_media = false;
         let result = session(relay, &mut config).await;
         queue.set_caught_up(false);
-        match result {
+        let wait_for_media = match result {
             Ok(()) => {
                 info!(parent: span, "relay finished: everything delivered");
                 return;
             }
-            Err(Error::Busy(why)) => {
+            Err(err) => match retry.failed(relay, err, attempt, config.published, media_before) {
+                Some(wait_for_media) => wait_for_media,
+                None => return,
+            },
+        };
+        if !retry.wait(relay, wait_for_media).await {
+            return;
+        }
+    }
+}
+
+/// The waits between upstream sessions, and the origin's refusals in a row.
+struct Retry {
+    backoff: Duration,
+    busy_wait: Duration,
+    refusals: u32,
+}
+
+impl Retry {
+    fn new(cfg: &RelayConfig) -> Self {
+        Self {
+            backoff: cfg.busy_retry,
+            busy_wait: cfg.busy_retry,
+            refusals: 0,
+        }
+    }
+
+    /// Counts a failed session (attempt `attempt`; `published` if the
+    /// origin had taken the stream) and sets the next wait. `None`: the
+    /// origin refuses the stream, the relay gives up; else whether to retry
+    /// as soon as the first media arrives.
+    fn failed(&mut self, relay: &Relay, err: Error, attempt: u64, published: bool, media_before: bool) -> Option<bool> {
+        let Relay {
+            queue,
+            cfg,
+            metrics,
+            span,
+            ..
+        } = relay;
+        match err {
+            Error::Busy(why) => {
                 metrics.relay_retries.inc();
-                debug!(parent: span, attempt, %why, retry_in = ?busy_wait, "origin busy with this stream, retrying");
-                backoff = busy_wait;
-                busy_wait = (busy_wait * 3 / 2).min(cfg.busy_retry_max.max(cfg.busy_retry));
+                debug!(parent: span, attempt, %why, retry_in = ?self.busy_wait, "origin busy with this stream, retrying");
+                self.backoff = self.busy_wait;
+                self.busy_wait = (self.busy_wait * 3 / 2).min(cfg.busy_retry_max.max(cfg.busy_retry));
                 // A publisher moving make-before-break (Reconnect Request)
                 // sends its first media here as it leaves its old pod, which
                 // then releases the stream within milliseconds.
-                wait_for_media = !media_before;
+                Some(!media_before)
             }
-            Err(Error::Refused(why)) if refusals + 1 >= REFUSALS => {
+            Error::Refused(why) if self.refusals + 1 >= REFUSALS => {
                 // A rejected key, a missing app: retrying will not help.
                 warn!(parent: span, %why, refusals = REFUSALS, "the origin refuses the stream: giving up");
                 metrics.relay_refused.inc();
                 queue.fail(format!("the origin refuses the stream: {why}"));
-                return;
+                None
             }
-            Err(err) => {
+            err => {
                 if matches!(err, Error::Refused(_)) {
-                    refusals += 1;
+                    self.refusals += 1;
                 } else {
-                    refusals = 0;
+                    self.refusals = 0;
                 }
                 metrics.relay_retries.inc();
-                busy_wait = cfg.busy_retry;
-                if config.published {
+                self.busy_wait = cfg.busy_retry;
+                if published {
                     // The origin worked until now: a new outage starts from the shortest wait.
                     metrics.relay_reconnects.inc();
-                    backoff = cfg.busy_retry;
+                    self.backoff = cfg.busy_retry;
                 }
-                backoff = (backoff * 2).clamp(cfg.busy_retry, cfg.max_backoff);
-                warn!(parent: span, attempt, %err, retry_in = ?backoff, "relay attempt failed");
+                self.backoff = (self.backoff * 2).clamp(cfg.busy_retry, cfg.max_backoff);
+                warn!(parent: span, attempt, %err, retry_in = ?self.backoff, "relay attempt failed");
+                Some(false)
             }
         }
+    }
+
+    /// Waits out the backoff, or less once the first media arrives when
+    /// `wait_for_media`; false when the relay is stopped meanwhile.
+    async fn wait(&mut self, relay: &Relay, wait_for_media: bool) -> bool {
+        let Relay {
+            queue, cfg, stop, span, ..
+        } = relay;
         let media_arrived = async {
             if wait_for_media {
                 queue.media_arrived().await;
@@ -550,17 +589,18 @@ async fn deliver(relay: &Relay) {
             }
         };
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(self.backoff) => {}
             () = media_arrived => {
                 debug!(parent: span, "first media while the origin is busy: retrying soon");
-                busy_wait = cfg.busy_retry;
+                self.busy_wait = cfg.busy_retry;
                 tokio::time::sleep(cfg.busy_retry).await;
             }
             () = stop.cancelled() => {
                 warn!(parent: span, pending_bytes = queue.bytes(), "relay stopped before delivering everything");
-                return;
+                return false;
             }
         }
+        true
     }
 }
 

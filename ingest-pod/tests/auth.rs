@@ -47,12 +47,10 @@ async fn serve_callback() -> (String, Seen) {
 }
 
 async fn pod(name: &str, origin: &Origin, auth: &str) -> LocalPod {
-    let template = origin.template();
-    LocalPod::start(
+    LocalPod::start_relaying_to(
         name,
+        origin,
         &[
-            "--upstream",
-            &template,
             "--publish-auth-url",
             auth,
             "--publish-auth-timeout",

@@ -8,6 +8,7 @@ use ingest_proto::v1::ingest_control_client::IngestControlClient;
 use ingest_proto::v1::{
     CancelDrainRequest, DrainPhase, GetStatusRequest, IncapablePolicy, PodStatus, StartDrainRequest, WatchStatusRequest,
 };
+use ingest_testkit::ffmpeg::TestStream;
 use ingest_testkit::lab::LocalPod;
 use ingest_testkit::origin::Origin;
 use tokio::process::{Child, Command};
@@ -46,49 +47,27 @@ async fn client(pod: &LocalPod, token: Option<&str>) -> Client {
 }
 
 async fn pod(name: &str, origin: &Origin, extra: &[&str]) -> LocalPod {
-    let template = origin.template();
-    let mut args = vec![
-        "--upstream",
-        &template,
-        "--control-token",
-        TOKEN,
-        "--propagation-delay",
-        "200ms",
-    ];
+    let mut args = vec!["--control-token", TOKEN, "--propagation-delay", "200ms"];
     args.extend_from_slice(extra);
-    LocalPod::start(name, &args).await.expect("start pod")
+    LocalPod::start_relaying_to(name, origin, &args)
+        .await
+        .expect("start pod")
 }
 
+/// ffmpeg publishing `seconds` of a small stream (160x120, 15 fps) to `url`.
 fn ffmpeg(url: &str, seconds: u32) -> Child {
-    Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-re"])
-        .args([
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=160x120:rate=15",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=sample_rate=44100",
-        ])
-        .args([
-            "-t",
-            &seconds.to_string(),
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "15",
-            "-pix_fmt",
-            "yuv420p",
-        ])
-        .args(["-c:a", "aac", "-f", "flv", url])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn ffmpeg")
+    TestStream {
+        width: 160,
+        height: 120,
+        fps: 15,
+        gop: 15,
+        ..TestStream::new(seconds)
+    }
+    .command(url)
+    .stdin(Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .expect("spawn ffmpeg")
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
@@ -189,15 +168,7 @@ async fn incapable_policy_at_the_deadline_and_cancel_restores_readiness() {
     let url = format!("rtmp://{}/live", pod.rtmp);
     let mut f1 = ffmpeg(&format!("{url}/ff1"), 60);
     let mut f2 = ffmpeg(&format!("{url}/ff2"), 60);
-    let reg = pod.registry.clone();
-    wait_for("two publishers", || {
-        reg.connections()
-            .iter()
-            .filter(|c| c.publishing_since.is_some())
-            .count()
-            == 2
-    })
-    .await;
+    wait_for("two publishers", || pod.publishers() == 2).await;
 
     // Policy wait: at the deadline nobody is cut, the phase says TimedOut.
     let started = c
@@ -251,7 +222,10 @@ async fn incapable_policy_at_the_deadline_and_cancel_restores_readiness() {
     ))
     .await
     .expect("start");
-    wait_for("incapable publishers disconnected", || reg.connection_count() == 0).await;
+    wait_for("incapable publishers disconnected", || {
+        pod.registry.connection_count() == 0
+    })
+    .await;
     let reg2 = pod.registry.clone();
     wait_for("relays flushed", || reg2.relays_active() == 0).await;
     let st = c
@@ -283,11 +257,7 @@ async fn start_drain_is_idempotent_and_watch_streams_phases_in_order() {
     assert!(first.serving && first.drain.is_none());
 
     let mut ff = ffmpeg(&format!("rtmp://{}/live/ff", pod.rtmp), 60);
-    let reg = pod.registry.clone();
-    wait_for("ffmpeg publishing", || {
-        reg.connections().iter().any(|c| c.publishing_since.is_some())
-    })
-    .await;
+    wait_for("ffmpeg publishing", || pod.publishers() > 0).await;
     let req = drain_req("idem", Duration::from_secs(2), IncapablePolicy::Disconnect);
     let a = c.start_drain(req.clone()).await.expect("start").into_inner();
     let b = c.start_drain(req).await.expect("again").into_inner();
@@ -402,15 +372,7 @@ async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
         };
         tasks.push(tokio::spawn(Publisher::new(cfg).expect("publisher").run(stop.clone())));
     }
-    let reg = a.registry.clone();
-    wait_for("4 publishers on pod a", || {
-        reg.connections()
-            .iter()
-            .filter(|c| c.publishing_since.is_some())
-            .count()
-            == 4
-    })
-    .await;
+    wait_for("4 publishers on pod a", || a.publishers() == 4).await;
     b.registry.set_serving(true);
     let mut c = client(&a, Some(TOKEN)).await;
     let st = c
@@ -474,15 +436,7 @@ async fn start_drain_moves_capable_publishers_and_counts_reach_zero() {
     );
     // Reconnect Request went with the redirect to pod b; Go Away publishers
     // reconnected through the balancer, which no longer picks pod a.
-    let breg = b.registry.clone();
-    wait_for("every publisher on pod b", || {
-        breg.connections()
-            .iter()
-            .filter(|c| c.publishing_since.is_some())
-            .count()
-            == 4
-    })
-    .await;
+    wait_for("every publisher on pod b", || b.publishers() == 4).await;
     let totals = a.registry.totals();
     assert_eq!((totals.signalled, totals.migrated, totals.ended), (4, 4, 0));
     stop.cancel();
@@ -524,15 +478,7 @@ async fn sigterm_drain_outlives_a_cancel() {
         };
         tasks.push(tokio::spawn(Publisher::new(cfg).expect("publisher").run(stop.clone())));
     }
-    let reg = a.registry.clone();
-    wait_for("4 publishers on pod a", || {
-        reg.connections()
-            .iter()
-            .filter(|c| c.publishing_since.is_some())
-            .count()
-            == 4
-    })
-    .await;
+    wait_for("4 publishers on pod a", || a.publishers() == 4).await;
     b.registry.set_serving(true);
 
     // The operator's drain, one signal a second; then the rollout's SIGTERM.

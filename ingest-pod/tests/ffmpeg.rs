@@ -9,6 +9,7 @@ use ingest_pod::config::Args;
 use ingest_pod::server::Server;
 use ingest_rtmp::flv;
 use ingest_rtmp::media::{self, Kind};
+use ingest_testkit::ffmpeg::TestStream;
 use ingest_testkit::origin::Origin;
 
 /// Audio/video payload hashes of an FLV file, without sequence headers.
@@ -58,33 +59,15 @@ async fn ffmpeg_stream_reaches_the_origin_whole() {
     }));
 
     let local = dir.path().join("sent.flv");
-    let status = tokio::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-re"])
-        .args([
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=320x240:rate=25",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:sample_rate=44100",
-        ])
-        .args(["-t", "3", "-map", "0:v", "-map", "1:a"])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-tune",
-            "zerolatency",
-            "-g",
-            "25",
-            "-pix_fmt",
-            "yuv420p",
-        ])
-        .args(["-c:a", "aac", "-b:a", "64k", "-flags", "+global_header", "-f", "tee"])
-        .arg(format!("[f=flv]rtmp://{rtmp}/live/ffmpeg1|[f=flv]{}", local.display()))
+    let stream = TestStream {
+        fps: 25,
+        gop: 25,
+        zerolatency: true,
+        audio_bitrate: Some("64k"),
+        ..TestStream::new(3)
+    };
+    let status = stream
+        .command_with_copy(&format!("rtmp://{rtmp}/live/ffmpeg1"), &local)
         .status()
         .await
         .expect("run ffmpeg");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ingest_pod::drain::{DrainSpec, IncapablePolicy};
 use ingest_pod::registry::SignalKind;
 use ingest_testkit::audit;
+use ingest_testkit::ffmpeg::TestStream;
 use ingest_testkit::lab::{Balancer, LocalPod};
 use ingest_testkit::origin::Origin;
 use ingest_testkit::publisher::{Publisher, PublisherConfig, PublisherReport};
@@ -24,18 +25,14 @@ async fn lab(extra: &[&str]) -> Lab {
     ingest_runtime::init_logs(ingest_runtime::LogFormat::Text);
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
-    let template = origin.template();
-    let mut args = vec![
-        "--upstream",
-        template.as_str(),
-        "--propagation-delay",
-        "300ms",
-        "--grace-period",
-        "20s",
-    ];
+    let mut args = vec!["--propagation-delay", "300ms", "--grace-period", "20s"];
     args.extend_from_slice(extra);
-    let a = LocalPod::start("pod-a", &args).await.expect("pod a");
-    let b = LocalPod::start("pod-b", &args).await.expect("pod b");
+    let a = LocalPod::start_relaying_to("pod-a", &origin, &args)
+        .await
+        .expect("pod a");
+    let b = LocalPod::start_relaying_to("pod-b", &origin, &args)
+        .await
+        .expect("pod b");
     let balancer = Balancer::start(vec![a.backend(), b.backend()]).await.expect("balancer");
     Lab {
         _dir: dir,
@@ -209,55 +206,32 @@ async fn sigterm_applies_the_incapable_policy_to_ffmpeg() {
     for (policy, expect_cut_by_deadline) in [("disconnect", true), ("wait", false)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let origin = Origin::start(dir.path(), "127.0.0.1").expect("nginx-rtmp");
-        let template = origin.template();
         let args = [
-            "--upstream",
-            template.as_str(),
             "--propagation-delay",
             "100ms",
             "--drain-deadline",
             "1500ms",
+            "--grace-period",
+            "4s",
+            "--incapable-policy",
+            policy,
         ];
-        let mut pod = LocalPod::start(
-            "ff",
-            &[&args[..], &["--grace-period", "4s", "--incapable-policy", policy]].concat(),
-        )
-        .await
-        .expect("pod");
-        let mut ffmpeg = tokio::process::Command::new("ffmpeg")
-            .args([
-                "-hide_banner",
-                "-loglevel",
-                "quiet",
-                "-re",
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc=size=160x120:rate=15",
-            ])
-            .args([
-                "-t",
-                "60",
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-g",
-                "15",
-                "-pix_fmt",
-                "yuv420p",
-                "-f",
-                "flv",
-            ])
-            .arg(format!("rtmp://{}/live/ff-{policy}", pod.rtmp))
+        let mut pod = LocalPod::start_relaying_to("ff", &origin, &args).await.expect("pod");
+        let stream = TestStream {
+            width: 160,
+            height: 120,
+            fps: 15,
+            gop: 15,
+            audio: false,
+            loglevel: "quiet",
+            ..TestStream::new(60)
+        };
+        let mut ffmpeg = stream
+            .command(&format!("rtmp://{}/live/ff-{policy}", pod.rtmp))
             .kill_on_drop(true)
             .spawn()
             .expect("ffmpeg");
-        let reg = pod.registry.clone();
-        until("ffmpeg publishing", 20, || {
-            reg.connections().iter().any(|c| c.publishing_since.is_some())
-        })
-        .await;
+        until("ffmpeg publishing", 20, || pod.publishers() > 0).await;
         pod.sigterm();
         tokio::time::sleep(Duration::from_millis(1000)).await;
         assert_eq!(
@@ -357,12 +331,9 @@ async fn a_signalled_publisher_that_goes_quiet_is_closed_well_before_the_deadlin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chained_move_keeps_order() {
     let mut lab = lab(&[]).await;
-    let c = LocalPod::start(
-        "pod-c",
-        &["--upstream", &lab.origin.as_ref().expect("origin").template()],
-    )
-    .await
-    .expect("pod c");
+    let c = LocalPod::start_relaying_to("pod-c", lab.origin.as_ref().expect("origin"), &[])
+        .await
+        .expect("pod c");
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let url = format!("rtmp://{}/live/chain", a.rtmp);
     let to = |pod: &LocalPod| format!("rtmp://{}/live", pod.rtmp);
@@ -382,11 +353,7 @@ async fn a_chained_move_keeps_order() {
     let p = progress.clone();
     until("2 s of media on pod a", 20, || p.borrow().video_frames >= 60).await;
     a.drainer.start(spec("a", to(b))).expect("drain a");
-    let reg = b.registry.clone();
-    until("the publisher on pod b", 20, || {
-        reg.connections().iter().any(|c| c.publishing_since.is_some())
-    })
-    .await;
+    until("the publisher on pod b", 20, || b.publishers() > 0).await;
     b.drainer.start(spec("b", to(&c))).expect("drain b");
     let p = progress.clone();
     until("the publisher on pod c", 20, || p.borrow().connections >= 3).await;

@@ -19,6 +19,8 @@ use ingest_pod::drain::Drainer;
 use ingest_pod::registry::Registry;
 use ingest_pod::server::{self, Server};
 
+use crate::origin::Origin;
+
 /// An ingest pod running in this process.
 pub struct LocalPod {
     pub name: String,
@@ -62,6 +64,15 @@ impl LocalPod {
         Ok(pod)
     }
 
+    /// [`LocalPod::start`] relaying every stream to `origin` (`--upstream`
+    /// its template), with `extra` flags after.
+    pub async fn start_relaying_to(name: &str, origin: &Origin, extra: &[&str]) -> Result<Self, server::Error> {
+        let template = origin.template();
+        let mut args = vec!["--upstream", template.as_str()];
+        args.extend_from_slice(extra);
+        Self::start(name, &args).await
+    }
+
     /// What SIGTERM does to the real process: drain, then exit.
     pub fn sigterm(&mut self) {
         if let Some(tx) = self.sigterm.take() {
@@ -77,6 +88,15 @@ impl LocalPod {
                 .unwrap_or_else(|e| Err(server::Error::Config(format!("pod task failed: {e}")))),
             None => Ok(()),
         }
+    }
+
+    /// Connections publishing on this pod.
+    pub fn publishers(&self) -> usize {
+        self.registry
+            .connections()
+            .iter()
+            .filter(|c| c.publishing_since.is_some())
+            .count()
     }
 
     pub fn backend(&self) -> Backend {

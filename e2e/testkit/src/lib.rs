@@ -8,7 +8,9 @@
 //! - [`audit`]: what a publisher sent against what the origin recorded;
 //! - [`lab`]: in-process ingest pods, a readiness-aware balancer standing in
 //!   for a Service, a link that can be cut, stalled or narrowed;
-//! - [`origin`]: a local nginx-rtmp origin that records every stream.
+//! - [`origin`]: a local nginx-rtmp origin that records every stream;
+//! - [`ffmpeg`]: ffmpeg publishing a synthetic test stream (the incapable
+//!   publisher).
 //!
 //! Tools on top (`src/bin/`): `ingest-publisher`, `ingest-audit` and
 //! `ingest-demo` (`cargo run -p ingest-testkit --bin ingest-demo`).
@@ -16,6 +18,7 @@
 #![warn(unreachable_pub)]
 
 pub mod audit;
+pub mod ffmpeg;
 pub mod lab;
 pub mod origin;
 pub mod publisher;

@@ -51,35 +51,11 @@ async fn main() -> anyhow::Result<ExitCode> {
             origin.addr()
         ),
     );
-    let template = origin.template();
-    let flags = [
-        "--upstream",
-        template.as_str(),
-        "--propagation-delay",
-        "1s",
-        "--drain-rate",
-        "20",
-        "--grace-period",
-        "20s",
-        "--drain-deadline",
-        "15s",
-    ];
-    let mut pod_a = LocalPod::start("pod-a", &flags).await?;
-    let pod_b = LocalPod::start("pod-b", &flags).await?;
-    pod_b.registry.set_serving(false);
-    let balancer = Balancer::start(vec![pod_a.backend(), pod_b.backend()]).await?;
-    say(
-        t0,
-        format!(
-            "ingest pods pod-a (rtmp {}) and pod-b (rtmp {}); the Service (a balancer to ready pods) on {}",
-            pod_a.rtmp, pod_b.rtmp, balancer.addr
-        ),
-    );
-    say(t0, "pod-b is not ready yet: every publisher lands on pod-a");
+    let (mut pod_a, pod_b, balancer) = start_pods(t0, &origin).await?;
 
     let stop = CancellationToken::new();
     let tasks = start_publishers(args.publishers, &balancer.addr.to_string(), &stop)?;
-    while publishing(&pod_a) < args.publishers {
+    while pod_a.publishers() < args.publishers {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     say(
@@ -121,6 +97,34 @@ async fn main() -> anyhow::Result<ExitCode> {
     Ok(if lossless { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// pod-a and pod-b relaying to `origin` behind the Service (a balancer to
+/// ready pods); pod-b not ready yet.
+async fn start_pods(t0: Instant, origin: &Origin) -> anyhow::Result<(LocalPod, LocalPod, Balancer)> {
+    let flags = [
+        "--propagation-delay",
+        "1s",
+        "--drain-rate",
+        "20",
+        "--grace-period",
+        "20s",
+        "--drain-deadline",
+        "15s",
+    ];
+    let pod_a = LocalPod::start_relaying_to("pod-a", origin, &flags).await?;
+    let pod_b = LocalPod::start_relaying_to("pod-b", origin, &flags).await?;
+    pod_b.registry.set_serving(false);
+    let balancer = Balancer::start(vec![pod_a.backend(), pod_b.backend()]).await?;
+    say(
+        t0,
+        format!(
+            "ingest pods pod-a (rtmp {}) and pod-b (rtmp {}); the Service (a balancer to ready pods) on {}",
+            pod_a.rtmp, pod_b.rtmp, balancer.addr
+        ),
+    );
+    say(t0, "pod-b is not ready yet: every publisher lands on pod-a");
+    Ok((pod_a, pod_b, balancer))
+}
+
 type PublisherTask = tokio::task::JoinHandle<ingest_testkit::publisher::Result<PublisherReport>>;
 
 /// `n` capable publishers through the Service at `addr`, cycling Go Away,
@@ -149,15 +153,6 @@ fn start_publishers(n: usize, addr: &str, stop: &CancellationToken) -> anyhow::R
     Ok(tasks)
 }
 
-/// Publishers publishing on `pod`.
-fn publishing(pod: &LocalPod) -> usize {
-    pod.registry
-        .connections()
-        .iter()
-        .filter(|c| c.publishing_since.is_some())
-        .count()
-}
-
 /// A line on every change of pod-a's drain, until it is drained (30 s at most).
 async fn narrate_drain(t0: Instant, pod_a: &LocalPod, pod_b: &LocalPod) {
     let start = Instant::now();
@@ -172,7 +167,7 @@ async fn narrate_drain(t0: Instant, pod_a: &LocalPod, pod_b: &LocalPod) {
                 d.migrated,
                 d.remaining,
                 d.relays_active,
-                publishing(pod_b)
+                pod_b.publishers()
             ),
             None => "pod-a starting its drain".into(),
         };
