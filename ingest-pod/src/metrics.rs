@@ -60,11 +60,27 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric under the `ingest` prefix.
     pub fn register(&self, registry: &mut Registry) {
+        self.start_at_zero();
         let r = registry.sub_registry_with_prefix("ingest");
         self.register_publishers(r);
         self.register_relay_buffers(r);
         self.register_publish_verdicts(r);
         self.register_state(r);
+        ingest_runtime::register_build_info(r, env!("CARGO_PKG_VERSION"));
+    }
+
+    /// Every label set known in advance, at zero: a family is exported (and
+    /// an alert or a rate over it sees a series) before its first event.
+    fn start_at_zero(&self) {
+        for capability in ["go_away", "reconnect_request", "incapable"] {
+            self.connections.get_or_create(&CapabilityLabel { capability }).set(0);
+        }
+        for kind in ["go_away", "reconnect_request"] {
+            self.signals.get_or_create(&SignalLabel { kind }).inc_by(0);
+        }
+        for result in ["allow", "deny", "error", "timeout"] {
+            self.publish_auth.get_or_create(&ResultLabel { result }).inc_by(0);
+        }
     }
 
     /// Connections, publish sessions and what their publishers did.
