@@ -439,6 +439,34 @@ else
 	bad "webhook off still renders webhook objects"
 fi
 
+step "scraping: the ingest pods' PodMonitor and prometheus.io annotations"
+if ! grep -qE '^kind: PodMonitor|prometheus.io/scrape' "$WORK/default.yaml"; then
+	ok "off by default: no PodMonitor, no scrape annotations"
+else
+	bad "the default render has a PodMonitor or scrape annotations"
+fi
+"$HELM" template lossless "$CHART" -n ops --set-string "ingest.upstream=$UPSTREAM" --set 'ingest.namespaces={live-a,live-b}' \
+	--set ingest.metrics.podMonitor.enabled=true --set ingest.metrics.podMonitor.labels.release=prom \
+	--set ingest.metrics.prometheusAnnotations=true --set operator.metrics.prometheusAnnotations=true >"$WORK/scrape.yaml"
+python3 - "$WORK/scrape.yaml" <<'PY' && ok "PodMonitor over both ingest namespaces on port http; annotations on ingest and operator pods" || bad "scrape render: see above"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+assert len(monitors) == 1, monitors
+m = monitors[0]
+assert m["metadata"]["namespace"] == "ops" and m["metadata"]["labels"]["release"] == "prom", m["metadata"]
+assert m["spec"]["namespaceSelector"]["matchNames"] == ["live-a", "live-b"], m["spec"]
+assert m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "ingest", m["spec"]
+assert m["spec"]["podMetricsEndpoints"][0]["port"] == "http", m["spec"]
+deployments = [d for d in docs if d["kind"] == "Deployment"]
+assert len(deployments) == 3, [d["metadata"]["name"] for d in deployments]
+for d in deployments:
+    a = d["spec"]["template"]["metadata"]["annotations"]
+    assert a["prometheus.io/scrape"] == "true" and a["prometheus.io/port"] == "8080", (d["metadata"]["name"], a)
+    port = [p for c in d["spec"]["template"]["spec"]["containers"] for p in c["ports"] if p["name"] == "http"]
+    assert port and port[0]["containerPort"] == 8080, port
+PY
+
 step "GitOps: with existing Secrets, renders need no lookup and are byte-identical"
 gitops=(--set-string "ingest.upstream=$UPSTREAM" --set controlToken.existingSecret=ingest-control-token
 	--set webhook.tls.existingSecret=ingest-webhook-tls --set-string webhook.tls.caBundle=LS0tLS1CRUdJTg==
