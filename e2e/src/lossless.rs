@@ -515,6 +515,7 @@ pub async fn node_drain(c: Arc<Cluster>) -> Result<()> {
     say(&format!("kubectl drain {drained} succeeded in {:.1?}", node_drain.took));
 
     check_evictions_held(&node_drain, &drained_pods)?;
+    check_node_explained(&c, &drained).await?;
     let cut_after = check_ffmpeg_cut_at_deadline(ffmpeg, &ffmpeg_pod, drain_started).await?;
     check_node_ingest_drain(&c, &ns, &drained, on_drained.len()).await?;
     check_pods_back_on(&c, &ns, &other).await?;
@@ -656,6 +657,22 @@ async fn check_node_ingest_drain(c: &Cluster, ns: &str, drained: &str, capable_o
         "{name} signalled {signalled} publishers, {} capable ones were on {drained}: {status}",
         capable_on_node
     );
+    Ok(())
+}
+
+/// `kubectl describe node` said why the evictions were held while
+/// `kubectl drain` waited (the gate's `EvictionHeld` Event on the Node).
+async fn check_node_explained(c: &Cluster, node: &str) -> Result<()> {
+    let described = c.kubectl(&["describe", "node", node]).await?;
+    let explained = described
+        .lines()
+        .find(|l| l.contains("EvictionHeld"))
+        .with_context(|| format!("kubectl describe node {node} does not explain the held evictions:\n{described}"))?;
+    ensure!(
+        explained.contains("eviction held: pod "),
+        "the Event on {node} does not say which pod is held: {explained}"
+    );
+    say(&format!("kubectl describe node {node}: {}", explained.trim()));
     Ok(())
 }
 
