@@ -66,7 +66,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every label set known in advance, at zero: exported, and seen by a
+    /// rate or an alert, before its first event.
+    fn start_at_zero(&self) {
+        for kind in ["kube", "token", "invalid"] {
+            self.reconcile_errors.get_or_create(&ErrorLabel { kind }).inc_by(0);
+        }
+        for decision in ["allow", "hold", "start", "error"] {
+            self.webhook_decisions.get_or_create(&DecisionLabel { decision }).inc_by(0);
+        }
+    }
+
     pub(crate) fn register(&self, r: &mut Registry) {
+        self.start_at_zero();
         let r = r.sub_registry_with_prefix("ingest_operator");
         r.register("reconciles", "IngestDrain reconciles", self.reconciles.clone());
         r.register(
@@ -154,5 +166,27 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
             [(header::CONTENT_TYPE, "text/plain")],
             String::new(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_label_sets_and_build_info_are_exported_before_any_event() {
+        let mut registry = Registry::default();
+        Metrics::default().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+        for series in [
+            "ingest_operator_reconcile_errors_total{kind=\"token\"} 0",
+            "ingest_operator_webhook_decisions_total{decision=\"hold\"} 0",
+            "ingest_operator_webhook_decisions_total{decision=\"error\"} 0",
+            "ingest_operator_webhook_connections_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} missing from:\n{text}");
+        }
+        assert!(text.contains("ingest_operator_build_info{version=\""), "{text}");
     }
 }
