@@ -246,7 +246,7 @@ pub(crate) enum Verdict {
     /// Hold it: its drain runs (429, retried by kubectl drain and autoscalers).
     Hold {
         message: String,
-        /// The node that drain empties, for a node drain.
+        /// The node a live node drain that covers the pod empties.
         node: Option<String>,
     },
     /// Hold it and start a drain for it (no drain covers it yet).
@@ -277,18 +277,22 @@ pub(crate) fn eviction_verdict<'a>(
         return Verdict::Allow("not an ingest pod".into());
     }
     let name = pod.name_any();
-    // The first live drain that covers the pod, else the first ended one.
+    // The first live drain that covers the pod, else the first ended one;
+    // and the node a live node drain that covers it empties.
     let uid = pod.uid().unwrap_or_default();
-    let (mut live, mut ended) = (None, None);
+    let (mut live, mut ended, mut node) = (None, None, None);
     for d in drains {
         let Some(row) = covers(d, pod, &name, &uid) else {
             continue;
         };
-        if !phase(d).is_terminal() {
-            live = Some((d, row));
-            break;
+        if phase(d).is_terminal() {
+            ended.get_or_insert((d, row));
+            continue;
         }
-        ended.get_or_insert((d, row));
+        live.get_or_insert((d, row));
+        if node.is_none() {
+            node.clone_from(&d.spec.node_name);
+        }
     }
     let Some((drain, row)) = live.or(ended) else {
         return Verdict::StartAndHold(format!(
@@ -325,10 +329,7 @@ pub(crate) fn eviction_verdict<'a>(
             drain.name_any()
         ),
     };
-    Verdict::Hold {
-        message,
-        node: drain.spec.node_name.clone(),
-    }
+    Verdict::Hold { message, node }
 }
 
 /// Whether the live drain `d` holds `pod` (named `name`, with `uid`), and
@@ -741,6 +742,40 @@ mod tests {
         match eviction_verdict(Some(&p), &ingest, std::slice::from_ref(&d), Timestamp::now()) {
             Verdict::Allow(_) => {}
             other => panic!("a drain started 600 s ago with a 60 s deadline still holds: {other:?}"),
+        }
+    }
+
+    /// A pod held by its own drain while a node drain covers it too (the
+    /// first eviction came before the cordon's drain): the hold names the
+    /// node, whichever drain the cache lists first.
+    #[test]
+    fn a_hold_names_the_node_a_live_node_drain_empties() {
+        let ingest = parse_selector("app=ingest").unwrap();
+        let p = pod("i-1", "node-a", &[("app", "ingest")]);
+        let draining = |name: &str, node: Option<&str>| {
+            let mut d = IngestDrain::new(name, spec("app=ingest"));
+            d.spec.node_name = node.map(str::to_owned);
+            d.status = Some(IngestDrainStatus {
+                phase: DrainPhase::Draining,
+                pods: vec![PodDrainStatus {
+                    name: "i-1".into(),
+                    uid: "uid-i-1".into(),
+                    state: PodState::Draining,
+                    remaining: 2,
+                    ..Default::default()
+                }],
+                started_at: Some(Time(Timestamp::now())),
+                ..Default::default()
+            });
+            d
+        };
+        let own = draining("evict-i-1", None);
+        let node = draining("node-node-a", Some("node-a"));
+        for drains in [[own.clone(), node.clone()], [node, own]] {
+            match eviction_verdict(Some(&p), &ingest, &drains, Timestamp::now()) {
+                Verdict::Hold { node, .. } => assert_eq!(node.as_deref(), Some("node-a")),
+                other => panic!("{other:?}"),
+            }
         }
     }
 

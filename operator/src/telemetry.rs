@@ -73,7 +73,9 @@ impl Metrics {
             self.reconcile_errors.get_or_create(&ErrorLabel { kind }).inc_by(0);
         }
         for decision in ["allow", "hold", "start", "error"] {
-            self.webhook_decisions.get_or_create(&DecisionLabel { decision }).inc_by(0);
+            self.webhook_decisions
+                .get_or_create(&DecisionLabel { decision })
+                .inc_by(0);
         }
     }
 
