@@ -13,6 +13,8 @@ mod chart;
 mod lossless;
 #[path = "e2e/operator.rs"]
 mod operator;
+#[path = "e2e/plugin.rs"]
+mod plugin;
 #[path = "e2e/smoke.rs"]
 mod smoke;
 
@@ -21,5 +23,6 @@ fn main() -> ExitCode {
     scenarios.extend(operator::scenarios());
     scenarios.extend(chart::scenarios());
     scenarios.extend(lossless::scenarios());
+    scenarios.extend(plugin::scenarios());
     runner::main(2, scenarios)
 }

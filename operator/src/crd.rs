@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "ingest.lossless.dev";
 /// Label on operator-made drains: the node that triggered them.
 pub const NODE_LABEL: &str = "ingest.lossless.dev/node";
-/// Label on operator-made drains: what triggered them (`node` or `eviction`).
+/// Label on drains: what made them (`node` or `eviction`: the operator;
+/// `kubectl`: `kubectl ingest drain`).
 pub const TRIGGER_LABEL: &str = "ingest.lossless.dev/trigger";
 /// Finalizer that cancels the pods' drains when an IngestDrain is deleted mid-way.
 pub const FINALIZER: &str = "ingest.lossless.dev/cancel-pod-drains";

@@ -31,7 +31,7 @@ use crate::settings::Settings;
 use crate::telemetry::Metrics;
 use crate::webhook::Gate;
 
-type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+pub(crate) type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Responder = tower_test::mock::SendResponse<Response<Body>>;
 
 /// Namespace of the test objects.
@@ -217,8 +217,40 @@ pub(crate) fn args(control_port: u16, token_file: &Path) -> Args {
 }
 
 fn mock_client() -> (Client, ApiServerVerifier) {
+    let (client, handle) = raw_mock_client();
+    (client, ApiServerVerifier(handle))
+}
+
+/// A client and the mock API server behind it, for tests that answer
+/// requests one by one with [`answer`] (the plugin's).
+pub(crate) fn raw_mock_client() -> (Client, ApiServerHandle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), ApiServerVerifier(handle))
+    (Client::new(service, "default"), handle)
+}
+
+/// Answers the next request, which must be a GET of `path`, with `code`
+/// and `body`; returns its query.
+pub(crate) async fn answer(
+    handle: &mut ApiServerHandle,
+    path: &str,
+    code: StatusCode,
+    body: Value,
+) -> BTreeMap<String, String> {
+    let (req, send) = within(&format!("GET {path}"), handle.next_request())
+        .await
+        .unwrap_or_else(|| panic!("the client went away before GET {path}"));
+    assert_eq!((req.method(), req.uri().path()), (&Method::GET, path));
+    let query = req.uri().query().map(parse_query).unwrap_or_default();
+    reply(send, code, &body);
+    query
+}
+
+/// The API server's 404 for `what` (`nodes "node-a"`).
+pub(crate) fn not_found(what: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": format!("{what} not found"), "reason": "NotFound", "code": 404
+    })
 }
 
 impl Context {

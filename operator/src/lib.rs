@@ -13,6 +13,7 @@ pub mod crd;
 mod drains;
 mod leader;
 mod nodes;
+pub mod plugin;
 mod pods;
 pub mod run;
 mod settings;

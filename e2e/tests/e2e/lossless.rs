@@ -56,7 +56,7 @@ type ScenarioFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<
 /// A scenario on its own install: whatever the chart put outside the
 /// namespace (CRD, cluster roles, webhook configuration) is removed after
 /// it, also on failure.
-fn scenario(name: &'static str, ns: &'static str, run: fn(Arc<Cluster>) -> ScenarioFuture) -> Scenario {
+pub(crate) fn scenario(name: &'static str, ns: &'static str, run: fn(Arc<Cluster>) -> ScenarioFuture) -> Scenario {
     Scenario::new(name, move |c| async move {
         let result = run(c.clone()).await;
         let rbac = system::operator_never_forbidden(&c, ns).await;

@@ -1,7 +1,8 @@
 //! Process plumbing the two binaries share, the ingest pod and the
 //! operator (and the tools of the testkit): one copy of each.
 //!
-//! - durations on the command line and in the environment ([`parse_duration`]);
+//! - durations on the command line and in the environment ([`parse_duration`]),
+//!   and shown the way they are typed ([`format_duration`]);
 //! - log set-up ([`LogFormat`], [`init_logs`]);
 //! - the shutdown signal ([`shutdown_signal`]);
 //! - secrets read from mounted files ([`read_secret`]);
@@ -25,6 +26,14 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         Duration::ZERO => Err(format!("{s:?}: must be more than zero")),
         d => Ok(d),
     }
+}
+
+/// A duration in whole seconds, written as [`parse_duration`] reads it:
+/// `0s`, `45s`, `4m12s`, `1h2m3s` (rounded down).
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs()))
+        .to_string()
+        .replace(' ', "")
 }
 
 /// The commit this build came from (see `build.rs`), or "unknown".
@@ -123,6 +132,17 @@ mod tests {
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_positive_duration("0s").is_err());
         assert_eq!(parse_positive_duration("1s"), Ok(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn durations_are_shown_as_typed() {
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+        assert_eq!(format_duration(Duration::from_millis(45_900)), "45s");
+        assert_eq!(format_duration(Duration::from_secs(252)), "4m12s");
+        assert_eq!(format_duration(Duration::from_secs(3723)), "1h2m3s");
+        for s in ["4m12s", "1h2m3s"] {
+            assert_eq!(format_duration(parse_duration(s).expect(s)), s);
+        }
     }
 
     #[test]
