@@ -3,7 +3,7 @@
 //! "drained" when the last publisher and relay are gone.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
@@ -196,7 +196,9 @@ impl Drainer {
                 info!(old = %c.status.spec.id, new = %spec.id, "drain replaced");
                 c.status.spec = spec;
                 c.apply_cap();
+                let deadline_at = c.status.deadline_at;
                 drop(current);
+                self.export_deadline(Some(deadline_at));
                 self.registry.notify();
                 return Ok(self.status().expect("a drain is running"));
             }
@@ -225,6 +227,7 @@ impl Drainer {
         info!(id = %status.spec.id, deadline = ?status.spec.deadline, rate = status.spec.rate,
             policy = ?status.spec.incapable, redirects = status.spec.redirects.len(), "drain started");
         let span = info_span!("drain", id = %status.spec.id);
+        let deadline_at = status.deadline_at;
         *current = Some(Current {
             status,
             cancel: cancel.clone(),
@@ -237,6 +240,7 @@ impl Drainer {
         self.registry.set_serving(false);
         self.registry.metrics().draining.set(1);
         self.export_phase(Phase::Propagating);
+        self.export_deadline(Some(deadline_at));
         let this = self.clone();
         self.tracker
             .spawn(async move { this.run(cancel).await }.instrument(span));
@@ -254,7 +258,9 @@ impl Drainer {
                 c.deadline_cap = Some(Instant::now() + sigterm.deadline);
                 c.apply_cap();
                 info!(id = %c.status.spec.id, deadline = ?c.status.spec.deadline, "SIGTERM: the running drain goes on");
+                let deadline_at = c.status.deadline_at;
                 drop(current);
+                self.export_deadline(Some(deadline_at));
                 self.registry.notify();
                 return Ok(self.status().expect("a drain is running"));
             }
@@ -281,6 +287,7 @@ impl Drainer {
         self.registry.set_serving(true);
         self.registry.metrics().draining.set(0);
         self.export_phase(Phase::Cancelled);
+        self.export_deadline(None);
         self.registry.notify();
         Ok(cancelled)
     }
@@ -340,6 +347,14 @@ impl Drainer {
                 .get_or_create(&PhaseLabel { phase: p.label() })
                 .set(i64::from(p == phase));
         }
+    }
+
+    /// Exports when the incapable policy applies, in unix seconds; 0: no drain.
+    fn export_deadline(&self, at: Option<SystemTime>) {
+        let seconds = at
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.registry.metrics().drain_deadline.set(seconds);
     }
 
     /// The spec, the deadline, and until when a publisher whose relay has
@@ -457,12 +472,15 @@ impl Drainer {
         }
         if spec.incapable == IncapablePolicy::Disconnect {
             for c in &left {
-                self.registry.command(
+                let cut = self.registry.command(
                     c.id,
                     SessionCommand::Disconnect {
                         reason: "drain deadline",
                     },
                 );
+                if cut {
+                    self.registry.metrics().drain_cut.inc();
+                }
             }
         }
         !empty
@@ -561,7 +579,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn signals_after_propagation_and_reports_drained() {
         let (reg, drainer) = setup();
-        let (a, mut rx) = reg.register(addr());
+        let (mut a, mut rx) = reg.register(addr());
         a.connected(
             "live",
             Caps {
@@ -594,7 +612,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sigterm_keeps_the_running_drain_within_its_deadline_and_refuses_cancels() {
         let (reg, drainer) = setup();
-        let (a, mut rx) = reg.register(addr());
+        let (mut a, mut rx) = reg.register(addr());
         a.connected("live", Caps::default());
         assert!(a.publish("live", "a"));
         a.stats().relay_caught_up.store(true, Ordering::Relaxed);
@@ -628,7 +646,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_publisher_is_signalled_once_its_relay_caught_up_or_half_way_to_the_deadline() {
         let (reg, drainer) = setup();
-        let (a, mut rx) = reg.register(addr());
+        let (mut a, mut rx) = reg.register(addr());
         a.connected(
             "live",
             Caps {
@@ -637,7 +655,7 @@ mod tests {
             },
         );
         assert!(a.publish("live", "a"));
-        let (b, mut rx_b) = reg.register(addr());
+        let (mut b, mut rx_b) = reg.register(addr());
         b.connected(
             "live",
             Caps {
@@ -711,7 +729,7 @@ mod tests {
         let mut rxs = Vec::new();
         let mut guards = Vec::new();
         for i in 0..4 {
-            let (g, rx) = reg.register(addr());
+            let (mut g, rx) = reg.register(addr());
             g.connected(
                 "live",
                 Caps {
@@ -753,7 +771,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deadline_disconnects_incapable_and_cancel_restores_serving() {
         let (reg, drainer) = setup();
-        let (g, mut rx) = reg.register(addr());
+        let (mut g, mut rx) = reg.register(addr());
         g.connected("live", Caps::default());
         assert!(g.publish("live", "ffmpeg"));
         g.stats().relay_caught_up.store(true, Ordering::Relaxed);
@@ -774,6 +792,7 @@ mod tests {
             }
         );
         assert_eq!(drainer.status().unwrap().phase, Phase::TimedOut);
+        assert_eq!(reg.metrics().drain_cut.get(), 1, "the publisher cut at the deadline");
         drainer.cancel().expect("a drain runs");
         assert!(reg.serving());
         assert_eq!(drainer.status().unwrap().phase, Phase::Cancelled);
@@ -799,7 +818,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wait_policy_keeps_incapable_publishers() {
         let (reg, drainer) = setup();
-        let (g, mut rx) = reg.register(addr());
+        let (mut g, mut rx) = reg.register(addr());
         g.connected("live", Caps::default());
         assert!(g.publish("live", "ffmpeg"));
         g.stats().relay_caught_up.store(true, Ordering::Relaxed);
@@ -814,6 +833,78 @@ mod tests {
         assert!(rx.try_recv().is_err());
         assert_eq!(drainer.status().unwrap().phase, Phase::TimedOut);
         assert_eq!(drainer.status().unwrap().remaining, 1);
+        assert_eq!(reg.metrics().drain_cut.get(), 0, "kept, not cut");
+    }
+
+    /// `ingest_drain_deadline_timestamp_seconds`, as the status reports the deadline.
+    fn exported_deadline(reg: &Registry) -> f64 {
+        reg.metrics().drain_deadline.get()
+    }
+
+    fn unix(t: SystemTime) -> f64 {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs_f64()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_gauge_follows_start_replace_sigterm_and_cancel() {
+        let (reg, drainer) = setup();
+        assert_eq!(exported_deadline(&reg), 0.0, "no drain");
+        let mut s = spec("d1");
+        s.deadline = Duration::from_secs(300);
+        let st = drainer.start(s).unwrap();
+        assert_eq!(exported_deadline(&reg), unix(st.deadline_at));
+        let from_now = exported_deadline(&reg) - unix(SystemTime::now());
+        assert!((299.0..=300.0).contains(&from_now), "{from_now}");
+        let mut s = spec("d2");
+        s.deadline = Duration::from_secs(60);
+        let replaced = drainer.start(s).unwrap();
+        assert_eq!(exported_deadline(&reg), unix(st.started_at + Duration::from_secs(60)));
+        assert_eq!(exported_deadline(&reg), unix(replaced.deadline_at));
+        drainer.cancel().unwrap();
+        assert_eq!(exported_deadline(&reg), 0.0, "cancelled");
+        let mut s = spec("d3");
+        s.deadline = Duration::from_secs(300);
+        drainer.start(s).unwrap();
+        let capped = drainer.terminate(spec("sigterm")).unwrap();
+        assert_eq!(exported_deadline(&reg), unix(capped.deadline_at));
+        let from_now = exported_deadline(&reg) - unix(SystemTime::now());
+        assert!((29.0..=30.0).contains(&from_now), "within SIGTERM's 30 s: {from_now}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_disconnect_policy_cuts_and_each_cut_publisher_counts() {
+        let (reg, drainer) = setup();
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let (mut g, rx) = reg.register(addr());
+            g.connected("live", Caps::default());
+            assert!(g.publish("live", &format!("ffmpeg{i}")));
+            g.stats().relay_caught_up.store(true, Ordering::Relaxed);
+            held.push((g, rx));
+        }
+        let s = DrainSpec {
+            deadline: Duration::from_secs(2),
+            propagation_delay: Duration::ZERO,
+            ..spec("cut")
+        };
+        drainer.start(s).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(reg.metrics().drain_cut.get(), 0, "before the deadline");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(reg.metrics().drain_cut.get(), 3);
+        // The deadline applies once: later wake-ups cut nobody again.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(reg.metrics().drain_cut.get(), 3);
+        assert_eq!(
+            reg.metrics()
+                .scrape()
+                .lines()
+                .filter(|l| *l == "ingest_drain_cut_publishers_total 3")
+                .count(),
+            1
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -821,7 +912,7 @@ mod tests {
         let (reg, drainer) = setup();
         let mut guards = Vec::new();
         for i in 0..3 {
-            let (g, rx) = reg.register(addr());
+            let (mut g, rx) = reg.register(addr());
             g.connected(
                 "live",
                 Caps {

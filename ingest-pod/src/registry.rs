@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::keys::StreamKeys;
 use crate::metrics::{CapabilityLabel, Metrics, SignalLabel};
@@ -19,6 +21,18 @@ pub struct Caps {
     pub go_away: bool,
     /// `capsEx` had bit 0x01 (Enhanced RTMP v2 Reconnect Request).
     pub reconnect: bool,
+}
+
+impl Caps {
+    /// The capability class, as metrics label it: Reconnect Request wins
+    /// when both are announced.
+    pub fn label(self) -> &'static str {
+        match (self.reconnect, self.go_away) {
+            (true, _) => "reconnect_request",
+            (false, true) => "go_away",
+            _ => "incapable",
+        }
+    }
 }
 
 /// Which signals this pod may send (an operator can switch each off).
@@ -96,6 +110,8 @@ struct Entry {
     info: ConnInfo,
     stats: Arc<ConnStats>,
     tx: mpsc::UnboundedSender<SessionCommand>,
+    /// When the signal went to the session, on the monotonic clock.
+    signalled_at: Option<Instant>,
 }
 
 /// Counters of what happened to publishers since the pod started.
@@ -199,41 +215,46 @@ impl Registry {
                     info,
                     stats: stats.clone(),
                     tx,
+                    signalled_at: None,
                 },
             );
             id
         };
         self.update_gauges();
         self.notify();
+        let received = self.received_counter(Caps::default());
         (
             ConnGuard {
                 registry: self.clone(),
                 id,
                 stats,
+                received,
             },
             rx,
         )
     }
 
     fn update_gauges(&self) {
-        let (mut ga, mut rr, mut inc) = (0, 0, 0);
+        let mut counts: HashMap<&'static str, i64> = HashMap::new();
         for e in self.lock().conns.values() {
-            match (e.info.caps.reconnect, e.info.caps.go_away) {
-                (true, _) => rr += 1,
-                (false, true) => ga += 1,
-                _ => inc += 1,
-            }
+            *counts.entry(e.info.caps.label()).or_default() += 1;
         }
-        let g = &self.metrics.connections;
-        g.get_or_create(&CapabilityLabel {
-            capability: "reconnect_request",
-        })
-        .set(rr);
-        g.get_or_create(&CapabilityLabel { capability: "go_away" }).set(ga);
-        g.get_or_create(&CapabilityLabel {
-            capability: "incapable",
-        })
-        .set(inc);
+        for capability in crate::metrics::CAPABILITIES {
+            let n = counts.get(capability).copied().unwrap_or(0);
+            self.metrics
+                .connections
+                .get_or_create(&CapabilityLabel { capability })
+                .set(n);
+        }
+    }
+
+    /// The received-bytes counter of a connection that announced `caps`.
+    fn received_counter(&self, caps: Caps) -> Counter {
+        let capability = caps.label();
+        self.metrics
+            .bytes_in
+            .get_or_create(&CapabilityLabel { capability })
+            .clone()
     }
 
     /// Sends a command to a connection's session. False if it is gone.
@@ -252,6 +273,7 @@ impl Registry {
                 return false;
             }
             e.info.signalled = Some((SystemTime::now(), kind));
+            e.signalled_at = Some(Instant::now());
             inner.totals.signalled += 1;
             true
         };
@@ -333,6 +355,8 @@ pub struct ConnGuard {
     registry: Arc<Registry>,
     id: u64,
     stats: Arc<ConnStats>,
+    /// `ingest_received_bytes_total` of this connection's capability class.
+    received: Counter,
 }
 
 impl ConnGuard {
@@ -345,13 +369,20 @@ impl ConnGuard {
     }
 
     /// Records what `connect` announced.
-    pub fn connected(&self, app: &str, caps: Caps) {
+    pub fn connected(&mut self, app: &str, caps: Caps) {
         if let Some(e) = self.registry.lock().conns.get_mut(&self.id) {
             e.info.app = Some(app.to_owned());
             e.info.caps = caps;
         }
+        self.received = self.registry.received_counter(caps);
         self.registry.update_gauges();
         self.registry.notify();
+    }
+
+    /// Records that `total` bytes have been read from the connection so far.
+    pub fn received(&self, total: u64) {
+        let before = self.stats.bytes_in.swap(total, Ordering::Relaxed);
+        self.received.inc_by(total.saturating_sub(before));
     }
 
     /// Claims `stream` for this connection. False if another connection on
@@ -412,19 +443,27 @@ impl Drop for ConnGuard {
         let signalled = {
             let mut inner = self.registry.lock();
             release_key(&mut inner, self.id);
-            let signalled = inner.conns.remove(&self.id).is_some_and(|e| e.info.signalled.is_some());
+            let signalled = inner
+                .conns
+                .remove(&self.id)
+                .and_then(|e| Some((e.info.signalled?.1, e.signalled_at?)));
             // A signalled publisher that leaves by any path has migrated.
-            if signalled {
+            if signalled.is_some() {
                 inner.totals.migrated += 1;
             } else {
                 inner.totals.ended += 1;
             }
             signalled
         };
-        if signalled {
-            self.registry.metrics.migrations.inc();
+        let metrics = &self.registry.metrics;
+        if let Some((kind, at)) = signalled {
+            metrics.migrations.inc();
+            metrics
+                .signal_to_disconnect
+                .get_or_create(&SignalLabel { kind: kind.label() })
+                .observe(at.elapsed().as_secs_f64());
         } else {
-            self.registry.metrics.publisher_ends.inc();
+            metrics.publisher_ends.inc();
         }
         self.registry.update_gauges();
         self.registry.notify();
@@ -466,7 +505,7 @@ mod tests {
     #[test]
     fn one_publisher_per_key_and_migration_accounting() {
         let reg = Registry::new(Metrics::default());
-        let (a, mut rx_a) = reg.register(addr());
+        let (mut a, mut rx_a) = reg.register(addr());
         let (b, _rx_b) = reg.register(addr());
         a.connected(
             "live",
@@ -498,5 +537,72 @@ mod tests {
             }
         );
         assert_eq!(reg.connection_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_signalled_publisher_leaving_is_timed_under_its_signal_kind() {
+        let reg = Registry::new(Metrics::default());
+        let both = Caps {
+            go_away: true,
+            reconnect: true,
+        };
+        let (mut a, _rx_a) = reg.register(addr());
+        a.connected("live", both);
+        let (mut b, _rx_b) = reg.register(addr());
+        b.connected("live", both);
+        assert!(reg.signal(a.id(), SignalKind::ReconnectRequest, None));
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        drop(a);
+        // Never signalled: no sample.
+        drop(b);
+        let text = reg.metrics().scrape();
+        for line in [
+            "ingest_signal_to_disconnect_seconds_count{kind=\"reconnect_request\"} 1",
+            "ingest_signal_to_disconnect_seconds_sum{kind=\"reconnect_request\"} 1.5",
+            "ingest_signal_to_disconnect_seconds_bucket{le=\"1.28\",kind=\"reconnect_request\"} 0",
+            "ingest_signal_to_disconnect_seconds_bucket{le=\"2.56\",kind=\"reconnect_request\"} 1",
+            "ingest_signal_to_disconnect_seconds_count{kind=\"go_away\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn received_bytes_count_under_the_capability_announced() {
+        let reg = Registry::new(Metrics::default());
+        let bytes = |capability| {
+            reg.metrics()
+                .bytes_in
+                .get_or_create(&CapabilityLabel { capability })
+                .get()
+        };
+        let (mut obs, _rx) = reg.register(addr());
+        obs.connected(
+            "live",
+            Caps {
+                go_away: true,
+                reconnect: false,
+            },
+        );
+        obs.received(1000);
+        obs.received(1500);
+        let (mut both, _rx) = reg.register(addr());
+        both.connected(
+            "live",
+            Caps {
+                go_away: true,
+                reconnect: true,
+            },
+        );
+        both.received(700);
+        let (mut ffmpeg, _rx) = reg.register(addr());
+        ffmpeg.connected("live", Caps::default());
+        ffmpeg.received(300);
+        assert_eq!(
+            (bytes("go_away"), bytes("reconnect_request"), bytes("incapable")),
+            (1500, 700, 300)
+        );
+        let shown: Vec<u64> = reg.connections().iter().map(|c| c.bytes_in).collect();
+        assert_eq!(shown, [1500, 700, 300], "the status shows each connection's own count");
     }
 }

@@ -436,9 +436,28 @@ struct Config {
     delivered_any: bool,
     /// The origin accepted the publish of the latest session.
     published: bool,
+    /// When the publish started, until its first audio or video reached
+    /// the origin (`ingest_relay_first_delivery_seconds`).
+    awaiting_first_media: Option<Instant>,
 }
 
 impl Config {
+    /// Records the messages the origin got whole; returns their payload bytes.
+    fn delivered(&mut self, items: impl IntoIterator<Item = Item>, metrics: &Metrics) -> u64 {
+        let mut bytes = 0u64;
+        for item in items {
+            self.remember(&item);
+            self.delivered_any = true;
+            bytes += item.payload.len() as u64;
+            if !item.is_config()
+                && let Some(since) = self.awaiting_first_media.take()
+            {
+                metrics.relay_first_delivery.observe(since.elapsed().as_secs_f64());
+            }
+        }
+        bytes
+    }
+
     fn remember(&mut self, item: &Item) {
         match item.kind() {
             None if item.type_id == message::DATA_AMF0 => self.metadata = Some(item.clone()),
@@ -456,6 +475,8 @@ impl Config {
 /// One relay: a publisher's stream, pushed from its queue to the origin.
 pub struct Relay {
     pub url: RtmpUrl,
+    /// When the publish started on this pod.
+    pub since: Instant,
     pub queue: Arc<Queue>,
     pub cfg: RelayConfig,
     pub metrics: Metrics,
@@ -484,8 +505,17 @@ impl Relay {
 
 /// Upstream sessions with retries, until delivered or stopped.
 async fn deliver(relay: &Relay) {
-    let Relay { queue, cfg, span, .. } = relay;
-    let mut config = Config::default();
+    let Relay {
+        queue,
+        cfg,
+        span,
+        since,
+        ..
+    } = relay;
+    let mut config = Config {
+        awaiting_first_media: Some(*since),
+        ..Config::default()
+    };
     let mut retry = Retry::new(cfg);
     let mut attempt = 0u64;
     loop {
@@ -685,12 +715,7 @@ async fn pump(
                     return up.finish(url).await;
                 }
                 let (written, result) = up.write_batch(&items).await;
-                let mut bytes = 0u64;
-                for item in items.drain(..written) {
-                    config.remember(&item);
-                    bytes += item.payload.len() as u64;
-                }
-                config.delivered_any |= written > 0;
+                let bytes = config.delivered(items.drain(..written), metrics);
                 metrics.bytes_relayed.inc_by(bytes);
                 if let Err(err) = result {
                     // Only what did not leave whole goes back: resending what
@@ -1110,6 +1135,36 @@ mod tests {
         drop((big, small));
         items.clear();
         assert_eq!(budget.used(), 0, "every byte given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_media_delivered_is_timed_once_from_the_publish_start() {
+        let metrics = Metrics::default();
+        let mut config = Config {
+            awaiting_first_media: Some(Instant::now()),
+            ..Config::default()
+        };
+        let first = "ingest_relay_first_delivery_seconds_count";
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The origin was busy until now; configuration goes out before media.
+        assert_eq!(config.delivered([audio_header()], &metrics), 4);
+        assert!(
+            metrics.scrape().contains(&format!("{first} 0\n")),
+            "configuration is not media"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        config.delivered([video(true, 10), video(false, 10)], &metrics);
+        // An upstream reconnect later delivers media again: not a first delivery.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        config.delivered([video(true, 10)], &metrics);
+        let text = metrics.scrape();
+        assert!(text.contains(&format!("{first} 1\n")), "{text}");
+        assert!(text.contains("ingest_relay_first_delivery_seconds_sum 0.5\n"), "{text}");
+        assert!(
+            text.contains("ingest_relay_first_delivery_seconds_bucket{le=\"0.256\"} 0\n")
+                && text.contains("ingest_relay_first_delivery_seconds_bucket{le=\"0.512\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

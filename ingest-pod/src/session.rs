@@ -194,15 +194,11 @@ impl Session {
                 },
                 msg = reader.next_within(cfg.idle_timeout) => {
                     let Some(msg) = msg? else { return Ok("peer closed") };
-                    let before = self.guard.stats().bytes_in.swap(reader.bytes_in(), Ordering::Relaxed);
-                    self.ctx.registry.metrics().bytes_in.inc_by(reader.bytes_in() - before);
-                    // Everything the last read brought, then one hand-off to the relay.
-                    let mut next = Some(msg);
-                    while let Some(msg) = next {
-                        if let Some(done) = self.handle(&mut writer, msg).await? {
-                            return Ok(done);
-                        }
-                        next = reader.try_next()?;
+                    let handled = self.handle_read(&mut reader, &mut writer, msg).await;
+                    // Counted once the read is handled: a `connect` counts under what it announced.
+                    self.guard.received(reader.bytes_in());
+                    if let Some(done) = handled? {
+                        return Ok(done);
                     }
                     if let Err(why) = self.hand_off() {
                         // Tell the encoder, which shows the failure, instead of
@@ -220,6 +216,23 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Handles everything the last read brought; `Some(reason)` closes the connection.
+    async fn handle_read(
+        &mut self,
+        reader: &mut conn::Reader,
+        writer: &mut Writer,
+        msg: Message,
+    ) -> conn::Result<Option<&'static str>> {
+        let mut next = Some(msg);
+        while let Some(msg) = next {
+            if let Some(done) = self.handle(writer, msg).await? {
+                return Ok(Some(done));
+            }
+            next = reader.try_next()?;
+        }
+        Ok(None)
     }
 
     async fn signal(&mut self, writer: &mut Writer, kind: SignalKind, tc_url: Option<String>) -> conn::Result<()> {
@@ -452,6 +465,7 @@ impl Session {
         info!(stream = %shown, "publishing");
         // The callback may publish the stream upstream under another name.
         let upstream_name = self.upstream_name.take().unwrap_or_else(|| stream.clone());
+        let since = tokio::time::Instant::now();
         let queue = self.ctx.config.upstream.as_ref().and_then(|template| {
             let target = url::render(template, app, &upstream_name);
             match RtmpUrl::parse(&target) {
@@ -464,6 +478,7 @@ impl Session {
                     q.report_to(&shown, self.guard.stats().clone());
                     let relay = relay::Relay {
                         url: u,
+                        since,
                         queue: q.clone(),
                         cfg: self.ctx.config.relay.clone(),
                         metrics: self.ctx.registry.metrics().clone(),
@@ -485,38 +500,42 @@ impl Session {
             // Nothing relays this stream: nothing to wait for before a signal.
             self.guard.stats().relay_caught_up.store(true, Ordering::Relaxed);
         }
-        let recorder = self.ctx.config.record_dir.as_ref().and_then(|dir| {
-            let ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0);
-            let safe: String = stream
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            let path = dir.join(format!("{safe}-{ms}-{}.flv", self.guard.id()));
-            match File::create(&path).and_then(|f| FlvWriter::new(BufWriter::new(f), true, true)) {
-                Ok(w) => Some(w),
-                Err(err) => {
-                    warn!(path = %path.display(), %err, "cannot record");
-                    None
-                }
-            }
-        });
+        let recorder = self.recorder(&stream);
         self.publishing = Some(Publishing {
             stream,
             stream_id,
-            since: tokio::time::Instant::now(),
+            since,
             queue,
             pending: Vec::new(),
             recorder,
         });
+    }
+
+    /// A new FLV file for this publish of `stream`, if the pod records.
+    fn recorder(&self, stream: &str) -> Option<FlvWriter<BufWriter<File>>> {
+        let dir = self.ctx.config.record_dir.as_ref()?;
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let safe: String = stream
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = dir.join(format!("{safe}-{ms}-{}.flv", self.guard.id()));
+        match File::create(&path).and_then(|f| FlvWriter::new(BufWriter::new(f), true, true)) {
+            Ok(w) => Some(w),
+            Err(err) => {
+                warn!(path = %path.display(), %err, "cannot record");
+                None
+            }
+        }
     }
 
     fn media(&mut self, type_id: u8, timestamp: u32, payload: Bytes) {

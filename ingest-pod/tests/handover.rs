@@ -3,8 +3,11 @@
 //! on is drained; every audio/video message reaches the origin exactly once
 //! and in order (payload hashes of the origin's recordings).
 
+mod common;
+
 use std::time::Duration;
 
+use common::metric;
 use ingest_pod::drain::{DrainSpec, IncapablePolicy};
 use ingest_pod::registry::SignalKind;
 use ingest_testkit::audit;
@@ -151,7 +154,7 @@ async fn reconnect_request_without_redirect_loses_nothing() {
         redirects: vec![],
         propagation_delay: Duration::from_millis(300),
     };
-    let (report, _) = publish_through_drain(&mut lab, config(url, true, true), |pod| {
+    let (report, landed) = publish_through_drain(&mut lab, config(url, true, true), |pod| {
         pod.drainer.start(spec("rr-1")).expect("drain");
     })
     .await;
@@ -160,8 +163,46 @@ async fn reconnect_request_without_redirect_loses_nothing() {
         vec![(SignalKind::ReconnectRequest, None)],
         "Reconnect Request preferred over Go Away"
     );
+    handover_measured(&lab.pods[landed], &lab.pods[1 - landed]).await;
     let result = audit(&mut lab, &report);
     assert!(result.lossless(), "{result}");
+}
+
+/// The pods' own measures of a Reconnect Request move from `old` to `new`.
+async fn handover_measured(old: &LocalPod, new: &LocalPod) {
+    let (old, new) = (old.http.to_string(), new.http.to_string());
+    let signal = "ingest_signal_to_disconnect_seconds_count{kind=\"reconnect_request\"}";
+    assert!(metric(&old, signal).await >= 1.0, "the move is timed on the old pod");
+    let first = "ingest_relay_first_delivery_seconds_count";
+    assert!(
+        metric(&new, first).await >= 1.0,
+        "the new pod's wait at the origin is timed"
+    );
+    assert!(metric(&old, first).await >= 1.0);
+    for pod in [&old, &new] {
+        let bytes = |capability: &str| format!("ingest_received_bytes_total{{capability=\"{capability}\"}}");
+        assert!(metric(pod, &bytes("reconnect_request")).await > 0.0);
+        assert_eq!(
+            metric(pod, &bytes("incapable")).await,
+            0.0,
+            "its connect counts as capable"
+        );
+    }
+    for (which, pod) in [("old", &old), ("new", &new)] {
+        let page = common::http_get(pod, "/metrics").await;
+        let measures = [
+            "signal_to_disconnect",
+            "first_delivery",
+            "received_bytes",
+            "drain_deadline",
+            "drain_cut",
+        ];
+        for line in page.lines() {
+            if measures.iter().any(|n| line.contains(n)) && !line.contains("_bucket") {
+                println!("{which} pod: {line}");
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,14 +50,36 @@ async fn readiness_follows_the_drain_and_metrics_are_exported() {
         "ingest_draining 1",
         "ingest_drain_phase{phase=\"propagating\"} 1",
         "ingest_connections{capability=\"incapable\"}",
+        "ingest_received_bytes_total{capability=\"reconnect_request\"} 0",
+        "# TYPE ingest_signal_to_disconnect_seconds histogram",
+        "ingest_signal_to_disconnect_seconds_count{kind=\"go_away\"} 0",
+        "# TYPE ingest_relay_first_delivery_seconds histogram",
+        "# TYPE ingest_drain_deadline_timestamp_seconds gauge",
+        "ingest_drain_cut_publishers_total 0",
         "# EOF",
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
+    let deadline_at = pod.drainer.status().expect("a drain").deadline_at;
+    let unix = deadline_at.duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    let exported: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ingest_drain_deadline_timestamp_seconds ")?.parse().ok())
+        .expect("the deadline gauge");
+    // The encoder prints floats its own way (Grisu2): compare values, not text.
+    assert!(
+        (exported - unix.as_secs_f64()).abs() < 1e-3,
+        "the drain's deadline {unix:?}, exported {exported}"
+    );
     let (_, status) = get(pod.http, "/status").await;
     let v: serde_json::Value = serde_json::from_str(&status).expect("json");
     assert_eq!(v["serving"], false);
     assert_eq!(v["drain"]["id"], "h");
     pod.drainer.cancel().expect("a drain runs");
     assert_eq!(get(pod.http, "/readyz").await.0, 200, "ready again after cancel");
+    let (_, metrics) = get(pod.http, "/metrics").await;
+    assert!(
+        metrics.contains("ingest_drain_deadline_timestamp_seconds 0.0\n"),
+        "{metrics}"
+    );
 }

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::metric;
 use ingest_testkit::audit;
 use ingest_testkit::lab::Link;
 use ingest_testkit::origin::{Origin, free_port};
@@ -92,15 +93,6 @@ fn spawn_pod(cgroup: &MemoryCgroup, rtmp: &str, http: &str, upstream: &str) -> C
         .kill_on_drop(true)
         .spawn()
         .expect("spawning ingest-pod")
-}
-
-/// One sample of the pod's `/metrics`.
-async fn metric(http: &str, name: &str) -> f64 {
-    let page = common::http_get(http, "/metrics").await;
-    page.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

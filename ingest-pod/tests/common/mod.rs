@@ -20,6 +20,15 @@ pub async fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// One sample of the pod's `/metrics`: `name` with its labels, as exported.
+pub async fn metric(http: &str, name: &str) -> f64 {
+    let page = http_get(http, "/metrics").await;
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{page}"))
+}
+
 /// Waits until something accepts connections on `addr` (10 s at most).
 pub async fn listening(addr: &str) {
     for _ in 0..200 {
