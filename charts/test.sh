@@ -48,6 +48,30 @@ find_helm() {
 	[[ -x $HELM ]] || { echo "no helm at $HELM" >&2; exit 1; }
 }
 
+# promtool, like helm: pinned in e2e/versions.env, cached outside the repo,
+# built from the Go module proxy when the cache is cold.
+find_promtool() {
+	if [[ -n ${PROMTOOL:-} ]]; then
+		[[ -x $PROMTOOL ]] || { echo "PROMTOOL=$PROMTOOL is not executable" >&2; exit 1; }
+		return
+	fi
+	PROMTOOL=$("$ROOT/e2e/cluster/cluster" paths | sed -n 's/^promtool=//p')
+	if [[ ! -x $PROMTOOL ]]; then
+		step "promtool not cached at $PROMTOOL: building it (Go module proxy, ~5 min)"
+		(
+			# shellcheck disable=SC2034 # read by the sourced libraries
+			E2E_DIR=$ROOT/e2e
+			# shellcheck source=../e2e/cluster/lib/common.sh
+			source "$E2E_DIR/cluster/lib/common.sh"
+			# shellcheck source=../e2e/cluster/lib/build.sh
+			source "$E2E_DIR/cluster/lib/build.sh"
+			command -v go >/dev/null || die "go is required to build promtool"
+			build_promtool
+		)
+	fi
+	[[ -x $PROMTOOL ]] || { echo "no promtool at $PROMTOOL" >&2; exit 1; }
+}
+
 # The assertions parse YAML with PyYAML (Debian: python3-yaml).
 ensure_pyyaml() {
 	python3 -c 'import yaml' 2>/dev/null && return
@@ -71,8 +95,10 @@ expect_refused() {
 }
 
 find_helm
+find_promtool
 ensure_pyyaml
 printf 'helm: %s (%s)\n' "$HELM" "$("$HELM" version --short)"
+printf 'promtool: %s (%s)\n' "$PROMTOOL" "$("$PROMTOOL" --version 2>&1 | head -1)"
 
 step "CRD copy: charts/lossless-ingest/files/crds/ is the generator's crds/ output"
 if "$ROOT/charts/sync-crds.sh" --check; then ok "in sync"; else bad "out of sync (run charts/sync-crds.sh)"; fi
@@ -466,6 +492,71 @@ for d in deployments:
     port = [p for c in d["spec"]["template"]["spec"]["containers"] for p in c["ports"] if p["name"] == "http"]
     assert port and port[0]["containerPort"] == 8080, port
 PY
+
+step "monitoring: the Grafana dashboard and the PrometheusRule (promtool check and unit tests)"
+if ! grep -qE '^kind: PrometheusRule|grafana_dashboard' "$WORK/default.yaml"; then
+	ok "off by default: no PrometheusRule, no dashboard ConfigMap"
+else
+	bad "the default render has a PrometheusRule or a dashboard ConfigMap"
+fi
+# Release x: the unit tests' series name the jobs a release x scrape gives.
+"$HELM" template x "$CHART" -n ops --set-string "ingest.upstream=$UPSTREAM" \
+	--set monitoring.grafanaDashboard.enabled=true --set monitoring.grafanaDashboard.namespace=monitoring \
+	--set-string monitoring.grafanaDashboard.annotations.grafana_folder=Live \
+	--set monitoring.prometheusRule.enabled=true --set monitoring.prometheusRule.labels.release=prom \
+	--set monitoring.prometheusRule.additionalAlertLabels.team=video >"$WORK/monitoring.yaml"
+# The rules as the unit tests expect them: default alert labels.
+"$HELM" template x "$CHART" -n ops --set-string "ingest.upstream=$UPSTREAM" \
+	--set monitoring.prometheusRule.enabled=true >"$WORK/rules.yaml"
+mkdir -p "$WORK/promtool"
+python3 - "$WORK/monitoring.yaml" "$WORK/promtool" "$WORK/rules.yaml" <<'PY' && ok "dashboard ConfigMap (sidecar label, folder, every panel queries) and PrometheusRule (labels on the rule and every alert)" || bad "monitoring render: see above"
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+out = sys.argv[2]
+maps = [d for d in docs if d["kind"] == "ConfigMap" and "lossless-ingest.json" in d.get("data", {})]
+assert len(maps) == 1, [d["metadata"]["name"] for d in maps]
+m = maps[0]["metadata"]
+assert m["namespace"] == "monitoring" and m["labels"]["grafana_dashboard"] == "1", m
+assert m["annotations"]["grafana_folder"] == "Live", m
+dash = json.loads(maps[0]["data"]["lossless-ingest.json"])
+assert dash["uid"] == "lossless-ingest", dash["uid"]
+panels = [p for p in dash["panels"] if p["type"] != "row"]
+ids = [p["id"] for p in dash["panels"]]
+assert len(ids) == len(set(ids)), ids
+exprs = []
+for p in panels:
+    assert p["datasource"]["uid"] == "${datasource}", p["title"]
+    assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, p["title"]
+    assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), p["title"]
+    exprs += [t["expr"] for t in p["targets"]]
+# Every query as a recording rule, for promtool to parse (Grafana's
+# variables replaced by what they expand to).
+records = [{"record": f"dashboard:query_{i}", "expr": e.replace("$__rate_interval", "2m").replace("$namespace", ".*")}
+           for i, e in enumerate(exprs)]
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}, open(f"{out}/dashboard.rules.yaml", "w"))
+rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+assert len(rules) == 1, rules
+r = rules[0]
+assert r["metadata"]["namespace"] == "ops" and r["metadata"]["labels"]["release"] == "prom", r["metadata"]
+alerts = [a for g in r["spec"]["groups"] for a in g["rules"]]
+assert len(alerts) == 7, [a["alert"] for a in alerts]
+for a in alerts:
+    assert a["labels"]["team"] == "video" and a["labels"]["severity"] in ("critical", "warning"), a
+    assert a["annotations"]["summary"] and a["annotations"]["description"], a["alert"]
+plain = [d for d in yaml.safe_load_all(open(sys.argv[3])) if d and d["kind"] == "PrometheusRule"]
+yaml.safe_dump({"groups": plain[0]["spec"]["groups"]}, open(f"{out}/alerts.rules.yaml", "w"), width=10000)
+PY
+cp "$ROOT/charts/monitoring-tests/alerts.test.yaml" "$WORK/promtool/"
+if "$PROMTOOL" check rules "$WORK/promtool/alerts.rules.yaml" "$WORK/promtool/dashboard.rules.yaml" >"$WORK/promtool.log" 2>&1; then
+	ok "promtool check rules: the alerts and every dashboard query parse ($(grep -o '[0-9]* rules found' "$WORK/promtool.log" | paste -sd, -))"
+else
+	bad "promtool check rules"; indent <"$WORK/promtool.log"
+fi
+if "$PROMTOOL" test rules "$WORK/promtool/alerts.test.yaml" >"$WORK/promtool.log" 2>&1; then
+	ok "promtool test rules: every alert fires and stays quiet where it should (charts/monitoring-tests/alerts.test.yaml)"
+else
+	bad "promtool test rules"; indent <"$WORK/promtool.log"
+fi
 
 step "GitOps: with existing Secrets, renders need no lookup and are byte-identical"
 gitops=(--set-string "ingest.upstream=$UPSTREAM" --set controlToken.existingSecret=ingest-control-token

@@ -107,11 +107,23 @@ build_helm() {
 		"-X helm.sh/helm/$major/internal/version.version=$HELM_VERSION -X helm.sh/helm/$major/internal/version.gitTreeState=clean"
 }
 
+build_promtool() {
+	local release=${PROMETHEUS_VERSION#v0.}
+	[[ -x $(promtool_bin) ]] && return 0
+	# v0.316.0 -> 3.16.0: what `promtool --version` reports.
+	release="${release:0:1}.$((10#${release:1:2})).${release#*.}"
+	step "prometheus $PROMETHEUS_VERSION: wrapper module + go mod tidy" \
+		go_wrapper_init "$PROMETHEUS_CACHE/src" "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" \
+		github.com/prometheus/prometheus/cmd/promtool
+	step "build promtool" go_build_into "$PROMETHEUS_CACHE/src" "$(promtool_bin)" \
+		github.com/prometheus/prometheus/cmd/promtool "-X github.com/prometheus/common/version.Version=$release"
+}
+
 # True when every cached artefact exists: the warm path does no go invocation.
 build_is_warm() {
 	local b
 	for b in "${KUBE_BINARIES[@]}"; do [[ -x $(kube_bin "$b") ]] || return 1; done
-	[[ -x $(pause_bin) && -x $(etcd_bin) && -x $(helm_bin) ]]
+	[[ -x $(pause_bin) && -x $(etcd_bin) && -x $(helm_bin) && -x $(promtool_bin) ]]
 }
 
 cmd_build() {
@@ -120,13 +132,14 @@ cmd_build() {
 	# shellcheck disable=SC2086 # the package lists are word lists
 	step "debian packages" apt_ensure $CLUSTER_DEBIAN_PACKAGES
 	if build_is_warm; then
-		log "binaries cached in $CACHE_ROOT (kubernetes $KUBERNETES_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION)"
+		log "binaries cached in $CACHE_ROOT (kubernetes $KUBERNETES_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, prometheus $PROMETHEUS_VERSION)"
 	else
 		command -v go >/dev/null || die "go is required to build the cluster binaries"
 		build_kubernetes
 		build_pause
 		build_etcd
 		build_helm
+		build_promtool
 	fi
 	log "build complete in $(elapsed "$start")"
 }
@@ -134,7 +147,7 @@ cmd_build() {
 cmd_paths() {
 	local b
 	for b in "${KUBE_BINARIES[@]}"; do printf '%s=%s\n' "$b" "$(kube_bin "$b")"; done
-	printf 'etcd=%s\nhelm=%s\npause=%s\n' "$(etcd_bin)" "$(helm_bin)" "$(pause_bin)"
+	printf 'etcd=%s\nhelm=%s\npause=%s\npromtool=%s\n' "$(etcd_bin)" "$(helm_bin)" "$(pause_bin)" "$(promtool_bin)"
 }
 
 # shellcheck disable=SC2086 # the package lists are word lists

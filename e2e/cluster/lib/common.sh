@@ -13,6 +13,7 @@ CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/lossless-ingest"
 K8S_CACHE="$CACHE_ROOT/k8s-$KUBERNETES_VERSION"
 ETCD_CACHE="$CACHE_ROOT/etcd-$ETCD_VERSION"
 HELM_CACHE="$CACHE_ROOT/helm-$HELM_VERSION"
+PROMETHEUS_CACHE="$CACHE_ROOT/prometheus-$PROMETHEUS_VERSION"
 KUBE_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 
 # Everything a running cluster owns lives here (state, certs, logs, pids).
@@ -74,4 +75,5 @@ apt_ensure() {
 kube_bin() { printf '%s/bin/%s' "$K8S_CACHE" "$1"; }
 etcd_bin() { printf '%s/bin/etcd' "$ETCD_CACHE"; }
 helm_bin() { printf '%s/bin/helm' "$HELM_CACHE"; }
+promtool_bin() { printf '%s/bin/promtool' "$PROMETHEUS_CACHE"; }
 pause_bin() { printf '%s/bin/pause' "$K8S_CACHE"; }
