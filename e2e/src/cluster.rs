@@ -88,6 +88,7 @@ pub struct Cluster {
     state_dir: PathBuf,
     kubectl: PathBuf,
     helm: PathBuf,
+    promtool: PathBuf,
     nodes: Vec<String>,
     client: Client,
     /// Network namespaces that existed before `up` (not ours to report).
@@ -123,6 +124,7 @@ impl Cluster {
         };
         let kubectl = path_of("kubectl")?;
         let helm = path_of("helm")?;
+        let promtool = path_of("promtool")?;
         let kc = Kubeconfig::read_from(&kubeconfig)?;
         let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
         // Scenarios assert on 429s (held evictions); kube would retry them for minutes.
@@ -134,6 +136,7 @@ impl Cluster {
             state_dir,
             kubectl,
             helm,
+            promtool,
             nodes: (0..nodes).map(node_name).collect(),
             client,
             netns_before,
@@ -178,6 +181,11 @@ impl Cluster {
     /// The kubectl binary (the cluster's version, from the build cache).
     pub fn kubectl_path(&self) -> &Path {
         &self.kubectl
+    }
+
+    /// promtool (the pinned version, from the build cache).
+    pub fn promtool_path(&self) -> &Path {
+        &self.promtool
     }
 
     /// Leaves the cluster running when this handle goes (the demo's `--keep`).

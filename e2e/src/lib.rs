@@ -7,6 +7,7 @@
 //! restores the starting state between them and always tears down.
 
 pub mod cluster;
+pub mod live_rules;
 pub mod lossless;
 pub mod metric_names;
 pub mod obs;

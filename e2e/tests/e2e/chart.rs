@@ -23,7 +23,7 @@ use ingest_e2e::rtmp::{BackgroundPublisher, HostOrigin};
 use ingest_e2e::system::{
     self, CRD, INGEST_PODS, INSTANCE_LABEL, OPERATOR_PODS, RELEASE, RTMP_PORT, deployments_available,
 };
-use ingest_e2e::{Cluster, Scenario, metric_names};
+use ingest_e2e::{Cluster, Scenario, live_rules, metric_names};
 
 use crate::operator;
 
@@ -123,7 +123,7 @@ async fn install_upgrade_uninstall(c: Arc<Cluster>) -> Result<()> {
     operator_has_no_forbidden_calls(&c).await?;
     operator_rbac_is_least(&c).await?;
     stream_keys_hidden(&c).await?;
-    documented_metrics_exist(&c).await?;
+    documented_metrics_exist(&c, &upstream).await?;
     control_api_needs_the_operators_certificate(&c).await?;
 
     upgrade_keeps_secrets(&c, &upstream).await?;
@@ -666,14 +666,27 @@ async fn uninstall_leaves_only_the_crd(c: &Cluster) -> Result<()> {
 }
 
 /// Every metric name the docs and the chart use is one a live ingest pod or
-/// operator exports (scraped through the API server's pod proxy).
-async fn documented_metrics_exist(c: &Cluster) -> Result<()> {
+/// operator exports (scraped through the API server's pod proxy), and the
+/// chart's dashboard and alerts work on those metrics (promtool).
+async fn documented_metrics_exist(c: &Cluster, upstream: &str) -> Result<()> {
     let mut exported = BTreeSet::new();
-    for selector in [INGEST_PODS, OPERATOR_PODS] {
+    let mut scrapes = Vec::new();
+    for (selector, job) in [(INGEST_PODS, "ingest"), (OPERATOR_PODS, "operator")] {
         let pods = c.pods(NS, selector).await?;
-        let (pod, _, _) = pods.first().with_context(|| format!("no pod of {selector}"))?;
-        let path = format!("/api/v1/namespaces/{NS}/pods/{pod}:8080/proxy/metrics");
-        metric_names::exported(&c.kubectl(&["get", "--raw", &path]).await?, &mut exported);
+        ensure!(!pods.is_empty(), "no pod of {selector}");
+        for (pod, _, _) in pods {
+            let path = format!("/api/v1/namespaces/{NS}/pods/{pod}:8080/proxy/metrics");
+            let text = c.kubectl(&["get", "--raw", &path]).await?;
+            metric_names::exported(&text, &mut exported);
+            let target = [
+                ("namespace", NS),
+                ("job", job),
+                ("pod", &pod),
+                ("instance", &format!("{pod}:8080")),
+            ];
+            let target = target.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+            scrapes.push(live_rules::Scrape { target, text });
+        }
     }
     ensure!(
         exported.contains("ingest_operator_build_info") && exported.contains("ingest_connections"),
@@ -689,6 +702,37 @@ async fn documented_metrics_exist(c: &Cluster) -> Result<()> {
         "  {} metric names in the docs and the chart, all exported ({} series names scraped)",
         documented.len(),
         exported.len()
+    );
+    dashboard_and_alerts_work_on(c, upstream, &scrapes).await
+}
+
+/// promtool over the live scrapes: every dashboard query returns data,
+/// every series an alert reads exists, and no alert fires.
+async fn dashboard_and_alerts_work_on(c: &Cluster, upstream: &str, scrapes: &[live_rules::Scrape]) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let rendered = system::helm_template(c, NS, upstream, &["monitoring.prometheusRule.enabled=true"]).await?;
+    let alerts = live_rules::rule_file(&rendered)?;
+    std::fs::write(dir.path().join("alerts.rules.yaml"), &alerts)?;
+    let dashboard = system::chart_dir().join("files/dashboards/lossless-ingest.json");
+    let queries = live_rules::dashboard_queries(&std::fs::read_to_string(&dashboard)?)?;
+    let checks = live_rules::write_test(dir.path(), scrapes, &queries, &alerts)?;
+    let out = tokio::process::Command::new(c.promtool_path())
+        .args(["test", "rules", "live.test.json"])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .context("running promtool")?;
+    ensure!(
+        out.status.success(),
+        "promtool over the live scrape: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "  promtool over a live scrape of {} pods: {} dashboard queries return data, {} series checks pass, no alert fires",
+        scrapes.len(),
+        queries.len(),
+        checks - queries.len()
     );
     Ok(())
 }
