@@ -68,7 +68,7 @@ impl Phase {
         }
     }
 
-    const ALL: [Phase; 5] = [
+    pub(crate) const ALL: [Phase; 5] = [
         Phase::Propagating,
         Phase::Signalling,
         Phase::Drained,

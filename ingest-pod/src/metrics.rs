@@ -137,6 +137,10 @@ impl Metrics {
         for result in ["allow", "deny", "error", "timeout"] {
             self.publish_auth.get_or_create(&ResultLabel { result }).inc_by(0);
         }
+        for phase in crate::drain::Phase::ALL {
+            let phase = phase.label();
+            self.drain_phase.get_or_create(&PhaseLabel { phase }).set(0);
+        }
     }
 
     /// Connections, publish sessions and what their publishers did.
@@ -292,6 +296,15 @@ mod tests {
             "# TYPE ingest_drain_cut_publishers counter",
             "ingest_drain_cut_publishers_total 0",
         ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_drain_phase_is_exported_at_zero_before_any_drain() {
+        let text = Metrics::default().scrape();
+        for phase in ["propagating", "signalling", "drained", "timed_out", "cancelled"] {
+            let line = format!("ingest_drain_phase{{phase=\"{phase}\"}} 0");
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }
     }
