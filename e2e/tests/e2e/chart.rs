@@ -715,7 +715,7 @@ async fn dashboard_and_alerts_work_on(c: &Cluster, upstream: &str, scrapes: &[li
     std::fs::write(dir.path().join("alerts.rules.yaml"), &alerts)?;
     let dashboard = system::chart_dir().join("files/dashboards/lossless-ingest.json");
     let queries = live_rules::dashboard_queries(&std::fs::read_to_string(&dashboard)?)?;
-    let checks = live_rules::write_test(dir.path(), scrapes, &queries, &alerts)?;
+    let (returning, series) = live_rules::write_test(dir.path(), scrapes, &queries, &alerts)?;
     let out = tokio::process::Command::new(c.promtool_path())
         .args(["test", "rules", "live.test.json"])
         .current_dir(dir.path())
@@ -729,10 +729,10 @@ async fn dashboard_and_alerts_work_on(c: &Cluster, upstream: &str, scrapes: &[li
         String::from_utf8_lossy(&out.stderr)
     );
     println!(
-        "  promtool over a live scrape of {} pods: {} dashboard queries return data, {} series checks pass, no alert fires",
+        "  promtool over a live scrape of {} pods: {returning} of {} dashboard queries return data \
+         (the others show drains under way), the {series} series they and the alerts read exist, no alert fires",
         scrapes.len(),
         queries.len(),
-        checks - queries.len()
     );
     Ok(())
 }
