@@ -5,7 +5,7 @@
 # must be refused. The install/upgrade/uninstall on a real cluster is an e2e
 # scenario.
 #
-#   bash charts/test.sh            HELM=/path/to/helm to use another helm
+#   bash charts/test.sh            HELM=/path/to/helm, PROMTOOL=/path/to/promtool to use others
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
@@ -24,16 +24,14 @@ bad() {
 }
 indent() { sed 's/^/         /' >&2; }
 
-# helm as the e2e tooling builds it (pinned in e2e/versions.env, cached outside
-# the repo); built here, and only helm, when the cache is cold.
-find_helm() {
-	if [[ -n ${HELM:-} ]]; then
-		[[ -x $HELM ]] || { echo "HELM=$HELM is not executable" >&2; exit 1; }
-		return
-	fi
-	HELM=$("$ROOT/e2e/cluster/cluster" paths | sed -n 's/^helm=//p')
-	if [[ ! -x $HELM ]]; then
-		step "helm not cached at $HELM: building it (Go module proxy, ~1-2 min)"
+# find_tool NAME BUILD: the path of a tool the e2e tooling builds (helm,
+# promtool: pinned in e2e/versions.env, cached outside the repo), built by
+# the build function BUILD, and only that, when the cache is cold.
+find_tool() {
+	local name=$1 build=$2 path
+	path=$("$ROOT/e2e/cluster/cluster" paths | sed -n "s/^$name=//p")
+	if [[ ! -x $path ]]; then
+		step "$name not cached at $path: building it (Go module proxy, a few minutes)" >&2
 		(
 			# shellcheck disable=SC2034 # read by the sourced libraries
 			E2E_DIR=$ROOT/e2e
@@ -41,35 +39,19 @@ find_helm() {
 			source "$E2E_DIR/cluster/lib/common.sh"
 			# shellcheck source=../e2e/cluster/lib/build.sh
 			source "$E2E_DIR/cluster/lib/build.sh"
-			command -v go >/dev/null || die "go is required to build helm"
-			build_helm
-		)
+			command -v go >/dev/null || die "go is required to build $name"
+			"$build"
+		) >&2
 	fi
-	[[ -x $HELM ]] || { echo "no helm at $HELM" >&2; exit 1; }
+	printf '%s\n' "$path"
 }
 
-# promtool, like helm: pinned in e2e/versions.env, cached outside the repo,
-# built from the Go module proxy when the cache is cold.
-find_promtool() {
-	if [[ -n ${PROMTOOL:-} ]]; then
-		[[ -x $PROMTOOL ]] || { echo "PROMTOOL=$PROMTOOL is not executable" >&2; exit 1; }
-		return
-	fi
-	PROMTOOL=$("$ROOT/e2e/cluster/cluster" paths | sed -n 's/^promtool=//p')
-	if [[ ! -x $PROMTOOL ]]; then
-		step "promtool not cached at $PROMTOOL: building it (Go module proxy, ~5 min)"
-		(
-			# shellcheck disable=SC2034 # read by the sourced libraries
-			E2E_DIR=$ROOT/e2e
-			# shellcheck source=../e2e/cluster/lib/common.sh
-			source "$E2E_DIR/cluster/lib/common.sh"
-			# shellcheck source=../e2e/cluster/lib/build.sh
-			source "$E2E_DIR/cluster/lib/build.sh"
-			command -v go >/dev/null || die "go is required to build promtool"
-			build_promtool
-		)
-	fi
-	[[ -x $PROMTOOL ]] || { echo "no promtool at $PROMTOOL" >&2; exit 1; }
+# HELM=/path or PROMTOOL=/path use those instead.
+find_tools() {
+	HELM=${HELM:-$(find_tool helm build_helm)}
+	PROMTOOL=${PROMTOOL:-$(find_tool promtool build_promtool)}
+	[[ -x $HELM ]] || { echo "no helm at '$HELM'" >&2; exit 1; }
+	[[ -x $PROMTOOL ]] || { echo "no promtool at '$PROMTOOL'" >&2; exit 1; }
 }
 
 # The assertions parse YAML with PyYAML (Debian: python3-yaml).
@@ -94,8 +76,7 @@ expect_refused() {
 	fi
 }
 
-find_helm
-find_promtool
+find_tools
 ensure_pyyaml
 printf 'helm: %s (%s)\n' "$HELM" "$("$HELM" version --short)"
 printf 'promtool: %s (%s)\n' "$PROMTOOL" "$("$PROMTOOL" --version 2>&1 | head -1)"
