@@ -5,7 +5,10 @@
 //! - `drain100`: drain time of one pod holding 100 capable publishers,
 //!   next to the model propagation + one GOP + publishers / rate.
 //! - `throughput`: CPU and memory of one ingest-pod process relaying
-//!   2.5 Mbit/s publishers to an origin, against nginx-rtmp's `push`.
+//!   2.5 Mbit/s publishers to an origin, against nginx-rtmp's `push`, and
+//!   the latency and spacing of delivery seen by players at the origin
+//!   (publisher write → arrival, one clock, this process), next to the
+//!   publishers writing straight to the origin.
 //!
 //! `cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all] [--quick] [--publishers 10,20,40]`
 //!
@@ -28,7 +31,7 @@ use ingest_rtmp::message::{Command as RtmpCommand, Message, UserControl};
 use ingest_testkit::audit::{self, AuditReport};
 use ingest_testkit::lab::{Balancer, LocalPod};
 use ingest_testkit::origin::{self, Origin, RTMP_MODULE};
-use ingest_testkit::publisher::{Progress, Publisher, PublisherConfig, PublisherReport, SentFrame};
+use ingest_testkit::publisher::{Progress, Publisher, PublisherConfig, PublisherReport, SentFrame, unix_us};
 use serde_json::{Value as Json, json};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -375,7 +378,10 @@ fn audit_json(results: &[AuditReport]) -> Json {
 #[derive(Debug, Clone)]
 struct Arrival {
     at: Instant,
+    /// The same moment on the clock of [`SentFrame::sent_at_us`].
+    wall_us: u64,
     kind: Kind,
+    size: usize,
     hash: String,
 }
 
@@ -466,16 +472,20 @@ async fn player(
                 m = reader.next() => m,
                 () = stop.cancelled() => return Ok(log),
             };
-            let at = Instant::now();
+            let (at, wall_us) = (Instant::now(), unix_us());
             match msg {
                 Ok(Some(Message::Audio { payload, .. })) => log.arrivals.push(Arrival {
                     at,
+                    wall_us,
                     kind: Kind::Audio,
+                    size: payload.len(),
                     hash: media::payload_hash(&payload),
                 }),
                 Ok(Some(Message::Video { payload, .. })) => log.arrivals.push(Arrival {
                     at,
+                    wall_us,
                     kind: Kind::Video,
+                    size: payload.len(),
                     hash: media::payload_hash(&payload),
                 }),
                 Ok(Some(Message::Command { command, .. })) if command.name == "onStatus" => {
@@ -1243,6 +1253,8 @@ fn clock_ticks() -> f64 {
 enum Side {
     IngestPod,
     NginxPush,
+    /// Publishers straight to the origin: the latency floor a relay adds to.
+    Direct,
 }
 
 impl Side {
@@ -1250,7 +1262,90 @@ impl Side {
         match self {
             Side::IngestPod => "ingest-pod",
             Side::NginxPush => "nginx-rtmp push",
+            Side::Direct => "direct (no relay)",
         }
+    }
+}
+
+/// Streams of a throughput run that a player at the origin watches.
+const WATCHED_STREAMS: usize = 20;
+/// Arrivals at a player closer than this to the previous one belong to the same burst.
+const BURST_GAP_MS: f64 = 1.0;
+
+/// What players at the origin saw of the frames published in the window.
+#[derive(Debug, Clone, Default)]
+struct Delivery {
+    /// Streams watched.
+    streams: usize,
+    /// Publisher write → player arrival, per frame (ms).
+    latency: Stats,
+    /// Gaps between consecutive arrivals of a stream (ms).
+    gaps: Stats,
+    /// Frames and kilobytes per burst at a player.
+    burst_frames: Stats,
+    burst_kb: Stats,
+    /// Frames published in the window on the watched streams that no player saw.
+    unseen: usize,
+}
+
+impl Delivery {
+    fn of(watched: &[(&PublisherReport, PlayerLog)], in_window: impl Fn(&SentFrame) -> bool) -> Self {
+        let (mut latency, mut gaps, mut frames, mut kb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut unseen = 0;
+        for (report, log) in watched {
+            let sent: HashMap<&str, &SentFrame> = report
+                .sent
+                .iter()
+                .filter(|f| in_window(f))
+                .map(|f| (f.hash.as_str(), f))
+                .collect();
+            let seen: Vec<(&Arrival, &SentFrame)> = log
+                .arrivals
+                .iter()
+                .filter_map(|a| sent.get(a.hash.as_str()).map(|f| (a, *f)))
+                .collect();
+            unseen += sent.len().saturating_sub(seen.len());
+            latency.extend(
+                seen.iter()
+                    .map(|(a, f)| a.wall_us.saturating_sub(f.sent_at_us) as f64 / 1000.0),
+            );
+            let mut burst = (0usize, 0usize);
+            for (i, (a, _)) in seen.iter().enumerate() {
+                if i > 0 {
+                    let gap = ms(a.at.saturating_duration_since(seen[i - 1].0.at));
+                    gaps.push(gap);
+                    if gap >= BURST_GAP_MS {
+                        frames.push(burst.0 as f64);
+                        kb.push(burst.1 as f64 / 1024.0);
+                        burst = (0, 0);
+                    }
+                }
+                burst = (burst.0 + 1, burst.1 + a.size);
+            }
+            if burst.0 > 0 {
+                frames.push(burst.0 as f64);
+                kb.push(burst.1 as f64 / 1024.0);
+            }
+        }
+        Self {
+            streams: watched.len(),
+            latency: Stats::of(&latency),
+            gaps: Stats::of(&gaps),
+            burst_frames: Stats::of(&frames),
+            burst_kb: Stats::of(&kb),
+            unseen,
+        }
+    }
+
+    fn json(&self) -> Json {
+        json!({
+            "streams_watched": self.streams,
+            "latency_ms": self.latency.json(),
+            "arrival_gap_ms": self.gaps.json(),
+            "burst_frames": self.burst_frames.json(),
+            "burst_kb": self.burst_kb.json(),
+            "frames_unseen": self.unseen,
+        })
     }
 }
 
@@ -1273,6 +1368,7 @@ struct Throughput {
     max_lag_ms: f64,
     publisher_errors: usize,
     unplanned_reconnects: u32,
+    delivery: Delivery,
 }
 
 impl Throughput {
@@ -1311,6 +1407,7 @@ impl Throughput {
             "max_publisher_lag_ms": self.max_lag_ms,
             "publisher_errors": self.publisher_errors,
             "unplanned_reconnects": self.unplanned_reconnects,
+            "delivery_at_origin": self.delivery.json(),
         })
     }
 }
@@ -1334,7 +1431,7 @@ async fn throughput(opts: &Opts) -> Result<Json> {
     );
     let mut rows = Vec::new();
     for &n in &opts.publishers {
-        for side in [Side::IngestPod, Side::NginxPush] {
+        for side in [Side::IngestPod, Side::NginxPush, Side::Direct] {
             let row = measure(opts, side, n, warmup, hz)
                 .await
                 .with_context(|| format!("{} with {n} publishers", side.label()))?;
@@ -1355,7 +1452,7 @@ async fn throughput(opts: &Opts) -> Result<Json> {
     }
 
     println!(
-        "\n{:<16} {:>4} {:>8} {:>7} {:>9} {:>9} {:>11} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6}",
+        "\n{:<18} {:>4} {:>8} {:>7} {:>9} {:>9} {:>11} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6}",
         "relay",
         "pubs",
         "CPU s",
@@ -1372,7 +1469,7 @@ async fn throughput(opts: &Opts) -> Result<Json> {
     );
     for r in &rows {
         println!(
-            "{:<16} {:>4} {:>8.2} {:>7.1} {:>9.1} {:>9.1} {:>11.5} {:>8.1} {:>8.1} {:>9.0} {:>9.0} {:>8.0} {:>6}",
+            "{:<18} {:>4} {:>8.2} {:>7.1} {:>9.1} {:>9.1} {:>11.5} {:>8.1} {:>8.1} {:>9.0} {:>9.0} {:>8.0} {:>6}",
             r.side.label(),
             r.publishers,
             r.cpu_s,
@@ -1391,6 +1488,44 @@ async fn throughput(opts: &Opts) -> Result<Json> {
     println!(
         "(kB/pub+: RSS above the idle process per publisher; kB/pub: whole RSS per publisher; lag: worst frame delay at the publishers)"
     );
+    println!(
+        "\nDelivery at the origin (up to {WATCHED_STREAMS} streams per run watched by players at the origin; frames published in the window):"
+    );
+    println!(
+        "{:<18} {:>4} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10} {:>7}",
+        "relay",
+        "pubs",
+        "lat p50",
+        "lat p99",
+        "lat max",
+        "gap p50",
+        "gap p99",
+        "burst fr 50",
+        "burst fr 99",
+        "burst kB99",
+        "unseen"
+    );
+    for r in &rows {
+        let d = &r.delivery;
+        println!(
+            "{:<18} {:>4} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.0} {:>11.0} {:>10.1} {:>7}",
+            r.side.label(),
+            r.publishers,
+            d.latency.p50,
+            d.latency.p99,
+            d.latency.max,
+            d.gaps.p50,
+            d.gaps.p99,
+            d.burst_frames.p50,
+            d.burst_frames.p99,
+            d.burst_kb.p99,
+            d.unseen
+        );
+    }
+    println!(
+        "(lat: publisher write → player at the origin, ms, includes the origin's own hop (see the direct row); gap: between \
+         consecutive arrivals of a stream, ms; burst: arrivals less than {BURST_GAP_MS} ms apart)"
+    );
     let mut ratios = Vec::new();
     println!("\ningest-pod ÷ nginx-rtmp (target: CPU per MB ≤ 0.5, memory per publisher ≤ 1.0):");
     for &n in &opts.publishers {
@@ -1401,10 +1536,16 @@ async fn throughput(opts: &Opts) -> Result<Json> {
         let cpu = i.cpu_per_mb() / x.cpu_per_mb();
         let mem = i.rss_per_publisher_kb() / x.rss_per_publisher_kb();
         let mem_total = i.total_rss_per_publisher_kb() / x.total_rss_per_publisher_kb();
+        // Added latency: over the direct path's, p99 against p99.
+        let floor = find(Side::Direct).map_or(0.0, |d| d.delivery.latency.p99);
+        let added = i.delivery.latency.p99 - floor;
+        let added_nginx = x.delivery.latency.p99 - floor;
         println!(
-            "  {n:>3} publishers: CPU/MB {cpu:.2} ({}), RSS/publisher over idle {mem:.2} ({}), whole RSS/publisher {mem_total:.2}",
+            "  {n:>3} publishers: CPU/MB {cpu:.2} ({}), RSS/publisher over idle {mem:.2} ({}), whole RSS/publisher {mem_total:.2}, \
+             latency p99 over the direct path {added:.1} ms ({}; nginx-rtmp {added_nginx:.1} ms)",
             if cpu <= 0.5 { "meets" } else { "misses" },
             if mem <= 1.0 { "meets" } else { "misses" },
+            if added <= 10.0 { "meets ≤ 10" } else { "misses ≤ 10" },
         );
         ratios.push(json!({
             "publishers": n,
@@ -1413,6 +1554,9 @@ async fn throughput(opts: &Opts) -> Result<Json> {
             "whole_rss_per_publisher_ratio": round3(mem_total),
             "cpu_target_met": cpu <= 0.5,
             "memory_target_met": mem <= 1.0,
+            "added_latency_p99_ms": round3(added),
+            "nginx_added_latency_p99_ms": round3(added_nginx),
+            "latency_target_met": added <= 10.0,
         }));
     }
     Ok(json!({
@@ -1442,6 +1586,7 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
             None,
             Some(Nginx::start(&dir.path().join("relay"), &format!("push {upstream};"))?),
         ),
+        Side::Direct => (None, None),
     };
     let (addr, pids): (SocketAddr, Box<dyn Fn() -> Vec<u32>>) = match (&pod, &nginx) {
         (Some(p), _) => {
@@ -1459,10 +1604,21 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
                 }),
             )
         }
-        _ => bail!("no relay"),
+        _ => (sink.addr, Box::new(Vec::new)),
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = sample(&pids());
+    // Players at the origin, attached before their publishers start.
+    let stop_players = CancellationToken::new();
+    let mut players = Vec::new();
+    for i in (0..n).step_by(n.div_ceil(WATCHED_STREAMS).max(1)) {
+        let (ready_tx, mut ready) = watch::channel(false);
+        let task = tokio::spawn(player(sink.addr, format!("tp-{i:03}"), stop_players.clone(), ready_tx));
+        tokio::time::timeout(STEP, ready.wait_for(|r| *r))
+            .await
+            .context("player did not start")??;
+        players.push((i, task));
+    }
     let stop = CancellationToken::new();
     let mut publishers = Vec::with_capacity(n);
     let stagger = Duration::from_millis(1000 / n.max(1) as u64).min(Duration::from_millis(50));
@@ -1496,6 +1652,13 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
     let (s1, w1, elapsed) = (sample(&pids()), unix_ms(), t0.elapsed());
     let (k1, _) = sink.bytes().await?;
     stop.cancel();
+    // Frames of the window still on their way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_players.cancel();
+    let mut logs = HashMap::new();
+    for (i, task) in players {
+        logs.insert(format!("tp-{i:03}"), task.await.context("player panicked")??);
+    }
     let mut reports = Vec::with_capacity(n);
     let mut errors = 0;
     for p in publishers {
@@ -1513,6 +1676,11 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
     drop((pod, nginx, sink));
     let mb = |b: u64| b as f64 / 1e6;
     let in_window = |f: &&SentFrame| f.sent_at_ms >= w0 && f.sent_at_ms < w1;
+    let watched: Vec<(&PublisherReport, PlayerLog)> = reports
+        .iter()
+        .filter_map(|r| logs.remove(&r.stream).map(|log| (r, log)))
+        .collect();
+    let delivery = Delivery::of(&watched, |f| in_window(&f));
     let published: u64 = reports
         .iter()
         .flat_map(|r| r.sent.iter().filter(in_window))
@@ -1548,5 +1716,6 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
         max_lag_ms: max_lag,
         publisher_errors: errors,
         unplanned_reconnects: reports.iter().map(|r| r.unplanned_reconnects).sum(),
+        delivery,
     })
 }

@@ -292,6 +292,7 @@ pub fn sent_from_recording(tags: &[flv::Tag], key: PayloadKey) -> Vec<SentFrame>
             size: tag.data.len(),
             hash: key.hash(kind, &tag.data),
             sent_at_ms: 0,
+            sent_at_us: 0,
         });
     }
     sent
@@ -560,6 +561,7 @@ mod tests {
             size: s.payload.len(),
             hash: media::payload_hash(&s.payload),
             sent_at_ms: 0,
+            sent_at_us: 0,
         };
         samples.iter().map(frame).collect()
     }

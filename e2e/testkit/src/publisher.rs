@@ -506,6 +506,9 @@ pub struct SentFrame {
     /// Wall clock when the write completed, Unix milliseconds.
     #[serde(default)]
     pub sent_at_ms: u64,
+    /// The same instant in Unix microseconds (latency measurements).
+    #[serde(default)]
+    pub sent_at_us: u64,
 }
 
 /// A line of the publisher's JSON lines log.
@@ -701,6 +704,14 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Unix microseconds: what [`SentFrame::sent_at_us`] holds.
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 
@@ -1065,6 +1076,7 @@ impl State {
     }
 
     fn record_sent(&mut self, sample: &Sample, conn: u32, conn_ts: u32) -> Result<()> {
+        let sent_at_us = unix_us();
         let frame = SentFrame {
             seq: sample.seq,
             kind: sample.kind,
@@ -1074,7 +1086,8 @@ impl State {
             conn_ts,
             size: sample.payload.len(),
             hash: media::payload_hash(&sample.payload),
-            sent_at_ms: unix_ms(),
+            sent_at_ms: sent_at_us / 1000,
+            sent_at_us,
         };
         if self.log.is_some() {
             self.write_log(&LogLine::Frame {
