@@ -46,7 +46,8 @@ const DRAIN100_LIMIT: Duration = Duration::from_secs(300);
 const THROUGHPUT_LIMIT: Duration = Duration::from_secs(1200);
 
 const USAGE: &str = "usage: cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all]... \
-                     [--quick] [--publishers 10,20,40] [--window 20s] [--pod-args \"--relay-busy-retry=10ms ...\"]";
+                     [--quick] [--publishers 10,20,40] [--window 20s] [--relays ingest-pod,nginx,direct] \
+                     [--pod-args \"--relay-busy-retry=10ms ...\"]";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -77,6 +78,8 @@ struct Opts {
     window: Duration,
     /// Extra ingest-pod flags for every pod (experiments).
     pod_args: Vec<String>,
+    /// Relays the throughput scenario measures.
+    relays: Vec<Side>,
 }
 
 impl Opts {
@@ -86,6 +89,7 @@ impl Opts {
         let mut publishers = None;
         let mut window = None;
         let mut pod_args = Vec::new();
+        let mut relays = Vec::new();
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -101,6 +105,16 @@ impl Opts {
                         .map(|n| n.trim().parse::<usize>())
                         .collect::<Result<Vec<_>, _>>();
                     publishers = Some(counts.with_context(|| format!("--publishers {list:?}\n{USAGE}"))?);
+                }
+                "--relays" => {
+                    let list = args.next().ok_or_else(|| anyhow!("--relays needs a list\n{USAGE}"))?;
+                    for name in list.split(',') {
+                        let side = Side::ALL
+                            .into_iter()
+                            .find(|s| s.name() == name.trim())
+                            .ok_or_else(|| anyhow!("unknown relay {name:?}\n{USAGE}"))?;
+                        relays.push(side);
+                    }
                 }
                 "--pod-args" => {
                     let flags = args.next().ok_or_else(|| anyhow!("--pod-args needs flags\n{USAGE}"))?;
@@ -130,12 +144,16 @@ impl Opts {
         } else {
             Duration::from_secs(20)
         });
+        if relays.is_empty() {
+            relays.extend(Side::ALL);
+        }
         Ok(Self {
             scenarios,
             quick,
             publishers,
             window,
             pod_args,
+            relays,
         })
     }
 }
@@ -1258,6 +1276,17 @@ enum Side {
 }
 
 impl Side {
+    const ALL: [Side; 3] = [Side::IngestPod, Side::NginxPush, Side::Direct];
+
+    /// The name `--relays` takes.
+    fn name(self) -> &'static str {
+        match self {
+            Side::IngestPod => "ingest-pod",
+            Side::NginxPush => "nginx",
+            Side::Direct => "direct",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Side::IngestPod => "ingest-pod",
@@ -1431,7 +1460,7 @@ async fn throughput(opts: &Opts) -> Result<Json> {
     );
     let mut rows = Vec::new();
     for &n in &opts.publishers {
-        for side in [Side::IngestPod, Side::NginxPush, Side::Direct] {
+        for &side in &opts.relays {
             let row = measure(opts, side, n, warmup, hz)
                 .await
                 .with_context(|| format!("{} with {n} publishers", side.label()))?;

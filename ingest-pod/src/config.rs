@@ -85,10 +85,11 @@ pub struct Args {
 
     /// Once a publisher's media flows, read its connection on this clock
     /// (shared by all connections) instead of on every packet: one wake-up
-    /// per interval serves every publisher, and each stream costs one read
-    /// and one relay write per interval. Adds up to this much latency on
-    /// the way to the origin; 0 reads on every packet.
-    #[arg(long, env = "INGEST_MEDIA_READ_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    /// per interval serves every publisher that sent something, which
+    /// reads all of it and hands it to its relay at once. Adds up to this
+    /// much latency on the way to the origin; longer intervals batch more
+    /// (fewer reads and relay writes, less CPU); 0 reads on every packet.
+    #[arg(long, env = "INGEST_MEDIA_READ_INTERVAL", default_value = "5ms", value_parser = parse_duration)]
     pub media_read_interval: Duration,
 
     /// Threads that run connections, relays and the control API. One

@@ -30,6 +30,8 @@ pub enum Error {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Config(String),
+    #[error("cannot start the media read clock: {0}")]
+    Clock(std::io::Error),
 }
 
 /// A bound, not yet running ingest pod.
@@ -161,7 +163,7 @@ impl Server {
             &registry,
             &relays,
             &stop,
-        );
+        )?;
         let config = &ctx.config;
         info!(rtmp = %rtmp.local_addr().map_err(|e| Error::Config(e.to_string()))?, http = %http.local_addr().map_err(|e| Error::Config(e.to_string()))?,
             upstream = config.upstream.as_deref().map_or_else(|| "none".to_owned(), keys::redact_query), go_away = config.signals.go_away,
@@ -227,16 +229,20 @@ fn session_context(
     registry: &Arc<Registry>,
     relays: &TaskTracker,
     stop: &CancellationToken,
-) -> Context {
+) -> Result<Context, Error> {
+    let media_clock = media_read_interval
+        .map(conn::Clock::start)
+        .transpose()
+        .map_err(Error::Clock)?;
     registry.metrics().relay_budget_bytes.set(relay_budget as i64);
-    Context {
+    Ok(Context {
         registry: registry.clone(),
         config: Arc::new(config),
         relays: relays.clone(),
         stop: stop.clone(),
-        media_clock: media_read_interval.map(conn::Clock::start),
+        media_clock,
         budget: relay::Budget::new(relay_budget),
-    }
+    })
 }
 
 async fn serve_http(listener: TcpListener, state: HttpState, stop: CancellationToken) {

@@ -1,18 +1,23 @@
 //! The async RTMP transport: handshake, then a message reader and writer on
 //! the two halves of one TCP connection.
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mio::unix::SourceFd;
 
 use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
 use ingest_rtmp::chunk::{self, ChunkReader, ChunkWriter, Limits, Parts, RawMessage};
@@ -121,52 +126,129 @@ fn split(stream: TcpStream, limits: Limits, read_size: usize) -> (Reader, Writer
     )
 }
 
-/// The clock clocked connections read on (see [`clocked`]): one timer for
-/// all of them, so one wake-up serves every connection. Copies share it;
-/// it stops when the last copy is dropped.
+/// The clock clocked connections read on (see [`clocked`]). Their sockets
+/// sit in an epoll set of the clock's own that the event loop never waits
+/// on: at every tick one non-blocking look at it finds the connections that
+/// received something since, and only those wake. Copies share it; it
+/// stops when the last copy is dropped.
 #[derive(Debug, Clone)]
 pub struct Clock {
-    ticks: watch::Receiver<u64>,
-    interval: Duration,
+    shared: Arc<ClockShared>,
+}
+
+#[derive(Debug)]
+struct ClockShared {
+    registry: mio::Registry,
+    /// The wake-up of each clocked connection, by token.
+    waiting: Mutex<HashMap<usize, Arc<Notify>>>,
+    /// Tokens are never reused: a late event of a closed socket wakes nobody.
+    next_token: AtomicUsize,
 }
 
 impl Clock {
     /// Starts a clock on the current runtime.
-    pub fn start(interval: Duration) -> Self {
-        let (tx, ticks) = watch::channel(0u64);
+    pub fn start(interval: Duration) -> std::io::Result<Self> {
+        let mut poll = mio::Poll::new()?;
+        let shared = Arc::new(ClockShared {
+            registry: poll.registry().try_clone()?,
+            waiting: Mutex::new(HashMap::new()),
+            next_token: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
             let mut timer = tokio::time::interval(interval);
             timer.set_missed_tick_behavior(MissedTickBehavior::Skip);
-            let mut n = 0u64;
+            let mut events = mio::Events::with_capacity(1024);
             loop {
                 timer.tick().await;
-                n += 1;
-                if tx.send(n).is_err() {
-                    return; // every connection and the server are gone
+                // Every connection and the server are gone.
+                let Some(shared) = weak.upgrade() else { return };
+                loop {
+                    // A zero timeout: looks, never blocks the runtime.
+                    match poll.poll(&mut events, Some(Duration::ZERO)) {
+                        Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                        Err(err) => {
+                            // Wake everyone: each reads until its socket is empty.
+                            tracing::warn!(?err, "media read clock: polling failed");
+                            shared.lock().values().for_each(|n| n.notify_one());
+                            break;
+                        }
+                        Ok(()) => {}
+                    }
+                    let waiting = shared.lock();
+                    for event in &events {
+                        if let Some(ready) = waiting.get(&event.token().0) {
+                            ready.notify_one();
+                        }
+                    }
+                    if events.iter().count() < events.capacity() {
+                        break;
+                    }
                 }
             }
         });
-        Self { ticks, interval }
+        Ok(Self { shared })
     }
+}
 
-    /// Waits for the next tick.
-    async fn tick(&mut self) {
-        if self.ticks.changed().await.is_err() {
-            // The clock's runtime is shutting down: keep time alone.
-            tokio::time::sleep(self.interval).await;
+impl ClockShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<Notify>>> {
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A socket in a clock's epoll set; leaves it on drop.
+#[derive(Debug)]
+struct Registration {
+    clock: Clock,
+    token: usize,
+    fd: RawFd,
+    /// Notified at the first tick after the socket received something.
+    ready: Arc<Notify>,
+}
+
+impl Registration {
+    fn new(clock: Clock, stream: &std::net::TcpStream) -> std::io::Result<Self> {
+        let shared = &clock.shared;
+        let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
+        let fd = stream.as_raw_fd();
+        let ready = Arc::new(Notify::new());
+        shared.lock().insert(token, ready.clone());
+        // Edge-triggered: one event per arrival, nothing while data waits unread.
+        if let Err(err) = shared
+            .registry
+            .register(&mut SourceFd(&fd), mio::Token(token), mio::Interest::READABLE)
+        {
+            shared.lock().remove(&token);
+            return Err(err);
         }
+        Ok(Self {
+            clock,
+            token,
+            fd,
+            ready,
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // The socket is still open: the stream is dropped after this.
+        let _ = self.clock.shared.registry.deregister(&mut SourceFd(&self.fd));
+        self.clock.shared.lock().remove(&self.token);
     }
 }
 
 /// Switches a connection from reading on readiness to reading on `clock`:
-/// at every tick it reads everything that arrived since.
+/// at the first tick after something arrived, it reads everything that
+/// arrived since.
 ///
 /// The socket leaves the event loop, so a media packet no longer wakes the
-/// process: one wake-up per tick serves every clocked connection, and each
-/// connection makes one read (and its relay one write) per tick instead of
-/// one per frame. The price is up to one interval of added latency. Writes
-/// (acknowledgements, pings, signals) go out at once.
-pub fn clocked(reader: Reader, writer: Writer, mut clock: Clock) -> Result<(Reader, Writer)> {
+/// process: one wake-up per tick serves every clocked connection that
+/// received something, and each makes one read (and its relay one write)
+/// per tick instead of one per packet. The price is up to one interval of
+/// added latency. Writes (acknowledgements, pings, signals) go out at once.
+pub fn clocked(reader: Reader, writer: Writer, clock: Clock) -> Result<(Reader, Writer)> {
     let (ReadIo::Ready(r), WriteIo::Ready(w)) = (reader.io, writer.io) else {
         return Err(Error::Io(std::io::Error::other("connection is clocked already")));
     };
@@ -174,13 +256,15 @@ pub fn clocked(reader: Reader, writer: Writer, mut clock: Clock) -> Result<(Read
         .reunite(w)
         .map_err(|_| std::io::Error::other("halves of different connections"))?;
     // Leaves the event loop; the socket stays non-blocking.
-    let stream = Arc::new(stream.into_std()?);
-    clock.ticks.mark_unchanged();
+    let stream = stream.into_std()?;
+    let registration = Registration::new(clock, &stream)?;
+    let stream = Arc::new(stream);
     Ok((
         Reader {
             io: ReadIo::Clocked {
+                registration,
                 stream: stream.clone(),
-                clock,
+                // What arrived before the switch made no event: read it at once.
                 more: true,
             },
             read_size: CLOCKED_READ_SIZE,
@@ -195,10 +279,16 @@ pub fn clocked(reader: Reader, writer: Writer, mut clock: Clock) -> Result<(Read
 
 /// Switches a clocked connection back to reading on readiness.
 pub fn unclocked(reader: Reader, writer: Writer) -> Result<(Reader, Writer)> {
-    let (ReadIo::Clocked { stream, .. }, WriteIo::Clocked(other)) = (reader.io, writer.io) else {
+    let (
+        ReadIo::Clocked {
+            registration, stream, ..
+        },
+        WriteIo::Clocked(other),
+    ) = (reader.io, writer.io)
+    else {
         return Err(Error::Io(std::io::Error::other("connection is not clocked")));
     };
-    drop(other);
+    drop((registration, other));
     let stream = Arc::try_unwrap(stream).map_err(|_| std::io::Error::other("socket still shared"))?;
     // Back into the event loop of the current runtime.
     let (r, w) = TcpStream::from_std(stream)?.into_split();
@@ -226,8 +316,9 @@ enum ReadIo {
     Ready(OwnedReadHalf),
     /// Read on a clock (see [`clocked`]).
     Clocked {
+        /// Before `stream`: leaves the epoll set while the socket is open.
+        registration: Registration,
         stream: Arc<std::net::TcpStream>,
-        clock: Clock,
         /// The last read filled the buffer: read again before the next tick.
         more: bool,
     },
@@ -272,10 +363,14 @@ async fn read_some(io: &mut ReadIo, buf: &mut BytesMut, size: usize) -> std::io:
             buf.reserve(size.saturating_sub(buf.len()).max(1));
             io.read_buf(buf).await
         }
-        ReadIo::Clocked { stream, clock, more } => loop {
+        ReadIo::Clocked {
+            registration,
+            stream,
+            more,
+        } => loop {
             let size = size.min(CLOCKED_READ_SIZE);
             if !*more {
-                clock.tick().await;
+                registration.ready.notified().await;
             }
             // Nothing awaits from here on: a cancelled call loses no bytes.
             // Read into the thread's scratch, then copy what came: zeroing
@@ -557,7 +652,8 @@ mod tests {
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         let mut peer = client.unwrap();
         let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
-        let (mut reader, mut writer) = clocked(reader, writer, Clock::start(Duration::from_millis(20))).unwrap();
+        let (mut reader, mut writer) =
+            clocked(reader, writer, Clock::start(Duration::from_millis(20)).unwrap()).unwrap();
         assert!(reader.is_clocked());
 
         // More than one read's worth arrives within one interval.
