@@ -697,4 +697,32 @@ mod tests {
         drop(peer);
         assert_eq!(reader.next_within(Duration::from_secs(5)).await.unwrap(), None);
     }
+
+    #[tokio::test]
+    async fn a_clocked_connection_wakes_for_what_arrives_later_and_for_the_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut peer = client.unwrap();
+        let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
+        let clock = Clock::start(Duration::from_millis(5)).unwrap();
+        let (mut reader, _writer) = clocked(reader, writer, clock.clone()).unwrap();
+        let mut w = ChunkWriter::default();
+        for n in 0..3 {
+            // Nothing buffered: the reader waits for the clock to see the socket.
+            let pending = tokio::time::timeout(Duration::from_millis(30), reader.next()).await;
+            assert!(pending.is_err(), "a message out of nothing: {pending:?}");
+            peer.write_all(&chunks(&mut w, &[Message::Acknowledgement(n)]))
+                .await
+                .unwrap();
+            assert_eq!(
+                reader.next_within(Duration::from_secs(5)).await.unwrap(),
+                Some(Message::Acknowledgement(n))
+            );
+        }
+        drop(peer);
+        assert_eq!(reader.next_within(Duration::from_secs(5)).await.unwrap(), None);
+        drop(reader);
+        assert!(clock.shared.lock().is_empty(), "the socket left the clock");
+    }
 }
