@@ -6,7 +6,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -143,16 +143,29 @@ struct ClockShared {
     waiting: Mutex<HashMap<usize, Arc<Notify>>>,
     /// Tokens are never reused: a late event of a closed socket wakes nobody.
     next_token: AtomicUsize,
+    /// Looks at the epoll set so far.
+    ticks: AtomicU64,
+    /// Wakes the idle clock: a connection was clocked, or the clock is gone.
+    wake: Arc<Notify>,
+}
+
+impl Drop for ClockShared {
+    fn drop(&mut self) {
+        self.wake.notify_one();
+    }
 }
 
 impl Clock {
     /// Starts a clock on the current runtime.
     pub fn start(interval: Duration) -> std::io::Result<Self> {
         let mut poll = mio::Poll::new()?;
+        let wake = Arc::new(Notify::new());
         let shared = Arc::new(ClockShared {
             registry: poll.registry().try_clone()?,
             waiting: Mutex::new(HashMap::new()),
             next_token: AtomicUsize::new(0),
+            ticks: AtomicU64::new(0),
+            wake: wake.clone(),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -160,9 +173,19 @@ impl Clock {
             timer.set_missed_tick_behavior(MissedTickBehavior::Skip);
             let mut events = mio::Events::with_capacity(1024);
             loop {
-                timer.tick().await;
                 // Every connection and the server are gone.
+                let Some(idle) = weak.upgrade().map(|s| s.lock().is_empty()) else {
+                    return;
+                };
+                if idle {
+                    // No connection is clocked: no tick until one is (an idle
+                    // pod does not wake every interval).
+                    wake.notified().await;
+                    continue;
+                }
+                timer.tick().await;
                 let Some(shared) = weak.upgrade() else { return };
+                shared.ticks.fetch_add(1, Ordering::Relaxed);
                 loop {
                     // A zero timeout: looks, never blocks the runtime.
                     match poll.poll(&mut events, Some(Duration::ZERO)) {
@@ -214,6 +237,7 @@ impl Registration {
         let fd = stream.as_raw_fd();
         let ready = Arc::new(Notify::new());
         shared.lock().insert(token, ready.clone());
+        shared.wake.notify_one();
         // Edge-triggered: one event per arrival, nothing while data waits unread.
         if let Err(err) = shared
             .registry
@@ -724,5 +748,26 @@ mod tests {
         assert_eq!(reader.next_within(Duration::from_secs(5)).await.unwrap(), None);
         drop(reader);
         assert!(clock.shared.lock().is_empty(), "the socket left the clock");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_ticks_only_while_a_connection_is_clocked() {
+        let clock = Clock::start(Duration::from_millis(5)).unwrap();
+        let ticks = || clock.shared.ticks.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(ticks(), 0, "an idle pod's clock ticked");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let _peer = client.unwrap();
+        let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
+        let (reader, writer) = clocked(reader, writer, clock.clone()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(ticks() >= 10, "a clocked connection was not served: {} ticks", ticks());
+        drop((reader, writer));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let after = ticks();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(ticks() <= after + 1, "the clock kept ticking with nothing clocked");
     }
 }
