@@ -621,13 +621,19 @@ mod tests {
 
     use super::*;
 
-    /// A reader on one end of a loopback connection, and the other end.
-    async fn pair() -> (Reader, TcpStream) {
+    /// Both halves of one end of a loopback connection, and the other end.
+    async fn connection() -> (Reader, Writer, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (reader, _writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
-        (reader, client.unwrap())
+        let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
+        (reader, writer, client.unwrap())
+    }
+
+    /// A reader on one end of a loopback connection, and the other end.
+    async fn pair() -> (Reader, TcpStream) {
+        let (reader, _writer, peer) = connection().await;
+        (reader, peer)
     }
 
     fn chunks(w: &mut ChunkWriter, msgs: &[Message]) -> Vec<u8> {
@@ -671,11 +677,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_clocked_connection_reads_all_that_came_in_order_writes_at_once_and_unclocks() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut peer = client.unwrap();
-        let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
+        let (reader, writer, mut peer) = connection().await;
         let (mut reader, mut writer) =
             clocked(reader, writer, Clock::start(Duration::from_millis(20)).unwrap()).unwrap();
         assert!(reader.is_clocked());
@@ -724,11 +726,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_clocked_connection_wakes_for_what_arrives_later_and_for_the_close() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut peer = client.unwrap();
-        let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
+        let (reader, writer, mut peer) = connection().await;
         let clock = Clock::start(Duration::from_millis(5)).unwrap();
         let (mut reader, _writer) = clocked(reader, writer, clock.clone()).unwrap();
         let mut w = ChunkWriter::default();
@@ -756,11 +754,7 @@ mod tests {
         let ticks = || clock.shared.ticks.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(ticks(), 0, "an idle pod's clock ticked");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let _peer = client.unwrap();
-        let (reader, writer) = split(accepted.unwrap().0, Limits::default(), READ_BUFFER_SIZE);
+        let (reader, writer, _peer) = connection().await;
         let (reader, writer) = clocked(reader, writer, clock.clone()).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(ticks() >= 10, "a clocked connection was not served: {} ticks", ticks());
