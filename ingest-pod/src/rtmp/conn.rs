@@ -104,6 +104,12 @@ pub async fn connect(mut stream: TcpStream, limit: Duration) -> Result<(Reader, 
     Ok(split(stream, Limits::default(), CLIENT_READ_BUFFER_SIZE))
 }
 
+/// The transport of a connection whose handshake is left out (tests).
+#[cfg(test)]
+pub(crate) fn transport(stream: TcpStream) -> (Reader, Writer) {
+    split(stream, Limits::default(), CLIENT_READ_BUFFER_SIZE)
+}
+
 fn split(stream: TcpStream, limits: Limits, read_size: usize) -> (Reader, Writer) {
     let (r, w) = stream.into_split();
     (
@@ -140,7 +146,7 @@ pub struct Clock {
 struct ClockShared {
     registry: mio::Registry,
     /// The wake-up of each clocked connection, by token.
-    waiting: Mutex<HashMap<usize, Arc<Notify>>>,
+    waiting: Mutex<HashMap<usize, Arc<Ready>>>,
     /// Tokens are never reused: a late event of a closed socket wakes nobody.
     next_token: AtomicUsize,
     /// Looks at the epoll set so far.
@@ -193,7 +199,7 @@ impl Clock {
                         Err(err) => {
                             // Wake everyone: each reads until its socket is empty.
                             tracing::warn!(?err, "media read clock: polling failed");
-                            shared.lock().values().for_each(|n| n.notify_one());
+                            shared.lock().values().for_each(|r| r.notify.notify_one());
                             break;
                         }
                         Ok(()) => {}
@@ -201,7 +207,10 @@ impl Clock {
                     let waiting = shared.lock();
                     for event in &events {
                         if let Some(ready) = waiting.get(&event.token().0) {
-                            ready.notify_one();
+                            if event.is_read_closed() || event.is_error() {
+                                ready.closed.store(true, Ordering::Relaxed);
+                            }
+                            ready.notify.notify_one();
                         }
                     }
                     if events.iter().count() < events.capacity() {
@@ -215,7 +224,7 @@ impl Clock {
 }
 
 impl ClockShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<Notify>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<Ready>>> {
         self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -226,8 +235,17 @@ struct Registration {
     clock: Clock,
     token: usize,
     fd: RawFd,
+    ready: Arc<Ready>,
+}
+
+/// What the clock tells a clocked connection.
+#[derive(Debug, Default)]
+struct Ready {
     /// Notified at the first tick after the socket received something.
-    ready: Arc<Notify>,
+    notify: Notify,
+    /// The peer closed (or the socket failed): read until the end even
+    /// after a short read, since no further event will come.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Registration {
@@ -235,7 +253,7 @@ impl Registration {
         let shared = &clock.shared;
         let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
         let fd = stream.as_raw_fd();
-        let ready = Arc::new(Notify::new());
+        let ready = Arc::new(Ready::default());
         shared.lock().insert(token, ready.clone());
         shared.wake.notify_one();
         // Edge-triggered: one event per arrival, nothing while data waits unread.
@@ -394,7 +412,7 @@ async fn read_some(io: &mut ReadIo, buf: &mut BytesMut, size: usize) -> std::io:
         } => loop {
             let size = size.min(CLOCKED_READ_SIZE);
             if !*more {
-                registration.ready.notified().await;
+                registration.ready.notify.notified().await;
             }
             // Nothing awaits from here on: a cancelled call loses no bytes.
             // Read into the thread's scratch, then copy what came: zeroing
@@ -412,7 +430,10 @@ async fn read_some(io: &mut ReadIo, buf: &mut BytesMut, size: usize) -> std::io:
             });
             match read {
                 Ok(n) => {
-                    *more = n == size;
+                    // A short read took all there was, unless the peer's
+                    // close came with it: the end is read next, not at the
+                    // idle limit.
+                    *more = n == size || registration.ready.closed.load(Ordering::Relaxed);
                     return Ok(n);
                 }
                 Err(err) if err.kind() == ErrorKind::WouldBlock => *more = false,
@@ -594,6 +615,30 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes what is queued as far as the socket takes it without waiting:
+    /// `Ok(false)` leaves the rest for [`flush`](Self::flush).
+    pub fn try_flush(&mut self) -> Result<bool> {
+        while !self.parts.is_empty() {
+            let slices = self.parts.slices();
+            let written = match &mut self.io {
+                WriteIo::Ready(io) => io.try_write_vectored(&slices),
+                WriteIo::Clocked(stream) => (&**stream).write_vectored(&slices),
+            };
+            drop(slices);
+            match written {
+                Ok(0) => return Err(Error::Io(ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    self.parts.advance(n);
+                    self.bytes_out += n as u64;
+                }
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(true)
+    }
+
     pub async fn send(&mut self, msg: &Message) -> Result<()> {
         self.queue(msg);
         self.flush().await
@@ -722,6 +767,29 @@ mod tests {
         // The peer closing ends the stream cleanly.
         drop(peer);
         assert_eq!(reader.next_within(Duration::from_secs(5)).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_close_that_arrives_with_the_last_bytes_is_seen_at_once() {
+        let (reader, writer, mut peer) = connection().await;
+        // A long interval: the last message and the close arrive within one tick.
+        let clock = Clock::start(Duration::from_millis(200)).unwrap();
+        let (mut reader, _writer) = clocked(reader, writer, clock.clone()).unwrap();
+        // The first tick finds nothing: what came before the switch is read.
+        let idle = tokio::time::timeout(Duration::from_millis(300), reader.next()).await;
+        assert!(idle.is_err(), "a message out of nothing: {idle:?}");
+        let mut w = ChunkWriter::default();
+        peer.write_all(&chunks(&mut w, &[Message::Acknowledgement(7)]))
+            .await
+            .unwrap();
+        drop(peer);
+        assert_eq!(
+            reader.next_within(Duration::from_secs(5)).await.unwrap(),
+            Some(Message::Acknowledgement(7))
+        );
+        // Not at the idle limit: the publisher left, its stream is free at once.
+        let closed = tokio::time::timeout(Duration::from_secs(2), reader.next_within(Duration::from_secs(30))).await;
+        assert!(matches!(closed, Ok(Ok(None))), "the close went unnoticed: {closed:?}");
     }
 
     #[tokio::test]
