@@ -122,6 +122,10 @@ struct QueueInner {
     failed: Option<String>,
     /// When the publisher left.
     closed_at: Option<Instant>,
+    /// What reached the origin, for the next upstream session.
+    config: Config,
+    /// The relay's upstream writer while it is caught up (see [`Out`]).
+    lent: Option<Box<Out>>,
 }
 
 /// What `item` costs in a buffer.
@@ -205,15 +209,29 @@ impl Queue {
             return Ok(());
         }
         let had_media = q.media_seen;
-        let mut added = false;
-        for item in items {
-            added = true;
-            q.media_seen |= !item.is_config();
-            self.push_one(&mut q, item);
+        let mut wake = false;
+        let inner = &mut *q;
+        if let Some(out) = inner.lent.as_mut().filter(|out| !out.stalled) {
+            // The relay is caught up: straight to the origin, without waking it.
+            for item in items {
+                inner.media_seen |= !item.is_config();
+                out.queue(item);
+            }
+            out.try_write();
+            let bytes = inner.config.delivered(out.settle(), &self.metrics);
+            self.metrics.bytes_relayed.inc_by(bytes);
+            // What the socket did not take, or a failure, is the relay's to handle.
+            wake = out.stalled;
+        } else {
+            for item in items {
+                wake = true;
+                q.media_seen |= !item.is_config();
+                self.push_one(&mut q, item);
+            }
         }
         let first_media = !had_media && q.media_seen;
         drop(q);
-        if added {
+        if wake {
             self.notify.notify_one();
         }
         if first_media {
@@ -326,12 +344,19 @@ impl Queue {
     }
 
     /// Moves up to `max_bytes` of messages (at least one) into `out`, waiting
-    /// while the queue is empty. Nothing moved means the queue is closed and drained.
-    async fn take(&self, max_bytes: usize, out: &mut Vec<Item>) {
+    /// while the queue is empty. Nothing moved means the queue is closed and
+    /// drained. The lent writer comes back first when a write through it
+    /// stalled or failed, or the queue was closed.
+    async fn take(&self, max_bytes: usize, out: &mut Vec<Item>) -> Option<Box<Out>> {
         loop {
             let notified = self.notify.notified();
             {
                 let mut q = self.lock();
+                if (q.lent.as_ref().is_some_and(|lent| lent.stalled) || q.closed)
+                    && let Some(lent) = q.lent.take()
+                {
+                    return Some(lent);
+                }
                 if !q.items.is_empty() {
                     let (mut taken, mut freed) = (0, 0);
                     while let Some(front) = q.items.front() {
@@ -346,10 +371,10 @@ impl Queue {
                     q.overflowing &= !q.items.is_empty();
                     self.budget.release(freed);
                     self.metrics.relay_buffer_bytes.dec_by(freed as i64);
-                    return;
+                    return None;
                 }
                 if q.closed {
-                    return;
+                    return None;
                 }
             }
             notified.await;
@@ -370,6 +395,39 @@ impl Queue {
 
     fn media_seen(&self) -> bool {
         self.lock().media_seen
+    }
+
+    /// Lends the relay's writer to the pushes (see [`Out`]); refused while
+    /// anything waits in the queue, the writer has anything left to write,
+    /// or the publisher left.
+    fn lend(&self, out: Box<Out>) -> Result<(), Box<Out>> {
+        let mut q = self.lock();
+        if !q.items.is_empty() || q.closed || !out.inflight.is_empty() || out.writer.queued() > 0 {
+            return Err(out);
+        }
+        q.lent = Some(out);
+        Ok(())
+    }
+
+    /// The lent writer back, if it is lent.
+    fn reclaim(&self) -> Option<Box<Out>> {
+        self.lock().lent.take()
+    }
+
+    /// Records what went out whole through `out`.
+    fn delivered(&self, out: &mut Out) {
+        let bytes = self.lock().config.delivered(out.settle(), &self.metrics);
+        self.metrics.bytes_relayed.inc_by(bytes);
+    }
+
+    /// The configuration a new upstream session sends before media, if any
+    /// media reached the origin before.
+    fn replay(&self) -> Vec<Item> {
+        let q = self.lock();
+        if !q.config.delivered_any {
+            return Vec::new();
+        }
+        q.config.items().cloned().collect()
     }
 
     /// Resolves once the first audio or video message has arrived.
@@ -434,8 +492,6 @@ struct Config {
     audio: Option<Item>,
     /// Some media reached the origin in an earlier session.
     delivered_any: bool,
-    /// The origin accepted the publish of the latest session.
-    published: bool,
     /// When the publish started, until its first audio or video reached
     /// the origin (`ingest_relay_first_delivery_seconds`).
     awaiting_first_media: Option<Instant>,
@@ -512,23 +568,22 @@ async fn deliver(relay: &Relay) {
         since,
         ..
     } = relay;
-    let mut config = Config {
-        awaiting_first_media: Some(*since),
-        ..Config::default()
-    };
+    queue.lock().config.awaiting_first_media = Some(*since);
     let mut retry = Retry::new(cfg);
     let mut attempt = 0u64;
     loop {
         attempt += 1;
         let media_before = queue.media_seen();
-        let result = session(relay, &mut config).await;
+        // Whether the origin accepted the publish of this session.
+        let mut published = false;
+        let result = session(relay, &mut published).await;
         queue.set_caught_up(false);
         let wait_for_media = match result {
             Ok(()) => {
                 info!(parent: span, "relay finished: everything delivered");
                 return;
             }
-            Err(err) => match retry.failed(relay, err, attempt, config.published, media_before) {
+            Err(err) => match retry.failed(relay, err, attempt, published, media_before) {
                 Some(wait_for_media) => wait_for_media,
                 None => return,
             },
@@ -640,17 +695,15 @@ fn describe(command: &message::Command) -> String {
 }
 
 /// Connects, publishes, and pumps the queue until it is closed and empty.
-async fn session(relay: &Relay, config: &mut Config) -> Result<(), Error> {
+async fn session(relay: &Relay, published: &mut bool) -> Result<(), Error> {
     let Relay {
         url,
         queue,
         cfg,
-        metrics,
         stop,
         span,
         ..
     } = relay;
-    config.published = false;
     let client::Publishing {
         reader,
         writer,
@@ -662,38 +715,32 @@ async fn session(relay: &Relay, config: &mut Config) -> Result<(), Error> {
         cfg.step_timeout,
     )
     .await?;
-    config.published = true;
+    *published = true;
     info!(parent: span, origin = %url.addr(), "publishing to the origin");
     let mut up = Upstream {
         reader,
-        writer,
-        sid: stream_id,
+        out: Some(Box::new(Out::new(writer, stream_id))),
         live: Liveness::new(cfg.io_timeout),
         started: Instant::now(),
     };
     // Acknowledgements while media flows, and the answer to this first
     // ping, show that the origin's silence can be trusted later.
-    up.writer.queue(&Message::WindowAckSize(ACK_WINDOW));
+    up.out().writer.queue(&Message::WindowAckSize(ACK_WINDOW));
     up.ping().await?;
-    if config.delivered_any {
-        // A later session: the origin needs the configuration again before media.
-        for item in config.items() {
-            up.writer.queue_raw(&raw(item, stream_id));
-        }
+    // A later session: the origin needs the configuration again before media.
+    for item in queue.replay() {
+        up.out().writer.queue_raw(&raw(&item, stream_id));
     }
-    pump(&mut up, url, queue, metrics, config, stop).await
+    let result = pump(&mut up, url, queue, stop).await;
+    if result.is_err() {
+        up.abandon(queue);
+    }
+    result
 }
 
 /// Sends the queue's messages as they come and answers the origin, until
 /// the queue is closed and empty, the origin fails or goes silent.
-async fn pump(
-    up: &mut Upstream,
-    url: &RtmpUrl,
-    queue: &Queue,
-    metrics: &Metrics,
-    config: &mut Config,
-    stop: &CancellationToken,
-) -> Result<(), Error> {
+async fn pump(up: &mut Upstream, url: &RtmpUrl, queue: &Queue, stop: &CancellationToken) -> Result<(), Error> {
     let mut items = Vec::new();
     // Caught up once per session: after that no extra look at the queue per batch.
     let mut caught_up = false;
@@ -703,84 +750,210 @@ async fn pump(
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
+        if caught_up {
+            // Steady media: each push writes to the origin itself.
+            up.lend(queue);
+        }
         tokio::select! {
             biased;
             incoming = up.reader.next() => {
+                up.reclaim(queue).await?;
                 let msg = incoming?.ok_or(Error::Closed)?;
                 up.live.heard(&msg);
                 up.answer(msg).await?;
             }
-            () = queue.take(MAX_WRITE_BYTES, &mut items) => {
+            lent = queue.take(MAX_WRITE_BYTES, &mut items) => {
+                if let Some(out) = lent {
+                    up.take_back(out, queue).await?;
+                    continue;
+                }
+                // Lent only while nothing waits in the queue: a no-op but for a close.
+                up.reclaim(queue).await?;
                 if items.is_empty() {
                     return up.finish(url).await;
                 }
-                let (written, result) = up.write_batch(&items).await;
-                let bytes = config.delivered(items.drain(..written), metrics);
-                metrics.bytes_relayed.inc_by(bytes);
-                if let Err(err) = result {
-                    // Only what did not leave whole goes back: resending what
-                    // the origin may have recorded would duplicate it. A
-                    // message cut short is resent whole; nginx-rtmp drops a
-                    // message it got part of when the connection ends.
-                    queue.unget(&mut items);
-                    return Err(err);
-                }
+                up.write_batch(items.drain(..), queue).await?;
                 if !caught_up && queue.is_empty() {
                     caught_up = true;
                     queue.set_caught_up(true);
                 }
             }
-            _ = tick.tick() => match up.live.check(Instant::now()) {
-                Check::Fine => {}
-                Check::Probe => up.ping().await?,
-                Check::Silent => return Err(Error::Silent(up.live.limit)),
-            },
+            _ = tick.tick() => {
+                up.reclaim(queue).await?;
+                match up.live.check(Instant::now()) {
+                    Check::Fine => {}
+                    Check::Probe => up.ping().await?,
+                    Check::Silent => return Err(Error::Silent(up.live.limit)),
+                }
+            }
             () = &mut stopped => return Err(Error::Closed),
         }
     }
 }
 
-/// One upstream connection that publishes stream `sid`.
-struct Upstream {
-    reader: Reader,
+/// The sending side of an upstream session. While the relay is caught up
+/// it lends this to its queue: each push then writes straight to the
+/// origin from the publisher's task instead of waking the relay's (one
+/// task switch, its polls and a wake-up less per read). The relay takes it
+/// back when a write could not finish, the origin speaks, liveness is due,
+/// or the publisher leaves.
+#[derive(Debug)]
+struct Out {
     writer: Writer,
     sid: u32,
+    /// Messages handed to `writer` and not yet out whole.
+    inflight: VecDeque<Item>,
+    /// Where each of them ends in the connection's output.
+    ends: VecDeque<u64>,
+    /// The first write while lent: the origin's silence counts from it.
+    first_write: Option<Instant>,
+    /// A write while lent left bytes the socket did not take, or failed:
+    /// the rest is the relay's.
+    stalled: bool,
+    failed: Option<conn::Error>,
+}
+
+impl Out {
+    fn new(writer: Writer, sid: u32) -> Self {
+        Self {
+            writer,
+            sid,
+            inflight: VecDeque::new(),
+            ends: VecDeque::new(),
+            first_write: None,
+            stalled: false,
+            failed: None,
+        }
+    }
+
+    fn queue(&mut self, item: Item) {
+        self.writer.queue_raw(&raw(&item, self.sid));
+        self.ends
+            .push_back(self.writer.bytes_out() + self.writer.queued() as u64);
+        self.inflight.push_back(item);
+    }
+
+    /// Removes and returns the messages out whole so far.
+    fn settle(&mut self) -> impl Iterator<Item = Item> + '_ {
+        let whole = written_whole(&self.ends, self.writer.bytes_out());
+        self.ends.drain(..whole);
+        self.inflight.drain(..whole)
+    }
+
+    /// Writes what the socket takes without waiting (a push while lent).
+    fn try_write(&mut self) {
+        let before = self.writer.bytes_out();
+        match self.writer.try_flush() {
+            Ok(true) => {}
+            Ok(false) => self.stalled = true,
+            Err(err) => {
+                self.stalled = true;
+                self.failed = Some(err);
+            }
+        }
+        if self.writer.bytes_out() > before {
+            self.first_write.get_or_insert_with(Instant::now);
+        }
+    }
+}
+
+/// One upstream connection that publishes a stream.
+struct Upstream {
+    reader: Reader,
+    /// `None` while lent to the queue.
+    out: Option<Box<Out>>,
     live: Liveness,
     started: Instant,
 }
 
 impl Upstream {
+    /// The sending side, which the pump takes back before any write.
+    fn out(&mut self) -> &mut Out {
+        self.out
+            .as_mut()
+            .expect("the relay takes its writer back before writing")
+    }
+
+    /// Lends the sending side to `queue` if it takes it.
+    fn lend(&mut self, queue: &Queue) {
+        if let Some(out) = self.out.take()
+            && let Err(out) = queue.lend(out)
+        {
+            self.out = Some(out);
+        }
+    }
+
+    /// Takes the sending side back from `queue` if it is lent.
+    async fn reclaim(&mut self, queue: &Queue) -> Result<(), Error> {
+        match queue.reclaim() {
+            Some(out) => self.take_back(out, queue).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes back the lent sending side and finishes what its pushes left.
+    async fn take_back(&mut self, mut out: Box<Out>, queue: &Queue) -> Result<(), Error> {
+        if let Some(at) = out.first_write.take() {
+            self.live.wrote(at);
+        }
+        out.stalled = false;
+        let failed = out.failed.take();
+        self.out = Some(out);
+        if let Some(err) = failed {
+            return Err(err.into());
+        }
+        let result = self.flush().await;
+        queue.delivered(self.out());
+        result
+    }
+
+    /// After a failed session: counts what went out whole and puts back
+    /// only what did not: resending what the origin may have recorded
+    /// would duplicate it. A message cut short is resent whole; nginx-rtmp
+    /// drops a message it got part of when the connection ends.
+    fn abandon(&mut self, queue: &Queue) {
+        let Some(mut out) = self.out.take().or_else(|| queue.reclaim()) else {
+            return;
+        };
+        queue.delivered(&mut out);
+        let mut rest: Vec<Item> = out.inflight.drain(..).collect();
+        queue.unget(&mut rest);
+    }
+
     /// Writes what is queued, failing when a write takes longer than the
     /// I/O timeout (an origin that stopped reading).
     async fn flush(&mut self) -> Result<(), Error> {
-        let written_before = self.writer.bytes_out();
-        let result = match tokio::time::timeout(self.live.limit, self.writer.flush()).await {
+        let limit = self.live.limit;
+        let writer = &mut self.out().writer;
+        let written_before = writer.bytes_out();
+        let result = match tokio::time::timeout(limit, writer.flush()).await {
             Ok(r) => r.map_err(Error::from),
             Err(_) => Err(Error::Timeout("writing to the origin")),
         };
-        if self.writer.bytes_out() > written_before {
+        if writer.bytes_out() > written_before {
             self.live.wrote(Instant::now());
         }
         result
     }
 
-    /// Queues `items` after what is queued already and flushes; returns how
-    /// many of them were written whole, and how the flush ended.
-    async fn write_batch(&mut self, items: &[Item]) -> (usize, Result<(), Error>) {
-        let base = self.writer.bytes_out();
-        let mut ends = Vec::with_capacity(items.len());
+    /// Queues `items` after what is queued already, flushes, and records
+    /// what went out whole.
+    async fn write_batch(&mut self, items: impl IntoIterator<Item = Item>, queue: &Queue) -> Result<(), Error> {
+        let out = self.out();
         for item in items {
-            self.writer.queue_raw(&raw(item, self.sid));
-            ends.push(base + self.writer.queued() as u64);
+            out.queue(item);
         }
         let result = self.flush().await;
-        (written_whole(&ends, self.writer.bytes_out()), result)
+        queue.delivered(self.out());
+        result
     }
 
     /// Sends a ping now: the origin's answer proves it still reads.
     async fn ping(&mut self) -> Result<(), Error> {
         let t = self.started.elapsed().as_millis() as u32;
-        self.writer.queue(&Message::UserControl(UserControl::PingRequest(t)));
+        self.out()
+            .writer
+            .queue(&Message::UserControl(UserControl::PingRequest(t)));
         self.flush().await
     }
 
@@ -788,7 +961,9 @@ impl Upstream {
     async fn answer(&mut self, msg: Message) -> Result<(), Error> {
         match msg {
             Message::UserControl(UserControl::PingRequest(t)) => {
-                self.writer.queue(&Message::UserControl(UserControl::PingResponse(t)));
+                self.out()
+                    .writer
+                    .queue(&Message::UserControl(UserControl::PingResponse(t)));
                 self.flush().await
             }
             Message::Command { command, .. } if command.name == "onStatus" => {
@@ -804,14 +979,16 @@ impl Upstream {
 
     /// Ends the publish cleanly: everything was delivered.
     async fn finish(&mut self, url: &RtmpUrl) -> Result<(), Error> {
+        let limit = self.live.limit;
+        let out = self.out();
         let stream = Value::string(url.stream.clone());
-        let sid = Value::Number(f64::from(self.sid));
-        self.writer
+        let sid = Value::Number(f64::from(out.sid));
+        out.writer
             .queue(&Message::command(0, "FCUnpublish", 5.0, vec![Value::Null, stream]));
-        self.writer
+        out.writer
             .queue(&Message::command(0, "deleteStream", 6.0, vec![Value::Null, sid]));
         self.flush().await?;
-        match tokio::time::timeout(self.live.limit, self.writer.shutdown()).await {
+        match tokio::time::timeout(limit, self.out().writer.shutdown()).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(Error::Timeout("closing the upstream connection")),
         }
@@ -820,7 +997,7 @@ impl Upstream {
 
 /// How many messages ending at `ends` (positions in the connection's
 /// output, in order) are complete once `bytes_out` bytes went out.
-fn written_whole(ends: &[u64], bytes_out: u64) -> usize {
+fn written_whole(ends: &VecDeque<u64>, bytes_out: u64) -> usize {
     ends.partition_point(|&end| end <= bytes_out)
 }
 
@@ -932,6 +1109,155 @@ mod tests {
         }
     }
 
+    /// The relay's sending side on one end of a loopback connection, its
+    /// reading side, and the origin's end.
+    async fn upstream() -> (Box<Out>, Reader, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ours, theirs) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (reader, writer) = conn::transport(ours.unwrap());
+        (Box::new(Out::new(writer, 1)), reader, theirs.unwrap().0)
+    }
+
+    /// The next `n` messages the origin's end receives.
+    async fn received(origin: &mut tokio::net::TcpStream, n: usize) -> Vec<RawMessage> {
+        use tokio::io::AsyncReadExt;
+        let mut chunks = ingest_rtmp::chunk::ChunkReader::new(ingest_rtmp::chunk::Limits::default());
+        let mut buf = bytes::BytesMut::new();
+        let mut got = Vec::new();
+        let reading = async {
+            while got.len() < n {
+                while let Some(msg) = chunks.read(&mut buf).unwrap() {
+                    got.push(msg);
+                }
+                if got.len() < n {
+                    assert!(origin.read_buf(&mut buf).await.unwrap() > 0, "closed early");
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), reading)
+            .await
+            .expect("the messages arrive");
+        got
+    }
+
+    fn numbered(timestamp: u32, len: usize) -> Item {
+        Item {
+            timestamp,
+            ..video(false, len)
+        }
+    }
+
+    #[tokio::test]
+    async fn pushes_while_the_writer_is_lent_go_straight_to_the_origin_and_wake_nobody() {
+        let metrics = Metrics::default();
+        let q = Queue::new(10_000, metrics.clone());
+        let (out, _reader, mut origin) = upstream().await;
+        q.lend(out).expect("an empty queue takes the writer");
+        q.push([audio_header(), numbered(1, 300)]).expect("alive");
+        q.push([numbered(2, 300)]).expect("alive");
+        let got = received(&mut origin, 3).await;
+        assert_eq!(got.iter().map(|m| m.timestamp).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(got[0].payload, audio_header().payload);
+        assert!(got.iter().all(|m| m.stream_id == 1));
+        assert_eq!(q.bytes(), 0, "nothing waits in the queue");
+        assert_eq!(metrics.bytes_relayed.get(), 604);
+        // What reached the origin is what a later session starts with.
+        assert_eq!(q.replay().len(), 1);
+        assert!(q.replay()[0].is_config());
+        // The relay is not woken for these.
+        let mut items = Vec::new();
+        let woken = tokio::time::timeout(Duration::from_millis(100), q.take(usize::MAX, &mut items)).await;
+        assert!(woken.is_err(), "the relay was woken");
+        // A close brings the writer back to the relay, which finishes the publish.
+        q.close();
+        let lent = q.take(usize::MAX, &mut items).await;
+        assert!(lent.is_some_and(|out| out.inflight.is_empty() && !out.stalled));
+    }
+
+    #[tokio::test]
+    async fn a_push_the_socket_cannot_take_wakes_the_relay_and_nothing_is_lost_or_reordered() {
+        let metrics = Metrics::default();
+        let q = Queue::new(64 << 20, metrics.clone());
+        let (out, reader, mut origin) = upstream().await;
+        q.lend(out).expect("an empty queue takes the writer");
+        // The origin does not read: the socket's buffers fill until a push stalls.
+        let mut pushed = 0;
+        while q.lock().lent.as_ref().is_none_or(|out| !out.stalled) {
+            q.push([numbered(pushed, 64 * 1024)]).expect("alive");
+            pushed += 1;
+            assert!(pushed < 10_000, "the socket never filled");
+        }
+        // Later pushes wait in the queue, behind what the socket did not take.
+        q.push([numbered(pushed, 100)]).expect("alive");
+        pushed += 1;
+        assert_eq!(q.lock().items.len(), 1);
+        let mut items = Vec::new();
+        let lent = tokio::time::timeout(Duration::from_secs(5), q.take(usize::MAX, &mut items))
+            .await
+            .expect("the relay is woken")
+            .expect("its writer comes back first");
+        assert!(items.is_empty());
+        assert!(!lent.inflight.is_empty());
+        let reading = tokio::spawn(async move { received(&mut origin, pushed as usize).await });
+        // The relay finishes the stalled write, then sends what waited.
+        let mut up = Upstream {
+            reader,
+            out: None,
+            live: Liveness::new(Duration::from_secs(10)),
+            started: Instant::now(),
+        };
+        up.take_back(lent, &q).await.expect("the origin reads again");
+        assert!(up.out().inflight.is_empty());
+        assert!(q.take(usize::MAX, &mut items).await.is_none());
+        up.write_batch(items.drain(..), &q).await.expect("written");
+        let got = reading.await.expect("join");
+        assert_eq!(
+            got.iter().map(|m| m.timestamp).collect::<Vec<_>>(),
+            (0..pushed).collect::<Vec<_>>()
+        );
+        assert_eq!(metrics.bytes_relayed.get(), u64::from(pushed - 1) * 64 * 1024 + 100);
+    }
+
+    #[tokio::test]
+    async fn a_push_that_fails_puts_back_only_what_did_not_go_out_whole() {
+        let metrics = Metrics::default();
+        let q = Queue::new(64 << 20, metrics.clone());
+        let (out, reader, origin) = upstream().await;
+        q.lend(out).expect("an empty queue takes the writer");
+        q.push([numbered(0, 1000)]).expect("alive");
+        drop(origin);
+        // Writes fail once the reset of the closed end came back.
+        let mut pushed = 1;
+        while q.lock().lent.as_ref().is_none_or(|out| out.failed.is_none()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            q.push([numbered(pushed, 1000)]).expect("alive");
+            pushed += 1;
+            assert!(pushed < 1000, "writes to a closed peer never failed");
+        }
+        q.push([numbered(pushed, 1000)]).expect("alive");
+        pushed += 1;
+        let mut items = Vec::new();
+        let lent = q.take(usize::MAX, &mut items).await.expect("the writer comes back");
+        let mut up = Upstream {
+            reader,
+            out: None,
+            live: Liveness::new(Duration::from_secs(10)),
+            started: Instant::now(),
+        };
+        assert!(up.take_back(lent, &q).await.is_err(), "the failure is the relay's");
+        up.abandon(&q);
+        // Every message is either out whole (counted) or back in the queue, in order.
+        let out_whole = (metrics.bytes_relayed.get() / 1000) as u32;
+        q.close();
+        assert!(q.take(usize::MAX, &mut items).await.is_none());
+        assert_eq!(
+            items.iter().map(|i| i.timestamp).collect::<Vec<_>>(),
+            (out_whole..pushed).collect::<Vec<_>>()
+        );
+        assert!(!items.is_empty(), "the failed write is resent");
+    }
+
     #[tokio::test]
     async fn overflow_drops_whole_gops_from_the_front() {
         let metrics = Metrics::default();
@@ -973,7 +1299,7 @@ mod tests {
     #[test]
     fn only_messages_that_went_out_whole_count_as_written() {
         // Three messages of 100 bytes on the wire after 40 bytes queued before them.
-        let ends = [140, 240, 340];
+        let ends = VecDeque::from([140, 240, 340]);
         assert_eq!(written_whole(&ends, 0), 0);
         assert_eq!(written_whole(&ends, 139), 0, "the first one cut short");
         assert_eq!(written_whole(&ends, 140), 1);
@@ -993,7 +1319,7 @@ mod tests {
         let mut batch = Vec::new();
         q.take(usize::MAX, &mut batch).await;
         // The connection broke inside the third message.
-        let written = written_whole(&[10, 20, 30, 40, 50], 25);
+        let written = written_whole(&VecDeque::from([10, 20, 30, 40, 50]), 25);
         batch.drain(..written);
         q.unget(&mut batch);
         let mut again = Vec::new();
