@@ -8,7 +8,9 @@
 //!   2.5 Mbit/s publishers to an origin, against nginx-rtmp's `push`, and
 //!   the latency and spacing of delivery seen by players at the origin
 //!   (publisher write → arrival, one clock, this process), next to the
-//!   publishers writing straight to the origin.
+//!   publishers writing straight to the origin and through a byte-for-byte
+//!   TCP forwarder (this executable re-executed; the kernel's floor of any
+//!   relay that reads and writes as ingest-pod does).
 //!
 //! `cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all] [--quick] [--publishers 10,20,40]`
 //!
@@ -16,6 +18,7 @@
 //! (scenarios run now replace their entry; the others are kept).
 
 use std::collections::HashMap;
+use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,8 +49,8 @@ const DRAIN100_LIMIT: Duration = Duration::from_secs(300);
 const THROUGHPUT_LIMIT: Duration = Duration::from_secs(1200);
 
 const USAGE: &str = "usage: cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all]... \
-                     [--quick] [--publishers 10,20,40] [--window 20s] [--relays ingest-pod,nginx,direct] \
-                     [--pod-args \"--relay-busy-retry=10ms ...\"]";
+                     [--quick] [--publishers 10,20,40] [--window 20s] [--relays ingest-pod,nginx,forward,direct] \
+                     [--pod-args \"--relay-busy-retry=10ms ...\"] [--forward-interval 5ms (0: per packet)]";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -80,6 +83,8 @@ struct Opts {
     pod_args: Vec<String>,
     /// Relays the throughput scenario measures.
     relays: Vec<Side>,
+    /// Read clock of the forward row's forwarder (zero: per packet).
+    forward_interval: Duration,
 }
 
 impl Opts {
@@ -90,6 +95,8 @@ impl Opts {
         let mut window = None;
         let mut pod_args = Vec::new();
         let mut relays = Vec::new();
+        // ingest-pod's default `--media-read-interval`.
+        let mut forward_interval = Duration::from_millis(5);
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -126,6 +133,13 @@ impl Opts {
                         .ok_or_else(|| anyhow!("--window needs a duration\n{USAGE}"))?;
                     window = Some(ingest_runtime::parse_duration(&w).map_err(|e| anyhow!("--window: {e}"))?);
                 }
+                "--forward-interval" => {
+                    let d = args
+                        .next()
+                        .ok_or_else(|| anyhow!("--forward-interval needs a duration\n{USAGE}"))?;
+                    forward_interval =
+                        ingest_runtime::parse_duration(&d).map_err(|e| anyhow!("--forward-interval: {e}"))?;
+                }
                 "all" => scenarios.extend(Scenario::ALL),
                 "-h" | "--help" => bail!("{USAGE}"),
                 name => match Scenario::ALL.into_iter().find(|s| s.name() == name) {
@@ -154,19 +168,19 @@ impl Opts {
             window,
             pod_args,
             relays,
+            forward_interval,
         })
     }
 }
 
 fn main() -> Result<()> {
-    let opts = Opts::parse(std::env::args().skip(1))?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let mut args = std::env::args().skip(1).peekable();
+    if args.next_if_eq(FORWARD_ARG).is_some() {
+        init_tracing();
+        return forward_main(args);
+    }
+    let opts = Opts::parse(args)?;
+    init_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -186,6 +200,16 @@ fn main() -> Result<()> {
         bail!("a scenario failed (see above)");
     }
     Ok(())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn run(opts: &Opts) -> Vec<(Scenario, Json)> {
@@ -1158,41 +1182,59 @@ impl Drop for Nginx {
     }
 }
 
-/// The release ingest-pod binary as a child process; killed on drop.
-struct PodProcess {
+/// A relay in a child process of its own (the release ingest-pod binary,
+/// or the forwarder), listening at `addr`; killed on drop.
+struct RelayProcess {
     child: Child,
     addr: SocketAddr,
 }
 
-impl PodProcess {
-    fn start(dir: &Path, upstream: &str, extra: &[String]) -> Result<Self> {
+impl RelayProcess {
+    fn ingest_pod(dir: &Path, upstream: &str, extra: &[String]) -> Result<Self> {
         // Cargo builds the package's binaries (with the bench profile, i.e. release) for its benches.
-        let bin = env!("CARGO_BIN_EXE_ingest-pod");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ingest-pod"));
         let addr = origin::free_port("127.0.0.1")?;
-        let log = dir.join("ingest-pod.log");
-        let child = Command::new(bin)
-            .args([
-                "--rtmp-listen",
-                &addr.to_string(),
-                "--http-listen",
-                "127.0.0.1:0",
-                "--control-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--upstream", upstream, "--pod-name", "bench"])
-            .args(extra)
+        cmd.args([
+            "--rtmp-listen",
+            &addr.to_string(),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--upstream", upstream, "--pod-name", "bench"])
+        .args(extra);
+        Self::spawn(cmd, addr, &dir.join("ingest-pod.log"))
+    }
+
+    /// This executable as the forward row's relay (see [`forward_main`]).
+    fn forward(dir: &Path, upstream: SocketAddr, interval: Duration) -> Result<Self> {
+        let mut cmd = Command::new(std::env::current_exe().context("locating the bench executable")?);
+        let addr = origin::free_port("127.0.0.1")?;
+        cmd.args([
+            FORWARD_ARG,
+            &addr.to_string(),
+            &upstream.to_string(),
+            // Microseconds: exact, and read back by the same parser as the flag.
+            &format!("{}us", interval.as_micros()),
+        ]);
+        Self::spawn(cmd, addr, &dir.join("forward.log"))
+    }
+
+    fn spawn(mut cmd: Command, addr: SocketAddr, log: &Path) -> Result<Self> {
+        let child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(log)?)
             .spawn()
-            .with_context(|| format!("starting {bin}"))?;
-        let pod = Self { child, addr };
-        wait_listening(addr, &log)?;
-        Ok(pod)
+            .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
+        let relay = Self { child, addr };
+        wait_listening(addr, log)?;
+        Ok(relay)
     }
 }
 
-impl Drop for PodProcess {
+impl Drop for RelayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -1271,18 +1313,22 @@ fn clock_ticks() -> f64 {
 enum Side {
     IngestPod,
     NginxPush,
+    /// Publishers to the origin through a byte-for-byte TCP forwarder (see
+    /// [`forward_main`]): the CPU floor of a relay with ingest-pod's syscalls.
+    Forward,
     /// Publishers straight to the origin: the latency floor a relay adds to.
     Direct,
 }
 
 impl Side {
-    const ALL: [Side; 3] = [Side::IngestPod, Side::NginxPush, Side::Direct];
+    const ALL: [Side; 4] = [Side::IngestPod, Side::NginxPush, Side::Forward, Side::Direct];
 
     /// The name `--relays` takes.
     fn name(self) -> &'static str {
         match self {
             Side::IngestPod => "ingest-pod",
             Side::NginxPush => "nginx",
+            Side::Forward => "forward",
             Side::Direct => "direct",
         }
     }
@@ -1291,6 +1337,7 @@ impl Side {
         match self {
             Side::IngestPod => "ingest-pod",
             Side::NginxPush => "nginx-rtmp push",
+            Side::Forward => "tcp forward floor",
             Side::Direct => "direct (no relay)",
         }
     }
@@ -1454,8 +1501,10 @@ async fn throughput(opts: &Opts) -> Result<Json> {
     let hz = clock_ticks();
     println!(
         "publishers: 2.5 Mbit/s video + 128 kbit/s audio, 30 fps, GOP 30, in this process; relay: one ingest-pod process \
-         ({}) or nginx-rtmp (1 worker, `push`), both to an nginx-rtmp origin; warm-up {warmup:?}, window {:?}",
+         ({}), nginx-rtmp (1 worker, `push`) or a TCP forwarder (this executable, {}), all to an nginx-rtmp origin; \
+         warm-up {warmup:?}, window {:?}",
         env!("CARGO_BIN_EXE_ingest-pod"),
+        forward_mode(opts.forward_interval),
         opts.window
     );
     let mut rows = Vec::new();
@@ -1588,12 +1637,45 @@ async fn throughput(opts: &Opts) -> Result<Json> {
             "latency_target_met": added <= 10.0,
         }));
     }
+    let floor_ratios = floor_ratios(opts, &rows);
     Ok(json!({
         "window_s": opts.window.as_secs_f64(),
         "warmup_s": warmup.as_secs_f64(),
+        "forward_interval_ms": opts.relays.contains(&Side::Forward).then(|| ms(opts.forward_interval)),
         "rows": rows.iter().map(Throughput::json).collect::<Vec<_>>(),
         "ratios": ratios,
+        "floor_ratios": floor_ratios,
     }))
+}
+
+fn forward_mode(interval: Duration) -> String {
+    if interval.is_zero() {
+        "reading per packet".to_owned()
+    } else {
+        format!("reading on a {interval:?} clock")
+    }
+}
+
+/// Prints and returns the forward row's CPU per MB against nginx-rtmp's,
+/// for each publisher count where both ran.
+fn floor_ratios(opts: &Opts, rows: &[Throughput]) -> Vec<Json> {
+    let mut out = Vec::new();
+    for &n in &opts.publishers {
+        let find = |s: Side| rows.iter().find(|r| r.side == s && r.publishers == n);
+        let (Some(f), Some(x)) = (find(Side::Forward), find(Side::NginxPush)) else {
+            continue;
+        };
+        if out.is_empty() {
+            println!(
+                "\ntcp forward floor ({}) ÷ nginx-rtmp: what the kernel alone costs a relay that reads and writes this way",
+                forward_mode(opts.forward_interval)
+            );
+        }
+        let cpu = f.cpu_per_mb() / x.cpu_per_mb();
+        println!("  {n:>3} publishers: CPU/MB {cpu:.2}");
+        out.push(json!({ "publishers": n, "cpu_per_mb_ratio": round3(cpu) }));
+    }
+    out
 }
 
 /// Runs `n` publishers through one relay for warm-up + window and samples it.
@@ -1602,9 +1684,9 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
     let dir = tempfile::tempdir()?;
     let sink = Nginx::start(&dir.path().join("origin"), "")?;
     let upstream = format!("rtmp://{}/live", sink.addr);
-    let (pod, nginx) = match side {
+    let (relay, nginx) = match side {
         Side::IngestPod => (
-            Some(PodProcess::start(
+            Some(RelayProcess::ingest_pod(
                 dir.path(),
                 &format!("{upstream}/{{stream}}"),
                 &opts.pod_args,
@@ -1615,9 +1697,14 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
             None,
             Some(Nginx::start(&dir.path().join("relay"), &format!("push {upstream};"))?),
         ),
+        // Each publisher's own session reaches the origin, as in the direct row.
+        Side::Forward => (
+            Some(RelayProcess::forward(dir.path(), sink.addr, opts.forward_interval)?),
+            None,
+        ),
         Side::Direct => (None, None),
     };
-    let (addr, pids): (SocketAddr, Box<dyn Fn() -> Vec<u32>>) = match (&pod, &nginx) {
+    let (addr, pids): (SocketAddr, Box<dyn Fn() -> Vec<u32>>) = match (&relay, &nginx) {
         (Some(p), _) => {
             let pid = p.child.id();
             (p.addr, Box::new(move || vec![pid]))
@@ -1702,7 +1789,7 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
             }
         }
     }
-    drop((pod, nginx, sink));
+    drop((relay, nginx, sink));
     let mb = |b: u64| b as f64 / 1e6;
     let in_window = |f: &&SentFrame| f.sent_at_ms >= w0 && f.sent_at_ms < w1;
     let watched: Vec<(&PublisherReport, PlayerLog)> = reports
@@ -1747,4 +1834,292 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
         unplanned_reconnects: reports.iter().map(|r| r.unplanned_reconnects).sum(),
         delivery,
     })
+}
+
+// ---------------------------------------------------------------------------
+// The forward row's relay: this executable as a byte-for-byte TCP forwarder.
+
+/// First argument that makes this executable the forwarder instead of the
+/// bench: `__forward LISTEN_ADDR UPSTREAM_ADDR INTERVAL` (see [`RelayProcess::forward`]).
+const FORWARD_ARG: &str = "__forward";
+/// Output held for a socket whose peer does not keep up; above it the
+/// forwarder stops reading the other side (and TCP slows that sender down).
+const FORWARD_PENDING_LIMIT: usize = 1024 * 1024;
+/// Longest wait for a connection to the upstream.
+const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const LISTENER: mio::Token = mio::Token(0);
+
+/// The forwarder's `main`: accepts on LISTEN_ADDR, opens one connection to
+/// UPSTREAM_ADDR per accepted one and copies bytes both ways, on one thread,
+/// with ingest-pod's syscall pattern and none of its RTMP work. INTERVAL as
+/// ingest-pod's `--media-read-interval`: `0` serves each socket when it
+/// becomes readable; otherwise it sleeps the interval, looks at the epoll
+/// set without blocking and serves the sockets that received something
+/// since: one read each (another while reads fill the buffer), one write.
+fn forward_main(mut args: impl Iterator<Item = String>) -> Result<()> {
+    let mut next = |what: &str| args.next().ok_or_else(|| anyhow!("{FORWARD_ARG} needs {what}"));
+    let listen: SocketAddr = next("LISTEN_ADDR")?.parse().context("LISTEN_ADDR")?;
+    let upstream: SocketAddr = next("UPSTREAM_ADDR")?.parse().context("UPSTREAM_ADDR")?;
+    let interval = ingest_runtime::parse_duration(&next("INTERVAL")?).map_err(|e| anyhow!("INTERVAL: {e}"))?;
+    Forwarder::bind(listen, upstream)?.run(interval)
+}
+
+/// One socket of a forwarded connection.
+struct End {
+    stream: mio::net::TcpStream,
+    /// The socket may hold unread bytes: an event came, the last read filled
+    /// the buffer, or reading stopped for the other end's backlog.
+    more: bool,
+    /// The peer closed or the socket failed: read until a read says which,
+    /// however short the reads (no further event announces it).
+    hup: bool,
+    /// Read from the other end, not yet taken by this socket.
+    pending: Vec<u8>,
+}
+
+/// An accepted connection (end 0) and its connection to the upstream (end 1).
+struct Pair {
+    ends: [End; 2],
+    /// The end that closed: the other follows once its pending bytes are out.
+    closed: Option<usize>,
+}
+
+struct Forwarder {
+    poll: mio::Poll,
+    listener: mio::net::TcpListener,
+    upstream: SocketAddr,
+    /// By id; the tokens of a pair's ends are `2 * id` and `2 * id + 1`.
+    pairs: HashMap<usize, Pair>,
+    /// Ids are never reused: a late event of a closed pair finds nothing.
+    next_id: usize,
+    /// The one read buffer, of ingest-pod's clocked read size.
+    buf: Vec<u8>,
+}
+
+fn end_token(id: usize, end: usize) -> mio::Token {
+    mio::Token(2 * id + end)
+}
+
+impl Forwarder {
+    fn bind(listen: SocketAddr, upstream: SocketAddr) -> Result<Self> {
+        let poll = mio::Poll::new()?;
+        let mut listener = mio::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, mio::Interest::READABLE)?;
+        Ok(Self {
+            poll,
+            listener,
+            upstream,
+            pairs: HashMap::new(),
+            next_id: 1,
+            buf: vec![0; conn::CLOCKED_READ_SIZE],
+        })
+    }
+
+    fn run(mut self, interval: Duration) -> Result<()> {
+        let mut events = mio::Events::with_capacity(1024);
+        let mut ready = Vec::new();
+        let mut tick = Instant::now();
+        loop {
+            // Per packet, or nothing to forward (like ingest-pod's clock, no
+            // tick while idle): wait for the next event.
+            let timeout = if interval.is_zero() || self.pairs.is_empty() {
+                None
+            } else {
+                tick += interval;
+                let now = Instant::now();
+                if tick > now {
+                    std::thread::sleep(tick - now);
+                } else {
+                    // Behind (or back from idle): tick now, the next one an interval later.
+                    tick = now;
+                }
+                Some(Duration::ZERO)
+            };
+            loop {
+                match self.poll.poll(&mut events, timeout) {
+                    Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                    r => r.context("polling")?,
+                }
+                for event in &events {
+                    if event.token() == LISTENER {
+                        self.accept();
+                        continue;
+                    }
+                    let (id, side) = (event.token().0 / 2, event.token().0 % 2);
+                    let Some(pair) = self.pairs.get_mut(&id) else { continue };
+                    let end = &mut pair.ends[side];
+                    end.hup |= event.is_read_closed() || event.is_error();
+                    end.more |= event.is_readable() || end.hup;
+                    ready.push(id);
+                }
+                // A full list may have left events behind (as the clock looks again).
+                if timeout.is_none() || events.iter().count() < events.capacity() {
+                    break;
+                }
+            }
+            ready.sort_unstable();
+            ready.dedup();
+            for id in ready.drain(..) {
+                self.serve(id);
+            }
+        }
+    }
+
+    /// Accepts every waiting connection and connects it to the upstream.
+    fn accept(&mut self) {
+        loop {
+            let (client, peer) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    tracing::warn!(?err, "forward: accept failed");
+                    return;
+                }
+            };
+            if let Err(err) = self.open(client) {
+                tracing::warn!(%peer, ?err, "forward: no connection to the upstream");
+            }
+        }
+    }
+
+    fn open(&mut self, mut client: mio::net::TcpStream) -> std::io::Result<()> {
+        // A blocking connect: loopback, once per publisher, before the loop sees the pair.
+        let upstream = std::net::TcpStream::connect_timeout(&self.upstream, FORWARD_CONNECT_TIMEOUT)?;
+        upstream.set_nonblocking(true)?;
+        let mut upstream = mio::net::TcpStream::from_std(upstream);
+        // As ingest-pod sets both of its sockets.
+        client.set_nodelay(true)?;
+        upstream.set_nodelay(true)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        // Edge-triggered (mio always is), as the clock's set: bytes that are
+        // already there raise the first event.
+        let registry = self.poll.registry();
+        registry.register(&mut client, end_token(id, 0), mio::Interest::READABLE)?;
+        registry.register(&mut upstream, end_token(id, 1), mio::Interest::READABLE)?;
+        let end = |stream| End {
+            stream,
+            more: false,
+            hup: false,
+            pending: Vec::new(),
+        };
+        let pair = Pair {
+            ends: [end(client), end(upstream)],
+            closed: None,
+        };
+        self.pairs.insert(id, pair);
+        Ok(())
+    }
+
+    /// Does what the events of pair `id` allow; drops (closes) it when done.
+    fn serve(&mut self, id: usize) {
+        let Some(pair) = self.pairs.get_mut(&id) else { return };
+        match pair.serve(id, &mut self.buf, self.poll.registry()) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.pairs.remove(&id);
+            }
+            Err(err) => {
+                tracing::debug!(pair = id, ?err, "forward: closing");
+                self.pairs.remove(&id);
+            }
+        }
+    }
+}
+
+impl Pair {
+    /// Flushes backlogs and copies both ways; false once the pair is done.
+    fn serve(&mut self, id: usize, buf: &mut [u8], registry: &mio::Registry) -> std::io::Result<bool> {
+        for side in 0..2 {
+            self.flush(id, side, registry)?;
+        }
+        for from in 0..2 {
+            if self.closed.is_none() {
+                self.copy(id, from, buf, registry)?;
+            }
+        }
+        // After a close, the other end gets what was read for it, then closes too.
+        Ok(self
+            .closed
+            .is_none_or(|closed| !self.ends[1 - closed].pending.is_empty()))
+    }
+
+    /// Reads end `from` while it may hold bytes and the other end's backlog
+    /// allows, and passes what came on.
+    fn copy(&mut self, id: usize, from: usize, buf: &mut [u8], registry: &mio::Registry) -> std::io::Result<()> {
+        let to = 1 - from;
+        while self.ends[from].more && self.ends[to].pending.len() < FORWARD_PENDING_LIMIT {
+            let end = &mut self.ends[from];
+            let n = match end.stream.read(buf) {
+                Ok(0) => {
+                    self.closed = Some(from);
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                    end.more = false;
+                    return Ok(());
+                }
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) => return Err(err),
+            };
+            // A short read emptied the socket: the next arrival raises an event.
+            end.more = n == buf.len() || end.hup;
+            self.send(id, to, &buf[..n], registry)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to end `to`; what the socket does not take waits, in
+    /// order, behind any earlier backlog.
+    fn send(&mut self, id: usize, to: usize, data: &[u8], registry: &mio::Registry) -> std::io::Result<()> {
+        let end = &mut self.ends[to];
+        let written = if end.pending.is_empty() {
+            write_some(&end.stream, data)?
+        } else {
+            0
+        };
+        if written < data.len() {
+            if end.pending.is_empty() {
+                // Told when the socket takes more, until the backlog is out.
+                let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+                registry.reregister(&mut end.stream, end_token(id, to), interest)?;
+            }
+            end.pending.extend_from_slice(&data[written..]);
+        }
+        Ok(())
+    }
+
+    /// Writes what waits for end `side`.
+    fn flush(&mut self, id: usize, side: usize, registry: &mio::Registry) -> std::io::Result<()> {
+        let end = &mut self.ends[side];
+        if end.pending.is_empty() {
+            return Ok(());
+        }
+        let written = write_some(&end.stream, &end.pending)?;
+        end.pending.drain(..written);
+        if end.pending.is_empty() {
+            // The backlog's allocation goes with it.
+            end.pending = Vec::new();
+            registry.reregister(&mut end.stream, end_token(id, side), mio::Interest::READABLE)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes until `data` is out or the socket is full; returns the bytes written.
+fn write_some(mut stream: &mio::net::TcpStream, data: &[u8]) -> std::io::Result<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        match stream.write(&data[written..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(written)
 }
