@@ -4,7 +4,7 @@ mod reader;
 mod writer;
 
 pub use reader::{ChunkReader, Error, Limits};
-pub use writer::{ChunkWriter, Parts};
+pub use writer::{ChunkWriter, MAX_SLICES, Parts};
 
 use bytes::Bytes;
 

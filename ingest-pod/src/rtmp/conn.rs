@@ -2,14 +2,15 @@
 //! the two halves of one TCP connection.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::task::AtomicWaker;
 use mio::unix::SourceFd;
 
 use bytes::BytesMut;
@@ -20,7 +21,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
-use ingest_rtmp::chunk::{self, ChunkReader, ChunkWriter, Limits, Parts, RawMessage};
+use ingest_rtmp::chunk::{self, ChunkReader, ChunkWriter, Limits, MAX_SLICES, Parts, RawMessage};
 use ingest_rtmp::handshake;
 use ingest_rtmp::message::{self, Message};
 
@@ -199,7 +200,7 @@ impl Clock {
                         Err(err) => {
                             // Wake everyone: each reads until its socket is empty.
                             tracing::warn!(?err, "media read clock: polling failed");
-                            shared.lock().values().for_each(|r| r.notify.notify_one());
+                            shared.lock().values().for_each(|r| r.wake());
                             break;
                         }
                         Ok(()) => {}
@@ -210,7 +211,7 @@ impl Clock {
                             if event.is_read_closed() || event.is_error() {
                                 ready.closed.store(true, Ordering::Relaxed);
                             }
-                            ready.notify.notify_one();
+                            ready.wake();
                         }
                     }
                     if events.iter().count() < events.capacity() {
@@ -241,11 +242,34 @@ struct Registration {
 /// What the clock tells a clocked connection.
 #[derive(Debug, Default)]
 struct Ready {
-    /// Notified at the first tick after the socket received something.
-    notify: Notify,
+    /// Set at the first tick after the socket received something, taken by
+    /// the reader it wakes (a flag and a waker: no lock per wake-up).
+    received: AtomicBool,
+    waker: AtomicWaker,
     /// The peer closed (or the socket failed): read until the end even
     /// after a short read, since no further event will come.
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
+}
+
+impl Ready {
+    fn wake(&self) {
+        self.received.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves once the clock saw something arrive (cancel safe: a wake-up
+    /// not taken stays set).
+    async fn received(&self) {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if self.received.swap(false, Ordering::Acquire) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+    }
 }
 
 impl Registration {
@@ -412,7 +436,7 @@ async fn read_some(io: &mut ReadIo, buf: &mut BytesMut, size: usize) -> std::io:
         } => loop {
             let size = size.min(CLOCKED_READ_SIZE);
             if !*more {
-                registration.ready.notify.notified().await;
+                registration.ready.received().await;
             }
             // Nothing awaits from here on: a cancelled call loses no bytes.
             // Read into the thread's scratch, then copy what came: zeroing
@@ -587,12 +611,12 @@ impl Writer {
     pub async fn flush(&mut self) -> Result<()> {
         let mut stalled_since: Option<Instant> = None;
         while !self.parts.is_empty() {
-            let slices = self.parts.slices();
+            let mut slots = [IoSlice::new(&[]); MAX_SLICES];
+            let slices = self.parts.slices(&mut slots);
             let written = match &mut self.io {
-                WriteIo::Ready(io) => io.write_vectored(&slices).await,
-                WriteIo::Clocked(stream) => (&**stream).write_vectored(&slices),
+                WriteIo::Ready(io) => io.write_vectored(slices).await,
+                WriteIo::Clocked(stream) => (&**stream).write_vectored(slices),
             };
-            drop(slices);
             match written {
                 Ok(0) => return Err(Error::Io(ErrorKind::WriteZero.into())),
                 Ok(n) => {
@@ -619,12 +643,12 @@ impl Writer {
     /// `Ok(false)` leaves the rest for [`flush`](Self::flush).
     pub fn try_flush(&mut self) -> Result<bool> {
         while !self.parts.is_empty() {
-            let slices = self.parts.slices();
+            let mut slots = [IoSlice::new(&[]); MAX_SLICES];
+            let slices = self.parts.slices(&mut slots);
             let written = match &mut self.io {
-                WriteIo::Ready(io) => io.try_write_vectored(&slices),
-                WriteIo::Clocked(stream) => (&**stream).write_vectored(&slices),
+                WriteIo::Ready(io) => io.try_write_vectored(slices),
+                WriteIo::Clocked(stream) => (&**stream).write_vectored(slices),
             };
-            drop(slices);
             match written {
                 Ok(0) => return Err(Error::Io(ErrorKind::WriteZero.into())),
                 Ok(n) => {

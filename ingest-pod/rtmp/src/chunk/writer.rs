@@ -159,7 +159,7 @@ pub struct Parts {
 }
 
 /// Most slices handed to one vectored write.
-const MAX_SLICES: usize = 64;
+pub const MAX_SLICES: usize = 64;
 
 impl Parts {
     /// Bytes not yet written.
@@ -180,9 +180,15 @@ impl Parts {
         }
     }
 
-    /// The next bytes to write, for one vectored write.
-    pub fn slices(&self) -> Vec<IoSlice<'_>> {
-        self.parts.iter().take(MAX_SLICES).map(|p| IoSlice::new(p)).collect()
+    /// The next bytes to write, for one vectored write: fills the front of
+    /// `out` (no allocation per write) and returns that part.
+    pub fn slices<'a, 'o>(&'a self, out: &'o mut [IoSlice<'a>; MAX_SLICES]) -> &'o [IoSlice<'a>] {
+        let mut n = 0;
+        for (slot, part) in out.iter_mut().zip(&self.parts) {
+            *slot = IoSlice::new(part);
+            n += 1;
+        }
+        &out[..n]
     }
 
     /// Drops the first `n` bytes (written).
@@ -289,7 +295,13 @@ mod tests {
         // Written in uneven pieces, as short writes do.
         let mut out = Vec::new();
         while !parts.is_empty() {
-            let first: Vec<u8> = parts.slices().iter().flat_map(|s| s.iter().copied()).take(7).collect();
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let first: Vec<u8> = parts
+                .slices(&mut slices)
+                .iter()
+                .flat_map(|s| s.iter().copied())
+                .take(7)
+                .collect();
             out.extend_from_slice(&first);
             parts.advance(first.len());
         }
