@@ -610,30 +610,21 @@ impl Writer {
     /// Writes everything queued.
     pub async fn flush(&mut self) -> Result<()> {
         let mut stalled_since: Option<Instant> = None;
-        while !self.parts.is_empty() {
-            let mut slots = [IoSlice::new(&[]); MAX_SLICES];
-            let slices = self.parts.slices(&mut slots);
-            let written = match &mut self.io {
-                WriteIo::Ready(io) => io.write_vectored(slices).await,
-                WriteIo::Clocked(stream) => (&**stream).write_vectored(slices),
-            };
-            match written {
-                Ok(0) => return Err(Error::Io(ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    self.parts.advance(n);
-                    self.bytes_out += n as u64;
-                    stalled_since = None;
-                }
-                Err(err) if err.kind() == ErrorKind::Interrupted => {}
-                // Only a clocked socket, outside the event loop, says this:
-                // the peer reads too slowly; look again shortly.
-                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+        let mut progress = self.bytes_out;
+        while !self.try_flush()? {
+            if self.bytes_out > progress {
+                progress = self.bytes_out;
+                stalled_since = None;
+            }
+            match &self.io {
+                WriteIo::Ready(io) => io.writable().await?,
+                // Outside the event loop: the peer reads too slowly; look again shortly.
+                WriteIo::Clocked(_) => {
                     if stalled_since.get_or_insert_with(Instant::now).elapsed() >= CLOCKED_WRITE_STALL {
                         return Err(Error::Timeout(CLOCKED_WRITE_STALL, "the peer to read what we sent"));
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err(err) => return Err(err.into()),
             }
         }
         Ok(())
