@@ -111,7 +111,12 @@ async fn publish_through_drain(
     let report = task.await.expect("join").expect("publisher");
     for pod in &lab.pods {
         let r = pod.registry.clone();
-        until("relays finished", 20, || r.relays_active() == 0).await;
+        // The relay can finish before the session reads the publisher's
+        // close (its deleteStream ends the publish first).
+        until("relays finished and publishers gone", 20, || {
+            r.relays_active() == 0 && r.connection_count() == 0
+        })
+        .await;
     }
     (report, landed)
 }

@@ -140,6 +140,15 @@ async fn origin_outages_never_cut_the_publisher() {
     })
     .await
     .expect("the relay flushed after the publisher left");
+    // The relay can finish before the session reads the publisher's close
+    // (its deleteStream ends the publish first): wait for the connection too.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while registry.totals().ended == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the publisher's connection ended");
 
     // The publisher never noticed.
     assert_eq!(report.error, None);
