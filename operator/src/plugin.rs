@@ -17,7 +17,9 @@ mod drain;
 mod follow;
 mod status;
 
-pub use args::{Args, CancelArgs, ClusterArgs, Command, DrainOpts, DrainTarget, FollowArgs, StatusArgs, WaitArgs};
+pub use args::{
+    Args, CancelArgs, ClusterArgs, Command, DrainOpts, DrainTarget, FollowArgs, Output, StatusArgs, WaitArgs,
+};
 
 /// Field manager of what the plugin writes (`kubectl get --show-managed-fields`).
 const FIELD_MANAGER: &str = "kubectl-ingest";

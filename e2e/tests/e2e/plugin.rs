@@ -167,6 +167,26 @@ fn row<'a>(rows: &'a [BTreeMap<String, String>], pod: &str) -> Result<&'a BTreeM
         .with_context(|| format!("no row for {pod}"))
 }
 
+/// Whether a pod of `status -o json` says what its table row says.
+fn json_agrees(pod: &serde_json::Value, r: &BTreeMap<String, String>) -> bool {
+    let cell = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        v => v.to_string(),
+    };
+    let drain = &pod["drain"];
+    pod["status"] == "read"
+        && cell(&pod["node"]) == r["NODE"]
+        && cell(&pod["ready"]) == r["READY"]
+        && cell(&pod["publishers"]["goAway"]) == r["GO_AWAY"]
+        && cell(&pod["publishers"]["reconnect"]) == r["RECONNECT"]
+        && cell(&pod["publishers"]["incapable"]) == r["INCAPABLE"]
+        && ["name", "phase", "signalled", "migrated", "remaining"]
+            .iter()
+            .zip(["DRAIN", "PHASE", "SIGNALLED", "MIGRATED", "REMAINING"])
+            .all(|(field, column)| cell(&drain[field]) == r[column])
+}
+
 async fn kubectl_plugin(c: Arc<Cluster>) -> Result<()> {
     let plugin = Plugin::install()?;
     let list = c
@@ -311,6 +331,24 @@ async fn kubectl_plugin(c: Arc<Cluster>) -> Result<()> {
             && r["MIGRATED"] == n.to_string(),
         "the drained pod's row: {r:?}"
     );
+    // The same for scripts: `-o json` agrees with the table, pod by pod.
+    let json = plugin.run(&c, &["status", "-n", NS, "-o", "json"]).await?;
+    ensure!(json.code == Some(0), "kubectl ingest status -o json failed");
+    let listed: serde_json::Value = serde_json::from_str(&json.stdout).context("status -o json is not JSON")?;
+    let listed = listed["pods"].as_array().context("no \"pods\" list")?;
+    ensure!(
+        listed.len() == rows.len(),
+        "{} pods in JSON, {} rows",
+        listed.len(),
+        rows.len()
+    );
+    for pod in listed {
+        let r = row(&rows, pod["pod"].as_str().context("a pod without its name")?)?;
+        ensure!(
+            json_agrees(pod, r),
+            "status -o json {pod} disagrees with the table's {r:?}"
+        );
+    }
 
     // A second drain, followed, is cancelled: the follower exits 4, the pod serves again.
     let follow_args = [

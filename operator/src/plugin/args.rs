@@ -98,6 +98,16 @@ pub struct StatusArgs {
     /// The pods' HTTP port serving /status: a container port's name or number
     #[arg(long, default_value = "http")]
     pub port: String,
+    /// Output format: a table, or JSON for scripts (`{"pods": [...]}`)
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// How `status` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Debug, clap::Args)]

@@ -9,8 +9,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use super::args::Output;
 use super::{Error, Exit, Result, StatusArgs, api_message};
 use crate::crd::IngestDrain;
 use crate::state;
@@ -56,7 +57,8 @@ struct DrainView {
 /// Publishers by the signal they would get: Reconnect Request when they
 /// announced it (alone or with Go Away), Go Away, or none (the pod's
 /// `ingest_connections{capability}` counts them the same way).
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct ByCapability {
     pub(crate) go_away: usize,
     pub(crate) reconnect: usize,
@@ -106,6 +108,7 @@ pub(super) async fn run(client: &Client, ns: &str, args: StatusArgs) -> Result<E
         all_namespaces,
         selector,
         port,
+        output,
     } = args;
     let selector = state::parse_selector(&selector).map_err(Error::Selector)?;
     let (pods, drains): (Api<Pod>, Api<IngestDrain>) = if all_namespaces {
@@ -118,6 +121,10 @@ pub(super) async fn run(client: &Client, ns: &str, args: StatusArgs) -> Result<E
         .await
         .map_err(|e| Error::api("listing the ingest pods", &e))?
         .items;
+    if pods.is_empty() && output == Output::Json {
+        writeln!(std::io::stdout().lock(), "{}", serde_json::json!({ "pods": [] }))?;
+        return Ok(Exit::Ok);
+    }
     if pods.is_empty() {
         let scope = if all_namespaces {
             "any namespace".to_owned()
@@ -149,6 +156,17 @@ pub(super) async fn run(client: &Client, ns: &str, args: StatusArgs) -> Result<E
             );
             failed = true;
         }
+    }
+    if output == Output::Json {
+        let pods: Vec<JsonPod> = pods.iter().zip(&reads).map(|(p, r)| json_pod(p, r, &names)).collect();
+        // Through a struct, not a `Value`: fields keep their order.
+        #[derive(Serialize)]
+        struct List {
+            pods: Vec<JsonPod>,
+        }
+        let text = serde_json::to_string_pretty(&List { pods }).map_err(|e| Error::Output(std::io::Error::other(e)))?;
+        writeln!(std::io::stdout().lock(), "{text}")?;
+        return Ok(if failed { Exit::Error } else { Exit::Ok });
     }
     let rows: Vec<Vec<String>> = pods
         .iter()
@@ -263,6 +281,61 @@ pub(crate) fn row(pod: &Pod, read: &Read, drain_names: &BTreeMap<String, String>
     cells
 }
 
+/// One pod in `-o json`: what the table shows, typed, and why a pod
+/// could not be read.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct JsonPod {
+    namespace: String,
+    pod: String,
+    /// `None` before the pod is scheduled.
+    node: Option<String>,
+    ready: bool,
+    /// `read`, `notRunning` (no IP yet) or `unreadable` (see `error`).
+    status: &'static str,
+    error: Option<String>,
+    /// Publishers by the signal they would get; `None` unless read.
+    publishers: Option<ByCapability>,
+    drain: Option<JsonDrain>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct JsonDrain {
+    /// The IngestDrain's name, or the pod's id for it when the cluster does
+    /// not list it (a SIGTERM drain: `sigterm`).
+    name: String,
+    id: String,
+    phase: String,
+    signalled: u64,
+    migrated: u64,
+    remaining: u64,
+}
+
+pub(crate) fn json_pod(pod: &Pod, read: &Read, drain_names: &BTreeMap<String, String>) -> JsonPod {
+    let (status, error, view) = match read {
+        Read::View(view) => ("read", None, Some(view)),
+        Read::NotRunning => ("notRunning", None, None),
+        Read::Failed(why) => ("unreadable", Some(why.clone()), None),
+    };
+    JsonPod {
+        namespace: pod.namespace().unwrap_or_default(),
+        pod: pod.name_any(),
+        node: Some(node_of(pod)).filter(|n| !n.is_empty()).map(str::to_owned),
+        ready: state::pod_ready(pod),
+        status,
+        error,
+        publishers: view.map(PodView::by_capability),
+        drain: view.and_then(|v| v.drain.as_ref()).map(|d| JsonDrain {
+            name: drain_names.get(&d.id).cloned().unwrap_or_else(|| d.id.clone()),
+            id: d.id.clone(),
+            phase: d.phase.clone(),
+            signalled: d.signalled,
+            migrated: d.migrated,
+            remaining: d.remaining,
+        }),
+    }
+}
+
 /// Columns padded to their widest cell, three spaces apart (as kubectl
 /// prints tables).
 pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -371,8 +444,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_draining_pod_shows_its_drain_by_name() {
+    /// A pod's view in the middle of a drain, and the drain's name by its id.
+    fn draining() -> (PodView, BTreeMap<String, String>) {
         let drain = PodDrainView {
             id: "5f0c-uid".into(),
             phase: "signalling",
@@ -382,6 +455,12 @@ mod tests {
         };
         let view: PodView = serde_json::from_str(&served(Some(drain))).expect("parses");
         let names = BTreeMap::from([("5f0c-uid".to_owned(), "drain-node-a-x7k2p".to_owned())]);
+        (view, names)
+    }
+
+    #[test]
+    fn a_draining_pod_shows_its_drain_by_name() {
+        let (view, names) = draining();
         let cells = row(&pod("ingest-0", "node-a", false), &Read::View(view), &names);
         assert_eq!(
             cells[2..],
@@ -417,6 +496,32 @@ mod tests {
             pending[3..].iter().all(|c| c == "-") && pending[1] == "-",
             "{pending:?}"
         );
+    }
+
+    #[test]
+    fn json_output_types_what_the_table_shows() {
+        let (view, names) = draining();
+        let read = json_pod(&pod("ingest-0", "node-a", false), &Read::View(view), &names);
+        assert_eq!(
+            serde_json::to_value(&read).expect("JSON"),
+            json!({
+                "namespace": "live", "pod": "ingest-0", "node": "node-a", "ready": false,
+                "status": "read", "error": null,
+                "publishers": { "goAway": 1, "reconnect": 2, "incapable": 2 },
+                "drain": { "name": "drain-node-a-x7k2p", "id": "5f0c-uid", "phase": "signalling",
+                           "signalled": 3, "migrated": 1, "remaining": 4 }
+            })
+        );
+        let failed = json_pod(&pod("p", "", true), &Read::Failed("refused".into()), &names);
+        assert_eq!(
+            serde_json::to_value(&failed).expect("JSON"),
+            json!({
+                "namespace": "live", "pod": "p", "node": null, "ready": true,
+                "status": "unreadable", "error": "refused", "publishers": null, "drain": null
+            })
+        );
+        let pending = json_pod(&pod("p", "n", false), &Read::NotRunning, &names);
+        assert_eq!(serde_json::to_value(&pending).expect("JSON")["status"], "notRunning");
     }
 
     #[test]
