@@ -128,6 +128,12 @@ struct QueueInner {
     lent: Option<Box<Out>>,
 }
 
+/// Records in `config` and the relayed bytes what went out whole through `out`.
+fn record_delivered(config: &mut Config, out: &mut Out, metrics: &Metrics) {
+    let bytes = config.delivered(out.settle(), metrics);
+    metrics.bytes_relayed.inc_by(bytes);
+}
+
 /// What `item` costs in a buffer.
 fn cost(item: &Item) -> usize {
     item.payload.len() + budget::ITEM_OVERHEAD
@@ -211,17 +217,16 @@ impl Queue {
         let had_media = q.media_seen;
         let mut wake = false;
         let inner = &mut *q;
-        if let Some(out) = inner.lent.as_mut().filter(|out| !out.stalled) {
+        if let Some(out) = inner.lent.as_mut().filter(|out| !out.stalled()) {
             // The relay is caught up: straight to the origin, without waking it.
             for item in items {
                 inner.media_seen |= !item.is_config();
                 out.queue(item);
             }
             out.try_write();
-            let bytes = inner.config.delivered(out.settle(), &self.metrics);
-            self.metrics.bytes_relayed.inc_by(bytes);
+            record_delivered(&mut inner.config, out, &self.metrics);
             // What the socket did not take, or a failure, is the relay's to handle.
-            wake = out.stalled;
+            wake = out.stalled();
         } else {
             for item in items {
                 wake = true;
@@ -352,7 +357,7 @@ impl Queue {
             let notified = self.notify.notified();
             {
                 let mut q = self.lock();
-                if (q.lent.as_ref().is_some_and(|lent| lent.stalled) || q.closed)
+                if (q.lent.as_ref().is_some_and(|lent| lent.stalled()) || q.closed)
                     && let Some(lent) = q.lent.take()
                 {
                     return Some(lent);
@@ -416,8 +421,7 @@ impl Queue {
 
     /// Records what went out whole through `out`.
     fn delivered(&self, out: &mut Out) {
-        let bytes = self.lock().config.delivered(out.settle(), &self.metrics);
-        self.metrics.bytes_relayed.inc_by(bytes);
+        record_delivered(&mut self.lock().config, out, &self.metrics);
     }
 
     /// The configuration a new upstream session sends before media, if any
@@ -807,9 +811,6 @@ struct Out {
     ends: VecDeque<u64>,
     /// The first write while lent: the origin's silence counts from it.
     first_write: Option<Instant>,
-    /// A write while lent left bytes the socket did not take, or failed:
-    /// the rest is the relay's.
-    stalled: bool,
     failed: Option<conn::Error>,
 }
 
@@ -821,7 +822,6 @@ impl Out {
             inflight: VecDeque::new(),
             ends: VecDeque::new(),
             first_write: None,
-            stalled: false,
             failed: None,
         }
     }
@@ -831,6 +831,12 @@ impl Out {
         self.ends
             .push_back(self.writer.bytes_out() + self.writer.queued() as u64);
         self.inflight.push_back(item);
+    }
+
+    /// A write while lent left a message the socket did not take whole, or
+    /// failed: the rest is the relay's.
+    fn stalled(&self) -> bool {
+        self.failed.is_some() || !self.inflight.is_empty()
     }
 
     /// Removes and returns the messages out whole so far.
@@ -843,13 +849,8 @@ impl Out {
     /// Writes what the socket takes without waiting (a push while lent).
     fn try_write(&mut self) {
         let before = self.writer.bytes_out();
-        match self.writer.try_flush() {
-            Ok(true) => {}
-            Ok(false) => self.stalled = true,
-            Err(err) => {
-                self.stalled = true;
-                self.failed = Some(err);
-            }
+        if let Err(err) = self.writer.try_flush() {
+            self.failed = Some(err);
         }
         if self.writer.bytes_out() > before {
             self.first_write.get_or_insert_with(Instant::now);
@@ -896,7 +897,6 @@ impl Upstream {
         if let Some(at) = out.first_write.take() {
             self.live.wrote(at);
         }
-        out.stalled = false;
         let failed = out.failed.take();
         self.out = Some(out);
         if let Some(err) = failed {
@@ -1172,7 +1172,7 @@ mod tests {
         // A close brings the writer back to the relay, which finishes the publish.
         q.close();
         let lent = q.take(usize::MAX, &mut items).await;
-        assert!(lent.is_some_and(|out| out.inflight.is_empty() && !out.stalled));
+        assert!(lent.is_some_and(|out| out.inflight.is_empty() && !out.stalled()));
     }
 
     #[tokio::test]
@@ -1183,7 +1183,7 @@ mod tests {
         q.lend(out).expect("an empty queue takes the writer");
         // The origin does not read: the socket's buffers fill until a push stalls.
         let mut pushed = 0;
-        while q.lock().lent.as_ref().is_none_or(|out| !out.stalled) {
+        while q.lock().lent.as_ref().is_none_or(|out| !out.stalled()) {
             q.push([numbered(pushed, 64 * 1024)]).expect("alive");
             pushed += 1;
             assert!(pushed < 10_000, "the socket never filled");
