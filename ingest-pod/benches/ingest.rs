@@ -2,6 +2,9 @@
 //!
 //! - `handover`: the stall a capable publisher's move causes at a real
 //!   nginx-rtmp origin, seen by an RTMP player attached to the origin.
+//! - `overlap`: the same stall when many publishers move at once: a pod
+//!   holding `--moves` capable publishers drains at the operator's default
+//!   rate, each watched by its own player at the origin.
 //! - `drain100`: drain time of one pod holding 100 capable publishers,
 //!   next to the model propagation + one GOP + publishers / rate.
 //! - `throughput`: CPU and memory of one ingest-pod process relaying
@@ -12,7 +15,7 @@
 //!   TCP forwarder (this executable re-executed; the kernel's floor of any
 //!   relay that reads and writes as ingest-pod does).
 //!
-//! `cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all] [--quick] [--publishers 10,20,40]`
+//! `cargo bench -p ingest-pod --bench ingest -- [handover|overlap|drain100|throughput|all] [--quick] [--moves 15] [--publishers 10,20,40]`
 //!
 //! The report goes to stdout and, as JSON, to `target/bench/ingest.json`
 //! (scenarios run now replace their entry; the others are kept).
@@ -45,26 +48,34 @@ use tokio_util::sync::CancellationToken;
 const STEP: Duration = Duration::from_secs(5);
 /// Upper bounds per scenario, so a hang ends the run with a report.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(600);
+const OVERLAP_LIMIT: Duration = Duration::from_secs(600);
 const DRAIN100_LIMIT: Duration = Duration::from_secs(300);
 const THROUGHPUT_LIMIT: Duration = Duration::from_secs(1200);
 
-const USAGE: &str = "usage: cargo bench -p ingest-pod --bench ingest -- [handover|drain100|throughput|all]... \
-                     [--quick] [--publishers 10,20,40] [--window 20s] [--relays ingest-pod,nginx,forward,direct] \
+const USAGE: &str = "usage: cargo bench -p ingest-pod --bench ingest -- [handover|overlap|drain100|throughput|all]... \
+                     [--quick] [--moves 15] [--publishers 10,20,40] [--window 20s] [--relays ingest-pod,nginx,forward,direct] \
                      [--pod-args \"--relay-busy-retry=10ms ...\"] [--forward-interval 5ms (0: per packet)]";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     Handover,
+    Overlap,
     Drain100,
     Throughput,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 3] = [Scenario::Handover, Scenario::Drain100, Scenario::Throughput];
+    const ALL: [Scenario; 4] = [
+        Scenario::Handover,
+        Scenario::Overlap,
+        Scenario::Drain100,
+        Scenario::Throughput,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Scenario::Handover => "handover",
+            Scenario::Overlap => "overlap",
             Scenario::Drain100 => "drain100",
             Scenario::Throughput => "throughput",
         }
@@ -75,6 +86,8 @@ impl Scenario {
 struct Opts {
     scenarios: Vec<Scenario>,
     quick: bool,
+    /// Publishers moved at once by the overlap scenario.
+    moves: usize,
     /// Publisher counts of the throughput scenario.
     publishers: Vec<usize>,
     /// Measurement window of the throughput scenario.
@@ -91,6 +104,7 @@ impl Opts {
     fn parse(args: impl IntoIterator<Item = String>) -> Result<Self> {
         let mut scenarios = Vec::new();
         let mut quick = false;
+        let mut moves = None;
         let mut publishers = None;
         let mut window = None;
         let mut pod_args = Vec::new();
@@ -112,6 +126,17 @@ impl Opts {
                         .map(|n| n.trim().parse::<usize>())
                         .collect::<Result<Vec<_>, _>>();
                     publishers = Some(counts.with_context(|| format!("--publishers {list:?}\n{USAGE}"))?);
+                }
+                "--moves" => {
+                    let n = args.next().ok_or_else(|| anyhow!("--moves needs a count\n{USAGE}"))?;
+                    let n = n
+                        .trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("--moves {n:?}\n{USAGE}"))?;
+                    if n == 0 {
+                        bail!("--moves must be at least 1\n{USAGE}");
+                    }
+                    moves = Some(n);
                 }
                 "--relays" => {
                     let list = args.next().ok_or_else(|| anyhow!("--relays needs a list\n{USAGE}"))?;
@@ -152,6 +177,7 @@ impl Opts {
             scenarios.extend(Scenario::ALL);
         }
         scenarios.dedup();
+        let moves = moves.unwrap_or(if quick { 6 } else { 15 });
         let publishers = publishers.unwrap_or_else(|| if quick { vec![10] } else { vec![10, 20, 40] });
         let window = window.unwrap_or(if quick {
             Duration::from_secs(10)
@@ -164,6 +190,7 @@ impl Opts {
         Ok(Self {
             scenarios,
             quick,
+            moves,
             publishers,
             window,
             pod_args,
@@ -226,6 +253,7 @@ async fn run(opts: &Opts) -> Vec<(Scenario, Json)> {
                 HANDOVER_LIMIT,
                 tokio::time::timeout(HANDOVER_LIMIT, handover(opts)).await,
             ),
+            Scenario::Overlap => (OVERLAP_LIMIT, tokio::time::timeout(OVERLAP_LIMIT, overlap(opts)).await),
             Scenario::Drain100 => (
                 DRAIN100_LIMIT,
                 tokio::time::timeout(DRAIN100_LIMIT, drain100(opts)).await,
@@ -667,7 +695,7 @@ async fn handover(opts: &Opts) -> Result<Json> {
          drain propagation 300 ms; player attached to nginx at {}",
         origin.addr()
     );
-    let mut moves: Vec<(SignalKind, PublisherReport, PlayerLog)> = Vec::new();
+    let mut moves: Vec<Move> = Vec::new();
     for kind in [SignalKind::GoAway, SignalKind::ReconnectRequest] {
         for rep in 0..reps {
             let stream = format!("ho-{}-{rep}", kind.label().replace('_', "-"));
@@ -691,25 +719,7 @@ async fn handover(opts: &Opts) -> Result<Json> {
         }
     }
 
-    println!(
-        "\n{:<22} {:>9} {:>9} {:>10} {:>10} {:>11} {:>10} {:>9} {:>5}",
-        "stream", "stall ms", "media ms", "max±1s ms", "steady p50", "steady v p99", "pub gap ms", "played", "lost"
-    );
-    for (h, a) in results.iter().zip(&audits) {
-        println!(
-            "{:<22} {:>9.1} {:>9.0} {:>10.1} {:>10.1} {:>11.1} {:>10} {:>4}/{:<4} {:>5}",
-            h.stream,
-            h.stall_ms,
-            h.media_gap_ms,
-            h.max_gap_around_ms,
-            h.steady_all.p50,
-            h.steady_video.p99,
-            h.publisher_gap_ms.map_or("-".to_owned(), |g| format!("{g:.0}")),
-            h.player_received,
-            h.sent,
-            a.lost
-        );
-    }
+    print_moves(&results, &audits);
     let mut per_kind = serde_json::Map::new();
     println!();
     for kind in [SignalKind::GoAway, SignalKind::ReconnectRequest] {
@@ -806,16 +816,8 @@ async fn one_move(
     tokio::time::timeout(STEP, ready.wait_for(|r| *r))
         .await
         .context("player did not start")??;
-    let cfg = PublisherConfig {
-        go_away: kind == SignalKind::GoAway,
-        reconnect: kind == SignalKind::ReconnectRequest,
-        fps: 30,
-        gop: 30,
-        video_bitrate_bps: 2_500_000,
-        ..PublisherConfig::new(format!("rtmp://{}/live/{stream}", balancer.addr))
-    };
     let stop = CancellationToken::new();
-    let publisher = spawn_publisher(cfg, &stop)?;
+    let publisher = spawn_publisher(move_publisher(balancer, stream, kind), &stop)?;
     let p = publisher.progress.clone();
     until("2 s of media", Duration::from_secs(20), || {
         p.borrow().video_frames >= 60
@@ -872,8 +874,226 @@ async fn one_move(
     Ok((report, log))
 }
 
+/// One line per move: its stall, the gaps around it and what the audit found.
+fn print_moves(results: &[Handover], audits: &[AuditReport]) {
+    println!(
+        "\n{:<22} {:>9} {:>9} {:>10} {:>10} {:>11} {:>10} {:>9} {:>5}",
+        "stream", "stall ms", "media ms", "max±1s ms", "steady p50", "steady v p99", "pub gap ms", "played", "lost"
+    );
+    for h in results {
+        let lost = audits.iter().find(|a| a.stream == h.stream).map_or(0, |a| a.lost);
+        println!(
+            "{:<22} {:>9.1} {:>9.0} {:>10.1} {:>10.1} {:>11.1} {:>10} {:>4}/{:<4} {:>5}",
+            h.stream,
+            h.stall_ms,
+            h.media_gap_ms,
+            h.max_gap_around_ms,
+            h.steady_all.p50,
+            h.steady_video.p99,
+            h.publisher_gap_ms.map_or("-".to_owned(), |g| format!("{g:.0}")),
+            h.player_received,
+            h.sent,
+            lost
+        );
+    }
+}
+
+/// One publisher's move with what its player saw.
+type Move = (SignalKind, PublisherReport, PlayerLog);
+
+/// The publisher every move uses: 2.5 Mbit/s video at 30 fps, GOP 30, audio.
+fn move_publisher(balancer: &Balancer, stream: &str, kind: SignalKind) -> PublisherConfig {
+    PublisherConfig {
+        go_away: kind == SignalKind::GoAway,
+        reconnect: kind == SignalKind::ReconnectRequest,
+        fps: 30,
+        gop: 30,
+        video_bitrate_bps: 2_500_000,
+        ..PublisherConfig::new(format!("rtmp://{}/live/{stream}", balancer.addr))
+    }
+}
+
 // ---------------------------------------------------------------------------
-// Scenario 2: draining 100 publishers.
+// Scenario 2: many moves at once.
+
+/// Drain rate of the overlap scenario: the operator's default.
+const OVERLAP_RATE: f64 = 50.0;
+
+async fn overlap(opts: &Opts) -> Result<Json> {
+    let reps = if opts.quick { 1 } else { 3 };
+    let n = opts.moves;
+    let dir = tempfile::tempdir()?;
+    let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
+    let args = lab_args(opts, &origin.template(), "60s");
+    let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
+    let balancer = Balancer::start(pods.iter().map(LocalPod::backend).collect()).await?;
+    println!(
+        "{reps} rounds of {n} capable publishers (even: Go Away, odd: Reconnect Request) on one pod, drained at \
+         {OVERLAP_RATE}/s with propagation 300 ms; publisher 2.5 Mbit/s video + 128 kbit/s audio, 30 fps, GOP 30; \
+         a player per stream attached to nginx at {}",
+        origin.addr()
+    );
+    let mut rounds: Vec<Vec<Move>> = Vec::new();
+    for round in 0..reps {
+        rounds.push(overlapping_moves(&pods, &balancer, origin.addr(), round, n).await?);
+    }
+    let record_dir = origin.record_dir();
+    drop(origin); // nginx closes its recordings
+    let reports: Vec<&PublisherReport> = rounds.iter().flatten().map(|(_, r, _)| r).collect();
+    let audits = audit_streams(&record_dir, &reports)?;
+    let mut results = Vec::new();
+    let mut per_round = Vec::new();
+    for (round, moves) in rounds.iter().enumerate() {
+        let mut stalls = Vec::new();
+        for (kind, report, log) in moves {
+            match analyse_handover(*kind, report, log) {
+                Ok(h) => {
+                    stalls.push(h.stall_ms);
+                    results.push(h);
+                }
+                Err(err) => println!("{}: cannot measure the stall: {err:#}", report.stream),
+            }
+        }
+        per_round.push((round, Stats::of(&stalls)));
+    }
+    print_moves(&results, &audits);
+    println!();
+    for (round, stall) in &per_round {
+        println!("round {round:<12} stall at origin (ms)        {}", stall.text());
+    }
+    let all = Stats::of(&results.iter().map(|h| h.stall_ms).collect::<Vec<_>>());
+    let extra = Stats::of(&results.iter().map(|h| h.stall_ms - h.media_gap_ms).collect::<Vec<_>>());
+    let lost: usize = audits.iter().map(|a| a.lost).sum();
+    let lossless = audits.iter().filter(|a| a.lossless()).count();
+    println!("{:<18} stall at origin (ms)        {}", "all moves", all.text());
+    println!("{:<18} stall minus media gap (ms)  {}", "", extra.text());
+    println!(
+        "messages lost: {lost} ({lossless}/{} streams lossless by the audit)",
+        audits.len()
+    );
+    for a in audits.iter().filter(|a| !a.lossless()) {
+        println!("  AUDIT: {a}");
+    }
+    Ok(json!({
+        "rounds": reps,
+        "moves_per_round": n,
+        "drain_rate_per_s": OVERLAP_RATE,
+        "publisher": { "video_bitrate_bps": 2_500_000, "fps": 30, "gop": 30, "audio": true },
+        "stall_ms": all.json(),
+        "stall_minus_media_gap_ms": extra.json(),
+        "stall_ms_by_round": per_round.iter().map(|(_, s)| s.json()).collect::<Vec<_>>(),
+        "messages_lost": lost,
+        "audit": audit_json(&audits),
+        "moves": results.iter().map(|h| json!({
+            "stream": h.stream,
+            "kind": h.kind.label(),
+            "stall_ms": h.stall_ms,
+            "media_gap_ms": h.media_gap_ms,
+            "publisher_switch_gap_ms": h.publisher_gap_ms,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// `n` publishers on pod A, each watched by a player at the origin; A
+/// drains and all of them move to pod B, overlapping.
+async fn overlapping_moves(
+    pods: &[LocalPod; 2],
+    balancer: &Balancer,
+    origin: SocketAddr,
+    round: usize,
+    n: usize,
+) -> Result<Vec<Move>> {
+    let (a, b) = (&pods[0], &pods[1]);
+    b.registry.set_serving(false); // everyone lands on pod A
+    let stop_players = CancellationToken::new();
+    let mut players = Vec::with_capacity(n);
+    let mut publishers = Vec::with_capacity(n);
+    let stop = CancellationToken::new();
+    for i in 0..n {
+        let stream = format!("ov-{round}-{i:02}");
+        let kind = if i % 2 == 0 {
+            SignalKind::GoAway
+        } else {
+            SignalKind::ReconnectRequest
+        };
+        let (ready_tx, mut ready) = watch::channel(false);
+        players.push(tokio::spawn(player(
+            origin,
+            stream.clone(),
+            stop_players.clone(),
+            ready_tx,
+        )));
+        tokio::time::timeout(STEP, ready.wait_for(|r| *r))
+            .await
+            .context("player did not start")??;
+        publishers.push((kind, spawn_publisher(move_publisher(balancer, &stream, kind), &stop)?));
+    }
+    let progress: Vec<_> = publishers.iter().map(|(_, p)| p.progress.clone()).collect();
+    until("2 s of media from every publisher", Duration::from_secs(60), || {
+        progress.iter().all(|p| p.borrow().video_frames >= 60)
+    })
+    .await?;
+    let on_a = a
+        .registry
+        .connections()
+        .iter()
+        .filter(|c| c.publishing_since.is_some())
+        .count();
+    if on_a != n {
+        bail!("{on_a} of {n} publishers on pod A");
+    }
+    b.registry.set_serving(true);
+    a.drainer.start(DrainSpec {
+        id: format!("overlap-{round}"),
+        deadline: Duration::from_secs(30),
+        rate: OVERLAP_RATE,
+        max_in_flight: 0,
+        incapable: IncapablePolicy::Wait,
+        redirects: vec![],
+        propagation_delay: Duration::from_millis(300),
+    })?;
+    until("every publisher moved", Duration::from_secs(30), || {
+        progress.iter().all(|p| p.borrow().connections >= 2)
+    })
+    .await?;
+    let reg = a.registry.clone();
+    until("the drained pod emptied", Duration::from_secs(30), || {
+        reg.connection_count() == 0 && reg.relays_active() == 0
+    })
+    .await?;
+    let moved_at: Vec<u64> = progress.iter().map(|p| p.borrow().video_frames).collect();
+    until("1 s on the new pod", Duration::from_secs(20), || {
+        progress
+            .iter()
+            .zip(&moved_at)
+            .all(|(p, at)| p.borrow().video_frames >= at + 30)
+    })
+    .await?;
+    stop.cancel();
+    let mut reports = Vec::with_capacity(n);
+    for (kind, p) in publishers {
+        reports.push((kind, join_publisher(p).await?));
+    }
+    a.drainer.cancel().expect("a drain runs"); // serve again for the next round
+    for pod in pods {
+        let r = pod.registry.clone();
+        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_players.cancel();
+    let mut moves = Vec::with_capacity(n);
+    for ((kind, report), player) in reports.into_iter().zip(players) {
+        let log = player.await.context("player panicked")??;
+        if let Some(err) = &report.error {
+            bail!("{}: publisher error: {err}", report.stream);
+        }
+        moves.push((kind, report, log));
+    }
+    Ok(moves)
+}
+
+// ---------------------------------------------------------------------------
+// Scenario 3: draining 100 publishers.
 
 async fn drain100(opts: &Opts) -> Result<Json> {
     const PUBLISHERS: usize = 100;
@@ -1065,7 +1285,7 @@ async fn drain100(opts: &Opts) -> Result<Json> {
 }
 
 // ---------------------------------------------------------------------------
-// Scenario 3: relay throughput, ingest-pod against nginx-rtmp push.
+// Scenario 4: relay throughput, ingest-pod against nginx-rtmp push.
 
 /// An nginx with the RTMP module and a configuration of ours; stopped on drop.
 /// (The lab's [`Origin`] records everything; these need `push` and no recording.)
