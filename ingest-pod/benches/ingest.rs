@@ -54,7 +54,9 @@ const THROUGHPUT_LIMIT: Duration = Duration::from_secs(1200);
 
 const USAGE: &str = "usage: cargo bench -p ingest-pod --bench ingest -- [handover|overlap|drain100|throughput|all]... \
                      [--quick] [--moves 15] [--publishers 10,20,40] [--window 20s] [--relays ingest-pod,nginx,forward,direct] \
-                     [--pod-args \"--relay-busy-retry=10ms ...\"] [--forward-interval 5ms (0: per packet)]";
+                     [--pod-args \"--relay-busy-retry=10ms ...\"] [--forward-interval 5ms (0: per packet)] \
+                     [--relay-cpus 1 --load-cpus 0 (taskset lists: the relay apart from the load)] \
+                     [--no-idle (a nice 19 spinner per CPU, as on a node busy with other work)]";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -98,6 +100,12 @@ struct Opts {
     relays: Vec<Side>,
     /// Read clock of the forward row's forwarder (zero: per packet).
     forward_interval: Duration,
+    /// CPUs (a `taskset` list) of the measured relay's processes.
+    relay_cpus: Option<String>,
+    /// CPUs of this process and what it starts: publishers, players, origin.
+    load_cpus: Option<String>,
+    /// Keep every CPU busy with a lowest-priority spinner during throughput.
+    no_idle: bool,
 }
 
 impl Opts {
@@ -111,6 +119,9 @@ impl Opts {
         let mut relays = Vec::new();
         // ingest-pod's default `--media-read-interval`.
         let mut forward_interval = Duration::from_millis(5);
+        let mut relay_cpus = None;
+        let mut load_cpus = None;
+        let mut no_idle = false;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -165,6 +176,19 @@ impl Opts {
                     forward_interval =
                         ingest_runtime::parse_duration(&d).map_err(|e| anyhow!("--forward-interval: {e}"))?;
                 }
+                "--relay-cpus" => {
+                    relay_cpus = Some(
+                        args.next()
+                            .ok_or_else(|| anyhow!("--relay-cpus needs a CPU list\n{USAGE}"))?,
+                    );
+                }
+                "--load-cpus" => {
+                    load_cpus = Some(
+                        args.next()
+                            .ok_or_else(|| anyhow!("--load-cpus needs a CPU list\n{USAGE}"))?,
+                    );
+                }
+                "--no-idle" => no_idle = true,
                 "all" => scenarios.extend(Scenario::ALL),
                 "-h" | "--help" => bail!("{USAGE}"),
                 name => match Scenario::ALL.into_iter().find(|s| s.name() == name) {
@@ -196,6 +220,9 @@ impl Opts {
             pod_args,
             relays,
             forward_interval,
+            relay_cpus,
+            load_cpus,
+            no_idle,
         })
     }
 }
@@ -206,8 +233,15 @@ fn main() -> Result<()> {
         init_tracing();
         return forward_main(args);
     }
+    if args.next_if_eq(SPIN_ARG).is_some() {
+        spin();
+    }
     let opts = Opts::parse(args)?;
     init_tracing();
+    if let Some(cpus) = &opts.load_cpus {
+        // Before the runtime: its threads, and every process started, inherit it.
+        pin(std::process::id(), cpus)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1480,6 +1514,68 @@ fn stat_fields(pid: u32) -> Option<Vec<u64>> {
     Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
 }
 
+/// Argument that makes this executable a spinner (see [`Spinners`]).
+const SPIN_ARG: &str = "__spin";
+
+/// Spins until killed.
+fn spin() -> ! {
+    let mut n = 0u64;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+/// One lowest-priority spinner per CPU, so no CPU ever idles: per-MB costs
+/// as on a node busy with other work, without the cost of waking idle CPUs
+/// (large in a virtual machine). Nice 19 takes only what others leave.
+struct Spinners(Vec<Child>);
+
+impl Spinners {
+    fn start() -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the bench executable")?;
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let mut spinners = Self(Vec::with_capacity(cpus));
+        for cpu in 0..cpus {
+            let child = Command::new("nice")
+                .args(["-n", "19"])
+                .arg(&exe)
+                .arg(SPIN_ARG)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting a spinner under nice (coreutils)")?;
+            let pid = child.id();
+            spinners.0.push(child);
+            pin(pid, &cpu.to_string())?;
+        }
+        Ok(spinners)
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Binds every thread of process `pid` to the CPUs of `list` (`taskset`).
+fn pin(pid: u32, list: &str) -> Result<()> {
+    let out = Command::new("taskset")
+        .args(["--all-tasks", "--cpu-list", "--pid", list, &pid.to_string()])
+        .output()
+        .context("running taskset (util-linux)")?;
+    if !out.status.success() {
+        bail!(
+            "taskset --cpu-list {list} for process {pid}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -1727,6 +1823,24 @@ async fn throughput(opts: &Opts) -> Result<Json> {
         forward_mode(opts.forward_interval),
         opts.window
     );
+    let _spinners = if opts.no_idle {
+        let spinners = Spinners::start()?;
+        println!(
+            "no idle CPU: a spinner at nice 19 on each of the {} CPUs takes what the measured processes leave",
+            spinners.0.len()
+        );
+        Some(spinners)
+    } else {
+        None
+    };
+    if opts.relay_cpus.is_some() || opts.load_cpus.is_some() {
+        let all = "any CPU".to_owned();
+        println!(
+            "CPUs: relay on {}, publishers, players and origin on {}",
+            opts.relay_cpus.as_ref().unwrap_or(&all),
+            opts.load_cpus.as_ref().unwrap_or(&all)
+        );
+    }
     let mut rows = Vec::new();
     for &n in &opts.publishers {
         for &side in &opts.relays {
@@ -1862,6 +1976,9 @@ async fn throughput(opts: &Opts) -> Result<Json> {
         "window_s": opts.window.as_secs_f64(),
         "warmup_s": warmup.as_secs_f64(),
         "forward_interval_ms": opts.relays.contains(&Side::Forward).then(|| ms(opts.forward_interval)),
+        "relay_cpus": opts.relay_cpus,
+        "no_idle": opts.no_idle,
+        "load_cpus": opts.load_cpus,
         "rows": rows.iter().map(Throughput::json).collect::<Vec<_>>(),
         "ratios": ratios,
         "floor_ratios": floor_ratios,
@@ -1943,6 +2060,11 @@ async fn measure(opts: &Opts, side: Side, n: usize, warmup: Duration, hz: f64) -
         _ => (sink.addr, Box::new(Vec::new)),
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if let Some(cpus) = &opts.relay_cpus {
+        for pid in pids() {
+            pin(pid, cpus)?;
+        }
+    }
     let base = sample(&pids());
     // Players at the origin, attached before their publishers start.
     let stop_players = CancellationToken::new();
