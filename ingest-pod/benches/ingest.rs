@@ -652,6 +652,24 @@ struct Handover {
     player_events: Vec<String>,
 }
 
+impl Handover {
+    fn json(&self) -> Json {
+        json!({
+            "stream": self.stream,
+            "kind": self.kind.label(),
+            "stall_ms": self.stall_ms,
+            "media_gap_ms": self.media_gap_ms,
+            "largest_gap_within_1s_ms": self.max_gap_around_ms,
+            "steady_gap_all_ms": self.steady_all.json(),
+            "steady_gap_video_ms": self.steady_video.json(),
+            "publisher_switch_gap_ms": self.publisher_gap_ms,
+            "player_received": self.player_received,
+            "sent": self.sent,
+            "player_events": self.player_events,
+        })
+    }
+}
+
 fn analyse_handover(kind: SignalKind, report: &PublisherReport, log: &PlayerLog) -> Result<Handover> {
     let by_hash: HashMap<&str, &SentFrame> = report.sent.iter().map(|f| (f.hash.as_str(), f)).collect();
     let known: Vec<(&Arrival, &SentFrame)> = log
@@ -719,11 +737,7 @@ fn analyse_handover(kind: SignalKind, report: &PublisherReport, log: &PlayerLog)
 
 async fn handover(opts: &Opts) -> Result<Json> {
     let reps = if opts.quick { 3 } else { 10 };
-    let dir = tempfile::tempdir()?;
-    let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
-    let args = lab_args(opts, &origin.template(), "60s");
-    let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
-    let balancer = Balancer::start(pods.iter().map(LocalPod::backend).collect()).await?;
+    let (_dir, origin, pods, balancer) = move_lab(opts).await?;
     println!(
         "{reps} moves per signal kind; publisher 2.5 Mbit/s video + 128 kbit/s audio, 30 fps, GOP 30, via the balancer; \
          drain propagation 300 ms; player attached to nginx at {}",
@@ -737,10 +751,7 @@ async fn handover(opts: &Opts) -> Result<Json> {
             moves.push((kind, report, log));
         }
     }
-    for pod in &pods {
-        let r = pod.registry.clone();
-        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
-    }
+    relays_finished(&pods).await?;
     let record_dir = origin.record_dir();
     drop(origin); // nginx closes its recordings
     let reports: Vec<&PublisherReport> = moves.iter().map(|(_, r, _)| r).collect();
@@ -819,20 +830,42 @@ async fn handover(opts: &Opts) -> Result<Json> {
         "audit": audit_json(&audits),
         "player_reconnects": reconnects,
         "interleaved_messages": interleaved,
-        "moves": results.iter().map(|h| json!({
-            "stream": h.stream,
-            "kind": h.kind.label(),
-            "stall_ms": h.stall_ms,
-            "media_gap_ms": h.media_gap_ms,
-            "largest_gap_within_1s_ms": h.max_gap_around_ms,
-            "steady_gap_all_ms": h.steady_all.json(),
-            "steady_gap_video_ms": h.steady_video.json(),
-            "publisher_switch_gap_ms": h.publisher_gap_ms,
-            "player_received": h.player_received,
-            "sent": h.sent,
-            "player_events": h.player_events,
-        })).collect::<Vec<_>>(),
+        "moves": results.iter().map(Handover::json).collect::<Vec<_>>(),
     }))
+}
+
+/// An nginx-rtmp origin (recording into a temporary directory), two pods
+/// relaying to it and a balancer in front of them.
+async fn move_lab(opts: &Opts) -> Result<(tempfile::TempDir, Origin, [LocalPod; 2], Balancer)> {
+    let dir = tempfile::tempdir()?;
+    let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
+    let args = lab_args(opts, &origin.template(), "60s");
+    let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
+    let balancer = Balancer::start(pods.iter().map(LocalPod::backend).collect()).await?;
+    Ok((dir, origin, pods, balancer))
+}
+
+/// Waits until no relay of `pods` is running.
+async fn relays_finished(pods: &[LocalPod]) -> Result<()> {
+    for pod in pods {
+        let r = pod.registry.clone();
+        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
+    }
+    Ok(())
+}
+
+/// A player of `stream` at the origin, once it has asked to play.
+async fn start_player(
+    origin: SocketAddr,
+    stream: &str,
+    stop: &CancellationToken,
+) -> Result<JoinHandle<Result<PlayerLog>>> {
+    let (ready_tx, mut ready) = watch::channel(false);
+    let task = tokio::spawn(player(origin, stream.to_owned(), stop.clone(), ready_tx));
+    tokio::time::timeout(STEP, ready.wait_for(|r| *r))
+        .await
+        .context("player did not start")??;
+    Ok(task)
 }
 
 /// One publisher through the balancer, moved once by draining its pod,
@@ -845,11 +878,7 @@ async fn one_move(
     kind: SignalKind,
 ) -> Result<(PublisherReport, PlayerLog)> {
     let stop_player = CancellationToken::new();
-    let (ready_tx, mut ready) = watch::channel(false);
-    let player = tokio::spawn(player(origin, stream.to_owned(), stop_player.clone(), ready_tx));
-    tokio::time::timeout(STEP, ready.wait_for(|r| *r))
-        .await
-        .context("player did not start")??;
+    let player = start_player(origin, stream, &stop_player).await?;
     let stop = CancellationToken::new();
     let publisher = spawn_publisher(move_publisher(balancer, stream, kind), &stop)?;
     let p = publisher.progress.clone();
@@ -895,10 +924,7 @@ async fn one_move(
     stop.cancel();
     let report = join_publisher(publisher).await?;
     pod.drainer.cancel().expect("a drain runs"); // serve again for the next move
-    for pod in pods {
-        let r = pod.registry.clone();
-        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
-    }
+    relays_finished(pods).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop_player.cancel();
     let log = player.await.context("player panicked")??;
@@ -956,11 +982,7 @@ const OVERLAP_RATE: f64 = 50.0;
 async fn overlap(opts: &Opts) -> Result<Json> {
     let reps = if opts.quick { 1 } else { 3 };
     let n = opts.moves;
-    let dir = tempfile::tempdir()?;
-    let origin = Origin::start(dir.path(), "127.0.0.1").context("starting the nginx-rtmp origin")?;
-    let args = lab_args(opts, &origin.template(), "60s");
-    let pods = [start_pod("pod-a", &args).await?, start_pod("pod-b", &args).await?];
-    let balancer = Balancer::start(pods.iter().map(LocalPod::backend).collect()).await?;
+    let (_dir, origin, pods, balancer) = move_lab(opts).await?;
     println!(
         "{reps} rounds of {n} capable publishers (even: Go Away, odd: Reconnect Request) on one pod, drained at \
          {OVERLAP_RATE}/s with propagation 300 ms; publisher 2.5 Mbit/s video + 128 kbit/s audio, 30 fps, GOP 30; \
@@ -1018,13 +1040,7 @@ async fn overlap(opts: &Opts) -> Result<Json> {
         "stall_ms_by_round": per_round.iter().map(|(_, s)| s.json()).collect::<Vec<_>>(),
         "messages_lost": lost,
         "audit": audit_json(&audits),
-        "moves": results.iter().map(|h| json!({
-            "stream": h.stream,
-            "kind": h.kind.label(),
-            "stall_ms": h.stall_ms,
-            "media_gap_ms": h.media_gap_ms,
-            "publisher_switch_gap_ms": h.publisher_gap_ms,
-        })).collect::<Vec<_>>(),
+        "moves": results.iter().map(Handover::json).collect::<Vec<_>>(),
     }))
 }
 
@@ -1050,16 +1066,7 @@ async fn overlapping_moves(
         } else {
             SignalKind::ReconnectRequest
         };
-        let (ready_tx, mut ready) = watch::channel(false);
-        players.push(tokio::spawn(player(
-            origin,
-            stream.clone(),
-            stop_players.clone(),
-            ready_tx,
-        )));
-        tokio::time::timeout(STEP, ready.wait_for(|r| *r))
-            .await
-            .context("player did not start")??;
+        players.push(start_player(origin, &stream, &stop_players).await?);
         publishers.push((kind, spawn_publisher(move_publisher(balancer, &stream, kind), &stop)?));
     }
     let progress: Vec<_> = publishers.iter().map(|(_, p)| p.progress.clone()).collect();
@@ -1109,10 +1116,7 @@ async fn overlapping_moves(
         reports.push((kind, join_publisher(p).await?));
     }
     a.drainer.cancel().expect("a drain runs"); // serve again for the next round
-    for pod in pods {
-        let r = pod.registry.clone();
-        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
-    }
+    relays_finished(pods).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop_players.cancel();
     let mut moves = Vec::with_capacity(n);
@@ -1227,10 +1231,7 @@ async fn drain100(opts: &Opts) -> Result<Json> {
     for p in publishers {
         reports.push(join_publisher(p).await?);
     }
-    for pod in &pods {
-        let r = pod.registry.clone();
-        until("relays finished", Duration::from_secs(30), || r.relays_active() == 0).await?;
-    }
+    relays_finished(&pods).await?;
     let record_dir = origin.record_dir();
     drop(origin);
     let audits = audit_streams(&record_dir, &reports.iter().collect::<Vec<_>>())?;
@@ -1972,6 +1973,11 @@ async fn throughput(opts: &Opts) -> Result<Json> {
         }));
     }
     let floor_ratios = floor_ratios(opts, &rows);
+    let syscall_ns = syscall_round_trip_ns();
+    println!(
+        "a system call's round trip on this machine (getpid): {syscall_ns:.0} ns, what batching submissions (io_uring) \
+         could save per read or write"
+    );
     Ok(json!({
         "window_s": opts.window.as_secs_f64(),
         "warmup_s": warmup.as_secs_f64(),
@@ -1982,6 +1988,7 @@ async fn throughput(opts: &Opts) -> Result<Json> {
         "rows": rows.iter().map(Throughput::json).collect::<Vec<_>>(),
         "ratios": ratios,
         "floor_ratios": floor_ratios,
+        "syscall_round_trip_ns": syscall_ns.round(),
     }))
 }
 
@@ -2013,6 +2020,17 @@ fn floor_ratios(opts: &Opts, rows: &[Throughput]) -> Vec<Json> {
         out.push(json!({ "publishers": n, "cpu_per_mb_ratio": round3(cpu) }));
     }
     out
+}
+
+/// Mean time of the cheapest system call, getpid (not cached by glibc),
+/// over a million calls: the entry and exit every read and write pays.
+fn syscall_round_trip_ns() -> f64 {
+    const CALLS: u32 = 1_000_000;
+    let start = Instant::now();
+    for _ in 0..CALLS {
+        std::hint::black_box(std::process::id());
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(CALLS)
 }
 
 /// Runs `n` publishers through one relay for warm-up + window and samples it.
