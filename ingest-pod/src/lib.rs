@@ -23,3 +23,5 @@ pub mod rtmp;
 pub mod server;
 pub mod session;
 mod settings;
+#[cfg(test)]
+mod stress;

@@ -1087,6 +1087,7 @@ fn raw(item: &Item, stream_id: u32) -> RawMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stress::{lcg, rounds};
 
     fn video(key: bool, len: usize) -> Item {
         let mut p = vec![if key { 0x17 } else { 0x27 }, 1];
@@ -1112,11 +1113,32 @@ mod tests {
     /// The relay's sending side on one end of a loopback connection, its
     /// reading side, and the origin's end.
     async fn upstream() -> (Box<Out>, Reader, tokio::net::TcpStream) {
+        upstream_with(None).await
+    }
+
+    /// [`upstream`] with a send buffer of `send_buffer` bytes (small: writes stall often).
+    async fn upstream_with(send_buffer: Option<usize>) -> (Box<Out>, Reader, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (ours, theirs) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let (reader, writer) = conn::transport(ours.unwrap());
+        let ours = ours.unwrap();
+        if let Some(size) = send_buffer {
+            socket2::SockRef::from(&ours).set_send_buffer_size(size).unwrap();
+        }
+        let (reader, writer) = conn::transport(ours);
         (Box::new(Out::new(writer, 1)), reader, theirs.unwrap().0)
+    }
+
+    /// A relay's session on [`upstream_with`]'s connection, ready to pump.
+    async fn session_with(send_buffer: Option<usize>) -> (Upstream, tokio::net::TcpStream) {
+        let (out, reader, origin) = upstream_with(send_buffer).await;
+        let up = Upstream {
+            reader,
+            out: Some(out),
+            live: Liveness::new(Duration::from_secs(10)),
+            started: Instant::now(),
+        };
+        (up, origin)
     }
 
     /// The next `n` messages the origin's end receives.
@@ -1491,6 +1513,215 @@ mod tests {
                 && text.contains("ingest_relay_first_delivery_seconds_bucket{le=\"0.512\"} 1\n"),
             "{text}"
         );
+    }
+
+    /// Pushes messages 0..n of random sizes in random batches at random
+    /// moments, then closes the queue; counts the pushes that went
+    /// straight through (the writer still lent, not stalled, after them).
+    fn spawn_pusher(q: &Arc<Queue>, n: u32, mut seed: u64) -> tokio::task::JoinHandle<u32> {
+        let q = q.clone();
+        tokio::spawn(async move {
+            let mut through = 0;
+            let mut i = 0u32;
+            while i < n {
+                let batch = 1 + lcg(&mut seed) % 4;
+                let mut items = Vec::new();
+                for _ in 0..batch {
+                    if i < n {
+                        let len = 10 + (lcg(&mut seed) % 20_000) as usize;
+                        items.push(numbered(i, len));
+                        i += 1;
+                    }
+                }
+                q.push(items).expect("alive");
+                if q.lock().lent.as_ref().is_some_and(|out| !out.stalled()) {
+                    through += 1;
+                }
+                match lcg(&mut seed) % 8 {
+                    0 => tokio::time::sleep(Duration::from_millis(1)).await,
+                    1..=3 => tokio::task::yield_now().await,
+                    _ => {}
+                }
+            }
+            q.close();
+            through
+        })
+    }
+
+    /// The pump with its writer lent and taken back at random moments: a
+    /// slow origin (stalls), one that speaks (acks, pings: take-backs),
+    /// pushes of random sizes from another task, then the close.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_through_under_stalls_and_take_backs_keeps_every_message_once_in_order() {
+        use tokio::io::AsyncReadExt;
+        let mut through = 0;
+        for round in 0..rounds(12) {
+            let metrics = Metrics::default();
+            let q = Queue::new(1 << 30, metrics.clone());
+            // Every other round a small send buffer: pushes stall often.
+            let (mut up, theirs) = session_with((round % 2 == 0).then_some(32 * 1024)).await;
+            let url = RtmpUrl::parse("rtmp://127.0.0.1/app/s").unwrap();
+            let stop = CancellationToken::new();
+            let n = 2000u32;
+            let pusher = spawn_pusher(&q, n, round * 7919 + 1);
+            let origin = tokio::spawn(async move {
+                let (mut rd, wr) = theirs.into_split();
+                let mut chunks = ingest_rtmp::chunk::ChunkReader::new(ingest_rtmp::chunk::Limits::default());
+                let mut w = ingest_rtmp::chunk::ChunkWriter::default();
+                let mut buf = bytes::BytesMut::new();
+                let mut seed = round * 31 + 5;
+                let mut got = Vec::new();
+                loop {
+                    while let Some(msg) = chunks.read(&mut buf).unwrap() {
+                        if msg.type_id == message::VIDEO {
+                            got.push(msg.timestamp);
+                        }
+                    }
+                    match lcg(&mut seed) % 16 {
+                        0 => tokio::time::sleep(Duration::from_millis(3)).await,
+                        1 | 2 => {
+                            let mut out = bytes::BytesMut::new();
+                            let msg = if lcg(&mut seed).is_multiple_of(2) {
+                                Message::Acknowledgement(1)
+                            } else {
+                                Message::UserControl(UserControl::PingRequest(1))
+                            };
+                            w.write(&msg.encode(), &mut out);
+                            // Never blocks the origin's reading: a write the socket cannot take is skipped.
+                            let _ = wr.try_write(&out);
+                        }
+                        _ => {}
+                    }
+                    buf.reserve(64 * 1024);
+                    if rd.read_buf(&mut buf).await.unwrap() == 0 {
+                        break;
+                    }
+                }
+                got
+            });
+            let result = tokio::time::timeout(Duration::from_secs(20), pump(&mut up, &url, &q, &stop)).await;
+            let Ok(result) = result else {
+                let inner = q.lock();
+                panic!(
+                    "round {round}: the pump hangs: queue holds {} items, closed {}, lent {:?}, relay holds {:?}, pusher done {}",
+                    inner.items.len(),
+                    inner.closed,
+                    inner
+                        .lent
+                        .as_ref()
+                        .map(|o| (o.inflight.len(), o.writer.queued(), o.failed.is_some())),
+                    up.out.as_ref().map(|o| (o.inflight.len(), o.writer.queued())),
+                    pusher.is_finished(),
+                );
+            };
+            result.expect("delivered");
+            through += pusher.await.expect("join");
+            drop(up);
+            let got = origin.await.expect("join");
+            assert_eq!(got.len(), n as usize, "round {round}: count");
+            for (i, t) in got.iter().enumerate() {
+                assert_eq!(*t, i as u32, "round {round}: message {i} out of order or duplicated");
+            }
+            assert_eq!(q.bytes(), 0);
+            assert_eq!(metrics.relay_buffer_bytes.get(), 0);
+        }
+        assert!(
+            through > 0,
+            "no push went straight through: the write-through path was never taken"
+        );
+    }
+
+    /// As above, but the origin resets the connection at random points:
+    /// across the sessions the origin never gets a message twice or out of
+    /// order, and the last one arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_through_across_resets_never_duplicates_or_reorders() {
+        use tokio::io::AsyncReadExt;
+        for round in 0..rounds(8) {
+            let metrics = Metrics::default();
+            let q = Queue::new(1 << 30, metrics.clone());
+            let url = RtmpUrl::parse("rtmp://127.0.0.1/app/s").unwrap();
+            let stop = CancellationToken::new();
+            let n = 1500u32;
+            let pusher = spawn_pusher(&q, n, round * 7919 + 11);
+            let mut all = Vec::new();
+            let mut seed = round * 13 + 7;
+            for attempt in 0.. {
+                assert!(attempt < 200, "round {round}: never delivered");
+                let (mut up, theirs) = session_with(Some(32 * 1024)).await;
+                // Some connections are reset after a random number of bytes.
+                let budget = if lcg(&mut seed).is_multiple_of(3) {
+                    usize::MAX
+                } else {
+                    (lcg(&mut seed) % 3_000_000) as usize
+                };
+                let origin_seed = lcg(&mut seed);
+                let origin = tokio::spawn(async move {
+                    let mut seed = origin_seed;
+                    let mut theirs = theirs;
+                    let mut chunks = ingest_rtmp::chunk::ChunkReader::new(ingest_rtmp::chunk::Limits::default());
+                    let mut w = ingest_rtmp::chunk::ChunkWriter::default();
+                    let mut buf = bytes::BytesMut::new();
+                    let mut got = Vec::new();
+                    let mut read = 0usize;
+                    loop {
+                        while let Some(msg) = chunks.read(&mut buf).unwrap() {
+                            if msg.type_id == message::VIDEO {
+                                got.push(msg.timestamp);
+                            }
+                        }
+                        if read >= budget {
+                            let _ = socket2::SockRef::from(&theirs).set_linger(Some(Duration::ZERO));
+                            break;
+                        }
+                        match lcg(&mut seed) % 16 {
+                            0 => tokio::time::sleep(Duration::from_millis(3)).await,
+                            1 => {
+                                let mut out = bytes::BytesMut::new();
+                                w.write(&Message::Acknowledgement(1).encode(), &mut out);
+                                let _ = theirs.try_write(&out);
+                            }
+                            _ => {}
+                        }
+                        buf.reserve(64 * 1024);
+                        match theirs.read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => read += k,
+                        }
+                    }
+                    got
+                });
+                let result = tokio::time::timeout(Duration::from_secs(30), pump(&mut up, &url, &q, &stop))
+                    .await
+                    .expect("the pump ends");
+                if result.is_err() {
+                    up.abandon(&q);
+                }
+                drop(up);
+                let got = origin.await.expect("join");
+                // Within one connection nothing is missing: only what was
+                // on its way when it was reset can be.
+                for pair in got.windows(2) {
+                    assert_eq!(pair[0] + 1, pair[1], "round {round}, connection {attempt}: a gap");
+                }
+                all.extend(got);
+                if result.is_ok() {
+                    break;
+                }
+            }
+            pusher.await.expect("join");
+            for pair in all.windows(2) {
+                assert!(
+                    pair[0] < pair[1],
+                    "round {round}: {} then {}: duplicated or reordered",
+                    pair[0],
+                    pair[1]
+                );
+            }
+            assert_eq!(all.last(), Some(&(n - 1)), "round {round}");
+            assert_eq!(q.bytes(), 0);
+            assert_eq!(metrics.relay_buffer_bytes.get(), 0);
+        }
     }
 
     #[tokio::test]

@@ -461,7 +461,9 @@ async fn read_some(io: &mut ReadIo, buf: &mut BytesMut, size: usize) -> std::io:
                     return Ok(n);
                 }
                 Err(err) if err.kind() == ErrorKind::WouldBlock => *more = false,
-                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                // Nothing was read: read again now, not at the next event
+                // (the one that woke us is taken).
+                Err(err) if err.kind() == ErrorKind::Interrupted => *more = true,
                 Err(err) => return Err(err),
             }
         },
@@ -680,6 +682,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::stress::{lcg, rounds};
 
     /// Both halves of one end of a loopback connection, and the other end.
     async fn connection() -> (Reader, Writer, TcpStream) {
@@ -829,6 +832,82 @@ mod tests {
         assert_eq!(reader.next_within(Duration::from_secs(5)).await.unwrap(), None);
         drop(reader);
         assert!(clock.shared.lock().is_empty(), "the socket left the clock");
+    }
+
+    /// Many connections on one clock, each sent messages of random sizes
+    /// at random moments: every message arrives well before the idle
+    /// limit, and every close is seen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clocked_connections_miss_nothing_under_random_traffic() {
+        let clock = Clock::start(Duration::from_millis(5)).unwrap();
+        for round in 0..rounds(3) {
+            let mut tasks = Vec::new();
+            for c in 0..16u64 {
+                let (reader, writer, mut peer) = connection().await;
+                let (mut reader, writer) = clocked(reader, writer, clock.clone()).unwrap();
+                let mut seed = round * 1000 + c * 17 + 3;
+                let mut next = move || lcg(&mut seed);
+                let n = 200u32;
+                let sending = tokio::spawn(async move {
+                    let mut w = ChunkWriter::default();
+                    for i in 0..n {
+                        let len = (next() % 150_000) as usize;
+                        let msg = Message::Video {
+                            stream_id: 1,
+                            timestamp: i,
+                            payload: Bytes::from(vec![0x27; len]),
+                        };
+                        let bytes = chunks(&mut w, &[msg]);
+                        // Sometimes split, so that parts arrive in separate ticks.
+                        let cut = (next() as usize) % (bytes.len() + 1);
+                        peer.write_all(&bytes[..cut]).await.unwrap();
+                        if next() % 4 == 0 {
+                            tokio::time::sleep(Duration::from_millis(next() % 12)).await;
+                        }
+                        peer.write_all(&bytes[cut..]).await.unwrap();
+                        if next() % 3 == 0 {
+                            tokio::time::sleep(Duration::from_millis(next() % 12)).await;
+                        }
+                    }
+                    // The close, sometimes right after the last bytes.
+                    drop(peer);
+                });
+                let clock = clock.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut writer = writer;
+                    let mut seed = round * 77 + c;
+                    for i in 0..n {
+                        if lcg(&mut seed).is_multiple_of(10) {
+                            // Off the clock and back, as a signalled publisher is.
+                            (reader, writer) = if reader.is_clocked() {
+                                unclocked(reader, writer).unwrap()
+                            } else {
+                                clocked(reader, writer, clock.clone()).unwrap()
+                            };
+                        }
+                        // Cancelled at random moments, as the session's select does.
+                        let got = loop {
+                            let patience = Duration::from_micros(lcg(&mut seed) % 4000);
+                            if let Ok(got) =
+                                tokio::time::timeout(patience, reader.next_within(Duration::from_secs(3))).await
+                            {
+                                break got;
+                            }
+                        };
+                        match got {
+                            Ok(Some(Message::Video { timestamp, .. })) => assert_eq!(timestamp, i),
+                            other => panic!("round {round} conn {c} message {i}: {other:?}"),
+                        }
+                    }
+                    let end = reader.next_within(Duration::from_secs(3)).await;
+                    assert!(matches!(end, Ok(None)), "round {round} conn {c}: the close: {end:?}");
+                    sending.await.unwrap();
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
