@@ -1548,12 +1548,68 @@ mod tests {
         })
     }
 
+    /// Sends the origin's Acknowledgement, or with `pings` half the time a
+    /// PingRequest, unless the socket cannot take it now.
+    fn send_one(w: &mut ingest_rtmp::chunk::ChunkWriter, origin: &tokio::net::TcpStream, pings: bool, seed: &mut u64) {
+        let msg = if !pings || lcg(seed).is_multiple_of(2) {
+            Message::Acknowledgement(1)
+        } else {
+            Message::UserControl(UserControl::PingRequest(1))
+        };
+        let mut out = bytes::BytesMut::new();
+        w.write(&msg.encode(), &mut out);
+        // Never blocks the origin's reading: a write the socket cannot take is skipped.
+        let _ = origin.try_write(&out);
+    }
+
+    /// A slow origin that speaks: it reads at random moments, sends an
+    /// Acknowledgement (or, with `pings`, sometimes a PingRequest) now and
+    /// then, and after `reset_after` bytes resets the connection (linger 0).
+    /// Returns the timestamps of the video messages it got whole.
+    fn spawn_origin(
+        mut theirs: tokio::net::TcpStream,
+        mut seed: u64,
+        reset_after: usize,
+        pings: bool,
+    ) -> tokio::task::JoinHandle<Vec<u32>> {
+        use tokio::io::AsyncReadExt;
+        tokio::spawn(async move {
+            let mut chunks = ingest_rtmp::chunk::ChunkReader::new(ingest_rtmp::chunk::Limits::default());
+            let mut w = ingest_rtmp::chunk::ChunkWriter::default();
+            let mut buf = bytes::BytesMut::new();
+            let mut got = Vec::new();
+            let mut read = 0usize;
+            loop {
+                while let Some(msg) = chunks.read(&mut buf).unwrap() {
+                    if msg.type_id == message::VIDEO {
+                        got.push(msg.timestamp);
+                    }
+                }
+                if read >= reset_after {
+                    let _ = socket2::SockRef::from(&theirs).set_linger(Some(Duration::ZERO));
+                    break;
+                }
+                match lcg(&mut seed) % 16 {
+                    0 => tokio::time::sleep(Duration::from_millis(3)).await,
+                    1 => send_one(&mut w, &theirs, pings, &mut seed),
+                    2 if pings => send_one(&mut w, &theirs, pings, &mut seed),
+                    _ => {}
+                }
+                buf.reserve(64 * 1024);
+                match theirs.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => read += k,
+                }
+            }
+            got
+        })
+    }
+
     /// The pump with its writer lent and taken back at random moments: a
     /// slow origin (stalls), one that speaks (acks, pings: take-backs),
     /// pushes of random sizes from another task, then the close.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn write_through_under_stalls_and_take_backs_keeps_every_message_once_in_order() {
-        use tokio::io::AsyncReadExt;
         let mut through = 0;
         for round in 0..rounds(12) {
             let metrics = Metrics::default();
@@ -1564,41 +1620,7 @@ mod tests {
             let stop = CancellationToken::new();
             let n = 2000u32;
             let pusher = spawn_pusher(&q, n, round * 7919 + 1);
-            let origin = tokio::spawn(async move {
-                let (mut rd, wr) = theirs.into_split();
-                let mut chunks = ingest_rtmp::chunk::ChunkReader::new(ingest_rtmp::chunk::Limits::default());
-                let mut w = ingest_rtmp::chunk::ChunkWriter::default();
-                let mut buf = bytes::BytesMut::new();
-                let mut seed = round * 31 + 5;
-                let mut got = Vec::new();
-                loop {
-                    while let Some(msg) = chunks.read(&mut buf).unwrap() {
-                        if msg.type_id == message::VIDEO {
-                            got.push(msg.timestamp);
-                        }
-                    }
-                    match lcg(&mut seed) % 16 {
-                        0 => tokio::time::sleep(Duration::from_millis(3)).await,
-                        1 | 2 => {
-                            let mut out = bytes::BytesMut::new();
-                            let msg = if lcg(&mut seed).is_multiple_of(2) {
-                                Message::Acknowledgement(1)
-                            } else {
-                                Message::UserControl(UserControl::PingRequest(1))
-                            };
-                            w.write(&msg.encode(), &mut out);
-                            // Never blocks the origin's reading: a write the socket cannot take is skipped.
-                            let _ = wr.try_write(&out);
-                        }
-                        _ => {}
-                    }
-                    buf.reserve(64 * 1024);
-                    if rd.read_buf(&mut buf).await.unwrap() == 0 {
-                        break;
-                    }
-                }
-                got
-            });
+            let origin = spawn_origin(theirs, round * 31 + 5, usize::MAX, true);
             let result = tokio::time::timeout(Duration::from_secs(20), pump(&mut up, &url, &q, &stop)).await;
             let Ok(result) = result else {
                 let inner = q.lock();
@@ -1636,7 +1658,6 @@ mod tests {
     /// order, and the last one arrives.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn write_through_across_resets_never_duplicates_or_reorders() {
-        use tokio::io::AsyncReadExt;
         for round in 0..rounds(8) {
             let metrics = Metrics::default();
             let q = Queue::new(1 << 30, metrics.clone());
@@ -1656,41 +1677,7 @@ mod tests {
                     (lcg(&mut seed) % 3_000_000) as usize
                 };
                 let origin_seed = lcg(&mut seed);
-                let origin = tokio::spawn(async move {
-                    let mut seed = origin_seed;
-                    let mut theirs = theirs;
-                    let mut chunks = ingest_rtmp::chunk::ChunkReader::new(ingest_rtmp::chunk::Limits::default());
-                    let mut w = ingest_rtmp::chunk::ChunkWriter::default();
-                    let mut buf = bytes::BytesMut::new();
-                    let mut got = Vec::new();
-                    let mut read = 0usize;
-                    loop {
-                        while let Some(msg) = chunks.read(&mut buf).unwrap() {
-                            if msg.type_id == message::VIDEO {
-                                got.push(msg.timestamp);
-                            }
-                        }
-                        if read >= budget {
-                            let _ = socket2::SockRef::from(&theirs).set_linger(Some(Duration::ZERO));
-                            break;
-                        }
-                        match lcg(&mut seed) % 16 {
-                            0 => tokio::time::sleep(Duration::from_millis(3)).await,
-                            1 => {
-                                let mut out = bytes::BytesMut::new();
-                                w.write(&Message::Acknowledgement(1).encode(), &mut out);
-                                let _ = theirs.try_write(&out);
-                            }
-                            _ => {}
-                        }
-                        buf.reserve(64 * 1024);
-                        match theirs.read_buf(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => read += k,
-                        }
-                    }
-                    got
-                });
+                let origin = spawn_origin(theirs, origin_seed, budget, false);
                 let result = tokio::time::timeout(Duration::from_secs(30), pump(&mut up, &url, &q, &stop))
                     .await
                     .expect("the pump ends");
