@@ -279,8 +279,12 @@ pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &Back
         drain.owner_references()
     );
 
-    // Retries are held, naming the publishers still on the pod.
+    // Retries are held by the drain, naming the publishers still on the
+    // pod. A replica whose cache has not seen the drain yet answers with a
+    // start instead (and may name the count too): retry until the drain
+    // itself holds the pod, so the gate's hold is what is checked.
     let want = format!("{n} publishers remain");
+    let by_drain = format!("(IngestDrain {name})");
     let held = eventually(
         "a held eviction naming the remaining publishers",
         Duration::from_secs(60),
@@ -294,8 +298,8 @@ pub async fn eviction_held_until_drained(c: &Cluster, ns: &str, publisher: &Back
                     s.code,
                     s.message
                 )),
-                Some(s) if s.message.contains(&want) => Ok(s.message),
-                Some(s) => bail!("held, without {want:?}: {}", s.message),
+                Some(s) if s.message.contains(&want) && s.message.contains(&by_drain) => Ok(s.message),
+                Some(s) => bail!("held, without {want:?} by {by_drain}: {}", s.message),
             })
         },
     )
