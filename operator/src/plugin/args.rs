@@ -159,7 +159,8 @@ pub struct DrainOpts {
     #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
     pub max_in_flight: Option<i32>,
     /// What happens at the deadline to publishers that announced no signal
-    #[arg(long, value_enum, default_value_t = IncapablePolicy::Disconnect)]
+    /// (either case: `wait` or `Wait`, as an IngestDrain spells it)
+    #[arg(long, value_enum, ignore_case = true, default_value_t = IncapablePolicy::Disconnect)]
     pub incapable_policy: IncapablePolicy,
     /// Evict each pod once it is drained (a node drain then needs no retry)
     #[arg(long)]
@@ -292,6 +293,26 @@ mod tests {
         ] {
             let err = parse(line).expect_err(line);
             assert_eq!(err.exit_code(), 2, "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_incapable_policy_is_taken_as_the_ingestdrain_spells_it_too() {
+        for (word, want) in [
+            ("wait", IncapablePolicy::Wait),
+            ("Wait", IncapablePolicy::Wait),
+            ("disconnect", IncapablePolicy::Disconnect),
+            ("Disconnect", IncapablePolicy::Disconnect),
+        ] {
+            let line = format!("drain node a --incapable-policy {word}");
+            let args = parse(&line).unwrap_or_else(|err| panic!("{line}: {err}"));
+            let Command::Drain(DrainArgs {
+                target: DrainTarget::Node { opts, .. },
+            }) = args.command
+            else {
+                panic!("not a node drain");
+            };
+            assert_eq!(opts.incapable_policy, want, "{line}");
         }
     }
 
