@@ -657,6 +657,30 @@ async fn check_node_ingest_drain(c: &Cluster, ns: &str, drained: &str, capable_o
         "{name} signalled {signalled} publishers, {} capable ones were on {drained}: {status}",
         capable_on_node
     );
+    // Its TimedOut Event counts ffmpeg among the publishers left.
+    let selector = format!("involvedObject.name={name},reason=TimedOut");
+    let said = c
+        .kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "events",
+            "--field-selector",
+            &selector,
+            "-o",
+            "jsonpath={.items[*].message}",
+        ])
+        .await?;
+    let left = said
+        .strip_prefix("deadline passed with ")
+        .and_then(|rest| rest.split_once(' '))
+        .and_then(|(n, _)| n.parse::<u32>().ok())
+        .with_context(|| format!("no TimedOut Event on {name} saying how many publishers were left: {said:?}"))?;
+    ensure!(
+        left >= 1,
+        "the TimedOut Event of {name} counts no publisher left, yet ffmpeg held a pod to the deadline: {said}"
+    );
+    say(&format!("IngestDrain {name} Event TimedOut: {said}"));
     Ok(())
 }
 

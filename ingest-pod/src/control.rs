@@ -72,6 +72,7 @@ fn drain_view(d: &DrainStatus) -> Drain {
         migrated: d.migrated,
         remaining: d.remaining,
         relays_active: d.relays_active,
+        left_at_deadline: d.left_at_deadline,
         spec: Some(StartDrainRequest {
             drain_id: d.spec.id.clone(),
             deadline: Some(pb_duration(d.spec.deadline)),

@@ -92,6 +92,9 @@ pub struct DrainStatus {
     pub remaining: u64,
     /// Relays still flushing to the origin.
     pub relays_active: u64,
+    /// Connections the deadline found on the pod (cut under the Disconnect
+    /// policy, left alone under Wait); 0 before the deadline.
+    pub left_at_deadline: u64,
 }
 
 /// Why a CancelDrain did not cancel.
@@ -221,6 +224,7 @@ impl Drainer {
             migrated: 0,
             remaining: self.registry.connection_count() as u64,
             relays_active: self.registry.relays_active(),
+            left_at_deadline: 0,
             spec,
         };
         let cancel = CancellationToken::new();
@@ -469,6 +473,9 @@ impl Drainer {
         let empty = left.is_empty() && self.registry.relays_active() == 0;
         if !empty {
             warn!(remaining = left.len(), policy = ?spec.incapable, "drain deadline reached");
+        }
+        if let Some(c) = self.lock().as_mut() {
+            c.status.left_at_deadline = left.len() as u64;
         }
         if spec.incapable == IncapablePolicy::Disconnect {
             for c in &left {
@@ -833,6 +840,7 @@ mod tests {
         assert!(rx.try_recv().is_err());
         assert_eq!(drainer.status().unwrap().phase, Phase::TimedOut);
         assert_eq!(drainer.status().unwrap().remaining, 1);
+        assert_eq!(drainer.status().unwrap().left_at_deadline, 1);
         assert_eq!(reg.metrics().drain_cut.get(), 0, "kept, not cut");
     }
 
@@ -892,11 +900,18 @@ mod tests {
         drainer.start(s).unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(reg.metrics().drain_cut.get(), 0, "before the deadline");
+        assert_eq!(drainer.status().unwrap().left_at_deadline, 0, "before the deadline");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(reg.metrics().drain_cut.get(), 3);
+        // The sessions end as told: none remains, and the status still
+        // says how many the deadline found.
+        held.clear();
+        let status = drainer.status().unwrap();
+        assert_eq!((status.remaining, status.left_at_deadline), (0, 3));
         // The deadline applies once: later wake-ups cut nobody again.
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(reg.metrics().drain_cut.get(), 3);
+        assert_eq!(drainer.status().unwrap().left_at_deadline, 3);
         assert_eq!(
             reg.metrics()
                 .scrape()

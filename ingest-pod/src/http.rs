@@ -73,6 +73,7 @@ pub struct DrainView {
     pub signalled: u64,
     pub migrated: u64,
     pub remaining: u64,
+    pub left_at_deadline: u64,
 }
 
 async fn status(State(s): State<HttpState>) -> impl IntoResponse {
@@ -82,6 +83,7 @@ async fn status(State(s): State<HttpState>) -> impl IntoResponse {
         signalled: d.signalled,
         migrated: d.migrated,
         remaining: d.remaining,
+        left_at_deadline: d.left_at_deadline,
     });
     axum::Json(StatusView {
         pod: s.pod_name.clone(),

@@ -467,6 +467,18 @@ mod tests {
     #[tokio::test]
     async fn deadline_with_evict_releases_the_pod_and_still_reports_timed_out() {
         let pod = local_pod("ingest-0").await;
+        // A publisher that announced no signal, still there at the deadline.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut cfg = ingest_testkit::publisher::PublisherConfig::new(format!("rtmp://{}/live/ffmpeg", pod.rtmp));
+        (cfg.go_away, cfg.reconnect) = (false, false);
+        let publisher = ingest_testkit::publisher::Publisher::new(cfg).expect("publisher");
+        let publishing = tokio::spawn(publisher.run(stop.clone()));
+        within("the publisher on the pod", async {
+            while pod.registry.connection_count() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
         let token = token_file();
         let (ctx, api_server) = Context::test(
             control_port(&pod),
@@ -494,7 +506,26 @@ mod tests {
         assert_eq!(reconcile_once(&ctx, &d).await, Action::await_change());
 
         drop(ctx);
-        within("verifier", verifier).await.expect("scenario");
+        let seen = within("verifier", verifier).await.expect("scenario");
+        // The Event and the status count the publisher the deadline found,
+        // though the row is Evicted by then.
+        let event = &seen.iter().find(|s| s.path.ends_with("/events")).expect("event").body;
+        assert_eq!(
+            event["note"].as_str(),
+            Some("deadline passed with 1 publishers left; the pods may go"),
+            "{event}"
+        );
+        let status = &seen.iter().find(|s| s.path.ends_with("/status")).expect("status").body["status"];
+        assert_eq!(
+            (
+                &status["pods"][0]["leftAtDeadline"],
+                &status["totals"]["leftAtDeadline"]
+            ),
+            (&json!(1), &json!(1)),
+            "{status}"
+        );
+        stop.cancel();
+        let _ = publishing.await;
     }
 
     #[tokio::test]

@@ -177,6 +177,13 @@ impl PodState {
         )
     }
 
+    /// Its connections count as publishers the drain left: it still
+    /// drains, or its deadline passed with them on it. A cancelled pod
+    /// serves them again; an evicted or gone one has none.
+    pub fn counts_remaining(self) -> bool {
+        !self.is_done() || self == PodState::TimedOut
+    }
+
     /// The pod may be evicted.
     pub fn releases_pod(self) -> bool {
         matches!(
@@ -216,6 +223,10 @@ pub struct PodDrainStatus {
     /// Connections still on the pod.
     #[serde(default)]
     pub remaining: i64,
+    /// Connections the pod's deadline found on it: cut under the
+    /// Disconnect policy, left connected under Wait.
+    #[serde(default)]
+    pub left_at_deadline: i64,
     /// Why the pod is in this state, when it is not obvious.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -229,7 +240,13 @@ pub struct PodDrainStatus {
 pub struct Totals {
     pub pods: i64,
     pub drained_pods: i64,
+    /// Publishers on the pods still draining, and those left on pods at
+    /// their deadline.
     pub remaining_publishers: i64,
+    /// Publishers the deadline found on the pods that timed out (cut under
+    /// the Disconnect policy, left connected under Wait).
+    #[serde(default)]
+    pub left_at_deadline: i64,
     pub signalled: i64,
     pub migrated: i64,
 }

@@ -132,12 +132,28 @@ fn row_content(row: &PodDrainStatus, status: &PodStatus, drain_id: &str) -> PodD
         Some(d) => {
             next.signalled = d.signalled as i64;
             next.migrated = d.migrated as i64;
+            next.left_at_deadline = d.left_at_deadline as i64;
             next.state = match d.phase() {
                 PodPhase::Drained => PodState::Drained,
                 PodPhase::TimedOut => PodState::TimedOut,
                 PodPhase::Cancelled => PodState::Cancelled,
                 _ => PodState::Draining,
             };
+            if next.state == PodState::TimedOut && d.left_at_deadline > 0 {
+                let kept = d
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| s.incapable_policy() == ingest_proto::v1::IncapablePolicy::Wait);
+                next.message = Some(format!(
+                    "the deadline found {} publisher(s) on the pod: {}",
+                    d.left_at_deadline,
+                    if kept {
+                        "left connected (incapablePolicy Wait)"
+                    } else {
+                        "disconnected"
+                    }
+                ));
+            }
         }
         None => {
             next.state = PodState::Pending;
@@ -150,12 +166,27 @@ fn row_content(row: &PodDrainStatus, status: &PodStatus, drain_id: &str) -> PodD
     next
 }
 
+/// Rows that timed out keep how many publishers their deadline found: the
+/// pod's own count, else (timed out by the operator's clock first, or
+/// unreachable) the connections it last reported.
+pub(crate) fn keep_left_at_deadline(rows: &mut [PodDrainStatus]) {
+    for r in rows.iter_mut().filter(|r| r.state == PodState::TimedOut) {
+        r.left_at_deadline = r.left_at_deadline.max(r.remaining);
+    }
+}
+
 /// Sums of the rows.
 pub(crate) fn totals(rows: &[PodDrainStatus]) -> Totals {
     Totals {
         pods: rows.len() as i64,
         drained_pods: rows.iter().filter(|r| r.state.releases_pod()).count() as i64,
-        remaining_publishers: rows.iter().filter(|r| !r.state.is_done()).map(|r| r.remaining).sum(),
+        remaining_publishers: rows
+            .iter()
+            .filter(|r| r.state.counts_remaining())
+            .map(|r| r.remaining)
+            .sum(),
+        // Evicted rows keep theirs.
+        left_at_deadline: rows.iter().map(|r| r.left_at_deadline).sum(),
         signalled: rows.iter().map(|r| r.signalled).sum(),
         migrated: rows.iter().map(|r| r.migrated).sum(),
     }
@@ -536,6 +567,83 @@ mod tests {
         s.node_name = None;
         s.pod_names = Some(vec!["i-2".into()]);
         assert_eq!(initial_rows(&s, &pods)[0].name, "i-2");
+    }
+
+    #[test]
+    fn publishers_left_at_the_deadline_stay_counted_as_remaining() {
+        let with = |name: &str, state: PodState, remaining: i64| PodDrainStatus {
+            remaining,
+            ..crate::fixtures::row(name, state)
+        };
+        let rows = vec![
+            with("draining", PodState::Draining, 4),
+            with("timed-out", PodState::TimedOut, 2),
+            with("drained", PodState::Drained, 0),
+            // Serving again, or gone: none of their connections is left to the drain.
+            with("cancelled", PodState::Cancelled, 7),
+            with("evicted", PodState::Evicted, 5),
+            with("gone", PodState::Gone, 3),
+        ];
+        assert_eq!(totals(&rows).remaining_publishers, 6);
+        assert_eq!(totals(&rows[1..]).remaining_publishers, 2, "a drain that timed out");
+    }
+
+    #[test]
+    fn publishers_left_at_the_deadline_count_those_cut_and_those_kept() {
+        use ingest_proto::v1::{ConnectionCounts, Drain, IncapablePolicy as PbPolicy, StartDrainRequest};
+        let row = crate::fixtures::row("p", PodState::Draining);
+        let timed_out = |policy: PbPolicy, total: u32, left: u64| PodStatus {
+            counts: Some(ConnectionCounts {
+                total,
+                incapable: total,
+                ..ConnectionCounts::default()
+            }),
+            drain: Some(Drain {
+                id: "d".into(),
+                phase: PodPhase::TimedOut.into(),
+                left_at_deadline: left,
+                spec: Some(StartDrainRequest {
+                    incapable_policy: policy.into(),
+                    ..StartDrainRequest::default()
+                }),
+                ..Drain::default()
+            }),
+            ..PodStatus::default()
+        };
+        // Disconnect: the pod cut them, none remains, the row says how many.
+        let cut = row_from_status(&row, &timed_out(PbPolicy::Disconnect, 0, 2), "d", now());
+        assert_eq!(
+            (cut.state, cut.remaining, cut.left_at_deadline),
+            (PodState::TimedOut, 0, 2)
+        );
+        assert_eq!(
+            cut.message.as_deref(),
+            Some("the deadline found 2 publisher(s) on the pod: disconnected")
+        );
+        // Wait: they stay connected.
+        let kept = row_from_status(&row, &timed_out(PbPolicy::Wait, 1, 1), "d", now());
+        assert_eq!((kept.remaining, kept.left_at_deadline), (1, 1));
+        assert_eq!(
+            kept.message.as_deref(),
+            Some("the deadline found 1 publisher(s) on the pod: left connected (incapablePolicy Wait)")
+        );
+        // Timed out by the operator's clock before the pod answered: its last count.
+        let stale = PodDrainStatus {
+            remaining: 4,
+            ..crate::fixtures::row("q", PodState::TimedOut)
+        };
+        // Evicted once timed out: it keeps what the deadline found.
+        let evicted = PodDrainStatus {
+            left_at_deadline: 3,
+            remaining: 3,
+            ..crate::fixtures::row("e", PodState::Evicted)
+        };
+        let mut rows = [cut, kept, stale, evicted, crate::fixtures::row("r", PodState::Drained)];
+        keep_left_at_deadline(&mut rows);
+        let found: Vec<i64> = rows.iter().map(|r| r.left_at_deadline).collect();
+        assert_eq!(found, [2, 1, 4, 3, 0]);
+        let t = totals(&rows);
+        assert_eq!((t.left_at_deadline, t.remaining_publishers), (10, 5));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! PATH as a user installs it and found by kubectl's own plugin discovery:
 //! its status table against what the publishers announced, a pod drained
 //! and followed to Drained, a second drain followed until `--timeout`,
-//! interrupted (Ctrl-C) and cancelled while followed, and the errors a user
-//! meets (no CRD, no such node, pod or drain).
+//! interrupted (Ctrl-C) and cancelled while followed, a third followed to
+//! its deadline (TimedOut, exit 3) past a publisher that cannot move, and
+//! the errors a user meets (no CRD, no such node, pod or drain).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -426,6 +427,10 @@ async fn kubectl_plugin(c: Arc<Cluster>) -> Result<()> {
         say(&format!("  {line}"));
     }
 
+    // A third drain of that pod meets the incapable publisher, which the
+    // Wait policy leaves alone: it ends TimedOut at its deadline, exit 3.
+    let deadline_moved = drained_to_deadline(&c, &plugin, &other.name, &incapable).await?;
+
     // What a user gets wrong is refused, with the reason.
     for (args, says) in [
         (
@@ -455,15 +460,111 @@ async fn kubectl_plugin(c: Arc<Cluster>) -> Result<()> {
         report.error
     );
     let rows = lossless::stop_and_audit(&stage, fleet).await?;
+    // One signal per drain a stream was on: the first (Drained) one, the
+    // one to the deadline; none from the cancelled drain.
     for r in &rows {
-        let moved = target.streams.contains(&r.stream);
+        let want = usize::from(target.streams.contains(&r.stream)) + usize::from(deadline_moved.contains(&r.stream));
         ensure!(
-            moved == (r.signals.len() == 1),
-            "{}: on {}: {moved}, yet {r:?}",
+            r.signals.len() == want,
+            "{}: on {} and then {}: want {want} signal(s), yet {r:?}",
             r.stream,
-            target.name
+            target.name,
+            other.name
         );
     }
     say(&format!("audit at the origin:\n{}", lossless::report(&rows).trim_end()));
     Ok(())
+}
+
+/// Drains `pod`, which holds the incapable publisher, with a short deadline
+/// and the Wait policy, followed: its capable publishers move, the drain
+/// ends TimedOut at the deadline (exit 3, saying so on stderr) and the
+/// incapable publisher keeps streaming. Returns the streams that moved.
+async fn drained_to_deadline(
+    c: &Cluster,
+    plugin: &Plugin,
+    pod: &str,
+    incapable: &BackgroundPublisher,
+) -> Result<Vec<String>> {
+    let name = "plugin-deadline";
+    let on_pod = ingest_pods(c, NS)
+        .await?
+        .into_iter()
+        .find(|p| p.name == pod)
+        .with_context(|| format!("{pod} is gone"))?;
+    let capable: Vec<String> = on_pod.streams.iter().filter(|s| *s != "plug-inc").cloned().collect();
+    ensure!(
+        on_pod.streams.iter().any(|s| s == "plug-inc"),
+        "the incapable publisher is not on {pod}: {:?}",
+        on_pod.streams
+    );
+    let deadline = Duration::from_secs(12);
+    let args = [
+        "drain",
+        "pod",
+        pod,
+        "-n",
+        NS,
+        "--name",
+        name,
+        "--deadline",
+        "12s",
+        "--incapable-policy",
+        "Wait",
+        "--wait",
+        "--timeout",
+        "2m",
+    ];
+    let started = std::time::Instant::now();
+    let ran = plugin.run(c, &args).await?;
+    let took = started.elapsed();
+    ensure!(ran.code == Some(3), "a followed drain that ends TimedOut must exit 3");
+    ensure!(
+        took >= deadline,
+        "the drain ended TimedOut {took:.1?} after it was created, before its {deadline:?} deadline"
+    );
+    ensure!(
+        ran.stderr
+            .lines()
+            .any(|l| l == format!("{name} ended TimedOut: 1 publisher(s) left at the deadline")),
+        "stderr does not say the drain ended TimedOut with the incapable publisher left"
+    );
+    ensure!(
+        ran.stderr.lines().any(|l| l.trim()
+            == format!(
+                "{pod}: TimedOut: the deadline found 1 publisher(s) on the pod: left connected (incapablePolicy Wait)"
+            )),
+        "stderr does not say what the deadline found on {pod}"
+    );
+    let last = ran
+        .stdout
+        .lines()
+        .rfind(|l| l.starts_with(&format!("{name}  ")))
+        .context("no progress line")?;
+    let n = capable.len();
+    ensure!(
+        last.starts_with(&format!(
+            "{name}  TimedOut  pods 1/1 drained  publishers: 1 left, {n} signalled, {n} migrated"
+        )),
+        "the last progress line does not count the incapable publisher left and the {n} capable ones moved: {last}"
+    );
+    // Wait leaves the incapable publisher streaming past the deadline.
+    let frames = incapable.progress().video_frames;
+    eventually(
+        "the incapable publisher streaming past the deadline",
+        Duration::from_secs(10),
+        || async {
+            let now = incapable.progress();
+            ensure!(
+                now.video_frames >= frames + 30 && now.connections == 1,
+                "{now:?}, {frames} video frames at the deadline"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    say(&format!(
+        "{name}: TimedOut (exit 3) {took:.1?} after it began; {n} capable publisher(s) moved, the incapable one streams on"
+    ));
+    Ok(capable)
 }

@@ -152,7 +152,14 @@ fn explain(name: &str, drain: &IngestDrain, exit: Exit) {
         return;
     }
     let status = drain.status.clone().unwrap_or_default();
-    eprintln!("{name} ended {:?}", status.phase);
+    if status.phase == DrainPhase::TimedOut {
+        eprintln!(
+            "{name} ended TimedOut: {} publisher(s) left at the deadline",
+            status.totals.left_at_deadline
+        );
+    } else {
+        eprintln!("{name} ended {:?}", status.phase);
+    }
     for row in status.pods.iter().filter(|r| r.message.is_some()) {
         eprintln!(
             "  {}: {:?}: {}",

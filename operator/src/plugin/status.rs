@@ -452,6 +452,7 @@ mod tests {
             signalled: 3,
             migrated: 1,
             remaining: 4,
+            left_at_deadline: 0,
         };
         let view: PodView = serde_json::from_str(&served(Some(drain))).expect("parses");
         let names = BTreeMap::from([("5f0c-uid".to_owned(), "drain-node-a-x7k2p".to_owned())]);
