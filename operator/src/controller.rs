@@ -524,6 +524,11 @@ mod tests {
             (&json!(1), &json!(1)),
             "{status}"
         );
+        assert_eq!(
+            status["pods"][0]["message"],
+            "the deadline found 1 publisher(s) on the pod: disconnected",
+            "{status}"
+        );
         stop.cancel();
         let _ = publishing.await;
     }

@@ -11,7 +11,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use crate::crd::{
-    Connections, DrainPhase, IngestDrain, IngestDrainSpec, IngestDrainStatus, PodDrainStatus, PodState, Totals,
+    Connections, DrainPhase, IncapablePolicy, IngestDrain, IngestDrainSpec, IngestDrainStatus, PodDrainStatus,
+    PodState, Totals,
 };
 
 /// Parses `k=v,k2=v2` (equality only), the operator's ingest selector flag.
@@ -139,21 +140,6 @@ fn row_content(row: &PodDrainStatus, status: &PodStatus, drain_id: &str) -> PodD
                 PodPhase::Cancelled => PodState::Cancelled,
                 _ => PodState::Draining,
             };
-            if next.state == PodState::TimedOut && d.left_at_deadline > 0 {
-                let kept = d
-                    .spec
-                    .as_ref()
-                    .is_some_and(|s| s.incapable_policy() == ingest_proto::v1::IncapablePolicy::Wait);
-                next.message = Some(format!(
-                    "the deadline found {} publisher(s) on the pod: {}",
-                    d.left_at_deadline,
-                    if kept {
-                        "left connected (incapablePolicy Wait)"
-                    } else {
-                        "disconnected"
-                    }
-                ));
-            }
         }
         None => {
             next.state = PodState::Pending;
@@ -168,10 +154,21 @@ fn row_content(row: &PodDrainStatus, status: &PodStatus, drain_id: &str) -> PodD
 
 /// Rows that timed out keep how many publishers their deadline found: the
 /// pod's own count, else (timed out by the operator's clock first, or
-/// unreachable) the connections it last reported.
-pub(crate) fn keep_left_at_deadline(rows: &mut [PodDrainStatus]) {
+/// unreachable) the connections it last reported. Unless the row says
+/// something else already, its message tells what `policy` did to them.
+pub(crate) fn keep_left_at_deadline(rows: &mut [PodDrainStatus], policy: IncapablePolicy) {
     for r in rows.iter_mut().filter(|r| r.state == PodState::TimedOut) {
         r.left_at_deadline = r.left_at_deadline.max(r.remaining);
+        if r.left_at_deadline > 0 && r.message.is_none() {
+            let done = match policy {
+                IncapablePolicy::Disconnect => "disconnected",
+                IncapablePolicy::Wait => "left connected (incapablePolicy Wait)",
+            };
+            r.message = Some(format!(
+                "the deadline found {} publisher(s) on the pod: {done}",
+                r.left_at_deadline
+            ));
+        }
     }
 }
 
@@ -478,7 +475,6 @@ mod tests {
     use kube::api::ObjectMeta;
 
     use super::*;
-    use crate::crd::IncapablePolicy;
 
     fn pod(name: &str, node: &str, labels: &[(&str, &str)]) -> Pod {
         Pod {
@@ -590,9 +586,9 @@ mod tests {
 
     #[test]
     fn publishers_left_at_the_deadline_count_those_cut_and_those_kept() {
-        use ingest_proto::v1::{ConnectionCounts, Drain, IncapablePolicy as PbPolicy, StartDrainRequest};
+        use ingest_proto::v1::{ConnectionCounts, Drain};
         let row = crate::fixtures::row("p", PodState::Draining);
-        let timed_out = |policy: PbPolicy, total: u32, left: u64| PodStatus {
+        let timed_out = |total: u32, left: u64| PodStatus {
             counts: Some(ConnectionCounts {
                 total,
                 incapable: total,
@@ -602,30 +598,15 @@ mod tests {
                 id: "d".into(),
                 phase: PodPhase::TimedOut.into(),
                 left_at_deadline: left,
-                spec: Some(StartDrainRequest {
-                    incapable_policy: policy.into(),
-                    ..StartDrainRequest::default()
-                }),
                 ..Drain::default()
             }),
             ..PodStatus::default()
         };
         // Disconnect: the pod cut them, none remains, the row says how many.
-        let cut = row_from_status(&row, &timed_out(PbPolicy::Disconnect, 0, 2), "d", now());
+        let cut = row_from_status(&row, &timed_out(0, 2), "d", now());
         assert_eq!(
             (cut.state, cut.remaining, cut.left_at_deadline),
             (PodState::TimedOut, 0, 2)
-        );
-        assert_eq!(
-            cut.message.as_deref(),
-            Some("the deadline found 2 publisher(s) on the pod: disconnected")
-        );
-        // Wait: they stay connected.
-        let kept = row_from_status(&row, &timed_out(PbPolicy::Wait, 1, 1), "d", now());
-        assert_eq!((kept.remaining, kept.left_at_deadline), (1, 1));
-        assert_eq!(
-            kept.message.as_deref(),
-            Some("the deadline found 1 publisher(s) on the pod: left connected (incapablePolicy Wait)")
         );
         // Timed out by the operator's clock before the pod answered: its last count.
         let stale = PodDrainStatus {
@@ -638,12 +619,46 @@ mod tests {
             remaining: 3,
             ..crate::fixtures::row("e", PodState::Evicted)
         };
-        let mut rows = [cut, kept, stale, evicted, crate::fixtures::row("r", PodState::Drained)];
-        keep_left_at_deadline(&mut rows);
-        let found: Vec<i64> = rows.iter().map(|r| r.left_at_deadline).collect();
-        assert_eq!(found, [2, 1, 4, 3, 0]);
+        // Another message stays.
+        let unreachable = PodDrainStatus {
+            remaining: 1,
+            message: Some("connection refused".into()),
+            ..crate::fixtures::row("u", PodState::TimedOut)
+        };
+        let mut rows = [
+            cut,
+            stale,
+            evicted,
+            unreachable,
+            crate::fixtures::row("r", PodState::Drained),
+        ];
+        keep_left_at_deadline(&mut rows, IncapablePolicy::Disconnect);
+        let found: Vec<(i64, Option<&str>)> = rows
+            .iter()
+            .map(|r| (r.left_at_deadline, r.message.as_deref()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (2, Some("the deadline found 2 publisher(s) on the pod: disconnected")),
+                (4, Some("the deadline found 4 publisher(s) on the pod: disconnected")),
+                (3, None),
+                (1, Some("connection refused")),
+                (0, None),
+            ]
+        );
         let t = totals(&rows);
         assert_eq!((t.left_at_deadline, t.remaining_publishers), (10, 5));
+
+        // Wait: they stay connected, and count as remaining.
+        let mut kept = [row_from_status(&row, &timed_out(1, 1), "d", now())];
+        keep_left_at_deadline(&mut kept, IncapablePolicy::Wait);
+        assert_eq!((kept[0].remaining, kept[0].left_at_deadline), (1, 1));
+        assert_eq!(
+            kept[0].message.as_deref(),
+            Some("the deadline found 1 publisher(s) on the pod: left connected (incapablePolicy Wait)")
+        );
+        assert_eq!(totals(&kept).remaining_publishers, 1);
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub(super) async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<(Action,
     let targets = rows::reachable(&mut rows, &pods, &clock);
     let request = drive::start_request(drain, clock.remaining, redirects);
     drive::drive(drain, ctx, &mut rows, targets, request, &token, &clock).await;
-    state::keep_left_at_deadline(&mut rows);
+    state::keep_left_at_deadline(&mut rows, drain.spec.incapable_policy);
     // Judged before evicting: an Evicted row no longer says whether the pod
     // drained or timed out.
     let phase = state::overall_phase(&rows, clock.past_deadline);
