@@ -525,8 +525,7 @@ mod tests {
             "{status}"
         );
         assert_eq!(
-            status["pods"][0]["message"],
-            "the deadline found 1 publisher(s) on the pod: disconnected",
+            status["pods"][0]["message"], "the deadline found 1 publisher(s) on the pod: disconnected",
             "{status}"
         );
         stop.cancel();

@@ -177,13 +177,6 @@ impl PodState {
         )
     }
 
-    /// Its connections count as publishers the drain left: it still
-    /// drains, or its deadline passed with them on it. A cancelled pod
-    /// serves them again; an evicted or gone one has none.
-    pub fn counts_remaining(self) -> bool {
-        !self.is_done() || self == PodState::TimedOut
-    }
-
     /// The pod may be evicted.
     pub fn releases_pod(self) -> bool {
         matches!(
@@ -240,8 +233,7 @@ pub struct PodDrainStatus {
 pub struct Totals {
     pub pods: i64,
     pub drained_pods: i64,
-    /// Publishers on the pods still draining, and those left on pods at
-    /// their deadline.
+    /// Publishers on the pods still draining.
     pub remaining_publishers: i64,
     /// Publishers the deadline found on the pods that timed out (cut under
     /// the Disconnect policy, left connected under Wait).

@@ -154,21 +154,30 @@ fn row_content(row: &PodDrainStatus, status: &PodStatus, drain_id: &str) -> PodD
 
 /// Rows that timed out keep how many publishers their deadline found: the
 /// pod's own count, else (timed out by the operator's clock first, or
-/// unreachable) the connections it last reported. Unless the row says
-/// something else already, its message tells what `policy` did to them.
-pub(crate) fn keep_left_at_deadline(rows: &mut [PodDrainStatus], policy: IncapablePolicy) {
+/// unreachable) the connections it last reported. Done rows are not asked
+/// again: this is the count as of the deadline.
+pub(crate) fn keep_left_at_deadline(rows: &mut [PodDrainStatus]) {
     for r in rows.iter_mut().filter(|r| r.state == PodState::TimedOut) {
         r.left_at_deadline = r.left_at_deadline.max(r.remaining);
-        if r.left_at_deadline > 0 && r.message.is_none() {
-            let done = match policy {
-                IncapablePolicy::Disconnect => "disconnected",
-                IncapablePolicy::Wait => "left connected (incapablePolicy Wait)",
-            };
-            r.message = Some(format!(
-                "the deadline found {} publisher(s) on the pod: {done}",
-                r.left_at_deadline
-            ));
-        }
+    }
+}
+
+/// A row whose deadline found publishers says what `policy` did to them,
+/// unless it says something else already (a refused eviction, an
+/// unreachable pod): also once its pod is evicted or gone.
+pub(crate) fn say_left_at_deadline(rows: &mut [PodDrainStatus], policy: IncapablePolicy) {
+    let done = match policy {
+        IncapablePolicy::Disconnect => "disconnected",
+        IncapablePolicy::Wait => "left connected (incapablePolicy Wait)",
+    };
+    for r in rows
+        .iter_mut()
+        .filter(|r| r.left_at_deadline > 0 && r.message.is_none())
+    {
+        r.message = Some(format!(
+            "the deadline found {} publisher(s) on the pod: {done}",
+            r.left_at_deadline
+        ));
     }
 }
 
@@ -177,11 +186,7 @@ pub(crate) fn totals(rows: &[PodDrainStatus]) -> Totals {
     Totals {
         pods: rows.len() as i64,
         drained_pods: rows.iter().filter(|r| r.state.releases_pod()).count() as i64,
-        remaining_publishers: rows
-            .iter()
-            .filter(|r| r.state.counts_remaining())
-            .map(|r| r.remaining)
-            .sum(),
+        remaining_publishers: rows.iter().filter(|r| !r.state.is_done()).map(|r| r.remaining).sum(),
         // Evicted rows keep theirs.
         left_at_deadline: rows.iter().map(|r| r.left_at_deadline).sum(),
         signalled: rows.iter().map(|r| r.signalled).sum(),
@@ -566,25 +571,6 @@ mod tests {
     }
 
     #[test]
-    fn publishers_left_at_the_deadline_stay_counted_as_remaining() {
-        let with = |name: &str, state: PodState, remaining: i64| PodDrainStatus {
-            remaining,
-            ..crate::fixtures::row(name, state)
-        };
-        let rows = vec![
-            with("draining", PodState::Draining, 4),
-            with("timed-out", PodState::TimedOut, 2),
-            with("drained", PodState::Drained, 0),
-            // Serving again, or gone: none of their connections is left to the drain.
-            with("cancelled", PodState::Cancelled, 7),
-            with("evicted", PodState::Evicted, 5),
-            with("gone", PodState::Gone, 3),
-        ];
-        assert_eq!(totals(&rows).remaining_publishers, 6);
-        assert_eq!(totals(&rows[1..]).remaining_publishers, 2, "a drain that timed out");
-    }
-
-    #[test]
     fn publishers_left_at_the_deadline_count_those_cut_and_those_kept() {
         use ingest_proto::v1::{ConnectionCounts, Drain};
         let row = crate::fixtures::row("p", PodState::Draining);
@@ -613,7 +599,8 @@ mod tests {
             remaining: 4,
             ..crate::fixtures::row("q", PodState::TimedOut)
         };
-        // Evicted once timed out: it keeps what the deadline found.
+        // Evicted once timed out (after a refused eviction, whose message
+        // went with it): it keeps what the deadline found, and says it again.
         let evicted = PodDrainStatus {
             left_at_deadline: 3,
             remaining: 3,
@@ -632,7 +619,8 @@ mod tests {
             unreachable,
             crate::fixtures::row("r", PodState::Drained),
         ];
-        keep_left_at_deadline(&mut rows, IncapablePolicy::Disconnect);
+        keep_left_at_deadline(&mut rows);
+        say_left_at_deadline(&mut rows, IncapablePolicy::Disconnect);
         let found: Vec<(i64, Option<&str>)> = rows
             .iter()
             .map(|r| (r.left_at_deadline, r.message.as_deref()))
@@ -642,23 +630,25 @@ mod tests {
             [
                 (2, Some("the deadline found 2 publisher(s) on the pod: disconnected")),
                 (4, Some("the deadline found 4 publisher(s) on the pod: disconnected")),
-                (3, None),
+                (3, Some("the deadline found 3 publisher(s) on the pod: disconnected")),
                 (1, Some("connection refused")),
                 (0, None),
             ]
         );
+        // Remaining counts only pods still draining: a done row is not
+        // asked again, so its connections are history.
         let t = totals(&rows);
-        assert_eq!((t.left_at_deadline, t.remaining_publishers), (10, 5));
+        assert_eq!((t.left_at_deadline, t.remaining_publishers), (10, 0));
 
-        // Wait: they stay connected, and count as remaining.
+        // Wait: they stay connected.
         let mut kept = [row_from_status(&row, &timed_out(1, 1), "d", now())];
-        keep_left_at_deadline(&mut kept, IncapablePolicy::Wait);
+        keep_left_at_deadline(&mut kept);
+        say_left_at_deadline(&mut kept, IncapablePolicy::Wait);
         assert_eq!((kept[0].remaining, kept[0].left_at_deadline), (1, 1));
         assert_eq!(
             kept[0].message.as_deref(),
             Some("the deadline found 1 publisher(s) on the pod: left connected (incapablePolicy Wait)")
         );
-        assert_eq!(totals(&kept).remaining_publishers, 1);
     }
 
     #[test]

@@ -60,13 +60,15 @@ pub(super) async fn apply(drain: &IngestDrain, ctx: &Context) -> Result<(Action,
     let targets = rows::reachable(&mut rows, &pods, &clock);
     let request = drive::start_request(drain, clock.remaining, redirects);
     drive::drive(drain, ctx, &mut rows, targets, request, &token, &clock).await;
-    state::keep_left_at_deadline(&mut rows, drain.spec.incapable_policy);
+    state::keep_left_at_deadline(&mut rows);
     // Judged before evicting: an Evicted row no longer says whether the pod
     // drained or timed out.
     let phase = state::overall_phase(&rows, clock.past_deadline);
     if drain.spec.evict {
         evict::evict_released(drain, ctx, &mut rows).await;
     }
+    // After the evictions: a refusal's message goes with a later success.
+    state::say_left_at_deadline(&mut rows, drain.spec.incapable_policy);
     if phase != old.phase {
         announce(drain, ctx, phase, &rows, &clock).await;
     }

@@ -152,13 +152,12 @@ fn explain(name: &str, drain: &IngestDrain, exit: Exit) {
         return;
     }
     let status = drain.status.clone().unwrap_or_default();
-    if status.phase == DrainPhase::TimedOut {
-        eprintln!(
-            "{name} ended TimedOut: {} publisher(s) left at the deadline",
-            status.totals.left_at_deadline
-        );
-    } else {
-        eprintln!("{name} ended {:?}", status.phase);
+    // An operator older than the count writes none: say nothing then.
+    match status.totals.left_at_deadline {
+        n if status.phase == DrainPhase::TimedOut && n > 0 => {
+            eprintln!("{name} ended TimedOut: {n} publisher(s) left at the deadline");
+        }
+        _ => eprintln!("{name} ended {:?}", status.phase),
     }
     for row in status.pods.iter().filter(|r| r.message.is_some()) {
         eprintln!(
@@ -176,6 +175,8 @@ pub(crate) struct Progress {
     pub(crate) phase: DrainPhase,
     pub(crate) pods: i64,
     pub(crate) drained: i64,
+    /// Publishers on the pods still draining; once TimedOut, those the
+    /// deadline found.
     pub(crate) remaining: i64,
     pub(crate) signalled: i64,
     pub(crate) migrated: i64,
@@ -208,7 +209,11 @@ impl Progress {
             phase: status.phase,
             pods: t.pods,
             drained: t.drained_pods,
-            remaining: t.remaining_publishers,
+            remaining: if status.phase == DrainPhase::TimedOut {
+                t.left_at_deadline
+            } else {
+                t.remaining_publishers
+            },
             signalled: t.signalled,
             migrated: t.migrated,
             clock,
@@ -225,8 +230,13 @@ impl Progress {
             Clock::Left(d) => format!("deadline in {}", fmt(d)),
             Clock::Took(d) => format!("took {}", fmt(d)),
         };
+        let at_deadline = if self.phase == DrainPhase::TimedOut {
+            " at the deadline"
+        } else {
+            ""
+        };
         format!(
-            "{name}  {:?}  pods {}/{} drained  publishers: {} left, {} signalled, {} migrated  {clock}",
+            "{name}  {:?}  pods {}/{} drained  publishers: {} left{at_deadline}, {} signalled, {} migrated  {clock}",
             self.phase, self.drained, self.pods, self.remaining, self.signalled, self.migrated
         )
     }
@@ -373,6 +383,27 @@ mod tests {
         );
         assert_eq!(ended(&done, Until::End), Some(Exit::Ok));
         assert_eq!(ended(&done, Until::Cancelled), None);
+    }
+
+    #[test]
+    fn a_timed_out_drain_counts_the_publishers_its_deadline_found() {
+        let timed_out = drain(
+            json!({
+                "phase": "TimedOut",
+                "startedAt": "2026-12-10T10:00:00Z",
+                "completedAt": "2026-12-10T10:00:30Z",
+                "observedGeneration": 1,
+                "totals": { "pods": 2, "drainedPods": 2, "remainingPublishers": 0, "leftAtDeadline": 2,
+                            "signalled": 5, "migrated": 5 }
+            }),
+            1,
+        );
+        let line = Progress::of(&timed_out, at("2026-12-10T11:00:00Z")).line("d");
+        assert!(
+            line.ends_with("pods 2/2 drained  publishers: 2 left at the deadline, 5 signalled, 5 migrated  took 30s"),
+            "{line}"
+        );
+        assert_eq!(ended(&timed_out, Until::End), Some(Exit::TimedOut));
     }
 
     #[test]
