@@ -380,7 +380,9 @@ impl Drainer {
         self.set_phase(Phase::Signalling);
         let mut changes = self.registry.subscribe();
         let mut waves = Waves::new(spec.rate);
-        let mut deadline_applied = false;
+        // The policy the deadline was applied with: once, unless a drain
+        // that replaced this one asks to disconnect whom Wait kept.
+        let mut applied: Option<IncapablePolicy> = None;
         // The deadline found publishers left: the drain timed out for good.
         let mut timed_out = false;
         loop {
@@ -391,9 +393,13 @@ impl Drainer {
             waves.refill(spec.rate, now);
             self.signal_wave(&spec, &mut waves, now >= patience);
             let past_deadline = Instant::now() >= deadline_at;
-            if past_deadline && !deadline_applied {
-                deadline_applied = true;
-                timed_out = self.apply_deadline(&spec);
+            let apply = match applied {
+                None => true,
+                Some(before) => before == IncapablePolicy::Wait && spec.incapable == IncapablePolicy::Disconnect,
+            };
+            if past_deadline && apply {
+                applied = Some(spec.incapable);
+                timed_out |= self.apply_deadline(&spec);
             }
             let empty = self.registry.connection_count() == 0 && self.registry.relays_active() == 0;
             // A drain that emptied before its deadline stays Drained.
@@ -842,6 +848,47 @@ mod tests {
         assert_eq!(drainer.status().unwrap().remaining, 1);
         assert_eq!(drainer.status().unwrap().left_at_deadline, 1);
         assert_eq!(reg.metrics().drain_cut.get(), 0, "kept, not cut");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_disconnect_drain_over_one_that_waited_past_its_deadline_cuts_who_stayed() {
+        let (reg, drainer) = setup();
+        let (mut g, mut rx) = reg.register(addr());
+        g.connected("live", Caps::default());
+        assert!(g.publish("live", "ffmpeg"));
+        g.stats().relay_caught_up.store(true, Ordering::Relaxed);
+        drainer
+            .start(DrainSpec {
+                deadline: Duration::from_secs(1),
+                incapable: IncapablePolicy::Wait,
+                propagation_delay: Duration::ZERO,
+                ..spec("node-drain")
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(drainer.status().unwrap().phase, Phase::TimedOut);
+        assert!(rx.try_recv().is_err(), "Wait keeps the publisher");
+        // `kubectl ingest drain pod ... --incapable-policy disconnect`: its
+        // deadline, counted from the first drain's start, has passed too.
+        drainer
+            .start(DrainSpec {
+                deadline: Duration::from_secs(1),
+                incapable: IncapablePolicy::Disconnect,
+                propagation_delay: Duration::ZERO,
+                ..spec("force")
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            rx.try_recv().ok(),
+            Some(SessionCommand::Disconnect {
+                reason: "drain deadline"
+            }),
+            "the publisher the first drain kept is cut"
+        );
+        assert_eq!(reg.metrics().drain_cut.get(), 1);
+        let status = drainer.status().unwrap();
+        assert_eq!((status.phase, status.left_at_deadline), (Phase::TimedOut, 1));
     }
 
     /// `ingest_drain_deadline_timestamp_seconds`, as the status reports the deadline.
