@@ -3,8 +3,9 @@
 //! its status table against what the publishers announced, a pod drained
 //! and followed to Drained, a second drain followed until `--timeout`,
 //! interrupted (Ctrl-C) and cancelled while followed, a third followed to
-//! its deadline (TimedOut, exit 3) past a publisher that cannot move, and
-//! the errors a user meets (no CRD, no such node, pod or drain).
+//! its deadline (TimedOut, exit 3) past a publisher that cannot move and
+//! that a fourth then disconnects, and the errors a user meets (no CRD, no
+//! such node, pod or drain).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -570,5 +571,45 @@ async fn drained_to_deadline(
     say(&format!(
         "{name}: TimedOut (exit 3) {took:.1?} after it began; {n} capable publisher(s) moved, the incapable one streams on"
     ));
+
+    // A drain that asks to disconnect cuts whom Wait kept: its deadline,
+    // counted from the pod's first drain, has passed. The ended drain goes
+    // first: while it exists, the operator leaves its pods to it.
+    say(&format!("$ kubectl delete ingestdrain {name} -n {NS}"));
+    c.kubectl(&["-n", NS, "delete", "ingestdrain", name, "--wait"]).await?;
+    let forced = plugin
+        .run(
+            c,
+            &[
+                "drain",
+                "pod",
+                pod,
+                "-n",
+                NS,
+                "--name",
+                "plugin-force",
+                "--deadline",
+                "1s",
+                "--incapable-policy",
+                "disconnect",
+                "--wait",
+                "--timeout",
+                "1m",
+            ],
+        )
+        .await?;
+    ensure!(forced.code == Some(3), "the forcing drain must end TimedOut, exit 3");
+    ensure!(
+        forced.stderr.lines().any(|l| l.trim()
+            == format!("{pod}: TimedOut: the deadline found 1 publisher(s) on the pod: disconnected")),
+        "stderr does not say the forcing drain disconnected the publisher on {pod}"
+    );
+    eventually("the incapable publisher cut", Duration::from_secs(30), || async {
+        let now = incapable.progress();
+        ensure!(now.unplanned_reconnects >= 1, "{now:?}");
+        Ok(())
+    })
+    .await?;
+    say("plugin-force: the publisher the Wait drain kept was cut (it dials the pod again)");
     Ok(capable)
 }
