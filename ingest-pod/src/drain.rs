@@ -589,6 +589,22 @@ mod tests {
         "127.0.0.1:1".parse().unwrap()
     }
 
+    /// A publisher on `reg` that announced no signal, its relay caught up,
+    /// and the commands its session would get.
+    fn incapable(
+        reg: &Arc<Registry>,
+        stream: &str,
+    ) -> (
+        crate::registry::ConnGuard,
+        tokio::sync::mpsc::UnboundedReceiver<SessionCommand>,
+    ) {
+        let (mut g, rx) = reg.register(addr());
+        g.connected("live", Caps::default());
+        assert!(g.publish("live", stream));
+        g.stats().relay_caught_up.store(true, Ordering::Relaxed);
+        (g, rx)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn signals_after_propagation_and_reports_drained() {
         let (reg, drainer) = setup();
@@ -784,10 +800,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deadline_disconnects_incapable_and_cancel_restores_serving() {
         let (reg, drainer) = setup();
-        let (mut g, mut rx) = reg.register(addr());
-        g.connected("live", Caps::default());
-        assert!(g.publish("live", "ffmpeg"));
-        g.stats().relay_caught_up.store(true, Ordering::Relaxed);
+        let (_g, mut rx) = incapable(&reg, "ffmpeg");
         drainer
             .start(DrainSpec {
                 deadline: Duration::from_secs(3),
@@ -831,10 +844,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wait_policy_keeps_incapable_publishers() {
         let (reg, drainer) = setup();
-        let (mut g, mut rx) = reg.register(addr());
-        g.connected("live", Caps::default());
-        assert!(g.publish("live", "ffmpeg"));
-        g.stats().relay_caught_up.store(true, Ordering::Relaxed);
+        let (_g, mut rx) = incapable(&reg, "ffmpeg");
         let s = DrainSpec {
             deadline: Duration::from_secs(1),
             incapable: IncapablePolicy::Wait,
@@ -853,10 +863,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_disconnect_drain_over_one_that_waited_past_its_deadline_cuts_who_stayed() {
         let (reg, drainer) = setup();
-        let (mut g, mut rx) = reg.register(addr());
-        g.connected("live", Caps::default());
-        assert!(g.publish("live", "ffmpeg"));
-        g.stats().relay_caught_up.store(true, Ordering::Relaxed);
+        let (_g, mut rx) = incapable(&reg, "ffmpeg");
         drainer
             .start(DrainSpec {
                 deadline: Duration::from_secs(1),
@@ -933,11 +940,7 @@ mod tests {
         let (reg, drainer) = setup();
         let mut held = Vec::new();
         for i in 0..3 {
-            let (mut g, rx) = reg.register(addr());
-            g.connected("live", Caps::default());
-            assert!(g.publish("live", &format!("ffmpeg{i}")));
-            g.stats().relay_caught_up.store(true, Ordering::Relaxed);
-            held.push((g, rx));
+            held.push(incapable(&reg, &format!("ffmpeg{i}")));
         }
         let s = DrainSpec {
             deadline: Duration::from_secs(2),

@@ -477,6 +477,15 @@ async fn kubectl_plugin(c: Arc<Cluster>) -> Result<()> {
     Ok(())
 }
 
+/// `kubectl ingest drain pod POD --name NAME FLAGS... --wait` in the
+/// scenario's namespace, followed for at most two minutes.
+fn followed_pod_drain<'a>(pod: &'a str, name: &'a str, flags: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["drain", "pod", pod, "-n", NS, "--name", name];
+    args.extend_from_slice(flags);
+    args.extend(["--wait", "--timeout", "2m"]);
+    args
+}
+
 /// Drains `pod`, which holds the incapable publisher, with a short deadline
 /// and the Wait policy, followed: its capable publishers move, the drain
 /// ends TimedOut at the deadline (exit 3, saying so on stderr) and the
@@ -502,26 +511,24 @@ async fn drained_to_deadline(
     // The capable publishers have 14 s to move: the counts below need
     // them all gone by the deadline.
     let deadline = Duration::from_secs(15);
-    let args = [
-        "drain",
-        "pod",
-        pod,
-        "-n",
-        NS,
-        "--name",
-        name,
-        "--deadline",
-        "15s",
-        "--propagation-delay",
-        "1s",
-        "--incapable-policy",
-        "Wait",
-        "--wait",
-        "--timeout",
-        "2m",
-    ];
     let started = std::time::Instant::now();
-    let ran = plugin.run(c, &args).await?;
+    let ran = plugin
+        .run(
+            c,
+            &followed_pod_drain(
+                pod,
+                name,
+                &[
+                    "--deadline",
+                    "15s",
+                    "--propagation-delay",
+                    "1s",
+                    "--incapable-policy",
+                    "Wait",
+                ],
+            ),
+        )
+        .await?;
     let took = started.elapsed();
     ensure!(ran.code == Some(3), "a followed drain that ends TimedOut must exit 3");
     ensure!(
@@ -580,22 +587,11 @@ async fn drained_to_deadline(
     let forced = plugin
         .run(
             c,
-            &[
-                "drain",
-                "pod",
+            &followed_pod_drain(
                 pod,
-                "-n",
-                NS,
-                "--name",
                 "plugin-force",
-                "--deadline",
-                "1s",
-                "--incapable-policy",
-                "disconnect",
-                "--wait",
-                "--timeout",
-                "1m",
-            ],
+                &["--deadline", "1s", "--incapable-policy", "disconnect"],
+            ),
         )
         .await?;
     ensure!(forced.code == Some(3), "the forcing drain must end TimedOut, exit 3");
