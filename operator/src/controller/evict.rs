@@ -8,9 +8,6 @@ use tracing::{info, warn};
 use super::Context;
 use crate::crd::{IngestDrain, PodDrainStatus, PodState};
 
-/// How a row's message says its pod's eviction was refused.
-const REFUSED: &str = "eviction refused";
-
 /// Whether a row's pod is released and not yet evicted.
 fn released(row: &PodDrainStatus) -> bool {
     matches!(row.state, PodState::Drained | PodState::TimedOut)
@@ -31,16 +28,13 @@ pub(super) async fn evict_released(drain: &IngestDrain, ctx: &Context, rows: &mu
             Ok(_) => {
                 info!(pod = %row.name, "drained pod evicted");
                 row.state = PodState::Evicted;
-                // A refusal is over; what the deadline found stays said.
-                if row.message.as_deref().is_some_and(|m| m.starts_with(REFUSED)) {
-                    row.message = None;
-                }
+                row.message = None;
             }
             Err(kube::Error::Api(e)) if e.code == 404 => row.state = PodState::Gone,
             Err(err) => {
                 // A PodDisruptionBudget (429) or a race: next reconcile tries again.
                 warn!(pod = %row.name, %err, "eviction refused; retrying");
-                row.message = Some(format!("{REFUSED}: {err}"));
+                row.message = Some(format!("eviction refused: {err}"));
             }
         }
     }
